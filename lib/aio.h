@@ -1,0 +1,112 @@
+/* lib/aio.h: asynchronous file I/O behind a small ops table.
+ *
+ * The qcow2 engine never blocks on file I/O: it fills a struct aio_op,
+ * submits it, and is called back from aio_reap() when the kernel (io_uring),
+ * a worker thread, or the test fake has finished it.  Every backend exposes
+ * one file descriptor that becomes readable when completions are waiting, so
+ * an event loop can watch it without knowing which backend is in use.
+ */
+#ifndef QNBD_AIO_H
+#define QNBD_AIO_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/uio.h>
+
+enum aio_op_type {
+  AIO_READ,                     /* preadv of iov at offset */
+  AIO_WRITE,                    /* pwritev of iov at offset */
+  AIO_FSYNC,                    /* fdatasync of fd */
+};
+
+struct aio_op;
+
+/* Completion callback.  ret is the number of bytes transferred (reads are
+ * short only at end of file; writes are never short) or -errno.  Called only
+ * from aio_reap(), never from aio_submit().
+ */
+typedef void aio_done_fn (struct aio_op *op, int64_t ret);
+
+/* One request.  The caller owns the memory of the op and of iov, and keeps
+ * both alive and unchanged until done is called.
+ */
+struct aio_op {
+  enum aio_op_type type;
+  int fd;
+  const struct iovec *iov;      /* AIO_READ/AIO_WRITE only */
+  int iovcnt;
+  uint64_t offset;
+  aio_done_fn *done;
+  void *opaque;                 /* for the caller */
+
+  /* Private to the backend. */
+  struct aio_op *next;          /* backend queues */
+  int64_t result;               /* filled by the backend before done */
+  size_t transferred;           /* progress across short transfers */
+  struct iovec *priv_iov;       /* backend's copy when resubmitting a remainder */
+  int priv_iovcnt;
+};
+
+struct aio;
+
+struct aio_ops {
+  const char *name;
+  /* Queue op.  0, or -errno (op not queued, done never called). */
+  int (*submit) (struct aio *a, struct aio_op *op);
+  /* Hand queued ops to the kernel/workers now (batching point). */
+  void (*commit) (struct aio *a);
+  /* Call done for every finished op; never blocks.  Returns the count. */
+  int (*reap) (struct aio *a);
+  /* Block until at least one op has finished (or none is pending). */
+  void (*wait) (struct aio *a);
+  void (*destroy) (struct aio *a);
+};
+
+/* Common part of every backend; backends embed it first. */
+struct aio {
+  const struct aio_ops *ops;
+  int event_fd;                 /* eventfd: readable when reap has work */
+  unsigned pending;             /* submitted, done not yet called */
+};
+
+enum aio_kind {
+  AIO_KIND_AUTO,                /* io_uring, else threads */
+  AIO_KIND_URING,
+  AIO_KIND_THREADS,
+};
+
+/* Create a backend.  AIO_KIND_AUTO falls back to threads when io_uring is
+ * refused (ENOSYS, EPERM, seccomp).  Returns 0 or -errno.
+ */
+int aio_create (enum aio_kind kind, unsigned depth, struct aio **out);
+int aio_uring_create (unsigned depth, struct aio **out);
+int aio_threads_create (unsigned nthreads, struct aio **out);
+
+/* Thin wrappers over the ops table.  aio_submit returns 0 or -errno. */
+int aio_submit (struct aio *a, struct aio_op *op);
+void aio_commit (struct aio *a);
+int aio_reap (struct aio *a);
+void aio_wait (struct aio *a);
+void aio_destroy (struct aio *a);
+const char *aio_name (const struct aio *a);
+
+/* The descriptor to watch for readability. */
+int aio_fd (const struct aio *a);
+
+/* Make aio_fd() readable so that the owner's loop calls reap soon; used by
+ * the engine for requests that finish without any I/O.
+ */
+void aio_kick (struct aio *a);
+
+/* Drain the eventfd counter (backends call this at the start of reap). */
+void aio_clear_kick (struct aio *a);
+
+/* For backends (threads, fake): perform op now, on the calling thread, with
+ * the full-transfer semantics promised to aio_done_fn: short transfers are
+ * continued, EINTR is retried, and a read stops at end of file.  Touches no
+ * field of op.  Returns the bytes transferred (0 for AIO_FSYNC) or -errno.
+ */
+int64_t aio_run_sync (const struct aio_op *op);
+
+#endif /* QNBD_AIO_H */

@@ -1,0 +1,358 @@
+/* lib/qcow2-cache.c: an LRU cache of cluster-sized metadata tables.
+ *
+ * One cache type serves both L2 tables and refcount blocks.  Entries are
+ * pinned while a request uses them; an unpinned entry may be evicted when it
+ * is clean.  Nothing here ever blocks: a miss starts a read and parks the
+ * request on the entry, a full cache parks it on the cache, and a cache whose
+ * only victims are dirty asks for a write-back first.
+ *
+ * Dirty L2 tables may only be written after the refcounts they rely on are
+ * durable (DESIGN.md, "Ordering"), so an L2 victim is cleaned by a full
+ * metadata flush.  Refcount blocks have no such dependency (increments are
+ * always safe to write early, decrements are only applied once the L2 change
+ * is durable), so a dirty refcount victim is simply written.
+ */
+#include <config.h>
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "qcow2-internal.h"
+
+static unsigned
+bucket_of (const struct cache *c, uint64_t offset)
+{
+  uint64_t k = offset >> c->q->cluster_bits;
+  return (unsigned) ((k * 0x9e3779b97f4a7c15ull) >> 32) & (c->nbuckets - 1);
+}
+
+int
+cache_init (struct cache *c, struct qcow2 *q, const char *what, unsigned n)
+{
+  memset (c, 0, sizeof *c);
+  c->q = q;
+  c->what = what;
+  c->n = n;
+  c->nbuckets = 1;
+  while (c->nbuckets < n)
+    c->nbuckets <<= 1;
+  c->e = calloc (n, sizeof *c->e);
+  c->buckets = malloc (c->nbuckets * sizeof *c->buckets);
+  if (!c->e || !c->buckets)
+    return -ENOMEM;
+  for (unsigned i = 0; i < c->nbuckets; i++)
+    c->buckets[i] = -1;
+  for (unsigned i = 0; i < n; i++) {
+    c->e[i].hnext = -1;
+    c->e[i].cache = c;
+  }
+  return 0;
+}
+
+void
+cache_free (struct cache *c)
+{
+  if (c->e)
+    for (unsigned i = 0; i < c->n; i++)
+      free (c->e[i].buf);
+  free (c->e);
+  free (c->buckets);
+  c->e = NULL;
+  c->buckets = NULL;
+}
+
+static struct cache_entry *
+find (const struct cache *c, uint64_t offset)
+{
+  for (int i = c->buckets[bucket_of (c, offset)]; i >= 0; i = c->e[i].hnext)
+    if (c->e[i].offset == offset)
+      return &c->e[i];
+  return NULL;
+}
+
+static void
+hash_remove (struct cache *c, struct cache_entry *e)
+{
+  int idx = (int) (e - c->e);
+  int *p = &c->buckets[bucket_of (c, e->offset)];
+  while (*p >= 0 && *p != idx)
+    p = &c->e[*p].hnext;
+  if (*p == idx)
+    *p = e->hnext;
+  e->hnext = -1;
+}
+
+static void
+hash_insert (struct cache *c, struct cache_entry *e)
+{
+  unsigned b = bucket_of (c, e->offset);
+  e->hnext = c->buckets[b];
+  c->buckets[b] = (int) (e - c->e);
+}
+
+struct cache_entry *
+cache_lookup (struct cache *c, uint64_t offset)
+{
+  struct cache_entry *e = find (c, offset);
+  return e && !e->loading ? e : NULL;
+}
+
+void
+cache_pin (struct cache_entry *e)
+{
+  e->ref++;
+}
+
+void
+cache_put (struct cache_entry *e)
+{
+  struct cache *c = e->cache;
+  e->ref--;
+  if (e->ref == 0) {
+    e->lru = ++c->clock;
+    waitq_wake_all (c->q, &c->full);
+  }
+}
+
+void
+cache_mark_dirty (struct cache_entry *e)
+{
+  e->dirty = true;
+}
+
+static void
+io_done (struct aio_op *op, int64_t ret)
+{
+  struct cache_entry *e = op->opaque;
+  struct cache *c = e->cache;
+  struct qcow2 *q = c->q;
+
+  if (e->loading) {
+    e->loading = false;
+    if (ret >= 0 && ret < q->cluster_size) {
+      qlog (q, 3, "%s table at 0x%llx lies past the end of the file",
+            c->what, (unsigned long long) e->offset);
+      ret = -EIO;
+    }
+    if (ret < 0) {
+      qlog (q, 3, "reading %s table at 0x%llx: %s", c->what,
+            (unsigned long long) e->offset, strerror ((int) -ret));
+      hash_remove (c, e);
+      e->offset = 0;
+      waitq_fail_all (q, &e->waiters, (int) ret);
+      waitq_wake_all (q, &c->full);
+      return;
+    }
+    waitq_wake_all (q, &e->waiters);
+    return;
+  }
+
+  /* A write-back. */
+  e->writing = false;
+  if (ret < 0) {
+    qlog (q, 3, "writing %s table at 0x%llx: %s", c->what,
+          (unsigned long long) e->offset, strerror ((int) -ret));
+    e->dirty = true;
+  }
+  waitq_wake_all (q, &e->waiters);
+  if (e->for_flusher) {
+    e->for_flusher = false;
+    flush_note_io (q, ret);
+  }
+  else if (e->ref == 0)
+    waitq_wake_all (q, &c->full);
+}
+
+static int
+submit (struct cache_entry *e, enum aio_op_type type)
+{
+  struct qcow2 *q = e->cache->q;
+  e->iov.iov_base = e->buf;
+  e->iov.iov_len = q->cluster_size;
+  e->op.type = type;
+  e->op.fd = q->fd;
+  e->op.iov = &e->iov;
+  e->op.iovcnt = 1;
+  e->op.offset = e->offset;
+  e->op.done = io_done;
+  e->op.opaque = e;
+  return aio_submit (q->aio, &e->op);
+}
+
+static int
+write_entry (struct cache_entry *e, bool for_flusher)
+{
+  int r;
+  e->dirty = false;
+  e->writing = true;
+  e->for_flusher = for_flusher;
+  r = submit (e, AIO_WRITE);
+  if (r < 0) {
+    e->dirty = true;
+    e->writing = false;
+    e->for_flusher = false;
+  }
+  return r;
+}
+
+/* Pick a slot for a new table.  Returns it (unhashed), or NULL after parking
+ * req: on the cache when every entry is pinned or busy, on a write-back or a
+ * flush when only dirty victims are left.  *err is set on failure.
+ */
+static struct cache_entry *
+take_victim (struct cache *c, struct qcow2_req *req, int *err)
+{
+  struct cache_entry *clean = NULL, *dirty = NULL;
+  *err = 0;
+
+  for (unsigned i = 0; i < c->n; i++) {
+    struct cache_entry *e = &c->e[i];
+    if (e->offset == 0) {
+      clean = e;
+      break;
+    }
+    if (e->ref || e->loading || e->writing)
+      continue;
+    if (e->dirty) {
+      if (!dirty || e->lru < dirty->lru)
+        dirty = e;
+    }
+    else if (!clean || e->lru < clean->lru)
+      clean = e;
+  }
+
+  if (clean) {
+    if (!clean->buf) {
+      clean->buf = aligned_alloc_zero (c->q->cluster_size);
+      if (!clean->buf) {
+        *err = -ENOMEM;
+        return NULL;
+      }
+    }
+    if (clean->offset)
+      hash_remove (c, clean);
+    clean->offset = 0;
+    clean->allocs = NULL;
+    clean->load_err = 0;
+    return clean;
+  }
+
+  if (dirty && c == &c->q->rbc) {
+    int r = write_entry (dirty, false);
+    if (r < 0)
+      *err = r;
+    else
+      waitq_push (&dirty->waiters, req);
+    return NULL;
+  }
+  if (dirty) {
+    flush_wait (c->q, req);
+    return NULL;
+  }
+  waitq_push (&c->full, req);
+  return NULL;
+}
+
+int
+cache_get (struct cache *c, uint64_t offset, struct qcow2_req *req,
+           struct cache_entry **out)
+{
+  struct cache_entry *e = find (c, offset);
+  int r;
+
+  if (e) {
+    if (e->loading) {
+      waitq_push (&e->waiters, req);
+      return CACHE_WAIT;
+    }
+    e->ref++;
+    *out = e;
+    return CACHE_READY;
+  }
+
+  e = take_victim (c, req, &r);
+  if (!e)
+    return r < 0 ? r : CACHE_WAIT;
+
+  e->offset = offset;
+  e->loading = true;
+  e->dirty = false;
+  hash_insert (c, e);
+  r = submit (e, AIO_READ);
+  if (r < 0) {
+    hash_remove (c, e);
+    e->offset = 0;
+    e->loading = false;
+    return r;
+  }
+  waitq_push (&e->waiters, req);
+  return CACHE_WAIT;
+}
+
+int
+cache_get_empty (struct cache *c, struct qcow2_req *req,
+                 struct cache_entry **out)
+{
+  int r;
+  struct cache_entry *e = take_victim (c, req, &r);
+
+  if (!e)
+    return r < 0 ? r : CACHE_WAIT;
+  memset (e->buf, 0, c->q->cluster_size);
+  e->dirty = true;
+  e->ref++;
+  *out = e;
+  return CACHE_READY;
+}
+
+void
+cache_set_offset (struct cache_entry *e, uint64_t offset)
+{
+  struct cache *c = e->cache;
+  struct cache_entry *old;
+
+  if (e->offset)
+    hash_remove (c, e);
+  if (offset == 0) {
+    e->offset = 0;
+    e->dirty = false;
+    return;
+  }
+  /* A stale clean copy of a table that was freed and reallocated. */
+  old = find (c, offset);
+  if (old && old != e && !old->ref && !old->loading && !old->writing) {
+    hash_remove (c, old);
+    old->offset = 0;
+    old->dirty = false;
+  }
+  e->offset = offset;
+  hash_insert (c, e);
+}
+
+unsigned
+cache_write_dirty (struct cache *c)
+{
+  unsigned n = 0;
+  for (unsigned i = 0; i < c->n; i++) {
+    struct cache_entry *e = &c->e[i];
+    if (e->offset && e->dirty && !e->writing && !e->loading) {
+      int r = write_entry (e, true);
+      if (r < 0)
+        qlog (c->q, 3, "submitting %s write-back: %s", c->what,
+              strerror (-r));
+      else
+        n++;
+    }
+  }
+  return n;
+}
+
+bool
+cache_has_dirty (const struct cache *c)
+{
+  for (unsigned i = 0; i < c->n; i++)
+    if (c->e[i].offset && (c->e[i].dirty || c->e[i].writing))
+      return true;
+  return false;
+}

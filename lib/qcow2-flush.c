@@ -1,0 +1,563 @@
+/* lib/qcow2-flush.c: ordered metadata write-back (the flusher).
+ *
+ * This file is the one place that knows the order that keeps an image
+ * consistent after a crash (DESIGN.md, "Ordering").  A flush run:
+ *
+ *   FL_INCS      apply the refcount increments owed by allocations made
+ *                before the run (creating refcount blocks and growing the
+ *                refcount table in memory as needed)
+ *   FL_RB        write dirty refcount blocks
+ *   FL_SYNC_RB   fdatasync: data and refcounts durable before anything
+ *                points at them
+ *   FL_REFTABLE  new or changed refcount table, fdatasync, then the header
+ *                fields that point at a moved table, fdatasync
+ *   FL_L2        write dirty L2 tables
+ *   FL_SYNC_L2   fdatasync: L2 tables durable before L1 points at them
+ *   FL_L1        write the dirty part of L1
+ *   FL_SYNC      fdatasync: the point every waiting flush is satisfied
+ *   FL_DECS      only now drop the refcounts of clusters that L2/L1 no longer
+ *                reference, write those blocks, fdatasync
+ *   FL_DONE      wake everyone; start the next run if flushes queued up
+ *
+ * While a run is active, L1 and L2 entries must not change (requests wait
+ * on the barrier list to link), so what is written is exactly what the
+ * refcounts written before it cover.  Data writes keep running meanwhile.
+ * The flusher runs as a pseudo-request on the image's runnable list.
+ */
+#include <config.h>
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <syslog.h>
+
+#include "qcow2-internal.h"
+
+enum fl_state {
+  FL_IDLE,
+  FL_START,
+  FL_INCS,
+  FL_RB,
+  FL_SYNC_RB,
+  FL_REFTABLE,
+  FL_REFTABLE_SYNC,
+  FL_HEADER,
+  FL_HEADER_SYNC,
+  FL_L2,
+  FL_SYNC_L2,
+  FL_L1,
+  FL_SYNC,
+  FL_DECS,
+  FL_DECS_APPLY,
+  FL_DECS_RB,
+  FL_DECS_SYNC,
+  FL_DONE,
+};
+
+struct flusher {
+  struct qcow2_req req;         /* lets the flusher wait like a request */
+  enum fl_state state;
+  bool active;                  /* L1/L2 frozen */
+  bool waiting_io;              /* blocked on outstanding I/O */
+  unsigned outstanding;         /* metadata writes and syncs in flight */
+  int err;                      /* first error of this run */
+  bool meta;                    /* this run writes metadata */
+  struct waitq cur;             /* satisfied by the run in progress */
+  struct waitq next;            /* arrived during a run: need another */
+  struct waitq barrier;         /* wait for the run to end */
+  struct extent_list work;      /* refcount changes being applied */
+  size_t work_i;                /* extent in progress */
+  uint64_t work_done;           /* clusters of it already applied */
+  bool decrement;               /* work holds decrements */
+  struct aio_op op;
+  struct iovec iov;
+};
+
+int
+flush_init (struct qcow2 *q)
+{
+  struct flusher *fl = calloc (1, sizeof *fl);
+  if (!fl)
+    return -ENOMEM;
+  fl->req.q = q;
+  fl->req.type = REQ_FLUSHER;
+  q->flusher = fl;
+  return 0;
+}
+
+void
+flush_free (struct qcow2 *q)
+{
+  if (q->flusher) {
+    free (q->flusher->work.v);
+    free (q->flusher);
+    q->flusher = NULL;
+  }
+}
+
+bool
+flush_active (const struct qcow2 *q)
+{
+  return q->flusher->active;
+}
+
+bool
+flush_idle (const struct qcow2 *q)
+{
+  return q->flusher->state == FL_IDLE;
+}
+
+void
+flush_wait (struct qcow2 *q, struct qcow2_req *req)
+{
+  struct flusher *fl = q->flusher;
+  if (fl->state == FL_IDLE) {
+    waitq_push (&fl->cur, req);
+    fl->state = FL_START;
+    req_wake (&fl->req);
+  }
+  else
+    waitq_push (&fl->next, req);
+}
+
+void
+flush_barrier_wait (struct qcow2 *q, struct qcow2_req *req)
+{
+  waitq_push (&q->flusher->barrier, req);
+}
+
+void
+flush_note_io (struct qcow2 *q, int64_t ret)
+{
+  struct flusher *fl = q->flusher;
+  if (ret < 0 && !fl->err)
+    fl->err = (int) ret;
+  if (--fl->outstanding == 0 && fl->waiting_io) {
+    fl->waiting_io = false;
+    req_wake (&fl->req);
+  }
+}
+
+static void
+op_done (struct aio_op *op, int64_t ret)
+{
+  struct qcow2 *q = op->opaque;
+  if (ret < 0)
+    qlog (q, LOG_ERR, "%s during metadata flush: %s",
+          op->type == AIO_FSYNC ? "fdatasync" : "write",
+          strerror ((int) -ret));
+  flush_note_io (q, ret);
+}
+
+/* Submit one fsync or write of the flusher's own; the run resumes when it
+ * completes.
+ */
+static void
+submit_op (struct qcow2 *q, enum aio_op_type type, void *buf, size_t len,
+           uint64_t offset)
+{
+  struct flusher *fl = q->flusher;
+  int r;
+
+  fl->iov.iov_base = buf;
+  fl->iov.iov_len = len;
+  fl->op.type = type;
+  fl->op.fd = q->fd;
+  fl->op.iov = &fl->iov;
+  fl->op.iovcnt = type == AIO_FSYNC ? 0 : 1;
+  fl->op.offset = offset;
+  fl->op.done = op_done;
+  fl->op.opaque = q;
+  r = aio_submit (q->aio, &fl->op);
+  if (r < 0) {
+    if (!fl->err)
+      fl->err = r;
+    return;
+  }
+  fl->outstanding++;
+}
+
+/* Clusters for the flusher's own metadata: their increments belong to the
+ * run in progress, not to the next one.
+ */
+static uint64_t
+own_alloc (struct qcow2 *q, uint64_t count)
+{
+  uint64_t off = q->alloc_end;
+  if (extent_add (&q->flusher->work, off, count) < 0)
+    return 0;
+  q->alloc_end += count << q->cluster_bits;
+  return off;
+}
+
+/* Replace the refcount table (in memory) by one that can index block
+ * index need.  The new table is written and the header switched over in
+ * FL_REFTABLE/FL_HEADER.
+ */
+static int
+grow_reftable (struct qcow2 *q, uint64_t need)
+{
+  uint64_t cs = q->cluster_size;
+  uint64_t entries = q->reftable_entries * 2;
+  uint64_t clusters, off, old_off = q->reftable_offset;
+  uint32_t old_clusters = q->reftable_clusters;
+  uint64_t *t;
+
+  if (entries < need + 1)
+    entries = need + 1;
+  clusters = round_up (entries * 8, cs) / cs;
+  /* Leave room for the table's own clusters and a refcount block or two. */
+  clusters += 1;
+  if (clusters * cs > MAX_REFTABLE_BYTES * 4)
+    return signal_corruption (q, "refcount table would exceed %u bytes",
+                              MAX_REFTABLE_BYTES * 4);
+  t = aligned_alloc_zero (clusters * cs);
+  if (!t)
+    return -ENOMEM;
+  off = own_alloc (q, clusters);
+  if (!off) {
+    free (t);
+    return -ENOMEM;
+  }
+  memcpy (t, q->reftable, q->reftable_entries * 8);
+  if (q->reftable_moved) {
+    /* Grown twice in one run: the first new table was never published. */
+    extent_add (&q->decs, old_off, old_clusters);
+  }
+  else {
+    q->old_reftable_offset = old_off;
+    q->old_reftable_clusters = old_clusters;
+  }
+  free (q->reftable);
+  q->reftable = t;
+  q->reftable_offset = off;
+  q->reftable_clusters = (uint32_t) clusters;
+  q->reftable_entries = clusters * cs / 8;
+  q->reftable_moved = true;
+  qlog (q, LOG_INFO, "refcount table grown to %llu clusters at 0x%llx",
+        (unsigned long long) clusters, (unsigned long long) off);
+  return 0;
+}
+
+/* Apply fl->work to the refcount blocks.  Returns 1 when all is applied,
+ * 0 when blocked on a refcount block, -errno on failure.
+ */
+static int
+apply_work (struct qcow2 *q)
+{
+  struct flusher *fl = q->flusher;
+
+  while (fl->work_i < fl->work.n) {
+    struct extent *x = &fl->work.v[fl->work_i];
+    uint64_t c = (x->offset >> q->cluster_bits) + fl->work_done;
+    uint64_t rbi = c >> q->rb_bits;
+    uint64_t per_block = (uint64_t) 1 << q->rb_bits;
+    uint64_t n, rboff;
+    struct cache_entry *e;
+    int r;
+
+    if (fl->work_done == x->count) {
+      fl->work_i++;
+      fl->work_done = 0;
+      continue;
+    }
+    if (rbi >= q->reftable_entries) {
+      if (fl->decrement)
+        return signal_corruption (q, "freeing cluster 0x%llx outside the "
+                                  "refcount table",
+                                  (unsigned long long) c);
+      r = grow_reftable (q, rbi);
+      if (r < 0)
+        return r;
+      continue;
+    }
+    rboff = be64toh (q->reftable[rbi]) & REFT_OFFSET_MASK;
+    if (rboff == 0) {
+      if (fl->decrement)
+        return signal_corruption (q, "freeing cluster 0x%llx that has no "
+                                  "refcount block", (unsigned long long) c);
+      r = cache_get_empty (&q->rbc, &fl->req, &e);
+      if (r != CACHE_READY)
+        return r < 0 ? r : 0;
+      rboff = own_alloc (q, 1);
+      if (!rboff) {
+        cache_set_offset (e, 0);
+        cache_put (e);
+        return -ENOMEM;
+      }
+      cache_set_offset (e, rboff);
+      q->reftable[rbi] = htobe64 (rboff);
+      q->reftable_dirty = true;
+      /* x may have moved: own_alloc can grow the extent array. */
+      x = &fl->work.v[fl->work_i];
+    }
+    else {
+      if ((rboff & (q->cluster_size - 1)) || rboff >= q->alloc_end)
+        return signal_corruption (q, "refcount block offset 0x%llx is "
+                                  "invalid", (unsigned long long) rboff);
+      r = cache_get (&q->rbc, rboff, &fl->req, &e);
+      if (r != CACHE_READY)
+        return r < 0 ? r : 0;
+    }
+
+    n = per_block - (c & (per_block - 1));
+    if (n > x->count - fl->work_done)
+      n = x->count - fl->work_done;
+    for (uint64_t i = 0; i < n; i++) {
+      uint64_t idx = (c + i) & (per_block - 1);
+      uint64_t v = refblock_get (q, e->buf, idx);
+      if (fl->decrement) {
+        if (v == 0) {
+          cache_put (e);
+          return signal_corruption (q, "refcount of cluster 0x%llx would "
+                                    "drop below zero",
+                                    (unsigned long long) ((c + i)
+                                                          << q->cluster_bits));
+        }
+        v--;
+      }
+      else {
+        if (v == q->refcount_max) {
+          cache_put (e);
+          return signal_corruption (q, "refcount of cluster 0x%llx "
+                                    "overflows", (unsigned long long)
+                                    ((c + i) << q->cluster_bits));
+        }
+        v++;
+      }
+      refblock_set (q, e->buf, idx, v);
+    }
+    cache_mark_dirty (e);
+    cache_put (e);
+    fl->work_done += n;
+  }
+  fl->work.n = 0;
+  fl->work_i = 0;
+  fl->work_done = 0;
+  return 1;
+}
+
+/* Give unapplied work back to the image so that a later run retries it. */
+static void
+requeue_work (struct qcow2 *q)
+{
+  struct flusher *fl = q->flusher;
+  if (!fl->decrement) {
+    for (size_t i = fl->work_i; i < fl->work.n; i++) {
+      uint64_t skip = i == fl->work_i ? fl->work_done : 0;
+      extent_add (&q->incs, fl->work.v[i].offset
+                  + (skip << q->cluster_bits), fl->work.v[i].count - skip);
+    }
+  }
+  else {
+    for (size_t i = fl->work_i; i < fl->work.n; i++) {
+      uint64_t skip = i == fl->work_i ? fl->work_done : 0;
+      extent_add (&q->decs, fl->work.v[i].offset
+                  + (skip << q->cluster_bits), fl->work.v[i].count - skip);
+    }
+  }
+  fl->work.n = 0;
+  fl->work_i = 0;
+  fl->work_done = 0;
+}
+
+static void
+swap_lists (struct extent_list *a, struct extent_list *b)
+{
+  struct extent_list t = *a;
+  *a = *b;
+  *b = t;
+}
+
+static bool
+l1_dirty (const struct qcow2 *q)
+{
+  return q->l1_dirty_lo >= 0;
+}
+
+/* The header's refcount table fields, in the in-memory first sector. */
+static void
+patch_header_reftable (struct qcow2 *q)
+{
+  uint8_t *h = q->header_sector;
+  uint64_t off = htobe64 (q->reftable_offset);
+  uint32_t cl = htobe32 (q->reftable_clusters);
+  memcpy (h + 48, &off, 8);
+  memcpy (h + 56, &cl, 4);
+}
+
+/* One step of a run: returns when blocked or idle. */
+void
+flush_step (struct qcow2 *q)
+{
+  struct flusher *fl = q->flusher;
+  int r;
+
+  for (;;) {
+    if (fl->outstanding) {
+      fl->waiting_io = true;
+      return;
+    }
+    if (fl->req.err) {
+      /* A refcount block we waited for failed to load. */
+      if (!fl->err)
+        fl->err = fl->req.err;
+      fl->req.err = 0;
+    }
+    if (fl->err && fl->state != FL_DONE && fl->state != FL_IDLE) {
+      if (fl->work.n)
+        requeue_work (q);
+      fl->state = FL_DONE;
+    }
+
+    switch (fl->state) {
+    case FL_IDLE:
+      return;
+
+    case FL_START:
+      if (!fl->cur.head) {
+        fl->state = FL_IDLE;
+        return;
+      }
+      fl->active = true;
+      fl->err = 0;
+      fl->decrement = false;
+      swap_lists (&fl->work, &q->incs);
+      fl->meta = fl->work.n || cache_has_dirty (&q->rbc)
+        || cache_has_dirty (&q->l2c) || l1_dirty (q) || q->reftable_dirty
+        || q->reftable_moved || q->decs.n;
+      fl->state = fl->meta ? FL_INCS : FL_SYNC;
+      break;
+
+    case FL_INCS:
+      r = apply_work (q);
+      if (r == 0)
+        return;                 /* woken when the block is loaded */
+      if (r < 0) {
+        fl->err = r;
+        break;
+      }
+      fl->state = FL_RB;
+      break;
+
+    case FL_RB:
+      fl->outstanding += cache_write_dirty (&q->rbc);
+      fl->state = FL_SYNC_RB;
+      break;
+
+    case FL_SYNC_RB:
+      submit_op (q, AIO_FSYNC, NULL, 0, 0);
+      fl->state = FL_REFTABLE;
+      break;
+
+    case FL_REFTABLE:
+      if (q->reftable_moved || q->reftable_dirty) {
+        q->reftable_dirty = false;
+        submit_op (q, AIO_WRITE, q->reftable,
+                   (size_t) q->reftable_clusters << q->cluster_bits,
+                   q->reftable_offset);
+        fl->state = FL_REFTABLE_SYNC;
+      }
+      else
+        fl->state = FL_L2;
+      break;
+
+    case FL_REFTABLE_SYNC:
+      submit_op (q, AIO_FSYNC, NULL, 0, 0);
+      fl->state = q->reftable_moved ? FL_HEADER : FL_L2;
+      break;
+
+    case FL_HEADER:
+      patch_header_reftable (q);
+      submit_op (q, AIO_WRITE, q->header_sector, SECTOR, 0);
+      fl->state = FL_HEADER_SYNC;
+      break;
+
+    case FL_HEADER_SYNC:
+      submit_op (q, AIO_FSYNC, NULL, 0, 0);
+      /* The old table is unreferenced once the header is durable. */
+      extent_add (&q->decs, q->old_reftable_offset, q->old_reftable_clusters);
+      q->reftable_moved = false;
+      fl->state = FL_L2;
+      break;
+
+    case FL_L2:
+      fl->outstanding += cache_write_dirty (&q->l2c);
+      fl->state = FL_SYNC_L2;
+      break;
+
+    case FL_SYNC_L2:
+      if (l1_dirty (q))
+        submit_op (q, AIO_FSYNC, NULL, 0, 0);
+      fl->state = FL_L1;
+      break;
+
+    case FL_L1:
+      if (l1_dirty (q)) {
+        uint64_t lo = ((uint64_t) q->l1_dirty_lo * 8) & ~(uint64_t) (SECTOR - 1);
+        uint64_t hi = round_up (((uint64_t) q->l1_dirty_hi + 1) * 8, SECTOR);
+        q->l1_dirty_lo = q->l1_dirty_hi = -1;
+        submit_op (q, AIO_WRITE, (char *) q->l1 + lo, hi - lo,
+                   q->l1_offset + lo);
+      }
+      fl->state = FL_SYNC;
+      break;
+
+    case FL_SYNC:
+      submit_op (q, AIO_FSYNC, NULL, 0, 0);
+      fl->state = FL_DECS;
+      break;
+
+    case FL_DECS:
+      if (!q->decs.n) {
+        fl->state = FL_DONE;
+        break;
+      }
+      fl->decrement = true;
+      swap_lists (&fl->work, &q->decs);
+      fl->state = FL_DECS_APPLY;
+      break;
+
+    case FL_DECS_APPLY:
+      r = apply_work (q);
+      if (r == 0)
+        return;
+      if (r < 0) {
+        fl->err = r;
+        break;
+      }
+      fl->state = FL_DECS_RB;
+      break;
+
+    case FL_DECS_RB:
+      fl->outstanding += cache_write_dirty (&q->rbc);
+      fl->state = FL_DECS_SYNC;
+      break;
+
+    case FL_DECS_SYNC:
+      submit_op (q, AIO_FSYNC, NULL, 0, 0);
+      fl->decrement = false;
+      fl->state = FL_DONE;
+      break;
+
+    case FL_DONE:
+      fl->active = false;
+      waitq_wake_all (q, &fl->barrier);
+      if (fl->err)
+        waitq_fail_all (q, &fl->cur, fl->err);
+      else
+        waitq_wake_all (q, &fl->cur);
+      fl->err = 0;
+      if (fl->next.head) {
+        /* Queue behind the barrier waiters so they link first. */
+        fl->cur = fl->next;
+        fl->next.head = fl->next.tail = NULL;
+        fl->state = FL_START;
+        req_wake (&fl->req);
+      }
+      else
+        fl->state = FL_IDLE;
+      return;
+    }
+  }
+}

@@ -1,0 +1,222 @@
+/* lib/qcow2-header.c: parse and validate the qcow2 header and its
+ * extensions.
+ *
+ * The image is untrusted input: every field is checked before anything uses
+ * it, and what the engine cannot honour is refused with a message naming
+ * the problem (the caller adds the path).
+ */
+#include <config.h>
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "qcow2-internal.h"
+
+#define EXT_END            0x00000000u
+#define EXT_BACKING_FORMAT 0xe2792acau
+#define EXT_FEATURE_TABLE  0x6803f857u
+
+#define KNOWN_INCOMPAT (INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE \
+                        | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2)
+
+static uint32_t
+get32 (const uint8_t *p)
+{
+  uint32_t v;
+  memcpy (&v, p, 4);
+  return be32toh (v);
+}
+
+static uint64_t
+get64 (const uint8_t *p)
+{
+  uint64_t v;
+  memcpy (&v, p, 8);
+  return be64toh (v);
+}
+
+static int
+fail (char *err, size_t errlen, int ret, const char *fmt, ...)
+{
+  va_list ap;
+  va_start (ap, fmt);
+  vsnprintf (err, errlen, fmt, ap);
+  va_end (ap);
+  return ret;
+}
+
+/* The name of incompatible feature bit from the feature name table, if
+ * the image has one; the image's own words help the user most.
+ */
+static void
+feature_name (const uint8_t *buf, size_t len, size_t ext_start, unsigned bit,
+              char *name, size_t namelen)
+{
+  size_t p = ext_start;
+
+  snprintf (name, namelen, "unknown");
+  while (p + 8 <= len) {
+    uint32_t type = get32 (buf + p), elen = get32 (buf + p + 4);
+    if (type == EXT_END || elen > len - p - 8)
+      return;
+    if (type == EXT_FEATURE_TABLE)
+      for (size_t i = 0; i + 48 <= elen; i += 48) {
+        const uint8_t *f = buf + p + 8 + i;
+        if (f[0] == 0 && f[1] == bit) {
+          size_t n = strnlen ((const char *) f + 2, 46);
+          if (n >= namelen)
+            n = namelen - 1;
+          memcpy (name, f + 2, n);
+          name[n] = '\0';
+          for (size_t k = 0; k < n; k++)
+            if (name[k] < 0x20 || name[k] > 0x7e)
+              name[k] = '?';
+          return;
+        }
+      }
+    p += 8 + round_up (elen, 8);
+  }
+}
+
+int
+header_parse (struct qcow2 *q, const void *vbuf, size_t len,
+              uint64_t file_size, char *err, size_t errlen)
+{
+  const uint8_t *b = vbuf;
+  uint64_t cs, l1_bytes, l1_need, coverage, reft_bytes;
+  size_t ext_start, p;
+
+  if (len < QCOW2_V2_HEADER_LEN)
+    return fail (err, errlen, -EINVAL, "file is too short to be a qcow2 image");
+  if (get32 (b) != QCOW2_MAGIC)
+    return fail (err, errlen, -EINVAL, "not a qcow2 image (bad magic)");
+
+  q->version = get32 (b + 4);
+  if (q->version != 2 && q->version != 3)
+    return fail (err, errlen, -ENOTSUP, "unsupported qcow2 version %" PRIu32,
+                 q->version);
+  q->backing_offset = get64 (b + 8);
+  q->backing_size = get32 (b + 16);
+  q->cluster_bits = get32 (b + 20);
+  q->size = get64 (b + 24);
+  if (get32 (b + 32) != 0)
+    return fail (err, errlen, -ENOTSUP, "encrypted images are not supported "
+                 "(crypt_method %" PRIu32 ")", get32 (b + 32));
+  q->l1_size = get32 (b + 36);
+  q->l1_offset = get64 (b + 40);
+  q->reftable_offset = get64 (b + 48);
+  q->reftable_clusters = get32 (b + 56);
+  q->nb_snapshots = get32 (b + 60);
+  q->snapshots_offset = get64 (b + 64);
+
+  if (q->cluster_bits < QCOW2_MIN_CLUSTER_BITS
+      || q->cluster_bits > QCOW2_MAX_CLUSTER_BITS)
+    return fail (err, errlen, -EINVAL, "invalid cluster_bits %" PRIu32
+                 " (must be 9 to 21)", q->cluster_bits);
+  cs = q->cluster_size = 1u << q->cluster_bits;
+
+  if (q->version == 2) {
+    q->incompat = q->compat = q->autoclear = 0;
+    q->refcount_order = 4;
+    q->header_length = QCOW2_V2_HEADER_LEN;
+  }
+  else {
+    if (len < QCOW2_V3_HEADER_LEN)
+      return fail (err, errlen, -EINVAL, "version 3 header is truncated");
+    q->incompat = get64 (b + 72);
+    q->compat = get64 (b + 80);
+    q->autoclear = get64 (b + 88);
+    q->refcount_order = get32 (b + 96);
+    q->header_length = get32 (b + 100);
+    if (q->header_length < QCOW2_V3_HEADER_LEN || q->header_length % 8
+        || q->header_length > cs || q->header_length > len)
+      return fail (err, errlen, -EINVAL, "invalid header_length %" PRIu32,
+                   q->header_length);
+    if (q->refcount_order > 6)
+      return fail (err, errlen, -EINVAL, "invalid refcount_order %" PRIu32,
+                   q->refcount_order);
+  }
+  ext_start = q->header_length;
+
+  if (q->incompat & ~KNOWN_INCOMPAT) {
+    unsigned bit = (unsigned) __builtin_ctzll (q->incompat & ~KNOWN_INCOMPAT);
+    char name[64];
+    feature_name (b, len, ext_start, bit, name, sizeof name);
+    return fail (err, errlen, -ENOTSUP, "unsupported incompatible feature "
+                 "bit %u (%s)", bit, name);
+  }
+  if (q->incompat & INCOMPAT_DATA_FILE)
+    return fail (err, errlen, -ENOTSUP, "images with an external data file "
+                 "are not supported by this version");
+  if (q->incompat & INCOMPAT_EXTL2)
+    return fail (err, errlen, -ENOTSUP, "images with extended L2 entries "
+                 "(subclusters) are not supported by this version");
+  if (q->incompat & INCOMPAT_COMPRESSION) {
+    uint8_t type = q->header_length > 104 ? b[104] : 0;
+    return fail (err, errlen, -ENOTSUP, "compression type %u (%s) is not "
+                 "supported by this version", type,
+                 type == 1 ? "zstd" : "unknown");
+  }
+  if ((q->incompat & INCOMPAT_CORRUPT) && !q->read_only)
+    return fail (err, errlen, -EUCLEAN, "image is marked corrupt; repair it "
+                 "with 'qemu-img check -r all' or serve it read-only");
+  if ((q->incompat & INCOMPAT_DIRTY) && !q->read_only)
+    return fail (err, errlen, -ENOTSUP, "image has the dirty bit set (lazy "
+                 "refcounts); repair it with 'qemu-img check -r all' first");
+  if (q->backing_offset != 0)
+    return fail (err, errlen, -ENOTSUP, "images with a backing file are not "
+                 "supported by this version");
+
+  /* Tables must lie inside the file, on cluster boundaries. */
+  q->l2_bits = q->cluster_bits - 3;
+  coverage = (uint64_t) 1 << (q->cluster_bits + q->l2_bits);
+  l1_bytes = (uint64_t) q->l1_size * 8;
+  if (l1_bytes > MAX_L1_BYTES)
+    return fail (err, errlen, -EFBIG, "L1 table too large (%" PRIu32
+                 " entries)", q->l1_size);
+  if (q->size > (uint64_t) 1 << 62)
+    return fail (err, errlen, -EFBIG, "disk size %" PRIu64 " too large",
+                 q->size);
+  l1_need = (q->size + coverage - 1) / coverage;
+  if (l1_need > q->l1_size)
+    return fail (err, errlen, -EINVAL, "L1 table (%" PRIu32 " entries) too "
+                 "small for a %" PRIu64 "-byte disk", q->l1_size, q->size);
+  if (q->l1_size && ((q->l1_offset & (cs - 1)) || q->l1_offset == 0
+                     || q->l1_offset > file_size
+                     || l1_bytes > file_size - q->l1_offset))
+    return fail (err, errlen, -EINVAL, "L1 table at 0x%" PRIx64 " lies "
+                 "outside the file or is unaligned", q->l1_offset);
+  reft_bytes = (uint64_t) q->reftable_clusters * cs;
+  if (q->reftable_clusters == 0 || reft_bytes > MAX_REFTABLE_BYTES)
+    return fail (err, errlen, -EINVAL, "invalid refcount table size (%"
+                 PRIu32 " clusters)", q->reftable_clusters);
+  if ((q->reftable_offset & (cs - 1)) || q->reftable_offset == 0
+      || q->reftable_offset > file_size
+      || reft_bytes > file_size - q->reftable_offset)
+    return fail (err, errlen, -EINVAL, "refcount table at 0x%" PRIx64
+                 " lies outside the file or is unaligned", q->reftable_offset);
+  if (q->nb_snapshots && (q->snapshots_offset & (cs - 1)))
+    return fail (err, errlen, -EINVAL, "snapshot table offset is unaligned");
+
+  /* Walk the extensions so that a malformed list is caught at open. */
+  p = ext_start;
+  while (p + 8 <= len) {
+    uint32_t type = get32 (b + p), elen = get32 (b + p + 4);
+    if (type == EXT_END)
+      break;
+    if (elen > len - p - 8)
+      return fail (err, errlen, -EINVAL, "header extension 0x%08" PRIx32
+                   " runs past the header cluster", type);
+    p += 8 + round_up (elen, 8);
+  }
+
+  q->refcount_bits = 1u << q->refcount_order;
+  q->rb_bits = q->cluster_bits + 3 - q->refcount_order;
+  q->refcount_max = q->refcount_order == 6 ? UINT64_MAX
+    : ((uint64_t) 1 << q->refcount_bits) - 1;
+  q->l2_entries = 1u << q->l2_bits;
+  return 0;
+}

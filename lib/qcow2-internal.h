@@ -1,0 +1,328 @@
+/* lib/qcow2-internal.h: what the engine's files share.  One section per .c
+ * file lists what that file offers the others.
+ */
+#ifndef QNBD_QCOW2_INTERNAL_H
+#define QNBD_QCOW2_INTERNAL_H
+
+#include <endian.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stddef.h>
+#include <sys/uio.h>
+
+#include "aio.h"
+#include "qcow2.h"
+
+/* ---- on-disk format constants ---- */
+#define QCOW2_MAGIC            0x514649fbu  /* "QFI\xfb" */
+#define QCOW2_MIN_CLUSTER_BITS 9
+#define QCOW2_MAX_CLUSTER_BITS 21
+#define QCOW2_V2_HEADER_LEN    72
+#define QCOW2_V3_HEADER_LEN    104
+
+#define INCOMPAT_DIRTY         (1ull << 0)
+#define INCOMPAT_CORRUPT       (1ull << 1)
+#define INCOMPAT_DATA_FILE     (1ull << 2)
+#define INCOMPAT_COMPRESSION   (1ull << 3)
+#define INCOMPAT_EXTL2         (1ull << 4)
+#define COMPAT_LAZY_REFCOUNTS  (1ull << 0)
+
+#define L1E_OFFSET_MASK        0x00fffffffffffe00ull
+#define L2E_OFFSET_MASK        0x00fffffffffffe00ull
+#define L1E_COPIED             (1ull << 63)
+#define L2E_COPIED             (1ull << 63)
+#define L2E_COMPRESSED         (1ull << 62)
+#define L2E_ZERO               (1ull << 0)
+#define REFT_OFFSET_MASK       0xfffffffffffffe00ull
+
+/* Bounds on tables read from an untrusted file (QEMU uses the same L1 cap). */
+#define MAX_L1_BYTES           (32u << 20)
+#define MAX_REFTABLE_BYTES     (8u << 20)
+
+/* Sector size used for metadata and O_DIRECT alignment. */
+#define SECTOR                 512u
+#define BUF_ALIGN              4096u
+
+struct qcow2;
+struct qcow2_req;
+struct cache_entry;
+
+/* A singly linked list of requests waiting for one event.  A request waits
+ * for at most one thing at a time, so the link lives in the request; the
+ * order of waking does not matter for correctness, FIFO is kept for fairness.
+ */
+struct waitq {
+  struct qcow2_req *head, *tail;
+};
+
+/* An extent of host clusters whose refcounts change at the next flush. */
+struct extent {
+  uint64_t offset;              /* host byte offset, cluster aligned */
+  uint64_t count;               /* clusters */
+};
+
+struct extent_list {
+  struct extent *v;
+  size_t n, cap;
+};
+
+/* One in-flight allocating write into an L2 table: the guest clusters it
+ * covers are reserved until the L2 entries are linked.  Kept on the L2 cache
+ * entry, so overlap checks only look at allocations in the same table.
+ */
+struct alloc {
+  uint32_t first;               /* first L2 index */
+  uint32_t count;               /* number of clusters */
+  struct alloc *next;           /* next in entry->allocs */
+  struct waitq waiters;         /* writes that overlap and wait for us */
+};
+
+/* ---- qcow2-cache.c: LRU cache of cluster-sized metadata tables ---- */
+
+struct cache_entry {
+  uint64_t offset;              /* host offset of the table; 0 = free slot */
+  void *buf;                    /* cluster_size bytes, big-endian as on disk */
+  unsigned ref;                 /* pins; pinned entries are never evicted */
+  uint64_t lru;                 /* clock value at the last unpin */
+  bool loading;                 /* read in flight */
+  bool dirty;                   /* differs from the file */
+  bool writing;                 /* write-back in flight */
+  int load_err;                 /* -errno of a failed load */
+  struct waitq waiters;         /* requests waiting for the load */
+  struct alloc *allocs;         /* L2 only: in-flight allocations */
+  int hnext;                    /* hash chain (index), -1 ends */
+  struct cache *cache;
+  struct aio_op op;             /* the load or write-back */
+  struct iovec iov;
+  bool for_flusher;             /* write-back counted by the flusher */
+};
+
+struct cache {
+  struct qcow2 *q;
+  const char *what;             /* "L2" or "refcount" (for logs) */
+  unsigned n;                   /* entries */
+  struct cache_entry *e;
+  int *buckets;                 /* hash heads (index), -1 empty */
+  unsigned nbuckets;            /* power of two */
+  uint64_t clock;
+  struct waitq full;            /* requests waiting for an unpinned slot */
+};
+
+enum cache_get_result {
+  CACHE_READY,                  /* pinned and loaded */
+  CACHE_WAIT,                   /* req queued; rerun it when woken */
+};
+
+int cache_init (struct cache *c, struct qcow2 *q, const char *what,
+                unsigned n);
+void cache_free (struct cache *c);
+/* Find or load the table at offset and pin it.  Returns CACHE_READY with
+ * *out set, CACHE_WAIT after queueing req (on the load, on a full cache, or
+ * on a flush that must clean a victim), or -errno.
+ */
+int cache_get (struct cache *c, uint64_t offset, struct qcow2_req *req,
+               struct cache_entry **out);
+/* A pinned, zero-filled, dirty entry for a table that is new on disk (no
+ * read), not yet hashed: give it its offset with cache_set_offset.  Taking
+ * the slot before allocating the cluster means a wait never leaks one.
+ * Returns CACHE_READY, CACHE_WAIT or -errno like cache_get.
+ */
+int cache_get_empty (struct cache *c, struct qcow2_req *req,
+                     struct cache_entry **out);
+/* Place e at offset (0: give the slot back unused). */
+void cache_set_offset (struct cache_entry *e, uint64_t offset);
+/* The entry if cached and loaded, else NULL (no pin taken). */
+struct cache_entry *cache_lookup (struct cache *c, uint64_t offset);
+void cache_pin (struct cache_entry *e);
+void cache_put (struct cache_entry *e);
+void cache_mark_dirty (struct cache_entry *e);
+/* Start writing back every dirty entry for the flusher; each finished
+ * write calls flush_note_io.  Returns the number of writes started.
+ */
+unsigned cache_write_dirty (struct cache *c);
+bool cache_has_dirty (const struct cache *c);
+
+/* ---- qcow2-refcount.c: refcount arithmetic and the in-memory reftable ---- */
+
+uint64_t refblock_get (const struct qcow2 *q, const void *block, uint64_t i);
+void refblock_set (const struct qcow2 *q, void *block, uint64_t i,
+                   uint64_t v);
+/* Reserve count contiguous host clusters at the end of the file; their
+ * refcount increments are recorded for the next flush.  Never waits.
+ * Returns the host offset, or 0 when out of memory.
+ */
+uint64_t alloc_clusters (struct qcow2 *q, uint64_t count);
+int extent_add (struct extent_list *l, uint64_t offset, uint64_t count);
+
+/* ---- qcow2-flush.c: ordered metadata write-back ---- */
+
+/* Queue req until a metadata flush finishing after now has completed
+ * (starting one if idle).
+ */
+void flush_wait (struct qcow2 *q, struct qcow2_req *req);
+/* True while a flush is writing metadata: L1/L2 must not change. */
+bool flush_active (const struct qcow2 *q);
+/* Queue req until the flush in progress has finished. */
+void flush_barrier_wait (struct qcow2 *q, struct qcow2_req *req);
+/* One metadata write started by the flusher has finished. */
+void flush_note_io (struct qcow2 *q, int64_t ret);
+/* One step of the flusher; called by req_run_all for REQ_FLUSHER. */
+void flush_step (struct qcow2 *q);
+int flush_init (struct qcow2 *q);
+void flush_free (struct qcow2 *q);
+/* Begin a flush now if one is needed and none runs (used by close). */
+bool flush_idle (const struct qcow2 *q);
+
+/* ---- qcow2-request.c: the per-request state machine ---- */
+
+enum req_type {
+  REQ_READ,
+  REQ_WRITE,
+  REQ_FLUSH,                    /* a client's flush: waits on the flusher */
+  REQ_FLUSHER,                  /* the flusher itself (one per image) */
+};
+
+struct req_io;
+
+/* One request.  See the state table at the top of qcow2-request.c. */
+struct qcow2_req {
+  struct qcow2 *q;
+  enum req_type type;
+  int state;                    /* enum req_state, private to request.c */
+  uint64_t offset;              /* guest byte offset */
+  size_t len;
+  char *buf;
+  unsigned flags;               /* QCOW2_WRITE_* */
+  qcow2_done_fn *done;
+  void *opaque;
+  int err;                      /* first -errno met; ends the request */
+
+  /* The segment (part of the request inside one L2 table) in progress. */
+  uint64_t seg_off;
+  size_t seg_len;
+  struct cache_entry *l2;       /* pinned while the segment runs */
+  unsigned outstanding;         /* I/O ops of this segment in flight */
+  struct req_io *ios;           /* this segment's I/O ops */
+  unsigned nios;
+  struct alloc *allocs;         /* this segment's reservations */
+  unsigned nallocs;
+
+  bool queued;                  /* on a waitq (runnable, completed, other) */
+  struct qcow2_req *wait_next;
+};
+
+void waitq_push (struct waitq *w, struct qcow2_req *req);
+/* Move every waiter to the image's runnable list. */
+void waitq_wake_all (struct qcow2 *q, struct waitq *w);
+/* Wake every waiter with err set: each ends with that error. */
+void waitq_fail_all (struct qcow2 *q, struct waitq *w, int err);
+/* Make req runnable (it must not be waiting on a list). */
+void req_wake (struct qcow2_req *req);
+/* Advance runnable requests and deliver completions until nothing moves. */
+void req_run_all (struct qcow2 *q);
+/* Advance runnable requests but leave completions for qcow2_process. */
+void req_run_all_pending (struct qcow2 *q);
+
+/* ---- qcow2-header.c: header parse/validate and header field writes ---- */
+
+/* Fill q's header fields from buf (the header cluster, len bytes) and
+ * validate them against file_size.  Returns 0, or -errno with a reason in
+ * err.
+ */
+int header_parse (struct qcow2 *q, const void *buf, size_t len,
+                  uint64_t file_size, char *err, size_t errlen);
+
+/* ---- qcow2-open.c: open, close, logging, corruption ---- */
+
+void qlog (struct qcow2 *q, int level, const char *fmt, ...)
+  __attribute__ ((format (printf, 3, 4)));
+/* Stop all writes to an image found inconsistent; returns -EIO. */
+int signal_corruption (struct qcow2 *q, const char *fmt, ...)
+  __attribute__ ((format (printf, 2, 3)));
+void *aligned_alloc_zero (size_t size);
+
+/* ---- the image ---- */
+
+struct qcow2 {
+  int fd;
+  char *path;
+  bool read_only;
+  bool direct;
+  bool broken;                  /* corruption seen: refuse writes */
+  struct aio *aio;
+  bool own_aio;
+  qcow2_log_fn *log;
+  void *log_opaque;
+
+  /* Header fields. */
+  uint32_t version;
+  uint32_t cluster_bits;
+  uint32_t cluster_size;
+  uint64_t size;
+  uint32_t l1_size;
+  uint64_t l1_offset;
+  uint64_t reftable_offset;
+  uint32_t reftable_clusters;
+  uint32_t nb_snapshots;
+  uint64_t snapshots_offset;
+  uint64_t incompat, compat, autoclear;
+  uint32_t refcount_order;
+  uint32_t header_length;
+  uint64_t backing_offset;
+  uint32_t backing_size;
+  void *header_sector;          /* first 512 bytes of the file, aligned */
+
+  /* Derived. */
+  uint32_t l2_bits;             /* log2 of entries per L2 table */
+  uint32_t l2_entries;
+  uint32_t refcount_bits;       /* 1 << refcount_order */
+  uint32_t rb_bits;             /* log2 of entries per refcount block */
+  uint64_t refcount_max;
+
+  /* L1 table, big-endian, in an aligned buffer. */
+  uint64_t *l1;
+  size_t l1_buf_bytes;
+  int64_t l1_dirty_lo, l1_dirty_hi;  /* dirty index range, -1 if clean */
+
+  /* Refcount table, big-endian, in an aligned buffer. */
+  uint64_t *reftable;
+  uint64_t reftable_entries;
+  bool reftable_dirty;          /* entries changed (written in place) */
+  bool reftable_moved;          /* a new, larger table awaits its header */
+  uint64_t old_reftable_offset;
+  uint32_t old_reftable_clusters;
+
+  uint64_t alloc_end;           /* next free host offset (cluster aligned) */
+  struct extent_list incs;      /* refcount +1 owed at the next flush */
+  struct extent_list decs;      /* refcount -1 owed after L2/L1 are durable */
+
+  struct cache l2c;             /* L2 tables */
+  struct cache rbc;             /* refcount blocks */
+  void *zero_cluster;           /* one cluster of zeros, never written */
+
+  /* Requests. */
+  unsigned in_flight;           /* accepted, callback not yet run */
+  struct waitq runnable;        /* ready to advance */
+  struct waitq completed;       /* finished; callbacks not yet run */
+  struct flusher *flusher;
+};
+
+static inline uint64_t
+l2_get (const struct cache_entry *e, uint32_t i)
+{
+  return be64toh (((const uint64_t *) e->buf)[i]);
+}
+
+static inline void
+l2_set (struct cache_entry *e, uint32_t i, uint64_t v)
+{
+  ((uint64_t *) e->buf)[i] = htobe64 (v);
+}
+
+static inline uint64_t
+round_up (uint64_t v, uint64_t a)
+{
+  return (v + a - 1) / a * a;
+}
+
+#endif /* QNBD_QCOW2_INTERNAL_H */

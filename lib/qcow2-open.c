@@ -1,0 +1,386 @@
+/* lib/qcow2-open.c: opening and closing an image, accessors, logging and
+ * the corruption path.
+ *
+ * Open is the one place that does synchronous I/O: it reads the header, the
+ * L1 table and the refcount table before the image is handed to the loop.
+ */
+#include <config.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <syslog.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "qcow2-internal.h"
+
+#define DEFAULT_L2_CACHE_MAX (32u << 20)
+#define MIN_L2_CACHE_ENTRIES 16u
+#define RB_CACHE_BYTES       (4u << 20)
+
+void
+qlog (struct qcow2 *q, int level, const char *fmt, ...)
+{
+  char msg[512];
+  va_list ap;
+
+  if (!q->log)
+    return;
+  va_start (ap, fmt);
+  vsnprintf (msg, sizeof msg, fmt, ap);
+  va_end (ap);
+  q->log (q->log_opaque, level, msg);
+}
+
+int
+signal_corruption (struct qcow2 *q, const char *fmt, ...)
+{
+  char msg[400];
+  va_list ap;
+
+  va_start (ap, fmt);
+  vsnprintf (msg, sizeof msg, fmt, ap);
+  va_end (ap);
+  if (!q->broken)
+    qlog (q, LOG_ERR, "%s: image is inconsistent, refusing further writes: "
+          "%s", q->path, msg);
+  q->broken = true;
+  return -EIO;
+}
+
+void *
+aligned_alloc_zero (size_t size)
+{
+  void *p;
+  if (posix_memalign (&p, BUF_ALIGN, round_up (size ? size : 1, BUF_ALIGN)))
+    return NULL;
+  memset (p, 0, size);
+  return p;
+}
+
+/* Read len bytes at off; the part past the end of the file reads as zeros.
+ * Returns 0 or -errno.
+ */
+static int
+sync_read (int fd, void *buf, size_t len, uint64_t off)
+{
+  size_t done = 0;
+  while (done < len) {
+    ssize_t r = pread (fd, (char *) buf + done, len - done,
+                       (off_t) (off + done));
+    if (r < 0 && errno == EINTR)
+      continue;
+    if (r < 0)
+      return -errno;
+    if (r == 0) {
+      memset ((char *) buf + done, 0, len - done);
+      break;
+    }
+    done += (size_t) r;
+  }
+  return 0;
+}
+
+static int
+sync_write (int fd, const void *buf, size_t len, uint64_t off)
+{
+  size_t done = 0;
+  while (done < len) {
+    ssize_t r = pwrite (fd, (const char *) buf + done, len - done,
+                        (off_t) (off + done));
+    if (r < 0 && errno == EINTR)
+      continue;
+    if (r < 0)
+      return -errno;
+    done += (size_t) r;
+  }
+  return 0;
+}
+
+static unsigned
+l2_cache_entries (const struct qcow2 *q, uint64_t bytes)
+{
+  uint64_t coverage = (uint64_t) q->l2_entries << q->cluster_bits;
+  uint64_t n;
+
+  if (bytes)
+    n = bytes >> q->cluster_bits;
+  else {
+    /* Enough to map the whole disk, within a memory bound. */
+    n = (q->size + coverage - 1) / coverage;
+    if (n > DEFAULT_L2_CACHE_MAX >> q->cluster_bits)
+      n = DEFAULT_L2_CACHE_MAX >> q->cluster_bits;
+  }
+  if (n < MIN_L2_CACHE_ENTRIES)
+    n = MIN_L2_CACHE_ENTRIES;
+  if (n > 1u << 20)
+    n = 1u << 20;
+  return (unsigned) n;
+}
+
+static void
+free_image (struct qcow2 *q)
+{
+  cache_free (&q->l2c);
+  cache_free (&q->rbc);
+  flush_free (q);
+  if (q->aio && q->own_aio)
+    aio_destroy (q->aio);
+  if (q->fd >= 0)
+    close (q->fd);
+  free (q->l1);
+  free (q->reftable);
+  free (q->header_sector);
+  free (q->zero_cluster);
+  free (q->incs.v);
+  free (q->decs.v);
+  free (q->path);
+  free (q);
+}
+
+#define FAIL(ret, ...) \
+  do { snprintf (err, errlen, __VA_ARGS__); r = (ret); goto fail; } while (0)
+
+int
+qcow2_open (const char *path, const struct qcow2_opts *opts,
+            struct qcow2 **out, char *err, size_t errlen)
+{
+  static const struct qcow2_opts defaults;
+  struct qcow2 *q;
+  struct stat st;
+  void *hdr = NULL;
+  uint64_t file_size, hdr_len, l1_bytes, end;
+  int r, flags;
+
+  if (!opts)
+    opts = &defaults;
+  q = calloc (1, sizeof *q);
+  if (!q) {
+    snprintf (err, errlen, "out of memory");
+    return -ENOMEM;
+  }
+  q->fd = -1;
+  q->read_only = opts->read_only;
+  q->direct = opts->direct;
+  q->log = opts->log;
+  q->log_opaque = opts->log_opaque;
+  q->l1_dirty_lo = q->l1_dirty_hi = -1;
+  q->path = strdup (path);
+  if (!q->path)
+    FAIL (-ENOMEM, "out of memory");
+
+  flags = (q->read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC;
+  if (q->direct)
+    flags |= O_DIRECT;
+  q->fd = open (path, flags);
+  if (q->fd < 0) {
+    r = -errno;
+    if (r == -EINVAL && q->direct)
+      FAIL (r, "the file system does not support O_DIRECT (--cache=none)");
+    FAIL (r, "%s", strerror (-r));
+  }
+  if (fstat (q->fd, &st) < 0)
+    FAIL (-errno, "%s", strerror (errno));
+  if (!S_ISREG (st.st_mode))
+    FAIL (-EINVAL, "not a regular file");
+  file_size = (uint64_t) st.st_size;
+
+  /* The first sector tells the cluster size; the header cluster holds the
+   * extensions.
+   */
+  q->header_sector = aligned_alloc_zero (SECTOR);
+  if (!q->header_sector)
+    FAIL (-ENOMEM, "out of memory");
+  r = sync_read (q->fd, q->header_sector, SECTOR, 0);
+  if (r < 0)
+    FAIL (r, "reading the header: %s", strerror (-r));
+  if (file_size < QCOW2_V2_HEADER_LEN)
+    FAIL (-EINVAL, "file is too short to be a qcow2 image");
+  {
+    uint32_t cb;
+    memcpy (&cb, (char *) q->header_sector + 20, 4);
+    cb = be32toh (cb);
+    hdr_len = cb >= QCOW2_MIN_CLUSTER_BITS && cb <= QCOW2_MAX_CLUSTER_BITS
+      ? (uint64_t) 1 << cb : SECTOR;
+  }
+  hdr = aligned_alloc_zero (hdr_len);
+  if (!hdr)
+    FAIL (-ENOMEM, "out of memory");
+  r = sync_read (q->fd, hdr, hdr_len, 0);
+  if (r < 0)
+    FAIL (r, "reading the header: %s", strerror (-r));
+  r = header_parse (q, hdr, hdr_len < file_size ? hdr_len : file_size,
+                    file_size, err, errlen);
+  if (r < 0)
+    goto fail;
+
+  l1_bytes = (uint64_t) q->l1_size * 8;
+  q->l1_buf_bytes = round_up (l1_bytes ? l1_bytes : 1, SECTOR);
+  q->l1 = aligned_alloc_zero (q->l1_buf_bytes);
+  if (!q->l1)
+    FAIL (-ENOMEM, "out of memory for the L1 table");
+  r = sync_read (q->fd, q->l1, round_up (l1_bytes, SECTOR), q->l1_offset);
+  if (r < 0)
+    FAIL (r, "reading the L1 table: %s", strerror (-r));
+  /* The tail of the last sector may hold other data; keep it zero here so
+   * a write-back of that sector never invents entries.  (The L1 table
+   * occupies whole clusters, so the sector is ours.)
+   */
+
+  q->reftable_entries = ((uint64_t) q->reftable_clusters << q->cluster_bits)
+    / 8;
+  q->reftable = aligned_alloc_zero ((size_t) q->reftable_clusters
+                                    << q->cluster_bits);
+  if (!q->reftable)
+    FAIL (-ENOMEM, "out of memory for the refcount table");
+  r = sync_read (q->fd, q->reftable,
+                 (size_t) q->reftable_clusters << q->cluster_bits,
+                 q->reftable_offset);
+  if (r < 0)
+    FAIL (r, "reading the refcount table: %s", strerror (-r));
+
+  /* New clusters come from past everything the file already holds. */
+  q->alloc_end = round_up (file_size, q->cluster_size);
+  end = round_up (q->l1_offset + l1_bytes, q->cluster_size);
+  if (end > q->alloc_end)
+    q->alloc_end = end;
+
+  q->zero_cluster = aligned_alloc_zero (q->cluster_size);
+  if (!q->zero_cluster)
+    FAIL (-ENOMEM, "out of memory");
+  r = cache_init (&q->l2c, q, "L2", l2_cache_entries (q, opts->l2_cache_bytes));
+  if (r == 0) {
+    unsigned n = RB_CACHE_BYTES >> q->cluster_bits;
+    r = cache_init (&q->rbc, q, "refcount", n < 4 ? 4 : n);
+  }
+  if (r == 0)
+    r = flush_init (q);
+  if (r < 0)
+    FAIL (r, "out of memory for the caches");
+
+  if (opts->aio)
+    q->aio = opts->aio;
+  else {
+    enum aio_kind kind = opts->aio_mode == QCOW2_AIO_URING ? AIO_KIND_URING
+      : opts->aio_mode == QCOW2_AIO_THREADS ? AIO_KIND_THREADS
+      : AIO_KIND_AUTO;
+    r = aio_create (kind, 256, &q->aio);
+    if (r < 0)
+      FAIL (r, "cannot set up asynchronous I/O (%s): %s",
+            kind == AIO_KIND_URING ? "io_uring" : "threads", strerror (-r));
+    q->own_aio = true;
+  }
+
+  /* Bits for features we do not maintain must be cleared before writing. */
+  if (!q->read_only && q->autoclear) {
+    uint64_t zero = 0;
+    memcpy ((char *) q->header_sector + 88, &zero, 8);
+    r = sync_write (q->fd, q->header_sector, SECTOR, 0);
+    if (r == 0 && fdatasync (q->fd) < 0)
+      r = -errno;
+    if (r < 0)
+      FAIL (r, "clearing autoclear feature bits: %s", strerror (-r));
+    q->autoclear = 0;
+  }
+
+  free (hdr);
+  *out = q;
+  return 0;
+
+ fail:
+  free (hdr);
+  free_image (q);
+  return r;
+}
+
+static void
+close_flush_done (void *opaque, int ret)
+{
+  int *res = opaque;
+  *res = ret;
+}
+
+/* Run the loop by hand until cond holds or nothing can move any more. */
+static void
+drain (struct qcow2 *q, const int *flag)
+{
+  for (;;) {
+    qcow2_process (q);
+    if (flag ? *flag != 1 : q->in_flight == 0)
+      return;
+    if (q->aio->pending == 0 && !q->runnable.head && !q->completed.head) {
+      qlog (q, LOG_ERR, "%u requests stuck at close", q->in_flight);
+      return;
+    }
+    if (q->aio->pending)
+      aio_wait (q->aio);
+  }
+}
+
+int
+qcow2_close (struct qcow2 *q)
+{
+  int ret = 0;
+
+  if (!q)
+    return 0;
+  drain (q, NULL);
+  if (!q->read_only && !q->broken) {
+    int res = 1;
+    if (qcow2_flush (q, close_flush_done, &res) == 0) {
+      drain (q, &res);
+      ret = res == 1 ? -EIO : res;
+    }
+  }
+  if (ret < 0)
+    qlog (q, LOG_ERR, "%s: writing back metadata at close: %s", q->path,
+          strerror (-ret));
+  free_image (q);
+  return ret;
+}
+
+uint64_t
+qcow2_size (const struct qcow2 *q)
+{
+  return q->size;
+}
+
+uint32_t
+qcow2_cluster_size (const struct qcow2 *q)
+{
+  return q->cluster_size;
+}
+
+bool
+qcow2_read_only (const struct qcow2 *q)
+{
+  return q->read_only;
+}
+
+uint32_t
+qcow2_min_align (const struct qcow2 *q)
+{
+  return q->direct ? SECTOR : 1;
+}
+
+int
+qcow2_fd (const struct qcow2 *q)
+{
+  return aio_fd (q->aio);
+}
+
+unsigned
+qcow2_in_flight (const struct qcow2 *q)
+{
+  return q->in_flight;
+}
+
+const char *
+qcow2_aio_name (const struct qcow2 *q)
+{
+  return aio_name (q->aio);
+}

@@ -1,0 +1,85 @@
+/* lib/qcow2-refcount.c: refcount entries of any width, and the cluster
+ * allocator.
+ *
+ * Allocation never waits: host clusters are handed out from the end of the
+ * file, in memory, on the loop thread, so two allocations can never receive
+ * the same cluster.  The refcount increments they owe are recorded as extents
+ * and applied to the refcount blocks by the flusher, which is the only code
+ * that reads or writes refcount blocks after open.  That keeps refcount I/O
+ * (and the creation of new refcount blocks and tables) off the write path.
+ */
+#include <config.h>
+
+#include <errno.h>
+#include <stdlib.h>
+
+#include "qcow2-internal.h"
+
+uint64_t
+refblock_get (const struct qcow2 *q, const void *block, uint64_t i)
+{
+  const uint8_t *b = block;
+  switch (q->refcount_order) {
+  case 0: return (b[i / 8] >> (i % 8)) & 1;
+  case 1: return (b[i / 4] >> (2 * (i % 4))) & 3;
+  case 2: return (b[i / 2] >> (4 * (i % 2))) & 15;
+  case 3: return b[i];
+  case 4: return be16toh (((const uint16_t *) block)[i]);
+  case 5: return be32toh (((const uint32_t *) block)[i]);
+  default: return be64toh (((const uint64_t *) block)[i]);
+  }
+}
+
+void
+refblock_set (const struct qcow2 *q, void *block, uint64_t i, uint64_t v)
+{
+  uint8_t *b = block;
+  unsigned shift, width;
+  switch (q->refcount_order) {
+  case 0: case 1: case 2:
+    /* Sub-byte widths are packed from the least significant bit up. */
+    width = 1u << q->refcount_order;
+    shift = (unsigned) (i % (8 / width)) * width;
+    b[i / (8 / width)] = (uint8_t) ((b[i / (8 / width)]
+                                     & ~(((1u << width) - 1) << shift))
+                                    | ((v & ((1u << width) - 1)) << shift));
+    return;
+  case 3: b[i] = (uint8_t) v; return;
+  case 4: ((uint16_t *) block)[i] = htobe16 ((uint16_t) v); return;
+  case 5: ((uint32_t *) block)[i] = htobe32 ((uint32_t) v); return;
+  default: ((uint64_t *) block)[i] = htobe64 (v); return;
+  }
+}
+
+int
+extent_add (struct extent_list *l, uint64_t offset, uint64_t count)
+{
+  if (l->n == l->cap) {
+    size_t cap = l->cap ? l->cap * 2 : 16;
+    struct extent *v = realloc (l->v, cap * sizeof *v);
+    if (!v)
+      return -ENOMEM;
+    l->v = v;
+    l->cap = cap;
+  }
+  l->v[l->n].offset = offset;
+  l->v[l->n].count = count;
+  l->n++;
+  return 0;
+}
+
+uint64_t
+alloc_clusters (struct qcow2 *q, uint64_t count)
+{
+  uint64_t off = q->alloc_end;
+  struct extent_list *l = &q->incs;
+
+  /* Sequential allocations are the common case: grow the last extent. */
+  if (l->n > 0 && l->v[l->n - 1].offset
+      + (l->v[l->n - 1].count << q->cluster_bits) == off)
+    l->v[l->n - 1].count += count;
+  else if (extent_add (l, off, count) < 0)
+    return 0;                   /* never a valid cluster: the header is there */
+  q->alloc_end += count << q->cluster_bits;
+  return off;
+}

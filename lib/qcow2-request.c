@@ -1,0 +1,814 @@
+/* lib/qcow2-request.c: the per-request state machine (reads, writes and
+ * flushes), and the lists that park and wake requests.
+ *
+ * A read or write is cut into segments, one per L2 table it touches, and
+ * runs them one after another.  Each state does one step and either goes on
+ * at once or blocks (parked on a list, or waiting for its I/O):
+ *
+ *   state          does                                   resumed by
+ *   RS_SEGMENT     pick the next segment, or finish       -
+ *   RS_GET_L2      pin the segment's L2 table; a write    table loaded; slot
+ *                  creates it when missing and copies it  free; flush ended
+ *                  when shared with a snapshot
+ *   RS_WAIT_DEPS   write: wait while an in-flight          that allocation
+ *                  allocation covers one of our clusters  linked or failed
+ *   RS_PLAN        map clusters to host offsets, reserve  -
+ *                  new clusters, start COW reads or the
+ *                  data I/O
+ *   RS_COW_READ    wait for the old data a partial        I/O completion
+ *                  allocation must preserve, then start
+ *                  the merged head+data+tail writes
+ *   RS_IO          wait for the segment's data I/O        I/O completion
+ *   RS_LINK        write: point L2 entries at the new     flush ended (L2 is
+ *                  clusters, release the reservations     frozen during one)
+ *   RS_FUA         write with FUA, or a client flush:     flusher done
+ *                  wait for a metadata flush
+ *   RS_DONE        queue the completion callback          -
+ *
+ * Allocating writes are registered on the L2 table they will update
+ * (struct alloc on the cache entry), so only writes into the same clusters
+ * of the same table ever wait for each other.
+ */
+#include <config.h>
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <syslog.h>
+
+#include "qcow2-internal.h"
+
+enum req_state {
+  RS_SEGMENT,
+  RS_GET_L2,
+  RS_WAIT_DEPS,
+  RS_PLAN,
+  RS_COW_READ,
+  RS_IO,
+  RS_LINK,
+  RS_FUA,
+  RS_FUA_DONE,
+  RS_DONE,
+};
+
+/* One I/O op of a segment.  For an allocating run it also holds the
+ * reservation and the COW buffers of its first and last cluster.
+ */
+struct req_io {
+  struct aio_op op;
+  struct qcow2_req *req;
+  struct iovec iov[3];
+  bool is_write;
+  bool alloc;                   /* an allocating write run */
+  bool started;
+  uint64_t host;                /* host offset of the op */
+  uint64_t guest;               /* guest offset of the data part */
+  size_t len;                   /* guest bytes in the data part */
+  uint32_t first, count;        /* L2 index range (alloc runs) */
+  struct alloc a;               /* reservation (alloc runs) */
+  void *cow_buf[2];             /* old contents of first/last cluster */
+  struct req_io *cow_for;       /* COW read: the write it feeds */
+};
+
+/* ---- wait lists ---- */
+
+void
+waitq_push (struct waitq *w, struct qcow2_req *req)
+{
+  req->queued = true;
+  req->wait_next = NULL;
+  if (w->tail)
+    w->tail->wait_next = req;
+  else
+    w->head = req;
+  w->tail = req;
+}
+
+static struct qcow2_req *
+waitq_pop (struct waitq *w)
+{
+  struct qcow2_req *r = w->head;
+  if (r) {
+    w->head = r->wait_next;
+    if (!w->head)
+      w->tail = NULL;
+    r->wait_next = NULL;
+    r->queued = false;
+  }
+  return r;
+}
+
+static void
+waitq_append (struct waitq *dst, struct waitq *src)
+{
+  if (!src->head)
+    return;
+  if (dst->tail)
+    dst->tail->wait_next = src->head;
+  else
+    dst->head = src->head;
+  dst->tail = src->tail;
+  src->head = src->tail = NULL;
+}
+
+void
+waitq_wake_all (struct qcow2 *q, struct waitq *w)
+{
+  waitq_append (&q->runnable, w);
+}
+
+void
+waitq_fail_all (struct qcow2 *q, struct waitq *w, int err)
+{
+  for (struct qcow2_req *r = w->head; r; r = r->wait_next)
+    if (!r->err)
+      r->err = err;
+  waitq_append (&q->runnable, w);
+}
+
+void
+req_wake (struct qcow2_req *req)
+{
+  waitq_push (&req->q->runnable, req);
+}
+
+/* ---- helpers ---- */
+
+static bool
+is_zero_entry (const struct qcow2 *q, uint64_t ent)
+{
+  return q->version >= 3 && !(ent & L2E_COMPRESSED) && (ent & L2E_ZERO);
+}
+
+/* A normal (uncompressed, non-zero) cluster written in place. */
+static bool
+is_inplace (const struct qcow2 *q, uint64_t ent)
+{
+  return (ent & L2E_COPIED) && !(ent & L2E_COMPRESSED)
+    && !is_zero_entry (q, ent) && (ent & L2E_OFFSET_MASK);
+}
+
+/* Host offsets read from the image are untrusted. */
+static int
+check_host_cluster (struct qcow2 *q, uint64_t off, const char *what)
+{
+  if ((off & (q->cluster_size - 1)) || off < q->cluster_size
+      || off >= q->alloc_end) {
+    qlog (q, LOG_ERR, "%s offset 0x%llx is invalid (unaligned or outside "
+          "the file)", what, (unsigned long long) off);
+    return -EIO;
+  }
+  return 0;
+}
+
+static uint64_t
+l2_coverage (const struct qcow2 *q)
+{
+  return (uint64_t) 1 << (q->cluster_bits + q->l2_bits);
+}
+
+/* Free everything the current segment holds.  No I/O may be in flight. */
+static void
+seg_release (struct qcow2_req *req)
+{
+  struct qcow2 *q = req->q;
+  for (unsigned i = 0; i < req->nios; i++) {
+    struct req_io *io = &req->ios[i];
+    if (io->alloc && req->l2) {
+      struct alloc **p = &req->l2->allocs;
+      while (*p && *p != &io->a)
+        p = &(*p)->next;
+      if (*p)
+        *p = io->a.next;
+      waitq_wake_all (q, &io->a.waiters);
+    }
+    free (io->cow_buf[0]);
+    free (io->cow_buf[1]);
+  }
+  free (req->ios);
+  req->ios = NULL;
+  req->nios = 0;
+  if (req->l2) {
+    cache_put (req->l2);
+    req->l2 = NULL;
+  }
+}
+
+static void
+io_done (struct aio_op *op, int64_t ret)
+{
+  struct req_io *io = op->opaque;
+  struct qcow2_req *req = io->req;
+
+  if (ret < 0) {
+    qlog (req->q, LOG_ERR, "%s at host offset 0x%llx: %s",
+          io->is_write ? "write" : "read", (unsigned long long) io->host,
+          strerror ((int) -ret));
+    if (!req->err)
+      req->err = (int) ret;
+  }
+  else if (!io->is_write) {
+    /* Past the end of the file reads as zeros. */
+    size_t want = io->iov[0].iov_len;
+    if ((size_t) ret < want)
+      memset ((char *) io->iov[0].iov_base + ret, 0, want - ret);
+  }
+  if (--req->outstanding == 0)
+    req_wake (req);
+}
+
+static void
+io_start (struct qcow2_req *req, struct req_io *io, int niov)
+{
+  struct qcow2 *q = req->q;
+  int r;
+  io->op.type = io->is_write ? AIO_WRITE : AIO_READ;
+  io->op.fd = q->fd;
+  io->op.iov = io->iov;
+  io->op.iovcnt = niov;
+  io->op.offset = io->host;
+  io->op.done = io_done;
+  io->op.opaque = io;
+  io->started = true;
+  r = aio_submit (q->aio, &io->op);
+  if (r < 0) {
+    if (!req->err)
+      req->err = r;
+    return;
+  }
+  req->outstanding++;
+}
+
+/* ---- states ---- */
+
+/* Returns true to go on with the next state, false when blocked. */
+static bool
+st_segment (struct qcow2_req *req)
+{
+  struct qcow2 *q = req->q;
+  uint64_t end = req->offset + req->len;
+  uint64_t pos = req->seg_off + req->seg_len;
+  uint64_t cov = l2_coverage (q);
+
+  if (pos >= end) {
+    if (req->type == REQ_WRITE && (req->flags & QCOW2_WRITE_FUA)) {
+      req->state = RS_FUA;
+      return true;
+    }
+    req->state = RS_DONE;
+    return true;
+  }
+  req->seg_off = pos;
+  req->seg_len = end - pos;
+  if (req->seg_len > cov - (pos & (cov - 1)))
+    req->seg_len = cov - (pos & (cov - 1));
+  req->state = RS_GET_L2;
+  return true;
+}
+
+/* Allocate a fresh L2 table, optionally a copy of old, and hook it into L1.
+ * Returns 1 with req->l2 pinned, 0 when blocked, or -errno.
+ */
+static int
+new_l2_table (struct qcow2_req *req, uint64_t l1i, struct cache_entry *old)
+{
+  struct qcow2 *q = req->q;
+  struct cache_entry *e;
+  uint64_t off;
+  int r;
+
+  if (flush_active (q)) {
+    flush_barrier_wait (q, req);
+    return 0;
+  }
+  r = cache_get_empty (&q->l2c, req, &e);
+  if (r != CACHE_READY)
+    return r < 0 ? r : 0;
+  off = alloc_clusters (q, 1);
+  if (!off) {
+    cache_set_offset (e, 0);
+    cache_put (e);
+    return -ENOMEM;
+  }
+  cache_set_offset (e, off);
+  if (old) {
+    memcpy (e->buf, old->buf, q->cluster_size);
+    if (extent_add (&q->decs, be64toh (q->l1[l1i]) & L1E_OFFSET_MASK, 1) < 0)
+      qlog (q, LOG_WARNING, "out of memory: an old L2 table will leak");
+  }
+  q->l1[l1i] = htobe64 (off | L1E_COPIED);
+  if (q->l1_dirty_lo < 0 || (int64_t) l1i < q->l1_dirty_lo)
+    q->l1_dirty_lo = (int64_t) l1i;
+  if ((int64_t) l1i > q->l1_dirty_hi)
+    q->l1_dirty_hi = (int64_t) l1i;
+  req->l2 = e;
+  return 1;
+}
+
+static bool
+st_get_l2 (struct qcow2_req *req)
+{
+  struct qcow2 *q = req->q;
+  uint64_t l1i = req->seg_off >> (q->cluster_bits + q->l2_bits);
+  uint64_t l1e = be64toh (q->l1[l1i]);
+  uint64_t off = l1e & L1E_OFFSET_MASK;
+  bool write = req->type == REQ_WRITE;
+  struct cache_entry *e;
+  int r;
+
+  if (off == 0) {
+    if (!write) {
+      memset (req->buf + (req->seg_off - req->offset), 0, req->seg_len);
+      req->state = RS_SEGMENT;
+      return true;
+    }
+    r = new_l2_table (req, l1i, NULL);
+    if (r <= 0)
+      goto out;
+    req->state = RS_WAIT_DEPS;
+    return true;
+  }
+
+  r = check_host_cluster (q, off, "L2 table");
+  if (r < 0)
+    goto out;
+  r = cache_get (&q->l2c, off, req, &e);
+  if (r != CACHE_READY)
+    goto out;
+
+  if (write && !(l1e & L1E_COPIED)) {
+    /* The table is shared with a snapshot: never modify it in place. */
+    r = new_l2_table (req, l1i, e);
+    cache_put (e);
+    if (r <= 0)
+      goto out;
+    req->state = RS_WAIT_DEPS;
+    return true;
+  }
+  req->l2 = e;
+  req->state = write ? RS_WAIT_DEPS : RS_PLAN;
+  return true;
+
+ out:
+  if (r < 0 && !req->err)
+    req->err = r;
+  return r < 0;
+}
+
+static bool
+st_wait_deps (struct qcow2_req *req)
+{
+  struct qcow2 *q = req->q;
+  uint32_t mask = q->l2_entries - 1;
+  uint32_t first = (uint32_t) (req->seg_off >> q->cluster_bits) & mask;
+  uint32_t last = (uint32_t) ((req->seg_off + req->seg_len - 1)
+                              >> q->cluster_bits) & mask;
+
+  for (struct alloc *a = req->l2->allocs; a; a = a->next)
+    if (a->first <= last && first < a->first + a->count) {
+      waitq_push (&a->waiters, req);
+      return false;
+    }
+  req->state = RS_PLAN;
+  return true;
+}
+
+/* Plan a read segment: zeros for holes, merged reads for data. */
+static bool
+plan_read (struct qcow2_req *req)
+{
+  struct qcow2 *q = req->q;
+  uint64_t cs = q->cluster_size;
+  uint64_t pos = req->seg_off, end = req->seg_off + req->seg_len;
+  size_t nclusters = ((end - 1) >> q->cluster_bits)
+    - (pos >> q->cluster_bits) + 1;
+  struct req_io *last = NULL;
+  int r;
+
+  req->ios = calloc (nclusters, sizeof *req->ios);
+  if (!req->ios) {
+    req->err = -ENOMEM;
+    return true;
+  }
+  while (pos < end) {
+    uint32_t idx = (uint32_t) (pos >> q->cluster_bits) & (q->l2_entries - 1);
+    uint64_t ent = l2_get (req->l2, idx);
+    uint64_t cend = (pos & ~(cs - 1)) + cs;
+    char *dst = req->buf + (pos - req->offset);
+    uint64_t host;
+
+    if (cend > end)
+      cend = end;
+    if (ent & L2E_COMPRESSED) {
+      qlog (q, LOG_ERR, "compressed cluster at guest offset 0x%llx: "
+            "compressed clusters are not supported by this version",
+            (unsigned long long) pos);
+      req->err = -ENOTSUP;
+      break;
+    }
+    if (is_zero_entry (q, ent) || !(ent & L2E_OFFSET_MASK)) {
+      memset (dst, 0, cend - pos);
+      last = NULL;
+      pos = cend;
+      continue;
+    }
+    r = check_host_cluster (q, ent & L2E_OFFSET_MASK, "data cluster");
+    if (r < 0) {
+      req->err = r;
+      break;
+    }
+    host = (ent & L2E_OFFSET_MASK) + (pos & (cs - 1));
+    if (last && last->host + last->len == host) {
+      last->len += cend - pos;
+      last->iov[0].iov_len = last->len;
+    }
+    else {
+      last = &req->ios[req->nios++];
+      last->req = req;
+      last->host = host;
+      last->guest = pos;
+      last->len = cend - pos;
+      last->iov[0].iov_base = dst;
+      last->iov[0].iov_len = last->len;
+    }
+    pos = cend;
+  }
+  if (!req->err)
+    for (unsigned i = 0; i < req->nios; i++)
+      io_start (req, &req->ios[i], 1);
+  req->state = RS_IO;
+  return req->outstanding == 0;
+}
+
+/* Fill io->cow_buf[k] with the old contents of L2 index idx, or point at
+ * zeros.  Returns the buffer to copy from, or NULL after setting req->err;
+ * *read_io is set when a read had to be started.
+ */
+static char *
+cow_source (struct qcow2_req *req, struct req_io *io, int k, uint32_t idx,
+            struct req_io **next_io)
+{
+  struct qcow2 *q = req->q;
+  uint64_t ent = l2_get (req->l2, idx);
+  struct req_io *rd;
+
+  if (ent & L2E_COMPRESSED) {
+    qlog (q, LOG_ERR, "writing into a compressed cluster is not supported "
+          "by this version");
+    req->err = -ENOTSUP;
+    return NULL;
+  }
+  if (is_zero_entry (q, ent) || !(ent & L2E_OFFSET_MASK))
+    return q->zero_cluster;
+  if (check_host_cluster (q, ent & L2E_OFFSET_MASK, "data cluster") < 0) {
+    req->err = -EIO;
+    return NULL;
+  }
+  io->cow_buf[k] = aligned_alloc_zero (q->cluster_size);
+  if (!io->cow_buf[k]) {
+    req->err = -ENOMEM;
+    return NULL;
+  }
+  rd = (*next_io)++;
+  rd->req = req;
+  rd->host = ent & L2E_OFFSET_MASK;
+  rd->iov[0].iov_base = io->cow_buf[k];
+  rd->iov[0].iov_len = q->cluster_size;
+  rd->cow_for = io;
+  return io->cow_buf[k];
+}
+
+/* Plan a write segment: in-place runs for clusters we own, allocating runs
+ * (head + guest data + tail in one vectored write) for everything else.
+ */
+static bool
+plan_write (struct qcow2_req *req)
+{
+  struct qcow2 *q = req->q;
+  uint64_t cs = q->cluster_size;
+  uint64_t pos = req->seg_off, end = req->seg_off + req->seg_len;
+  size_t nclusters = ((end - 1) >> q->cluster_bits)
+    - (pos >> q->cluster_bits) + 1;
+  struct req_io *last = NULL, *next_io;
+  unsigned nwrites;
+
+  /* At most one write per cluster plus two COW reads per run. */
+  req->ios = calloc (nclusters * 3, sizeof *req->ios);
+  if (!req->ios) {
+    req->err = -ENOMEM;
+    return true;
+  }
+  while (pos < end) {
+    uint32_t idx = (uint32_t) (pos >> q->cluster_bits) & (q->l2_entries - 1);
+    uint64_t ent = l2_get (req->l2, idx);
+    uint64_t cend = (pos & ~(cs - 1)) + cs;
+    bool inplace = is_inplace (q, ent);
+    uint64_t host = 0;
+
+    if (cend > end)
+      cend = end;
+    if (inplace) {
+      if (check_host_cluster (q, ent & L2E_OFFSET_MASK, "data cluster") < 0) {
+        req->err = -EIO;
+        break;
+      }
+      host = (ent & L2E_OFFSET_MASK) + (pos & (cs - 1));
+    }
+    if (last && !last->alloc && inplace && last->host + last->len == host)
+      last->len += cend - pos;
+    else if (last && last->alloc && !inplace
+             && last->first + last->count == idx) {
+      last->len += cend - pos;
+      last->count++;
+    }
+    else {
+      last = &req->ios[req->nios++];
+      last->req = req;
+      last->is_write = true;
+      last->alloc = !inplace;
+      last->host = host;
+      last->guest = pos;
+      last->len = cend - pos;
+      last->first = idx;
+      last->count = 1;
+    }
+    pos = cend;
+  }
+  if (req->err)
+    return true;
+
+  /* Reserve host clusters and register the allocations. */
+  nwrites = req->nios;
+  next_io = &req->ios[nwrites];
+  for (unsigned i = 0; i < nwrites && !req->err; i++) {
+    struct req_io *io = &req->ios[i];
+    char *data = req->buf + (io->guest - req->offset);
+    size_t head, tail;
+    char *src;
+    int n = 0;
+
+    if (!io->alloc) {
+      io->iov[0].iov_base = data;
+      io->iov[0].iov_len = io->len;
+      continue;
+    }
+    head = io->guest & (cs - 1);
+    tail = (cs - ((io->guest + io->len) & (cs - 1))) & (cs - 1);
+    io->host = alloc_clusters (q, io->count);
+    if (!io->host) {
+      req->err = -ENOMEM;
+      break;
+    }
+    io->a.first = io->first;
+    io->a.count = io->count;
+    io->a.next = req->l2->allocs;
+    req->l2->allocs = &io->a;
+
+    if (head) {
+      src = cow_source (req, io, 0, io->first, &next_io);
+      if (!src)
+        break;
+      io->iov[n].iov_base = src;
+      io->iov[n++].iov_len = head;
+    }
+    io->iov[n].iov_base = data;
+    io->iov[n++].iov_len = io->len;
+    if (tail) {
+      if (head && io->count == 1)
+        src = io->cow_buf[0] ? io->cow_buf[0] : q->zero_cluster;
+      else
+        src = cow_source (req, io, 1, io->first + io->count - 1, &next_io);
+      if (!src)
+        break;
+      io->iov[n].iov_base = src + (cs - tail);
+      io->iov[n++].iov_len = tail;
+    }
+    io->op.iovcnt = n;
+  }
+  req->nios = (unsigned) (next_io - req->ios);
+  if (req->err)
+    return true;
+
+  /* COW reads first; the writes they feed start when all have finished. */
+  for (unsigned i = nwrites; i < req->nios; i++)
+    io_start (req, &req->ios[i], 1);
+  req->state = RS_COW_READ;
+  return req->outstanding == 0;
+}
+
+static void
+start_writes (struct qcow2_req *req)
+{
+  for (unsigned i = 0; i < req->nios; i++) {
+    struct req_io *io = &req->ios[i];
+    if (io->is_write && !io->started)
+      io_start (req, io, io->alloc ? io->op.iovcnt : 1);
+  }
+}
+
+static bool
+st_link (struct qcow2_req *req)
+{
+  struct qcow2 *q = req->q;
+  struct cache_entry *e = req->l2;
+  bool linked = false;
+
+  for (unsigned i = 0; i < req->nios; i++) {
+    struct req_io *io = &req->ios[i];
+    if (!io->alloc)
+      continue;
+    if (!linked && flush_active (q)) {
+      /* The flusher is writing L2 tables: link when it is done. */
+      flush_barrier_wait (q, req);
+      return false;
+    }
+    linked = true;
+    for (uint32_t k = 0; k < io->count; k++) {
+      uint64_t old = l2_get (e, io->first + k);
+      uint64_t old_off = old & L2E_OFFSET_MASK;
+      if (old_off && !(old & L2E_COMPRESSED)
+          && extent_add (&q->decs, old_off, 1) < 0)
+        qlog (q, LOG_WARNING, "out of memory: a replaced cluster will leak");
+      l2_set (e, io->first + k,
+              (io->host + ((uint64_t) k << q->cluster_bits)) | L2E_COPIED);
+    }
+  }
+  if (linked)
+    cache_mark_dirty (e);
+  seg_release (req);
+  req->state = RS_SEGMENT;
+  return true;
+}
+
+/* Run req until it blocks or finishes. */
+static void
+req_run (struct qcow2_req *req)
+{
+  struct qcow2 *q = req->q;
+  bool go = true;
+
+  if (req->type == REQ_FLUSHER) {
+    flush_step (q);
+    return;
+  }
+  while (go) {
+    if (req->err && req->outstanding == 0 && req->state != RS_DONE) {
+      seg_release (req);
+      req->state = RS_DONE;
+    }
+    switch ((enum req_state) req->state) {
+    case RS_SEGMENT: go = st_segment (req); break;
+    case RS_GET_L2: go = st_get_l2 (req); break;
+    case RS_WAIT_DEPS: go = st_wait_deps (req); break;
+    case RS_PLAN:
+      go = req->type == REQ_WRITE ? plan_write (req) : plan_read (req);
+      break;
+    case RS_COW_READ:
+      if (req->outstanding)
+        return;
+      if (!req->err)
+        start_writes (req);
+      req->state = RS_IO;
+      go = req->outstanding == 0;
+      break;
+    case RS_IO:
+      if (req->outstanding)
+        return;
+      if (req->type == REQ_WRITE)
+        req->state = RS_LINK;
+      else {
+        seg_release (req);
+        req->state = RS_SEGMENT;
+      }
+      break;
+    case RS_LINK: go = st_link (req); break;
+    case RS_FUA:
+      req->state = RS_FUA_DONE;
+      flush_wait (q, req);
+      return;
+    case RS_FUA_DONE:
+      req->state = RS_DONE;
+      break;
+    case RS_DONE:
+      waitq_push (&q->completed, req);
+      return;
+    }
+  }
+}
+
+void
+req_run_all (struct qcow2 *q)
+{
+  for (;;) {
+    struct qcow2_req *r = waitq_pop (&q->runnable);
+    if (r) {
+      req_run (r);
+      continue;
+    }
+    r = waitq_pop (&q->completed);
+    if (!r)
+      break;
+    q->in_flight--;
+    r->done (r->opaque, r->err);
+    free (r);
+  }
+}
+
+/* ---- public entry points ---- */
+
+static int
+submit (struct qcow2 *q, enum req_type type, uint64_t offset, void *buf,
+        size_t len, unsigned flags, qcow2_done_fn *done, void *opaque)
+{
+  struct qcow2_req *req;
+
+  if (type != REQ_FLUSH) {
+    if (offset > q->size || len > q->size - offset)
+      return -EINVAL;
+    if ((offset | len) & (qcow2_min_align (q) - 1))
+      return -EINVAL;
+  }
+  if (type != REQ_READ && q->read_only)
+    return -EROFS;
+  if (type != REQ_READ && q->broken)
+    return -EIO;
+
+  req = calloc (1, sizeof *req);
+  if (!req)
+    return -ENOMEM;
+  req->q = q;
+  req->type = type;
+  req->offset = offset;
+  req->len = len;
+  req->buf = buf;
+  req->flags = flags;
+  req->done = done;
+  req->opaque = opaque;
+  req->seg_off = offset;
+  req->state = type == REQ_FLUSH ? RS_FUA : RS_SEGMENT;
+  q->in_flight++;
+
+  /* Run the first steps now; completions are still only delivered from
+   * qcow2_process, so wake the loop if anything became ready.
+   */
+  req_run (req);
+  req_run_all_pending (q);
+  return 0;
+}
+
+/* Advance whatever became runnable, but keep completions for the loop. */
+void
+req_run_all_pending (struct qcow2 *q)
+{
+  struct qcow2_req *r;
+  while ((r = waitq_pop (&q->runnable)))
+    req_run (r);
+  aio_commit (q->aio);
+  if (q->completed.head)
+    aio_kick (q->aio);
+}
+
+int
+qcow2_read (struct qcow2 *q, uint64_t offset, void *buf, size_t len,
+            qcow2_done_fn *done, void *opaque)
+{
+  return submit (q, REQ_READ, offset, buf, len, 0, done, opaque);
+}
+
+int
+qcow2_write (struct qcow2 *q, uint64_t offset, const void *buf, size_t len,
+             unsigned flags, qcow2_done_fn *done, void *opaque)
+{
+  /* The engine never writes into the caller's buffer on the write path. */
+  return submit (q, REQ_WRITE, offset, (void *) buf, len, flags, done,
+                 opaque);
+}
+
+int
+qcow2_flush (struct qcow2 *q, qcow2_done_fn *done, void *opaque)
+{
+  if (q->read_only) {
+    /* Nothing to make durable; still answer asynchronously. */
+    struct qcow2_req *req = calloc (1, sizeof *req);
+    if (!req)
+      return -ENOMEM;
+    req->q = q;
+    req->type = REQ_FLUSH;
+    req->done = done;
+    req->opaque = opaque;
+    req->state = RS_DONE;
+    q->in_flight++;
+    req_run (req);
+    aio_kick (q->aio);
+    return 0;
+  }
+  return submit (q, REQ_FLUSH, 0, NULL, 0, 0, done, opaque);
+}
+
+void
+qcow2_process (struct qcow2 *q)
+{
+  aio_reap (q->aio);
+  req_run_all (q);
+  aio_commit (q->aio);
+}

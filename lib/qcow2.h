@@ -1,0 +1,98 @@
+/* lib/qcow2.h: the public API of the non-blocking qcow2 engine.
+ *
+ * The engine knows nothing of NBD or of an event loop.  A caller opens an
+ * image, watches qcow2_fd() for readability and calls qcow2_process() when it
+ * is readable; requests are submitted with qcow2_read/write/flush and finish
+ * through their completion callback, always from inside qcow2_process() and
+ * never from inside the call that submitted them.
+ *
+ * All functions run on one thread (the caller's loop): the engine has no
+ * locks.  Errors are returned as negative errno values.
+ */
+#ifndef QNBD_QCOW2_H
+#define QNBD_QCOW2_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+struct aio;
+struct qcow2;
+
+/* Completion of one request: ret is 0 or -errno. */
+typedef void qcow2_done_fn (void *opaque, int ret);
+
+/* Log hook: the engine prints nothing itself.  level uses syslog's values
+ * (LOG_ERR, LOG_WARNING, LOG_INFO, LOG_DEBUG).
+ */
+typedef void qcow2_log_fn (void *opaque, int level, const char *msg);
+
+enum qcow2_aio_mode {
+  QCOW2_AIO_AUTO,               /* io_uring, threads when refused */
+  QCOW2_AIO_URING,
+  QCOW2_AIO_THREADS,
+};
+
+struct qcow2_opts {
+  bool read_only;
+  bool direct;                  /* O_DIRECT (--cache=none) */
+  enum qcow2_aio_mode aio_mode;
+  struct aio *aio;              /* use this backend (tests); NULL: create */
+  uint64_t l2_cache_bytes;      /* 0: default (covers the disk, bounded) */
+  qcow2_log_fn *log;            /* NULL: silent */
+  void *log_opaque;
+};
+
+/* Write flags. */
+#define QCOW2_WRITE_FUA  (1u << 0)  /* durable (data and metadata) on completion */
+
+/* Open path.  On failure returns -errno and writes a one-line reason (without
+ * the path) into err.  Opening reads the header, L1 and refcount table
+ * synchronously; everything after open is asynchronous.
+ */
+int qcow2_open (const char *path, const struct qcow2_opts *opts,
+                struct qcow2 **out, char *err, size_t errlen);
+
+/* Finish every request in flight, write back all metadata, fdatasync, and
+ * free the image.  Blocks.  Returns 0 or the first -errno met while writing
+ * back; the image is freed either way.
+ */
+int qcow2_close (struct qcow2 *q);
+
+/* Virtual disk size in bytes, cluster size, and whether writes are refused. */
+uint64_t qcow2_size (const struct qcow2 *q);
+uint32_t qcow2_cluster_size (const struct qcow2 *q);
+bool qcow2_read_only (const struct qcow2 *q);
+
+/* Smallest offset/length alignment requests must have (1, or 512 with
+ * O_DIRECT); requests not aligned to it fail with -EINVAL.
+ */
+uint32_t qcow2_min_align (const struct qcow2 *q);
+
+/* The descriptor to watch; when readable, call qcow2_process(). */
+int qcow2_fd (const struct qcow2 *q);
+
+/* Reap I/O completions, advance waiting requests, call completion callbacks. */
+void qcow2_process (struct qcow2 *q);
+
+/* Number of requests submitted whose callback has not run yet. */
+unsigned qcow2_in_flight (const struct qcow2 *q);
+
+/* Requests.  Each returns 0 when accepted (done will be called later from
+ * qcow2_process) or -errno when refused at once (done is never called):
+ * -EINVAL past the end or misaligned, -EROFS on a read-only image, -EIO once
+ * the image has been marked corrupt, -ENOMEM.  buf must stay valid until done;
+ * with O_DIRECT it must be 4096-byte aligned.
+ */
+int qcow2_read (struct qcow2 *q, uint64_t offset, void *buf, size_t len,
+                qcow2_done_fn *done, void *opaque);
+int qcow2_write (struct qcow2 *q, uint64_t offset, const void *buf,
+                 size_t len, unsigned flags,
+                 qcow2_done_fn *done, void *opaque);
+/* Make every write completed before this call durable, metadata included. */
+int qcow2_flush (struct qcow2 *q, qcow2_done_fn *done, void *opaque);
+
+/* Name of the I/O backend in use ("io_uring", "threads", "fake"). */
+const char *qcow2_aio_name (const struct qcow2 *q);
+
+#endif /* QNBD_QCOW2_H */

@@ -1,0 +1,66 @@
+/* tests/testlib.h: helpers shared by the engine's unit tests. */
+#ifndef QNBD_TESTLIB_H
+#define QNBD_TESTLIB_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "qcow2.h"
+
+extern int test_failures;
+
+#define CHECK(cond, ...) \
+  do { \
+    if (!(cond)) { \
+      fprintf (stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
+      fprintf (stderr, __VA_ARGS__); \
+      fputc ('\n', stderr); \
+      test_failures++; \
+    } \
+  } while (0)
+
+/* A fresh temporary directory for this test (removed at exit). */
+const char *test_dir (void);
+
+/* Run a shell command (formatted); returns its exit status. */
+int shell (const char *fmt, ...) __attribute__ ((format (printf, 1, 2)));
+
+/* Exit 77 (skip) when qemu-img is missing. */
+void require_qemu_img (void);
+
+/* Create an image with qemu-img: opts as for -o, size in bytes. */
+char *make_image (const char *name, const char *opts, uint64_t size);
+
+/* Open with the given backend (NULL: real I/O, the kind from $QNBD_AIO). */
+struct qcow2 *open_image (const char *path, struct aio *aio, bool ro);
+
+/* Synchronous wrappers: submit, then run the engine until done. */
+int sync_read (struct qcow2 *q, uint64_t off, void *buf, size_t len);
+int sync_write (struct qcow2 *q, uint64_t off, const void *buf, size_t len,
+                unsigned flags);
+int sync_flush (struct qcow2 *q);
+
+/* Run the engine (reaping real or fake I/O) until *flag becomes 0 or the
+ * engine has nothing in flight.
+ */
+void run_until (struct qcow2 *q, const int *flag);
+
+/* qemu-img check must report no errors and no leaks. */
+bool qemu_img_check_clean (const char *path);
+
+/* The image read through the engine equals shadow (size bytes). */
+bool engine_equals (struct qcow2 *q, const uint8_t *shadow, uint64_t size);
+
+/* Write shadow to a raw file and ask qemu-img compare. */
+bool qemu_img_compare (const char *path, const uint8_t *shadow,
+                       uint64_t size);
+
+/* Deterministic pseudo-random numbers. */
+uint64_t rnd (void);
+void fill_pattern (uint8_t *buf, size_t len, uint64_t seed);
+
+int test_exit (void);
+
+#endif
