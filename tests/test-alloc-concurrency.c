@@ -127,6 +127,10 @@ main (void)
   aio_destroy (a);
   CHECK (qemu_img_check_clean (path), "qemu-img check");
   CHECK (qemu_img_compare (path, shadow, size), "qemu-img compare");
+  for (int i = 0; i < 5; i++)
+    free (buf[i]);
+  free (shadow);
+  free (path);
   printf ("ok - per-L2 allocation concurrency\n");
   return test_exit ();
 }

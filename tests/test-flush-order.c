@@ -127,6 +127,8 @@ main (void)
   CHECK (qcow2_close (q) == 0, "close");
   aio_destroy (a);
   CHECK (qemu_img_check_clean (path), "qemu-img check");
+  free (buf);
+  free (path);
   printf ("ok - flush order\n");
   return test_exit ();
 }
