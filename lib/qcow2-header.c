@@ -154,12 +154,18 @@ header_parse (struct qcow2 *q, const void *vbuf, size_t len,
   if (q->incompat & INCOMPAT_EXTL2)
     return fail (err, errlen, -ENOTSUP, "images with extended L2 entries "
                  "(subclusters) are not supported by this version");
-  if (q->incompat & INCOMPAT_COMPRESSION) {
-    uint8_t type = q->header_length > 104 ? b[104] : 0;
+  q->compression_type = q->header_length > 104 ? b[104] : 0;
+  if (!(q->incompat & INCOMPAT_COMPRESSION) && q->compression_type != 0)
+    return fail (err, errlen, -EINVAL, "compression type %u set without the "
+                 "compression type feature bit", q->compression_type);
+#ifdef HAVE_ZSTD
+  if (q->compression_type > 1)
+#else
+  if (q->compression_type > 0)
+#endif
     return fail (err, errlen, -ENOTSUP, "compression type %u (%s) is not "
-                 "supported by this version", type,
-                 type == 1 ? "zstd" : "unknown");
-  }
+                 "supported by this build", q->compression_type,
+                 q->compression_type == 1 ? "zstd" : "unknown");
   if ((q->incompat & INCOMPAT_CORRUPT) && !q->read_only)
     return fail (err, errlen, -EUCLEAN, "image is marked corrupt; repair it "
                  "with 'qemu-img check -r all' or serve it read-only");

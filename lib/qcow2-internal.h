@@ -223,6 +223,17 @@ void req_run_all (struct qcow2 *q);
 /* Advance runnable requests but leave completions for qcow2_process. */
 void req_run_all_pending (struct qcow2 *q);
 
+/* ---- qcow2-compress.c: compressed clusters ---- */
+
+/* Host byte offset and size of the compressed data an L2 entry names. */
+void compressed_extent (const struct qcow2 *q, uint64_t ent, uint64_t *offset,
+                        uint64_t *size);
+/* Queue the refcount decrements for dropping a compressed cluster. */
+int compressed_release (struct qcow2 *q, uint64_t ent);
+/* Decompress into out (one cluster).  Returns 0 or -EIO/-ENOTSUP. */
+int decompress_cluster (const struct qcow2 *q, const void *in, size_t inlen,
+                        void *out);
+
 /* ---- qcow2-header.c: header parse/validate and header field writes ---- */
 
 /* Fill q's header fields from buf (the header cluster, len bytes) and
@@ -268,6 +279,7 @@ struct qcow2 {
   uint64_t incompat, compat, autoclear;
   uint32_t refcount_order;
   uint32_t header_length;
+  uint8_t compression_type;     /* 0 zlib, 1 zstd */
   uint64_t backing_offset;
   uint32_t backing_size;
   void *header_sector;          /* first 512 bytes of the file, aligned */

@@ -68,6 +68,13 @@ struct req_io {
   struct alloc a;               /* reservation (alloc runs) */
   void *cow_buf[2];             /* old contents of first/last cluster */
   struct req_io *cow_for;       /* COW read: the write it feeds */
+
+  /* Reads of compressed data: decompressed on completion into dst. */
+  void *cbuf;                   /* the sectors holding the data */
+  size_t cskip;                 /* where the data starts in cbuf */
+  size_t csize;
+  char *dst;                    /* where the cluster's bytes go */
+  size_t dst_off, dst_len;      /* part of the cluster wanted */
 };
 
 /* ---- wait lists ---- */
@@ -184,6 +191,7 @@ seg_release (struct qcow2_req *req)
     }
     free (io->cow_buf[0]);
     free (io->cow_buf[1]);
+    free (io->cbuf);
   }
   free (req->ios);
   req->ios = NULL;
@@ -192,6 +200,61 @@ seg_release (struct qcow2_req *req)
     cache_put (req->l2);
     req->l2 = NULL;
   }
+}
+
+static int
+decompress (struct qcow2 *q, struct req_io *io)
+{
+  char *tmp = io->dst;
+  int r;
+
+  if (io->dst_off != 0 || io->dst_len != q->cluster_size) {
+    tmp = malloc (q->cluster_size);
+    if (!tmp)
+      return -ENOMEM;
+  }
+  r = decompress_cluster (q, (char *) io->cbuf + io->cskip, io->csize, tmp);
+  if (r < 0)
+    qlog (q, LOG_ERR, "compressed cluster at host offset 0x%llx cannot be "
+          "decompressed", (unsigned long long) (io->host + io->cskip));
+  else if (tmp != io->dst)
+    memcpy (io->dst, tmp + io->dst_off, io->dst_len);
+  if (tmp != io->dst)
+    free (tmp);
+  return r < 0 ? -EIO : 0;
+}
+
+/* Set io up to read the compressed cluster ent and deliver bytes
+ * [dst_off, dst_off + dst_len) of it to dst.  Returns 0 or -errno.
+ */
+static int
+plan_compressed (struct qcow2_req *req, struct req_io *io, uint64_t ent,
+                 char *dst, size_t dst_off, size_t dst_len)
+{
+  struct qcow2 *q = req->q;
+  uint64_t coff, csize, start, len;
+
+  compressed_extent (q, ent, &coff, &csize);
+  start = coff & ~(uint64_t) (SECTOR - 1);
+  len = round_up (csize + (coff - start), SECTOR);
+  if (coff < q->cluster_size || start + len > q->alloc_end + SECTOR) {
+    qlog (q, LOG_ERR, "compressed cluster at 0x%llx lies outside the file",
+          (unsigned long long) coff);
+    return -EIO;
+  }
+  io->cbuf = aligned_alloc_zero (len);
+  if (!io->cbuf)
+    return -ENOMEM;
+  io->req = req;
+  io->host = start;
+  io->cskip = coff - start;
+  io->csize = csize;
+  io->iov[0].iov_base = io->cbuf;
+  io->iov[0].iov_len = len;
+  io->dst = dst;
+  io->dst_off = dst_off;
+  io->dst_len = dst_len;
+  return 0;
 }
 
 static void
@@ -212,6 +275,11 @@ io_done (struct aio_op *op, int64_t ret)
     size_t want = io->iov[0].iov_len;
     if ((size_t) ret < want)
       memset ((char *) io->iov[0].iov_base + ret, 0, want - ret);
+    if (io->cbuf) {
+      int r = decompress (req->q, io);
+      if (r < 0 && !req->err)
+        req->err = r;
+    }
   }
   if (--req->outstanding == 0)
     req_wake (req);
@@ -400,11 +468,15 @@ plan_read (struct qcow2_req *req)
     if (cend > end)
       cend = end;
     if (ent & L2E_COMPRESSED) {
-      qlog (q, LOG_ERR, "compressed cluster at guest offset 0x%llx: "
-            "compressed clusters are not supported by this version",
-            (unsigned long long) pos);
-      req->err = -ENOTSUP;
-      break;
+      r = plan_compressed (req, &req->ios[req->nios++], ent, dst,
+                           pos & (cs - 1), cend - pos);
+      if (r < 0) {
+        req->err = r;
+        break;
+      }
+      last = NULL;
+      pos = cend;
+      continue;
     }
     if (is_zero_entry (q, ent) || !(ent & L2E_OFFSET_MASK)) {
       memset (dst, 0, cend - pos);
@@ -452,14 +524,25 @@ cow_source (struct qcow2_req *req, struct req_io *io, int k, uint32_t idx,
   uint64_t ent = l2_get (req->l2, idx);
   struct req_io *rd;
 
-  if (ent & L2E_COMPRESSED) {
-    qlog (q, LOG_ERR, "writing into a compressed cluster is not supported "
-          "by this version");
-    req->err = -ENOTSUP;
-    return NULL;
-  }
-  if (is_zero_entry (q, ent) || !(ent & L2E_OFFSET_MASK))
+  if (is_zero_entry (q, ent) || (!(ent & L2E_COMPRESSED)
+                                 && !(ent & L2E_OFFSET_MASK)))
     return q->zero_cluster;
+  if (ent & L2E_COMPRESSED) {
+    int r;
+    io->cow_buf[k] = aligned_alloc_zero (q->cluster_size);
+    if (!io->cow_buf[k]) {
+      req->err = -ENOMEM;
+      return NULL;
+    }
+    rd = (*next_io)++;
+    r = plan_compressed (req, rd, ent, io->cow_buf[k], 0, q->cluster_size);
+    if (r < 0) {
+      req->err = r;
+      return NULL;
+    }
+    rd->cow_for = io;
+    return io->cow_buf[k];
+  }
   if (check_host_cluster (q, ent & L2E_OFFSET_MASK, "data cluster") < 0) {
     req->err = -EIO;
     return NULL;
@@ -626,8 +709,12 @@ st_link (struct qcow2_req *req)
     for (uint32_t k = 0; k < io->count; k++) {
       uint64_t old = l2_get (e, io->first + k);
       uint64_t old_off = old & L2E_OFFSET_MASK;
-      if (old_off && !(old & L2E_COMPRESSED)
-          && extent_add (&q->decs, old_off, 1) < 0)
+      int r = 0;
+      if (old & L2E_COMPRESSED)
+        r = compressed_release (q, old);
+      else if (old_off)
+        r = extent_add (&q->decs, old_off, 1);
+      if (r < 0)
         qlog (q, LOG_WARNING, "out of memory: a replaced cluster will leak");
       l2_set (e, io->first + k,
               (io->host + ((uint64_t) k << q->cluster_bits)) | L2E_COPIED);

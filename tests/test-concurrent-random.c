@@ -46,6 +46,8 @@ run (const char *name, const char *opts, uint64_t size, uint64_t cache)
   struct qcow2 *q;
 
   o.l2_cache_bytes = cache;
+  if (getenv ("QNBD_AIO") && strcmp (getenv ("QNBD_AIO"), "threads") == 0)
+    o.aio_mode = QCOW2_AIO_THREADS;
   if (qcow2_open (path, &o, &q, err, sizeof err) < 0) {
     fprintf (stderr, "open: %s\n", err);
     exit (1);
