@@ -18,6 +18,8 @@ enum aio_op_type {
   AIO_READ,                     /* preadv of iov at offset */
   AIO_WRITE,                    /* pwritev of iov at offset */
   AIO_FSYNC,                    /* fdatasync of fd */
+  AIO_PUNCH,                    /* deallocate [offset, offset+length): a hole
+                                   punched, file size kept */
 };
 
 struct aio_op;
@@ -37,6 +39,7 @@ struct aio_op {
   const struct iovec *iov;      /* AIO_READ/AIO_WRITE only */
   int iovcnt;
   uint64_t offset;
+  uint64_t length;              /* AIO_PUNCH only */
   aio_done_fn *done;
   void *opaque;                 /* for the caller */
 

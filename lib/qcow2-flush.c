@@ -17,6 +17,8 @@
  *   FL_SYNC      fdatasync: the point every waiting flush is satisfied
  *   FL_DECS      only now drop the refcounts of clusters that L2/L1 no longer
  *                reference, write those blocks, fdatasync
+ *   FL_PUNCH     punch the clusters whose refcount reached zero out of the
+ *                file (their space goes back to the file system)
  *   FL_DONE      wake everyone; start the next run if flushes queued up
  *
  * While a run is active, L1 and L2 entries must not change (requests wait
@@ -51,6 +53,7 @@ enum fl_state {
   FL_DECS_APPLY,
   FL_DECS_RB,
   FL_DECS_SYNC,
+  FL_PUNCH,
   FL_DONE,
 };
 
@@ -71,6 +74,9 @@ struct flusher {
   bool decrement;               /* work holds decrements */
   struct aio_op op;
   struct iovec iov;
+  struct extent_list freed;     /* clusters whose refcount reached zero */
+  struct aio_op *punch;         /* one hole punch per freed extent */
+  size_t npunch;
 };
 
 int
@@ -90,6 +96,8 @@ flush_free (struct qcow2 *q)
 {
   if (q->flusher) {
     free (q->flusher->work.v);
+    free (q->flusher->freed.v);
+    free (q->flusher->punch);
     free (q->flusher);
     q->flusher = NULL;
   }
@@ -239,6 +247,64 @@ grow_reftable (struct qcow2 *q, uint64_t need)
   return 0;
 }
 
+/* Remember a cluster whose refcount dropped to zero, to punch it out of
+ * the file once the refcount is durable.
+ */
+static void
+note_freed (struct qcow2 *q, uint64_t off)
+{
+  struct extent_list *l = &q->flusher->freed;
+  if (l->n > 0 && l->v[l->n - 1].offset
+      + (l->v[l->n - 1].count << q->cluster_bits) == off) {
+    l->v[l->n - 1].count++;
+    return;
+  }
+  extent_add (l, off, 1);      /* on failure the space is just not punched */
+}
+
+static void
+punch_done (struct aio_op *op, int64_t ret)
+{
+  struct qcow2 *q = op->opaque;
+  /* Punching is an optimisation: file systems without it keep the space. */
+  if (ret < 0 && ret != -EOPNOTSUPP)
+    qlog (q, LOG_DEBUG, "punching freed clusters at 0x%llx: %s",
+          (unsigned long long) op->offset, strerror ((int) -ret));
+  q->flusher->outstanding--;
+  if (q->flusher->outstanding == 0 && q->flusher->waiting_io) {
+    q->flusher->waiting_io = false;
+    req_wake (&q->flusher->req);
+  }
+}
+
+static void
+start_punches (struct qcow2 *q)
+{
+  struct flusher *fl = q->flusher;
+  size_t n = fl->freed.n;
+
+  if (n == 0)
+    return;
+  free (fl->punch);
+  fl->punch = calloc (n, sizeof *fl->punch);
+  if (!fl->punch) {
+    fl->freed.n = 0;
+    return;
+  }
+  for (size_t i = 0; i < n; i++) {
+    struct aio_op *op = &fl->punch[i];
+    op->type = AIO_PUNCH;
+    op->fd = q->fd;
+    op->offset = fl->freed.v[i].offset;
+    op->length = fl->freed.v[i].count << q->cluster_bits;
+    op->done = punch_done;
+    op->opaque = q;
+    if (aio_submit (q->aio, op) == 0)
+      fl->outstanding++;
+  }
+  fl->freed.n = 0;
+}
+
 /* Apply fl->work to the refcount blocks.  Returns 1 when all is applied,
  * 0 when blocked on a refcount block, -errno on failure.
  */
@@ -315,6 +381,8 @@ apply_work (struct qcow2 *q)
                                                           << q->cluster_bits));
         }
         v--;
+        if (v == 0)
+          note_freed (q, (c + i) << q->cluster_bits);
       }
       else {
         if (v == q->refcount_max) {
@@ -537,6 +605,11 @@ flush_step (struct qcow2 *q)
     case FL_DECS_SYNC:
       submit_op (q, AIO_FSYNC, NULL, 0, 0);
       fl->decrement = false;
+      fl->state = FL_PUNCH;
+      break;
+
+    case FL_PUNCH:
+      start_punches (q);
       fl->state = FL_DONE;
       break;
 

@@ -180,6 +180,9 @@ enum req_type {
   REQ_WRITE,
   REQ_FLUSH,                    /* a client's flush: waits on the flusher */
   REQ_FLUSHER,                  /* the flusher itself (one per image) */
+  REQ_ZERO,                     /* write-zeroes */
+  REQ_DISCARD,                  /* trim */
+  REQ_STATUS,                   /* block status */
 };
 
 struct req_io;
@@ -209,6 +212,16 @@ struct qcow2_req {
 
   bool queued;                  /* on a waitq (runnable, completed, other) */
   struct qcow2_req *wait_next;
+
+  /* Write-zeroes: partial clusters are written by child write requests. */
+  unsigned children;            /* children not finished yet */
+  struct qcow2_req *parent;
+
+  /* Block status output. */
+  struct qcow2_extent *ext;
+  unsigned ext_max;
+  unsigned *ext_n;
+  unsigned segments;            /* L2 tables looked at so far */
 };
 
 void waitq_push (struct waitq *w, struct qcow2_req *req);
@@ -222,6 +235,33 @@ void req_wake (struct qcow2_req *req);
 void req_run_all (struct qcow2 *q);
 /* Advance runnable requests but leave completions for qcow2_process. */
 void req_run_all_pending (struct qcow2 *q);
+/* Validate and create a request (not started).  NULL with *err set when
+ * refused.
+ */
+struct qcow2_req *req_new (struct qcow2 *q, enum req_type type,
+                           uint64_t offset, uint64_t len, void *buf,
+                           unsigned flags, qcow2_done_fn *done, void *opaque,
+                           int *err);
+/* Run a new request's first steps; completions wait for qcow2_process. */
+void req_start (struct qcow2_req *req);
+/* Reads of this entry return zeros (no data, nothing showing through). */
+bool entry_reads_zero (const struct qcow2 *q, uint64_t ent);
+bool entry_is_zero (const struct qcow2 *q, uint64_t ent);
+bool entry_is_inplace (const struct qcow2 *q, uint64_t ent);
+
+/* ---- qcow2-zero.c: write-zeroes, discard and block status segments ---- */
+
+/* Apply write-zeroes or discard to req's segment (req->l2 pinned, or NULL
+ * when the segment has no L2 table).  Returns true to go on, false when
+ * parked on the flush barrier.
+ */
+bool zero_segment (struct qcow2_req *req);
+/* Describe req's segment (req->l2 pinned, or NULL: nothing allocated). */
+void status_segment (struct qcow2_req *req);
+/* Drop the reference an L2 entry holds on its cluster(s), after the change
+ * is durable.
+ */
+int release_entry (struct qcow2 *q, uint64_t ent);
 
 /* ---- qcow2-compress.c: compressed clusters ---- */
 

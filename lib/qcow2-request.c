@@ -48,6 +48,7 @@ enum req_state {
   RS_LINK,
   RS_FUA,
   RS_FUA_DONE,
+  RS_CHILDREN,
   RS_DONE,
 };
 
@@ -141,18 +142,36 @@ req_wake (struct qcow2_req *req)
 
 /* ---- helpers ---- */
 
-static bool
-is_zero_entry (const struct qcow2 *q, uint64_t ent)
+bool
+entry_is_zero (const struct qcow2 *q, uint64_t ent)
 {
   return q->version >= 3 && !(ent & L2E_COMPRESSED) && (ent & L2E_ZERO);
 }
 
 /* A normal (uncompressed, non-zero) cluster written in place. */
-static bool
-is_inplace (const struct qcow2 *q, uint64_t ent)
+bool
+entry_is_inplace (const struct qcow2 *q, uint64_t ent)
 {
   return (ent & L2E_COPIED) && !(ent & L2E_COMPRESSED)
-    && !is_zero_entry (q, ent) && (ent & L2E_OFFSET_MASK);
+    && !entry_is_zero (q, ent) && (ent & L2E_OFFSET_MASK);
+}
+
+bool
+entry_reads_zero (const struct qcow2 *q, uint64_t ent)
+{
+  if (entry_is_zero (q, ent))
+    return true;
+  return !(ent & L2E_COMPRESSED) && !(ent & L2E_OFFSET_MASK);
+}
+
+int
+release_entry (struct qcow2 *q, uint64_t ent)
+{
+  if (ent & L2E_COMPRESSED)
+    return compressed_release (q, ent);
+  if (ent & L2E_OFFSET_MASK)
+    return extent_add (&q->decs, ent & L2E_OFFSET_MASK, 1);
+  return 0;
 }
 
 /* Host offsets read from the image are untrusted. */
@@ -319,10 +338,21 @@ st_segment (struct qcow2_req *req)
   uint64_t cov = l2_coverage (q);
 
   if (pos >= end) {
-    if (req->type == REQ_WRITE && (req->flags & QCOW2_WRITE_FUA)) {
+    if (req->children) {
+      req->state = RS_CHILDREN;
+      return false;             /* the last child wakes us */
+    }
+    if ((req->type == REQ_WRITE || req->type == REQ_ZERO)
+        && (req->flags & QCOW2_WRITE_FUA)) {
       req->state = RS_FUA;
       return true;
     }
+    req->state = RS_DONE;
+    return true;
+  }
+  if (req->type == REQ_STATUS && *req->ext_n > 0
+      && (*req->ext_n == req->ext_max || req->segments >= 64)) {
+    /* Answer for a prefix: enough work for one request. */
     req->state = RS_DONE;
     return true;
   }
@@ -380,14 +410,21 @@ st_get_l2 (struct qcow2_req *req)
   uint64_t l1i = req->seg_off >> (q->cluster_bits + q->l2_bits);
   uint64_t l1e = be64toh (q->l1[l1i]);
   uint64_t off = l1e & L1E_OFFSET_MASK;
-  bool write = req->type == REQ_WRITE;
+  bool write = req->type == REQ_WRITE || req->type == REQ_ZERO
+    || req->type == REQ_DISCARD;
   struct cache_entry *e;
   int r;
 
   if (off == 0) {
-    if (!write) {
+    if (req->type == REQ_READ) {
       memset (req->buf + (req->seg_off - req->offset), 0, req->seg_len);
       req->state = RS_SEGMENT;
+      return true;
+    }
+    if (req->type != REQ_WRITE) {
+      /* Nothing allocated: already zero, nothing to discard. */
+      req->l2 = NULL;
+      req->state = RS_PLAN;
       return true;
     }
     r = new_l2_table (req, l1i, NULL);
@@ -415,6 +452,7 @@ st_get_l2 (struct qcow2_req *req)
   }
   req->l2 = e;
   req->state = write ? RS_WAIT_DEPS : RS_PLAN;
+  req->segments++;
   return true;
 
  out:
@@ -478,7 +516,7 @@ plan_read (struct qcow2_req *req)
       pos = cend;
       continue;
     }
-    if (is_zero_entry (q, ent) || !(ent & L2E_OFFSET_MASK)) {
+    if (entry_is_zero (q, ent) || !(ent & L2E_OFFSET_MASK)) {
       memset (dst, 0, cend - pos);
       last = NULL;
       pos = cend;
@@ -524,7 +562,7 @@ cow_source (struct qcow2_req *req, struct req_io *io, int k, uint32_t idx,
   uint64_t ent = l2_get (req->l2, idx);
   struct req_io *rd;
 
-  if (is_zero_entry (q, ent) || (!(ent & L2E_COMPRESSED)
+  if (entry_is_zero (q, ent) || (!(ent & L2E_COMPRESSED)
                                  && !(ent & L2E_OFFSET_MASK)))
     return q->zero_cluster;
   if (ent & L2E_COMPRESSED) {
@@ -585,7 +623,7 @@ plan_write (struct qcow2_req *req)
     uint32_t idx = (uint32_t) (pos >> q->cluster_bits) & (q->l2_entries - 1);
     uint64_t ent = l2_get (req->l2, idx);
     uint64_t cend = (pos & ~(cs - 1)) + cs;
-    bool inplace = is_inplace (q, ent);
+    bool inplace = entry_is_inplace (q, ent);
     uint64_t host = 0;
 
     if (cend > end)
@@ -708,13 +746,7 @@ st_link (struct qcow2_req *req)
     linked = true;
     for (uint32_t k = 0; k < io->count; k++) {
       uint64_t old = l2_get (e, io->first + k);
-      uint64_t old_off = old & L2E_OFFSET_MASK;
-      int r = 0;
-      if (old & L2E_COMPRESSED)
-        r = compressed_release (q, old);
-      else if (old_off)
-        r = extent_add (&q->decs, old_off, 1);
-      if (r < 0)
+      if (release_entry (q, old) < 0)
         qlog (q, LOG_WARNING, "out of memory: a replaced cluster will leak");
       l2_set (e, io->first + k,
               (io->host + ((uint64_t) k << q->cluster_bits)) | L2E_COPIED);
@@ -748,7 +780,27 @@ req_run (struct qcow2_req *req)
     case RS_GET_L2: go = st_get_l2 (req); break;
     case RS_WAIT_DEPS: go = st_wait_deps (req); break;
     case RS_PLAN:
-      go = req->type == REQ_WRITE ? plan_write (req) : plan_read (req);
+      switch (req->type) {
+      case REQ_WRITE: go = plan_write (req); break;
+      case REQ_READ: go = plan_read (req); break;
+      case REQ_STATUS:
+        status_segment (req);
+        seg_release (req);
+        req->state = RS_SEGMENT;
+        break;
+      default:
+        go = zero_segment (req);
+        if (go) {
+          seg_release (req);
+          req->state = RS_SEGMENT;
+        }
+        break;
+      }
+      break;
+    case RS_CHILDREN:
+      if (req->children)
+        return;
+      req->state = RS_SEGMENT;
       break;
     case RS_COW_READ:
       if (req->outstanding)
@@ -803,26 +855,33 @@ req_run_all (struct qcow2 *q)
 
 /* ---- public entry points ---- */
 
-static int
-submit (struct qcow2 *q, enum req_type type, uint64_t offset, void *buf,
-        size_t len, unsigned flags, qcow2_done_fn *done, void *opaque)
+struct qcow2_req *
+req_new (struct qcow2 *q, enum req_type type, uint64_t offset, uint64_t len,
+         void *buf, unsigned flags, qcow2_done_fn *done, void *opaque,
+         int *err)
 {
   struct qcow2_req *req;
+  bool writes = type != REQ_READ && type != REQ_STATUS;
 
+  *err = 0;
   if (type != REQ_FLUSH) {
     if (offset > q->size || len > q->size - offset)
-      return -EINVAL;
-    if ((offset | len) & (qcow2_min_align (q) - 1))
-      return -EINVAL;
+      *err = -EINVAL;
+    else if ((offset | len) & (qcow2_min_align (q) - 1))
+      *err = -EINVAL;
   }
-  if (type != REQ_READ && q->read_only)
-    return -EROFS;
-  if (type != REQ_READ && q->broken)
-    return -EIO;
+  if (!*err && writes && q->read_only)
+    *err = -EROFS;
+  if (!*err && writes && q->broken)
+    *err = -EIO;
+  if (*err)
+    return NULL;
 
   req = calloc (1, sizeof *req);
-  if (!req)
-    return -ENOMEM;
+  if (!req) {
+    *err = -ENOMEM;
+    return NULL;
+  }
   req->q = q;
   req->type = type;
   req->offset = offset;
@@ -833,13 +892,30 @@ submit (struct qcow2 *q, enum req_type type, uint64_t offset, void *buf,
   req->opaque = opaque;
   req->seg_off = offset;
   req->state = type == REQ_FLUSH ? RS_FUA : RS_SEGMENT;
-  q->in_flight++;
+  return req;
+}
 
+void
+req_start (struct qcow2_req *req)
+{
+  req->q->in_flight++;
+  req_run (req);
+  req_run_all_pending (req->q);
+}
+
+static int
+submit (struct qcow2 *q, enum req_type type, uint64_t offset, void *buf,
+        size_t len, unsigned flags, qcow2_done_fn *done, void *opaque)
+{
+  int err;
+  struct qcow2_req *req = req_new (q, type, offset, len, buf, flags, done,
+                                   opaque, &err);
+  if (!req)
+    return err;
   /* Run the first steps now; completions are still only delivered from
    * qcow2_process, so wake the loop if anything became ready.
    */
-  req_run (req);
-  req_run_all_pending (q);
+  req_start (req);
   return 0;
 }
 

@@ -45,6 +45,19 @@ struct qcow2_opts {
 
 /* Write flags. */
 #define QCOW2_WRITE_FUA  (1u << 0)  /* durable (data and metadata) on completion */
+#define QCOW2_ZERO_NO_HOLE (1u << 1) /* write-zeroes: keep clusters allocated */
+#define QCOW2_ZERO_FAST  (1u << 2)  /* write-zeroes: fail with -ENOTSUP rather
+                                       than write any data */
+
+/* One extent of a block-status answer. */
+struct qcow2_extent {
+  uint64_t length;
+  uint32_t flags;               /* QCOW2_EXTENT_* */
+  uint32_t depth;               /* 0: allocated nowhere in the chain; 1: in
+                                   this image; 2: in its backing file ... */
+};
+#define QCOW2_EXTENT_HOLE (1u << 0)  /* not allocated (as NBD_STATE_HOLE) */
+#define QCOW2_EXTENT_ZERO (1u << 1)  /* reads as zeros (as NBD_STATE_ZERO) */
 
 /* Open path.  On failure returns -errno and writes a one-line reason (without
  * the path) into err.  Opening reads the header, L1 and refcount table
@@ -91,6 +104,28 @@ int qcow2_write (struct qcow2 *q, uint64_t offset, const void *buf,
                  qcow2_done_fn *done, void *opaque);
 /* Make every write completed before this call durable, metadata included. */
 int qcow2_flush (struct qcow2 *q, qcow2_done_fn *done, void *opaque);
+
+/* Make the range read as zeros.  Whole clusters get the zero flag (v3) or
+ * are unallocated (v2, when nothing shows through); partial clusters are
+ * written with zeros unless they already read as zeros.  Flags:
+ * QCOW2_WRITE_FUA, QCOW2_ZERO_NO_HOLE, QCOW2_ZERO_FAST.
+ */
+int qcow2_write_zeroes (struct qcow2 *q, uint64_t offset, uint64_t len,
+                        unsigned flags, qcow2_done_fn *done, void *opaque);
+
+/* Release the whole clusters inside the range: they read as zeros after
+ * (or as the backing file, on v2 images).  Partial clusters are left
+ * alone.  Freed space is punched out of the file.
+ */
+int qcow2_discard (struct qcow2 *q, uint64_t offset, uint64_t len,
+                   qcow2_done_fn *done, void *opaque);
+
+/* Describe [offset, offset+len) as up to max extents in ext (merged, in
+ * order, covering a prefix of the range); *n is set before done runs.
+ */
+int qcow2_block_status (struct qcow2 *q, uint64_t offset, uint64_t len,
+                        struct qcow2_extent *ext, unsigned max, unsigned *n,
+                        qcow2_done_fn *done, void *opaque);
 
 /* Name of the I/O backend in use ("io_uring", "threads", "fake"). */
 const char *qcow2_aio_name (const struct qcow2 *q);

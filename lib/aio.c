@@ -1,0 +1,226 @@
+/* lib/aio.c: what every I/O backend shares.
+ *
+ * This file owns the choice of backend (aio_create), the thin wrappers over
+ * the ops table, the pending count, the kick eventfd helpers, and
+ * aio_run_sync, the blocking full-transfer loop that the thread pool and the
+ * test fake both run.  The backends themselves live in aio-uring.c,
+ * aio-threads.c and aio-fake.c.
+ */
+#ifdef HAVE_CONFIG_H
+#include <config.h>
+#endif
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "aio.h"
+
+/* Tests set QNBD_AIO_FORCE_THREADS=1 so that AIO_KIND_AUTO exercises the
+ * fallback even on a machine where io_uring works.
+ */
+static bool
+force_threads (void)
+{
+  const char *s = getenv ("QNBD_AIO_FORCE_THREADS");
+  return s && *s && strcmp (s, "0") != 0;
+}
+
+int
+aio_create (enum aio_kind kind, unsigned depth, struct aio **out)
+{
+  int r;
+
+  *out = NULL;
+  switch (kind) {
+  case AIO_KIND_URING:
+    return aio_uring_create (depth, out);
+  case AIO_KIND_THREADS:
+    /* depth is a queue depth, not a thread count: keep the default pool. */
+    return aio_threads_create (0, out);
+  case AIO_KIND_AUTO:
+    if (!force_threads ()) {
+      /* Any refusal falls back, not just ENOSYS/EPERM/EACCES: seccomp
+       * profiles, io_uring_disabled, a low RLIMIT_MEMLOCK on older kernels
+       * (ENOMEM) and kernels without a needed opcode (EINVAL) all mean the
+       * same thing to us, and the thread pool always works.
+       */
+      r = aio_uring_create (depth, out);
+      if (r == 0)
+        return 0;
+    }
+    return aio_threads_create (0, out);
+  }
+  return -EINVAL;
+}
+
+/* Reject what no backend could do, so that each of them may assume a sane
+ * op and so that a bad op fails at submit rather than in a callback.
+ */
+static int
+validate_op (const struct aio_op *op)
+{
+  if (!op || !op->done)
+    return -EINVAL;
+  switch (op->type) {
+  case AIO_READ:
+  case AIO_WRITE:
+    if (op->iovcnt < 0 || (op->iovcnt > 0 && !op->iov))
+      return -EINVAL;
+    return 0;
+  case AIO_FSYNC:
+  case AIO_PUNCH:
+    return 0;
+  }
+  return -EINVAL;
+}
+
+int
+aio_submit (struct aio *a, struct aio_op *op)
+{
+  int r = validate_op (op);
+  if (r < 0)
+    return r;
+  r = a->ops->submit (a, op);
+  /* Counted only once queued: done is never called for a refused op, and
+   * no backend calls done from inside submit, so counting after is safe.
+   */
+  if (r == 0)
+    a->pending++;
+  return r;
+}
+
+void
+aio_commit (struct aio *a)
+{
+  a->ops->commit (a);
+}
+
+int
+aio_reap (struct aio *a)
+{
+  return a->ops->reap (a);
+}
+
+void
+aio_wait (struct aio *a)
+{
+  a->ops->wait (a);
+}
+
+void
+aio_destroy (struct aio *a)
+{
+  if (a)
+    a->ops->destroy (a);
+}
+
+const char *
+aio_name (const struct aio *a)
+{
+  return a->ops->name;
+}
+
+int
+aio_fd (const struct aio *a)
+{
+  return a->event_fd;
+}
+
+void
+aio_kick (struct aio *a)
+{
+  uint64_t one = 1;
+
+  /* EAGAIN means the counter is saturated: the fd is readable already. */
+  while (write (a->event_fd, &one, sizeof one) == -1 && errno == EINTR)
+    ;
+}
+
+void
+aio_clear_kick (struct aio *a)
+{
+  uint64_t v;
+
+  /* EAGAIN means nobody kicked since the last clear. */
+  while (read (a->event_fd, &v, sizeof v) == -1 && errno == EINTR)
+    ;
+}
+
+int64_t
+aio_run_sync (const struct aio_op *op)
+{
+  const bool is_read = op->type == AIO_READ;
+  int64_t done = 0;
+  int i = 0;                    /* first element not finished */
+  size_t skip = 0;              /* bytes of op->iov[i] already done */
+
+  if (op->type == AIO_FSYNC) {
+    while (fdatasync (op->fd) == -1)
+      if (errno != EINTR)
+        return -errno;
+    return 0;
+  }
+  if (op->type == AIO_PUNCH) {
+    while (fallocate (op->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                      (off_t) op->offset, (off_t) op->length) == -1)
+      if (errno != EINTR)
+        return -errno;
+    return 0;
+  }
+
+  for (;;) {
+    ssize_t r;
+    size_t n;
+    off_t off = (off_t) (op->offset + (uint64_t) done);
+
+    while (i < op->iovcnt && skip == op->iov[i].iov_len) {
+      i++;
+      skip = 0;
+    }
+    if (i == op->iovcnt)
+      return done;
+
+    if (skip > 0) {
+      /* A short transfer stopped inside this element.  Finish its tail on
+       * its own rather than copy the caller's const array to trim it; the
+       * next round is vectored again.
+       */
+      char *base = (char *) op->iov[i].iov_base + skip;
+      size_t len = op->iov[i].iov_len - skip;
+      r = is_read ? pread (op->fd, base, len, off)
+        : pwrite (op->fd, base, len, off);
+    }
+    else
+      r = is_read ? preadv (op->fd, op->iov + i, op->iovcnt - i, off)
+        : pwritev (op->fd, op->iov + i, op->iovcnt - i, off);
+
+    if (r == -1) {
+      if (errno == EINTR)
+        continue;
+      return -errno;
+    }
+    if (r == 0)
+      /* End of file for a read.  A write that makes no progress would spin
+       * for ever; the kernel only does it for zero-length requests, which
+       * the skip loop above never issues.
+       */
+      return is_read ? done : -EIO;
+
+    done += r;
+    for (n = (size_t) r; n > 0;) {
+      size_t left = op->iov[i].iov_len - skip;
+      if (n < left) {
+        skip += n;
+        n = 0;
+      }
+      else {
+        n -= left;
+        i++;
+        skip = 0;
+      }
+    }
+  }
+}
