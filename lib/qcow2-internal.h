@@ -185,13 +185,30 @@ enum req_type {
   REQ_STATUS,                   /* block status */
 };
 
+/* The request states; the table at the top of qcow2-request.c says what
+ * each does.
+ */
+enum req_state {
+  RS_SEGMENT,
+  RS_GET_L2,
+  RS_WAIT_DEPS,
+  RS_PLAN,
+  RS_COW_READ,
+  RS_IO,
+  RS_LINK,
+  RS_FUA,
+  RS_FUA_DONE,
+  RS_CHILDREN,
+  RS_DONE,
+};
+
 struct req_io;
 
 /* One request.  See the state table at the top of qcow2-request.c. */
 struct qcow2_req {
   struct qcow2 *q;
   enum req_type type;
-  int state;                    /* enum req_state, private to request.c */
+  int state;                    /* enum req_state */
   uint64_t offset;              /* guest byte offset */
   size_t len;
   char *buf;
@@ -205,10 +222,8 @@ struct qcow2_req {
   size_t seg_len;
   struct cache_entry *l2;       /* pinned while the segment runs */
   unsigned outstanding;         /* I/O ops of this segment in flight */
-  struct req_io *ios;           /* this segment's I/O ops */
+  struct req_io *ios;           /* this segment's I/O ops (qcow2-rw.c) */
   unsigned nios;
-  struct alloc *allocs;         /* this segment's reservations */
-  unsigned nallocs;
 
   bool queued;                  /* on a waitq (runnable, completed, other) */
   struct qcow2_req *wait_next;
@@ -248,6 +263,22 @@ void req_start (struct qcow2_req *req);
 bool entry_reads_zero (const struct qcow2 *q, uint64_t ent);
 bool entry_is_zero (const struct qcow2 *q, uint64_t ent);
 bool entry_is_inplace (const struct qcow2 *q, uint64_t ent);
+
+/* ---- qcow2-rw.c: read and write segments ---- */
+
+/* Host cluster offsets read from the image are untrusted: 0 or -EIO. */
+int check_host_cluster (struct qcow2 *q, uint64_t off, const char *what);
+/* Plan and start a segment's I/O.  Return true to go on at once. */
+bool plan_read (struct qcow2_req *req);
+bool plan_write (struct qcow2_req *req);
+/* Start the writes of a write segment once its COW reads are done. */
+void start_writes (struct qcow2_req *req);
+/* Link a write segment's new clusters into its L2 table.  False when
+ * parked on the flush barrier.
+ */
+bool st_link (struct qcow2_req *req);
+/* Free everything the current segment holds.  No I/O may be in flight. */
+void seg_release (struct qcow2_req *req);
 
 /* ---- qcow2-zero.c: write-zeroes, discard and block status segments ---- */
 

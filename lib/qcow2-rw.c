@@ -1,0 +1,471 @@
+/* lib/qcow2-rw.c: planning and running the I/O of read and write segments.
+ *
+ * A read segment maps each cluster of one L2 table to zeros, a merged
+ * read of host data, a compressed cluster to decompress, or (for a hole in
+ * an image with a backing file) a read of the backing image.  A write
+ * segment writes clusters it owns in place and gives every other cluster a
+ * new host cluster, written as one vectored write of head (old data, from
+ * the cluster, a compressed cluster, the backing file, or zeros), guest data
+ * and tail.  The new L2 entries are linked only after the data is written.
+ */
+#include <config.h>
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <syslog.h>
+
+#include "qcow2-internal.h"
+
+/* One I/O op of a segment.  For an allocating run it also holds the
+ * reservation and the COW buffers of its first and last cluster.
+ */
+struct req_io {
+  struct aio_op op;
+  struct qcow2_req *req;
+  struct iovec iov[3];
+  bool is_write;
+  bool alloc;                   /* an allocating write run */
+  bool started;
+  uint64_t host;                /* host offset of the op */
+  uint64_t guest;               /* guest offset of the data part */
+  size_t len;                   /* guest bytes in the data part */
+  uint32_t first, count;        /* L2 index range (alloc runs) */
+  struct alloc a;               /* reservation (alloc runs) */
+  void *cow_buf[2];             /* old contents of first/last cluster */
+  struct req_io *cow_for;       /* COW read: the write it feeds */
+
+  /* Reads of compressed data: decompressed on completion into dst. */
+  void *cbuf;                   /* the sectors holding the data */
+  size_t cskip;                 /* where the data starts in cbuf */
+  size_t csize;
+  char *dst;                    /* where the cluster's bytes go */
+  size_t dst_off, dst_len;      /* part of the cluster wanted */
+};
+
+/* Host offsets read from the image are untrusted. */
+int
+check_host_cluster (struct qcow2 *q, uint64_t off, const char *what)
+{
+  if ((off & (q->cluster_size - 1)) || off < q->cluster_size
+      || off >= q->alloc_end) {
+    qlog (q, LOG_ERR, "%s offset 0x%llx is invalid (unaligned or outside "
+          "the file)", what, (unsigned long long) off);
+    return -EIO;
+  }
+  return 0;
+}
+
+/* Free everything the current segment holds.  No I/O may be in flight. */
+void
+seg_release (struct qcow2_req *req)
+{
+  struct qcow2 *q = req->q;
+  for (unsigned i = 0; i < req->nios; i++) {
+    struct req_io *io = &req->ios[i];
+    if (io->alloc && req->l2) {
+      struct alloc **p = &req->l2->allocs;
+      while (*p && *p != &io->a)
+        p = &(*p)->next;
+      if (*p)
+        *p = io->a.next;
+      waitq_wake_all (q, &io->a.waiters);
+    }
+    free (io->cow_buf[0]);
+    free (io->cow_buf[1]);
+    free (io->cbuf);
+  }
+  free (req->ios);
+  req->ios = NULL;
+  req->nios = 0;
+  if (req->l2) {
+    cache_put (req->l2);
+    req->l2 = NULL;
+  }
+}
+
+static int
+decompress (struct qcow2 *q, struct req_io *io)
+{
+  char *tmp = io->dst;
+  int r;
+
+  if (io->dst_off != 0 || io->dst_len != q->cluster_size) {
+    tmp = malloc (q->cluster_size);
+    if (!tmp)
+      return -ENOMEM;
+  }
+  r = decompress_cluster (q, (char *) io->cbuf + io->cskip, io->csize, tmp);
+  if (r < 0)
+    qlog (q, LOG_ERR, "compressed cluster at host offset 0x%llx cannot be "
+          "decompressed", (unsigned long long) (io->host + io->cskip));
+  else if (tmp != io->dst)
+    memcpy (io->dst, tmp + io->dst_off, io->dst_len);
+  if (tmp != io->dst)
+    free (tmp);
+  return r < 0 ? -EIO : 0;
+}
+
+/* Set io up to read the compressed cluster ent and deliver bytes
+ * [dst_off, dst_off + dst_len) of it to dst.  Returns 0 or -errno.
+ */
+static int
+plan_compressed (struct qcow2_req *req, struct req_io *io, uint64_t ent,
+                 char *dst, size_t dst_off, size_t dst_len)
+{
+  struct qcow2 *q = req->q;
+  uint64_t coff, csize, start, len;
+
+  compressed_extent (q, ent, &coff, &csize);
+  start = coff & ~(uint64_t) (SECTOR - 1);
+  len = round_up (csize + (coff - start), SECTOR);
+  if (coff < q->cluster_size || start + len > q->alloc_end + SECTOR) {
+    qlog (q, LOG_ERR, "compressed cluster at 0x%llx lies outside the file",
+          (unsigned long long) coff);
+    return -EIO;
+  }
+  io->cbuf = aligned_alloc_zero (len);
+  if (!io->cbuf)
+    return -ENOMEM;
+  io->req = req;
+  io->host = start;
+  io->cskip = coff - start;
+  io->csize = csize;
+  io->iov[0].iov_base = io->cbuf;
+  io->iov[0].iov_len = len;
+  io->dst = dst;
+  io->dst_off = dst_off;
+  io->dst_len = dst_len;
+  return 0;
+}
+
+static void
+io_done (struct aio_op *op, int64_t ret)
+{
+  struct req_io *io = op->opaque;
+  struct qcow2_req *req = io->req;
+
+  if (ret < 0) {
+    qlog (req->q, LOG_ERR, "%s at host offset 0x%llx: %s",
+          io->is_write ? "write" : "read", (unsigned long long) io->host,
+          strerror ((int) -ret));
+    if (!req->err)
+      req->err = (int) ret;
+  }
+  else if (!io->is_write) {
+    /* Past the end of the file reads as zeros. */
+    size_t want = io->iov[0].iov_len;
+    if ((size_t) ret < want)
+      memset ((char *) io->iov[0].iov_base + ret, 0, want - ret);
+    if (io->cbuf) {
+      int r = decompress (req->q, io);
+      if (r < 0 && !req->err)
+        req->err = r;
+    }
+  }
+  if (--req->outstanding == 0)
+    req_wake (req);
+}
+
+static void
+io_start (struct qcow2_req *req, struct req_io *io, int niov)
+{
+  struct qcow2 *q = req->q;
+  int r;
+  io->op.type = io->is_write ? AIO_WRITE : AIO_READ;
+  io->op.fd = q->fd;
+  io->op.iov = io->iov;
+  io->op.iovcnt = niov;
+  io->op.offset = io->host;
+  io->op.done = io_done;
+  io->op.opaque = io;
+  io->started = true;
+  r = aio_submit (q->aio, &io->op);
+  if (r < 0) {
+    if (!req->err)
+      req->err = r;
+    return;
+  }
+  req->outstanding++;
+}
+
+/* Plan a read segment: zeros for holes, merged reads for data. */
+bool
+plan_read (struct qcow2_req *req)
+{
+  struct qcow2 *q = req->q;
+  uint64_t cs = q->cluster_size;
+  uint64_t pos = req->seg_off, end = req->seg_off + req->seg_len;
+  size_t nclusters = ((end - 1) >> q->cluster_bits)
+    - (pos >> q->cluster_bits) + 1;
+  struct req_io *last = NULL;
+  int r;
+
+  req->ios = calloc (nclusters, sizeof *req->ios);
+  if (!req->ios) {
+    req->err = -ENOMEM;
+    return true;
+  }
+  while (pos < end) {
+    uint32_t idx = (uint32_t) (pos >> q->cluster_bits) & (q->l2_entries - 1);
+    uint64_t ent = l2_get (req->l2, idx);
+    uint64_t cend = (pos & ~(cs - 1)) + cs;
+    char *dst = req->buf + (pos - req->offset);
+    uint64_t host;
+
+    if (cend > end)
+      cend = end;
+    if (ent & L2E_COMPRESSED) {
+      r = plan_compressed (req, &req->ios[req->nios++], ent, dst,
+                           pos & (cs - 1), cend - pos);
+      if (r < 0) {
+        req->err = r;
+        break;
+      }
+      last = NULL;
+      pos = cend;
+      continue;
+    }
+    if (entry_is_zero (q, ent) || !(ent & L2E_OFFSET_MASK)) {
+      memset (dst, 0, cend - pos);
+      last = NULL;
+      pos = cend;
+      continue;
+    }
+    r = check_host_cluster (q, ent & L2E_OFFSET_MASK, "data cluster");
+    if (r < 0) {
+      req->err = r;
+      break;
+    }
+    host = (ent & L2E_OFFSET_MASK) + (pos & (cs - 1));
+    if (last && last->host + last->len == host) {
+      last->len += cend - pos;
+      last->iov[0].iov_len = last->len;
+    }
+    else {
+      last = &req->ios[req->nios++];
+      last->req = req;
+      last->host = host;
+      last->guest = pos;
+      last->len = cend - pos;
+      last->iov[0].iov_base = dst;
+      last->iov[0].iov_len = last->len;
+    }
+    pos = cend;
+  }
+  if (!req->err)
+    for (unsigned i = 0; i < req->nios; i++)
+      io_start (req, &req->ios[i], 1);
+  req->state = RS_IO;
+  return req->outstanding == 0;
+}
+
+/* Fill io->cow_buf[k] with the old contents of L2 index idx, or point at
+ * zeros.  Returns the buffer to copy from, or NULL after setting req->err;
+ * *read_io is set when a read had to be started.
+ */
+static char *
+cow_source (struct qcow2_req *req, struct req_io *io, int k, uint32_t idx,
+            struct req_io **next_io)
+{
+  struct qcow2 *q = req->q;
+  uint64_t ent = l2_get (req->l2, idx);
+  struct req_io *rd;
+
+  if (entry_is_zero (q, ent) || (!(ent & L2E_COMPRESSED)
+                                 && !(ent & L2E_OFFSET_MASK)))
+    return q->zero_cluster;
+  if (ent & L2E_COMPRESSED) {
+    int r;
+    io->cow_buf[k] = aligned_alloc_zero (q->cluster_size);
+    if (!io->cow_buf[k]) {
+      req->err = -ENOMEM;
+      return NULL;
+    }
+    rd = (*next_io)++;
+    r = plan_compressed (req, rd, ent, io->cow_buf[k], 0, q->cluster_size);
+    if (r < 0) {
+      req->err = r;
+      return NULL;
+    }
+    rd->cow_for = io;
+    return io->cow_buf[k];
+  }
+  if (check_host_cluster (q, ent & L2E_OFFSET_MASK, "data cluster") < 0) {
+    req->err = -EIO;
+    return NULL;
+  }
+  io->cow_buf[k] = aligned_alloc_zero (q->cluster_size);
+  if (!io->cow_buf[k]) {
+    req->err = -ENOMEM;
+    return NULL;
+  }
+  rd = (*next_io)++;
+  rd->req = req;
+  rd->host = ent & L2E_OFFSET_MASK;
+  rd->iov[0].iov_base = io->cow_buf[k];
+  rd->iov[0].iov_len = q->cluster_size;
+  rd->cow_for = io;
+  return io->cow_buf[k];
+}
+
+/* Plan a write segment: in-place runs for clusters we own, allocating runs
+ * (head + guest data + tail in one vectored write) for everything else.
+ */
+bool
+plan_write (struct qcow2_req *req)
+{
+  struct qcow2 *q = req->q;
+  uint64_t cs = q->cluster_size;
+  uint64_t pos = req->seg_off, end = req->seg_off + req->seg_len;
+  size_t nclusters = ((end - 1) >> q->cluster_bits)
+    - (pos >> q->cluster_bits) + 1;
+  struct req_io *last = NULL, *next_io;
+  unsigned nwrites;
+
+  /* At most one write per cluster plus two COW reads per run. */
+  req->ios = calloc (nclusters * 3, sizeof *req->ios);
+  if (!req->ios) {
+    req->err = -ENOMEM;
+    return true;
+  }
+  while (pos < end) {
+    uint32_t idx = (uint32_t) (pos >> q->cluster_bits) & (q->l2_entries - 1);
+    uint64_t ent = l2_get (req->l2, idx);
+    uint64_t cend = (pos & ~(cs - 1)) + cs;
+    bool inplace = entry_is_inplace (q, ent);
+    uint64_t host = 0;
+
+    if (cend > end)
+      cend = end;
+    if (inplace) {
+      if (check_host_cluster (q, ent & L2E_OFFSET_MASK, "data cluster") < 0) {
+        req->err = -EIO;
+        break;
+      }
+      host = (ent & L2E_OFFSET_MASK) + (pos & (cs - 1));
+    }
+    if (last && !last->alloc && inplace && last->host + last->len == host)
+      last->len += cend - pos;
+    else if (last && last->alloc && !inplace
+             && last->first + last->count == idx) {
+      last->len += cend - pos;
+      last->count++;
+    }
+    else {
+      last = &req->ios[req->nios++];
+      last->req = req;
+      last->is_write = true;
+      last->alloc = !inplace;
+      last->host = host;
+      last->guest = pos;
+      last->len = cend - pos;
+      last->first = idx;
+      last->count = 1;
+    }
+    pos = cend;
+  }
+  if (req->err)
+    return true;
+
+  /* Reserve host clusters and register the allocations. */
+  nwrites = req->nios;
+  next_io = &req->ios[nwrites];
+  for (unsigned i = 0; i < nwrites && !req->err; i++) {
+    struct req_io *io = &req->ios[i];
+    char *data = req->buf + (io->guest - req->offset);
+    size_t head, tail;
+    char *src;
+    int n = 0;
+
+    if (!io->alloc) {
+      io->iov[0].iov_base = data;
+      io->iov[0].iov_len = io->len;
+      continue;
+    }
+    head = io->guest & (cs - 1);
+    tail = (cs - ((io->guest + io->len) & (cs - 1))) & (cs - 1);
+    io->host = alloc_clusters (q, io->count);
+    if (!io->host) {
+      req->err = -ENOMEM;
+      break;
+    }
+    io->a.first = io->first;
+    io->a.count = io->count;
+    io->a.next = req->l2->allocs;
+    req->l2->allocs = &io->a;
+
+    if (head) {
+      src = cow_source (req, io, 0, io->first, &next_io);
+      if (!src)
+        break;
+      io->iov[n].iov_base = src;
+      io->iov[n++].iov_len = head;
+    }
+    io->iov[n].iov_base = data;
+    io->iov[n++].iov_len = io->len;
+    if (tail) {
+      if (head && io->count == 1)
+        src = io->cow_buf[0] ? io->cow_buf[0] : q->zero_cluster;
+      else
+        src = cow_source (req, io, 1, io->first + io->count - 1, &next_io);
+      if (!src)
+        break;
+      io->iov[n].iov_base = src + (cs - tail);
+      io->iov[n++].iov_len = tail;
+    }
+    io->op.iovcnt = n;
+  }
+  req->nios = (unsigned) (next_io - req->ios);
+  if (req->err)
+    return true;
+
+  /* COW reads first; the writes they feed start when all have finished. */
+  for (unsigned i = nwrites; i < req->nios; i++)
+    io_start (req, &req->ios[i], 1);
+  req->state = RS_COW_READ;
+  return req->outstanding == 0;
+}
+
+void
+start_writes (struct qcow2_req *req)
+{
+  for (unsigned i = 0; i < req->nios; i++) {
+    struct req_io *io = &req->ios[i];
+    if (io->is_write && !io->started)
+      io_start (req, io, io->alloc ? io->op.iovcnt : 1);
+  }
+}
+
+bool
+st_link (struct qcow2_req *req)
+{
+  struct qcow2 *q = req->q;
+  struct cache_entry *e = req->l2;
+  bool linked = false;
+
+  for (unsigned i = 0; i < req->nios; i++) {
+    struct req_io *io = &req->ios[i];
+    if (!io->alloc)
+      continue;
+    if (!linked && flush_active (q)) {
+      /* The flusher is writing L2 tables: link when it is done. */
+      flush_barrier_wait (q, req);
+      return false;
+    }
+    linked = true;
+    for (uint32_t k = 0; k < io->count; k++) {
+      uint64_t old = l2_get (e, io->first + k);
+      if (release_entry (q, old) < 0)
+        qlog (q, LOG_WARNING, "out of memory: a replaced cluster will leak");
+      l2_set (e, io->first + k,
+              (io->host + ((uint64_t) k << q->cluster_bits)) | L2E_COPIED);
+    }
+  }
+  if (linked)
+    cache_mark_dirty (e);
+  seg_release (req);
+  req->state = RS_SEGMENT;
+  return true;
+}
+
