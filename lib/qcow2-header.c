@@ -172,9 +172,13 @@ header_parse (struct qcow2 *q, const void *vbuf, size_t len,
   if ((q->incompat & INCOMPAT_DIRTY) && !q->read_only)
     return fail (err, errlen, -ENOTSUP, "image has the dirty bit set (lazy "
                  "refcounts); repair it with 'qemu-img check -r all' first");
-  if (q->backing_offset != 0)
-    return fail (err, errlen, -ENOTSUP, "images with a backing file are not "
-                 "supported by this version");
+  if (q->backing_offset != 0
+      && (q->backing_size == 0 || q->backing_size > 1023
+          || q->backing_offset > file_size
+          || q->backing_size > file_size - q->backing_offset))
+    return fail (err, errlen, -EINVAL, "invalid backing file name location "
+                 "(offset 0x%" PRIx64 ", %" PRIu32 " bytes)", q->backing_offset,
+                 q->backing_size);
 
   /* Tables must lie inside the file, on cluster boundaries. */
   q->l2_bits = q->cluster_bits - 3;
@@ -216,6 +220,13 @@ header_parse (struct qcow2 *q, const void *vbuf, size_t len,
     if (elen > len - p - 8)
       return fail (err, errlen, -EINVAL, "header extension 0x%08" PRIx32
                    " runs past the header cluster", type);
+    if (type == EXT_BACKING_FORMAT) {
+      if (elen == 0 || elen >= sizeof q->backing_fmt)
+        return fail (err, errlen, -EINVAL, "invalid backing format "
+                     "extension (%" PRIu32 " bytes)", elen);
+      memcpy (q->backing_fmt, b + p + 8, elen);
+      q->backing_fmt[elen] = '\0';
+    }
     p += 8 + round_up (elen, 8);
   }
 

@@ -232,11 +232,20 @@ struct qcow2_req {
   unsigned children;            /* children not finished yet */
   struct qcow2_req *parent;
 
+  /* Raw images: one op at a time per request (qcow2-raw.c). */
+  struct aio_op op;
+  struct iovec iov;
+  uint64_t raw_pos;             /* write-zeroes progress */
+
   /* Block status output. */
   struct qcow2_extent *ext;
   unsigned ext_max;
   unsigned *ext_n;
   unsigned segments;            /* L2 tables looked at so far */
+  uint64_t status_pos;          /* progress inside the segment */
+  bool status_full;             /* ext[] is full: answer a prefix */
+  struct qcow2_extent *child_ext; /* a backing image's answer */
+  unsigned child_n;
 };
 
 void waitq_push (struct waitq *w, struct qcow2_req *req);
@@ -287,8 +296,11 @@ void seg_release (struct qcow2_req *req);
  * parked on the flush barrier.
  */
 bool zero_segment (struct qcow2_req *req);
-/* Describe req's segment (req->l2 pinned, or NULL: nothing allocated). */
-void status_segment (struct qcow2_req *req);
+/* Describe req's segment (req->l2 pinned, or NULL: nothing allocated).
+ * Returns true when done with it, false while the backing image is asked
+ * about a hole.
+ */
+bool status_segment (struct qcow2_req *req);
 /* Drop the reference an L2 entry holds on its cluster(s), after the change
  * is durable.
  */
@@ -314,7 +326,17 @@ int decompress_cluster (const struct qcow2 *q, const void *in, size_t inlen,
 int header_parse (struct qcow2 *q, const void *buf, size_t len,
                   uint64_t file_size, char *err, size_t errlen);
 
+/* ---- qcow2-raw.c: raw images ---- */
+
+/* Run a request on a raw image until it blocks or finishes. */
+void raw_run (struct qcow2_req *req);
+
 /* ---- qcow2-open.c: open, close, logging, corruption ---- */
+
+/* Open path as a backing file (read-only, depth levels down). */
+int image_open (const char *path, const struct qcow2_opts *opts,
+                unsigned depth, struct qcow2 *top, struct qcow2 **out,
+                char *err, size_t errlen);
 
 void qlog (struct qcow2 *q, int level, const char *fmt, ...)
   __attribute__ ((format (printf, 3, 4)));
@@ -328,6 +350,11 @@ void *aligned_alloc_zero (size_t size);
 struct qcow2 {
   int fd;
   char *path;
+  bool raw;                     /* a raw file: no mapping at all */
+  struct qcow2 *backing;        /* read-only, shares aio; NULL if none */
+  struct qcow2 *top;            /* the image the caller opened */
+  unsigned depth;               /* 0 for the top image */
+  char backing_fmt[16];         /* from the header extension, or "" */
   bool read_only;
   bool direct;
   bool broken;                  /* corruption seen: refuse writes */
@@ -351,6 +378,7 @@ struct qcow2 {
   uint32_t refcount_order;
   uint32_t header_length;
   uint8_t compression_type;     /* 0 zlib, 1 zstd */
+  uint64_t backing_size_bytes;  /* virtual size of the backing image */
   uint64_t backing_offset;
   uint32_t backing_size;
   void *header_sector;          /* first 512 bytes of the file, aligned */

@@ -125,6 +125,8 @@ l2_cache_entries (const struct qcow2 *q, uint64_t bytes)
 static void
 free_image (struct qcow2 *q)
 {
+  if (q->backing)
+    free_image (q->backing);
   cache_free (&q->l2c);
   cache_free (&q->rbc);
   flush_free (q);
@@ -145,9 +147,97 @@ free_image (struct qcow2 *q)
 #define FAIL(ret, ...) \
   do { snprintf (err, errlen, __VA_ARGS__); r = (ret); goto fail; } while (0)
 
+#define MAX_CHAIN_DEPTH 32
+
+/* Open the backing file the header names, relative to q's directory. */
+static int
+open_backing (struct qcow2 *q, const struct qcow2_opts *opts, char *err,
+              size_t errlen)
+{
+  struct qcow2_opts bo = *opts;
+  char name[1024], *path = NULL, berr[300];
+  const char *slash;
+  int r;
+
+  if (q->depth + 1 >= MAX_CHAIN_DEPTH) {
+    snprintf (err, errlen, "backing chain longer than %d images",
+              MAX_CHAIN_DEPTH);
+    return -ELOOP;
+  }
+  r = sync_read (q->fd, name, q->backing_size, q->backing_offset);
+  if (r < 0) {
+    snprintf (err, errlen, "reading the backing file name: %s",
+              strerror (-r));
+    return r;
+  }
+  name[q->backing_size] = '\0';
+  if (strlen (name) != q->backing_size) {
+    snprintf (err, errlen, "backing file name contains a NUL byte");
+    return -EINVAL;
+  }
+  slash = strrchr (q->path, '/');
+  if (name[0] == '/' || !slash)
+    path = strdup (name);
+  else if (asprintf (&path, "%.*s/%s", (int) (slash - q->path), q->path,
+                     name) < 0)
+    path = NULL;
+  if (!path) {
+    snprintf (err, errlen, "out of memory");
+    return -ENOMEM;
+  }
+
+  bo.read_only = true;
+  bo.aio = q->aio;
+  /* A format the image names is used as is: never probe past it. */
+  if (q->backing_fmt[0] == '\0')
+    bo.format = QCOW2_FORMAT_AUTO;
+  else if (strcmp (q->backing_fmt, "qcow2") == 0)
+    bo.format = QCOW2_FORMAT_QCOW2;
+  else if (strcmp (q->backing_fmt, "raw") == 0)
+    bo.format = QCOW2_FORMAT_RAW;
+  else {
+    snprintf (err, errlen, "backing file %s has format '%s', which is not "
+              "supported (only qcow2 and raw)", path, q->backing_fmt);
+    free (path);
+    return -ENOTSUP;
+  }
+  r = image_open (path, &bo, q->depth + 1, q->top, &q->backing, berr,
+                  sizeof berr);
+  if (r < 0)
+    snprintf (err, errlen, "backing file %s: %s", path, berr);
+  else if (!q->backing_fmt[0])
+    qlog (q, LOG_INFO, "backing file %s has no format in the image; probed "
+          "as %s", path, qcow2_format_name (q->backing));
+  free (path);
+  return r;
+}
+
+/* A raw file: its size is the disk size and nothing needs reading. */
+static int
+open_raw (struct qcow2 *q, uint64_t file_size, char *err, size_t errlen)
+{
+  q->raw = true;
+  q->size = q->direct ? file_size & ~(uint64_t) (SECTOR - 1) : file_size;
+  q->cluster_bits = 16;
+  q->cluster_size = 1u << 16;
+  q->zero_cluster = aligned_alloc_zero (q->cluster_size);
+  if (!q->zero_cluster) {
+    snprintf (err, errlen, "out of memory");
+    return -ENOMEM;
+  }
+  return 0;
+}
+
 int
 qcow2_open (const char *path, const struct qcow2_opts *opts,
             struct qcow2 **out, char *err, size_t errlen)
+{
+  return image_open (path, opts, 0, NULL, out, err, errlen);
+}
+
+int
+image_open (const char *path, const struct qcow2_opts *opts, unsigned depth,
+            struct qcow2 *top, struct qcow2 **out, char *err, size_t errlen)
 {
   static const struct qcow2_opts defaults;
   struct qcow2 *q;
@@ -164,6 +254,8 @@ qcow2_open (const char *path, const struct qcow2_opts *opts,
     return -ENOMEM;
   }
   q->fd = -1;
+  q->depth = depth;
+  q->top = top ? top : q;
   q->read_only = opts->read_only;
   q->direct = opts->direct;
   q->log = opts->log;
@@ -198,6 +290,14 @@ qcow2_open (const char *path, const struct qcow2_opts *opts,
   r = sync_read (q->fd, q->header_sector, SECTOR, 0);
   if (r < 0)
     FAIL (r, "reading the header: %s", strerror (-r));
+  if (opts->format == QCOW2_FORMAT_RAW
+      || (opts->format == QCOW2_FORMAT_AUTO
+          && (file_size < 4 || memcmp (q->header_sector, "QFI\xfb", 4)))) {
+    r = open_raw (q, file_size, err, errlen);
+    if (r < 0)
+      goto fail;
+    goto aio;
+  }
   if (file_size < QCOW2_V2_HEADER_LEN)
     FAIL (-EINVAL, "file is too short to be a qcow2 image");
   {
@@ -262,6 +362,7 @@ qcow2_open (const char *path, const struct qcow2_opts *opts,
   if (r < 0)
     FAIL (r, "out of memory for the caches");
 
+ aio:
   if (opts->aio)
     q->aio = opts->aio;
   else {
@@ -285,6 +386,13 @@ qcow2_open (const char *path, const struct qcow2_opts *opts,
     if (r < 0)
       FAIL (r, "clearing autoclear feature bits: %s", strerror (-r));
     q->autoclear = 0;
+  }
+
+  if (q->backing_offset) {
+    r = open_backing (q, opts, err, errlen);
+    if (r < 0)
+      goto fail;
+    q->backing_size_bytes = q->backing->size;
   }
 
   free (hdr);
@@ -377,6 +485,12 @@ unsigned
 qcow2_in_flight (const struct qcow2 *q)
 {
   return q->in_flight;
+}
+
+const char *
+qcow2_format_name (const struct qcow2 *q)
+{
+  return q->raw ? "raw" : "qcow2";
 }
 
 const char *

@@ -124,7 +124,7 @@ entry_reads_zero (const struct qcow2 *q, uint64_t ent)
 {
   if (entry_is_zero (q, ent))
     return true;
-  return !(ent & L2E_COMPRESSED) && !(ent & L2E_OFFSET_MASK);
+  return !(ent & L2E_COMPRESSED) && !(ent & L2E_OFFSET_MASK) && !q->backing;
 }
 
 int
@@ -168,12 +168,13 @@ st_segment (struct qcow2_req *req)
     return true;
   }
   if (req->type == REQ_STATUS && *req->ext_n > 0
-      && (*req->ext_n == req->ext_max || req->segments >= 64)) {
+      && (req->status_full || req->segments >= 64)) {
     /* Answer for a prefix: enough work for one request. */
     req->state = RS_DONE;
     return true;
   }
   req->seg_off = pos;
+  req->status_pos = pos;
   req->seg_len = end - pos;
   if (req->seg_len > cov - (pos & (cov - 1)))
     req->seg_len = cov - (pos & (cov - 1));
@@ -233,13 +234,22 @@ st_get_l2 (struct qcow2_req *req)
   int r;
 
   if (off == 0) {
-    if (req->type == REQ_READ) {
+    if (req->type == REQ_READ && !q->backing) {
       memset (req->buf + (req->seg_off - req->offset), 0, req->seg_len);
       req->state = RS_SEGMENT;
       return true;
     }
-    if (req->type != REQ_WRITE) {
-      /* Nothing allocated: already zero, nothing to discard. */
+    if (req->type == REQ_READ) {
+      req->l2 = NULL;           /* all holes: plan_read reads the backing */
+      req->state = RS_PLAN;
+      return true;
+    }
+    /* Nothing allocated here.  Without a backing file that reads as
+     * zeros; with one, zeroes and discards on v3 need a table for the
+     * zero flags (v2 write-zeroes writes zeros, in child requests).
+     */
+    if (req->type != REQ_WRITE
+        && !(q->backing && q->version >= 3 && req->type != REQ_STATUS)) {
       req->l2 = NULL;
       req->state = RS_PLAN;
       return true;
@@ -307,6 +317,10 @@ req_run (struct qcow2_req *req)
     flush_step (q);
     return;
   }
+  if (q->raw) {
+    raw_run (req);
+    return;
+  }
   while (go) {
     if (req->err && req->outstanding == 0 && req->state != RS_DONE) {
       seg_release (req);
@@ -321,9 +335,11 @@ req_run (struct qcow2_req *req)
       case REQ_WRITE: go = plan_write (req); break;
       case REQ_READ: go = plan_read (req); break;
       case REQ_STATUS:
-        status_segment (req);
-        seg_release (req);
-        req->state = RS_SEGMENT;
+        go = status_segment (req);
+        if (go) {
+          seg_release (req);
+          req->state = RS_SEGMENT;
+        }
         break;
       default:
         go = zero_segment (req);
@@ -372,25 +388,36 @@ req_run (struct qcow2_req *req)
   }
 }
 
+/* One pass over every image of the chain.  A backing image's requests are
+ * children of its parent's, so the whole chain is run together.  Returns
+ * true if anything moved.
+ */
+static bool
+chain_step (struct qcow2 *top, bool deliver)
+{
+  bool moved = false;
+  for (struct qcow2 *b = top; b; b = b->backing) {
+    struct qcow2_req *r;
+    while ((r = waitq_pop (&b->runnable))) {
+      req_run (r);
+      moved = true;
+    }
+    while (deliver && (r = waitq_pop (&b->completed))) {
+      b->in_flight--;
+      r->done (r->opaque, r->err);
+      free (r);
+      moved = true;
+    }
+  }
+  return moved;
+}
+
 void
 req_run_all (struct qcow2 *q)
 {
-  for (;;) {
-    struct qcow2_req *r = waitq_pop (&q->runnable);
-    if (r) {
-      req_run (r);
-      continue;
-    }
-    r = waitq_pop (&q->completed);
-    if (!r)
-      break;
-    q->in_flight--;
-    r->done (r->opaque, r->err);
-    free (r);
-  }
+  while (chain_step (q->top, true))
+    ;
 }
-
-/* ---- public entry points ---- */
 
 struct qcow2_req *
 req_new (struct qcow2 *q, enum req_type type, uint64_t offset, uint64_t len,
@@ -460,12 +487,15 @@ submit (struct qcow2 *q, enum req_type type, uint64_t offset, void *buf,
 void
 req_run_all_pending (struct qcow2 *q)
 {
-  struct qcow2_req *r;
-  while ((r = waitq_pop (&q->runnable)))
-    req_run (r);
-  aio_commit (q->aio);
-  if (q->completed.head)
-    aio_kick (q->aio);
+  struct qcow2 *top = q->top;
+  while (chain_step (top, false))
+    ;
+  aio_commit (top->aio);
+  for (struct qcow2 *b = top; b; b = b->backing)
+    if (b->completed.head) {
+      aio_kick (top->aio);
+      break;
+    }
 }
 
 int

@@ -25,6 +25,7 @@ struct req_io {
   struct qcow2_req *req;
   struct iovec iov[3];
   bool is_write;
+  bool from_backing;            /* a read of the backing image (guest, len) */
   bool alloc;                   /* an allocating write run */
   bool started;
   uint64_t host;                /* host offset of the op */
@@ -168,10 +169,47 @@ io_done (struct aio_op *op, int64_t ret)
 }
 
 static void
+backing_done (void *opaque, int ret)
+{
+  struct req_io *io = opaque;
+  struct qcow2_req *req = io->req;
+  if (ret < 0 && !req->err)
+    req->err = ret;
+  if (--req->outstanding == 0)
+    req_wake (req);
+}
+
+/* Read [io->guest, io->guest + io->len) of the backing image as a request
+ * of its own; the chain loop runs it, never this call.
+ */
+static void
+backing_start (struct qcow2_req *req, struct req_io *io)
+{
+  struct qcow2 *b = req->q->backing;
+  int err;
+  struct qcow2_req *child = req_new (b, REQ_READ, io->guest, io->len,
+                                     io->iov[0].iov_base, 0, backing_done,
+                                     io, &err);
+  io->started = true;
+  if (!child) {
+    if (!req->err)
+      req->err = err;
+    return;
+  }
+  b->in_flight++;
+  req->outstanding++;
+  req_wake (child);
+}
+
+static void
 io_start (struct qcow2_req *req, struct req_io *io, int niov)
 {
   struct qcow2 *q = req->q;
   int r;
+  if (io->from_backing) {
+    backing_start (req, io);
+    return;
+  }
   io->op.type = io->is_write ? AIO_WRITE : AIO_READ;
   io->op.fd = q->fd;
   io->op.iov = io->iov;
@@ -208,7 +246,7 @@ plan_read (struct qcow2_req *req)
   }
   while (pos < end) {
     uint32_t idx = (uint32_t) (pos >> q->cluster_bits) & (q->l2_entries - 1);
-    uint64_t ent = l2_get (req->l2, idx);
+    uint64_t ent = req->l2 ? l2_get (req->l2, idx) : 0;
     uint64_t cend = (pos & ~(cs - 1)) + cs;
     char *dst = req->buf + (pos - req->offset);
     uint64_t host;
@@ -226,6 +264,31 @@ plan_read (struct qcow2_req *req)
       pos = cend;
       continue;
     }
+    if (!entry_is_zero (q, ent) && !(ent & L2E_OFFSET_MASK) && q->backing
+        && pos < q->backing_size_bytes) {
+      /* A hole: what the backing image has there shows through. */
+      uint64_t bend = cend < q->backing_size_bytes
+        ? cend : q->backing_size_bytes;
+      if (bend < cend)
+        memset (dst + (bend - pos), 0, cend - bend);
+      if (last && last->from_backing && last->guest + last->len == pos) {
+        last->len += bend - pos;
+        last->iov[0].iov_len = last->len;
+      }
+      else {
+        last = &req->ios[req->nios++];
+        last->req = req;
+        last->from_backing = true;
+        last->guest = pos;
+        last->len = bend - pos;
+        last->iov[0].iov_base = dst;
+        last->iov[0].iov_len = last->len;
+      }
+      if (bend < cend)
+        last = NULL;
+      pos = cend;
+      continue;
+    }
     if (entry_is_zero (q, ent) || !(ent & L2E_OFFSET_MASK)) {
       memset (dst, 0, cend - pos);
       last = NULL;
@@ -238,7 +301,7 @@ plan_read (struct qcow2_req *req)
       break;
     }
     host = (ent & L2E_OFFSET_MASK) + (pos & (cs - 1));
-    if (last && last->host + last->len == host) {
+    if (last && !last->from_backing && last->host + last->len == host) {
       last->len += cend - pos;
       last->iov[0].iov_len = last->len;
     }
@@ -270,8 +333,31 @@ cow_source (struct qcow2_req *req, struct req_io *io, int k, uint32_t idx,
 {
   struct qcow2 *q = req->q;
   uint64_t ent = l2_get (req->l2, idx);
+  unsigned table_bits = q->cluster_bits + q->l2_bits;
+  uint64_t guest = (req->seg_off >> table_bits << table_bits)
+    + ((uint64_t) idx << q->cluster_bits);
   struct req_io *rd;
 
+  if (!entry_is_zero (q, ent) && !(ent & L2E_COMPRESSED)
+      && !(ent & L2E_OFFSET_MASK) && q->backing
+      && guest < q->backing_size_bytes) {
+    /* Copy-on-write from the backing image. */
+    io->cow_buf[k] = aligned_alloc_zero (q->cluster_size);
+    if (!io->cow_buf[k]) {
+      req->err = -ENOMEM;
+      return NULL;
+    }
+    rd = (*next_io)++;
+    rd->req = req;
+    rd->from_backing = true;
+    rd->guest = guest;
+    rd->len = q->backing_size_bytes - guest < q->cluster_size
+      ? q->backing_size_bytes - guest : q->cluster_size;
+    rd->iov[0].iov_base = io->cow_buf[k];
+    rd->iov[0].iov_len = rd->len;
+    rd->cow_for = io;
+    return io->cow_buf[k];
+  }
   if (entry_is_zero (q, ent) || (!(ent & L2E_COMPRESSED)
                                  && !(ent & L2E_OFFSET_MASK)))
     return q->zero_cluster;

@@ -60,8 +60,26 @@ zero_segment (struct qcow2_req *req)
   uint64_t pos = req->seg_off, end = req->seg_off + req->seg_len;
   bool changed = false;
 
-  if (!e)
-    return true;                /* no table: nothing allocated here */
+  if (!e) {
+    /* No table.  Only v2 write-zeroes over a backing file has work: the
+     * backing data must be hidden by writing zeros.
+     */
+    if (discard || !q->backing)
+      return true;
+    if (fast) {
+      req->err = -ENOTSUP;
+      return true;
+    }
+    while (pos < end && !req->err) {
+      uint64_t cend = (pos & ~(cs - 1)) + cs < end
+        ? (pos & ~(cs - 1)) + cs : end;
+      int r = spawn_zero_write (req, pos, cend - pos);
+      if (r < 0)
+        req->err = r;
+      pos = cend;
+    }
+    return true;
+  }
   if (flush_active (q)) {
     flush_barrier_wait (q, req);
     return false;
@@ -78,7 +96,8 @@ zero_segment (struct qcow2_req *req)
     bool release = false;
     int r;
 
-    if (!full || (!discard && q->version < 3 && no_hole && !zero)) {
+    if (!full || (!discard && q->version < 3 && (no_hole || q->backing)
+                  && !zero)) {
       /* Partial cluster (or v2 keeping the allocation): zeros as data. */
       if (!discard && !zero) {
         r = fast ? -ENOTSUP : spawn_zero_write (req, pos, cend - pos);
@@ -90,7 +109,10 @@ zero_segment (struct qcow2_req *req)
     }
 
     if (discard) {
-      nent = 0;
+      /* With a backing file, v3 keeps the discarded range reading zeros;
+       * v2 cannot say so and lets the backing data show through.
+       */
+      nent = q->backing && q->version >= 3 ? L2E_ZERO : 0;
       release = true;
     }
     else if (q->version >= 3) {
@@ -122,19 +144,24 @@ zero_segment (struct qcow2_req *req)
   return true;
 }
 
+/* Append an extent starting at guest offset pos, merging with the last
+ * one.  When ext[] is full the request is cut short at pos.
+ */
 static void
-add_extent (struct qcow2_req *req, uint64_t len, uint32_t flags,
-            uint32_t depth)
+add_extent (struct qcow2_req *req, uint64_t pos, uint64_t len,
+            uint32_t flags, uint32_t depth)
 {
   unsigned n = *req->ext_n;
+  if (req->status_full || len == 0)
+    return;
   if (n > 0 && req->ext[n - 1].flags == flags
       && req->ext[n - 1].depth == depth) {
     req->ext[n - 1].length += len;
     return;
   }
   if (n == req->ext_max) {
-    /* Full: the answer covers a prefix; stop the request here. */
-    req->len = req->seg_off - req->offset;
+    req->status_full = true;
+    req->len = pos - req->offset;
     return;
   }
   req->ext[n].length = len;
@@ -143,42 +170,123 @@ add_extent (struct qcow2_req *req, uint64_t len, uint32_t flags,
   *req->ext_n = n + 1;
 }
 
-void
+static void
+backing_status_done (void *opaque, int ret)
+{
+  struct qcow2_req *req = opaque;
+  uint64_t pos = req->status_pos;
+
+  if (ret < 0 && !req->err)
+    req->err = ret;
+  for (unsigned i = 0; ret == 0 && i < req->child_n; i++) {
+    struct qcow2_extent *x = &req->child_ext[i];
+    add_extent (req, pos, x->length, x->flags, x->depth ? x->depth + 1 : 0);
+    pos += x->length;
+  }
+  req->status_pos = pos;
+  free (req->child_ext);
+  req->child_ext = NULL;
+  req->outstanding--;
+  req_wake (req);
+}
+
+/* Ask the backing image about [pos, end).  Returns 0 or -errno. */
+static int
+ask_backing (struct qcow2_req *req, uint64_t pos, uint64_t end)
+{
+  struct qcow2 *b = req->q->backing;
+  unsigned room = req->ext_max - *req->ext_n + 1;
+  struct qcow2_req *child;
+  int err;
+
+  req->child_ext = calloc (room, sizeof *req->child_ext);
+  if (!req->child_ext)
+    return -ENOMEM;
+  req->child_n = 0;
+  child = req_new (b, REQ_STATUS, pos, end - pos, NULL, 0,
+                   backing_status_done, req, &err);
+  if (!child) {
+    free (req->child_ext);
+    req->child_ext = NULL;
+    return err;
+  }
+  child->ext = req->child_ext;
+  child->ext_max = room;
+  child->ext_n = &req->child_n;
+  b->in_flight++;
+  req->outstanding++;
+  req_wake (child);
+  return 0;
+}
+
+bool
 status_segment (struct qcow2_req *req)
 {
   struct qcow2 *q = req->q;
   struct cache_entry *e = req->l2;
   uint64_t cs = q->cluster_size;
-  uint64_t pos = req->seg_off, end = req->seg_off + req->seg_len;
-  uint64_t start_len = req->len;
+  uint64_t end = req->seg_off + req->seg_len;
+  uint64_t bsize = q->backing ? q->backing_size_bytes : 0;
+  uint64_t pos = req->status_pos;
 
-  if (!e) {
-    add_extent (req, req->seg_len, QCOW2_EXTENT_HOLE | QCOW2_EXTENT_ZERO, 0);
-    return;
-  }
-  while (pos < end && req->len == start_len) {
+  if (req->outstanding)
+    return false;
+  while (pos < end && !req->status_full && !req->err) {
     uint32_t idx = (uint32_t) (pos >> q->cluster_bits) & (q->l2_entries - 1);
-    uint64_t ent = l2_get (e, idx);
+    uint64_t ent = e ? l2_get (e, idx) : 0;
     uint64_t cend = (pos & ~(cs - 1)) + cs;
     uint32_t flags = 0, depth = 1;
 
+    if (!e && pos >= bsize) {
+      /* No table and nothing below: one hole to the segment's end. */
+      add_extent (req, pos, end - pos, QCOW2_EXTENT_HOLE | QCOW2_EXTENT_ZERO,
+                  0);
+      pos = end;
+      break;
+    }
     if (cend > end)
       cend = end;
+    if (!(ent & L2E_COMPRESSED) && !(ent & L2E_OFFSET_MASK)
+        && !entry_is_zero (q, ent) && pos < bsize) {
+      /* A hole over the backing file: the run of holes is its business. */
+      uint64_t run_end = cend;
+      int r;
+      while (run_end < end && run_end < bsize) {
+        uint64_t next = e ? l2_get (e, (uint32_t) (run_end >> q->cluster_bits)
+                                    & (q->l2_entries - 1)) : 0;
+        if ((next & L2E_COMPRESSED) || (next & L2E_OFFSET_MASK)
+            || entry_is_zero (q, next))
+          break;
+        run_end += cs;
+      }
+      if (run_end > end)
+        run_end = end;
+      if (run_end > bsize)
+        run_end = bsize;
+      req->status_pos = pos;
+      r = ask_backing (req, pos, run_end);
+      if (r < 0) {
+        req->err = r;
+        break;
+      }
+      return false;
+    }
     if (entry_is_zero (q, ent))
       flags = QCOW2_EXTENT_HOLE | QCOW2_EXTENT_ZERO;
     else if (!(ent & L2E_COMPRESSED) && !(ent & L2E_OFFSET_MASK)) {
       flags = QCOW2_EXTENT_HOLE | QCOW2_EXTENT_ZERO;
       depth = 0;
     }
-    /* add_extent shortens req->len when the array is full. */
-    req->seg_off = pos;
-    add_extent (req, cend - pos, flags, depth);
+    add_extent (req, pos, cend - pos, flags, depth);
     pos = cend;
   }
-  /* Keep the segment bookkeeping whole for st_segment. */
-  req->seg_off = end - req->seg_len;
-  if (req->len != start_len)
-    req->seg_len = 0, req->seg_off = req->offset + req->len;
+  req->status_pos = pos;
+  if (req->status_full) {
+    /* Cut short: make st_segment see the (new) end. */
+    req->seg_off = req->offset + req->len;
+    req->seg_len = 0;
+  }
+  return true;
 }
 
 int

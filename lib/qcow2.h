@@ -33,7 +33,14 @@ enum qcow2_aio_mode {
   QCOW2_AIO_THREADS,
 };
 
+enum qcow2_format {
+  QCOW2_FORMAT_QCOW2,           /* the default: anything else is refused */
+  QCOW2_FORMAT_RAW,
+  QCOW2_FORMAT_AUTO,            /* qcow2 by its magic, else raw */
+};
+
 struct qcow2_opts {
+  enum qcow2_format format;
   bool read_only;
   bool direct;                  /* O_DIRECT (--cache=none) */
   enum qcow2_aio_mode aio_mode;
@@ -61,7 +68,8 @@ struct qcow2_extent {
 
 /* Open path.  On failure returns -errno and writes a one-line reason (without
  * the path) into err.  Opening reads the header, L1 and refcount table
- * synchronously; everything after open is asynchronous.
+ * synchronously, and opens the backing chain read-only (qcow2 or raw images,
+ * sharing this image's I/O backend); everything after open is asynchronous.
  */
 int qcow2_open (const char *path, const struct qcow2_opts *opts,
                 struct qcow2 **out, char *err, size_t errlen);
@@ -126,6 +134,9 @@ int qcow2_discard (struct qcow2 *q, uint64_t offset, uint64_t len,
 int qcow2_block_status (struct qcow2 *q, uint64_t offset, uint64_t len,
                         struct qcow2_extent *ext, unsigned max, unsigned *n,
                         qcow2_done_fn *done, void *opaque);
+
+/* "qcow2" or "raw". */
+const char *qcow2_format_name (const struct qcow2 *q);
 
 /* Name of the I/O backend in use ("io_uring", "threads", "fake"). */
 const char *qcow2_aio_name (const struct qcow2 *q);
