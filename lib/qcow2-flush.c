@@ -65,6 +65,7 @@ struct flusher {
   unsigned outstanding;         /* metadata writes and syncs in flight */
   int err;                      /* first error of this run */
   bool meta;                    /* this run writes metadata */
+  bool full;                    /* apply refcounts even in lazy mode */
   struct waitq cur;             /* satisfied by the run in progress */
   struct waitq next;            /* arrived during a run: need another */
   struct waitq barrier;         /* wait for the run to end */
@@ -113,6 +114,12 @@ bool
 flush_idle (const struct qcow2 *q)
 {
   return q->flusher->state == FL_IDLE;
+}
+
+void
+flush_set_full (struct qcow2 *q)
+{
+  q->flusher->full = true;
 }
 
 void
@@ -490,10 +497,14 @@ flush_step (struct qcow2 *q)
       fl->active = true;
       fl->err = 0;
       fl->decrement = false;
-      swap_lists (&fl->work, &q->incs);
+      /* Lazy refcounts: with the dirty bit set, refcounts wait for close
+       * (a crash is repaired at the next open).
+       */
+      if (!q->lazy || fl->full)
+        swap_lists (&fl->work, &q->incs);
       fl->meta = fl->work.n || cache_has_dirty (&q->rbc)
         || cache_has_dirty (&q->l2c) || l1_dirty (q) || q->reftable_dirty
-        || q->reftable_moved || q->decs.n;
+        || q->reftable_moved || (q->decs.n && (!q->lazy || fl->full));
       fl->state = fl->meta ? FL_INCS : FL_SYNC;
       break;
 
@@ -577,7 +588,7 @@ flush_step (struct qcow2 *q)
       break;
 
     case FL_DECS:
-      if (!q->decs.n) {
+      if (!q->decs.n || (q->lazy && !fl->full)) {
         fl->state = FL_DONE;
         break;
       }

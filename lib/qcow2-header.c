@@ -169,9 +169,6 @@ header_parse (struct qcow2 *q, const void *vbuf, size_t len,
   if ((q->incompat & INCOMPAT_CORRUPT) && !q->read_only)
     return fail (err, errlen, -EUCLEAN, "image is marked corrupt; repair it "
                  "with 'qemu-img check -r all' or serve it read-only");
-  if ((q->incompat & INCOMPAT_DIRTY) && !q->read_only)
-    return fail (err, errlen, -ENOTSUP, "image has the dirty bit set (lazy "
-                 "refcounts); repair it with 'qemu-img check -r all' first");
   if (q->backing_offset != 0
       && (q->backing_size == 0 || q->backing_size > 1023
           || q->backing_offset > file_size

@@ -172,6 +172,8 @@ int flush_init (struct qcow2 *q);
 void flush_free (struct qcow2 *q);
 /* Begin a flush now if one is needed and none runs (used by close). */
 bool flush_idle (const struct qcow2 *q);
+/* Make the next runs apply refcounts even in lazy mode (close). */
+void flush_set_full (struct qcow2 *q);
 
 /* ---- qcow2-request.c: the per-request state machine ---- */
 
@@ -317,6 +319,32 @@ int compressed_release (struct qcow2 *q, uint64_t ent);
 int decompress_cluster (const struct qcow2 *q, const void *in, size_t inlen,
                         void *out);
 
+/* ---- qcow2-snapshot.c: the internal snapshot table ---- */
+
+struct snapshot {
+  uint64_t l1_offset;
+  uint32_t l1_size;
+  uint64_t disk_size;
+  char *id, *name;
+};
+
+/* Read the snapshot table (open time, synchronous).  Returns 0 or -errno
+ * with a reason in err.
+ */
+int snapshots_read (struct qcow2 *q, struct snapshot **out, unsigned *n,
+                    char *err, size_t errlen);
+void snapshots_free (struct snapshot *s, unsigned n);
+/* Make the snapshot named or numbered which the image's contents. */
+int snapshot_load (struct qcow2 *q, const char *which, char *err,
+                   size_t errlen);
+
+/* ---- qcow2-repair.c: refcounts of an image left dirty ---- */
+
+/* Count every reference and write a new refcount structure (open time,
+ * synchronous).  Returns 0 or -errno with a reason in err.
+ */
+int refcount_rebuild (struct qcow2 *q, char *err, size_t errlen);
+
 /* ---- qcow2-header.c: header parse/validate and header field writes ---- */
 
 /* Fill q's header fields from buf (the header cluster, len bytes) and
@@ -340,6 +368,8 @@ int image_open (const char *path, const struct qcow2_opts *opts,
 
 void qlog (struct qcow2 *q, int level, const char *fmt, ...)
   __attribute__ ((format (printf, 3, 4)));
+/* Set or clear the dirty bit in the header, durably (synchronous). */
+int set_dirty (struct qcow2 *q, bool dirty);
 /* Stop all writes to an image found inconsistent; returns -EIO. */
 int signal_corruption (struct qcow2 *q, const char *fmt, ...)
   __attribute__ ((format (printf, 2, 3)));
@@ -379,6 +409,8 @@ struct qcow2 {
   uint32_t header_length;
   uint8_t compression_type;     /* 0 zlib, 1 zstd */
   uint64_t backing_size_bytes;  /* virtual size of the backing image */
+  uint64_t snapshots_bytes;     /* size of the snapshot table */
+  bool lazy;                    /* lazy refcounts: dirty bit set while open */
   uint64_t backing_offset;
   uint32_t backing_size;
   void *header_sector;          /* first 512 bytes of the file, aligned */

@@ -101,6 +101,26 @@ sync_write (int fd, const void *buf, size_t len, uint64_t off)
   return 0;
 }
 
+int
+set_dirty (struct qcow2 *q, bool dirty)
+{
+  uint64_t v;
+  int r;
+
+  if (q->version < 3)
+    return 0;
+  if (dirty)
+    q->incompat |= INCOMPAT_DIRTY;
+  else
+    q->incompat &= ~INCOMPAT_DIRTY;
+  v = htobe64 (q->incompat);
+  memcpy ((char *) q->header_sector + 72, &v, 8);
+  r = sync_write (q->fd, q->header_sector, SECTOR, 0);
+  if (r == 0 && fdatasync (q->fd) < 0)
+    r = -errno;
+  return r;
+}
+
 static unsigned
 l2_cache_entries (const struct qcow2 *q, uint64_t bytes)
 {
@@ -376,6 +396,31 @@ image_open (const char *path, const struct qcow2_opts *opts, unsigned depth,
     q->own_aio = true;
   }
 
+  if (opts->snapshot) {
+    if (!q->read_only)
+      FAIL (-EINVAL, "a snapshot can only be served read-only");
+    r = snapshot_load (q, opts->snapshot, err, errlen);
+    if (r < 0)
+      goto fail;
+  }
+
+  /* Left dirty with lazy refcounts: the refcounts cannot be trusted. */
+  if (!q->read_only && (q->incompat & INCOMPAT_DIRTY)) {
+    r = refcount_rebuild (q, err, errlen);
+    if (r < 0)
+      goto fail;
+    q->incompat &= ~INCOMPAT_DIRTY;
+  }
+  /* Lazy refcounts: mark the image dirty while open, so refcount updates
+   * can wait until close; a crash leaves the bit set for the repair above.
+   */
+  if (!q->read_only && (q->compat & COMPAT_LAZY_REFCOUNTS)) {
+    r = set_dirty (q, true);
+    if (r < 0)
+      FAIL (r, "setting the dirty bit: %s", strerror (-r));
+    q->lazy = true;
+  }
+
   /* Bits for features we do not maintain must be cleared before writing. */
   if (!q->read_only && q->autoclear) {
     uint64_t zero = 0;
@@ -439,10 +484,15 @@ qcow2_close (struct qcow2 *q)
   drain (q, NULL);
   if (!q->read_only && !q->broken) {
     int res = 1;
+    /* At close even lazy refcounts are written, then the image is clean. */
+    if (q->lazy)
+      flush_set_full (q);
     if (qcow2_flush (q, close_flush_done, &res) == 0) {
       drain (q, &res);
       ret = res == 1 ? -EIO : res;
     }
+    if (ret == 0 && q->lazy)
+      ret = set_dirty (q, false);
   }
   if (ret < 0)
     qlog (q, LOG_ERR, "%s: writing back metadata at close: %s", q->path,

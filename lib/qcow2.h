@@ -46,6 +46,8 @@ struct qcow2_opts {
   enum qcow2_aio_mode aio_mode;
   struct aio *aio;              /* use this backend (tests); NULL: create */
   uint64_t l2_cache_bytes;      /* 0: default (covers the disk, bounded) */
+  const char *snapshot;         /* serve this internal snapshot (name or id),
+                                   read-only; NULL: the active image */
   qcow2_log_fn *log;            /* NULL: silent */
   void *log_opaque;
 };

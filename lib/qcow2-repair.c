@@ -1,0 +1,269 @@
+/* lib/qcow2-repair.c: rebuilding the refcounts of an image that was not
+ * closed cleanly while its refcounts were lazy (the dirty bit).
+ *
+ * Runs at open, synchronously, before anything is served.  Every cluster
+ * that the header, the L1 tables (active and snapshots), the L2 tables and
+ * the snapshot table reach is counted, and a new refcount table with new
+ * refcount blocks is written past the end of the file.  Only then does the
+ * header switch to it, so a crash during the repair leaves the old (dirty)
+ * state, which the next open repairs again.
+ */
+#include <config.h>
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <syslog.h>
+#include <unistd.h>
+
+#include "qcow2-internal.h"
+
+struct counts {
+  struct qcow2 *q;
+  uint32_t *c;                  /* per cluster */
+  uint64_t n;                   /* clusters covered */
+  char *err;
+  size_t errlen;
+};
+
+static int
+pread_all (int fd, void *buf, size_t len, uint64_t off)
+{
+  size_t done = 0;
+  while (done < len) {
+    ssize_t r = pread (fd, (char *) buf + done, len - done,
+                       (off_t) (off + done));
+    if (r < 0 && errno == EINTR)
+      continue;
+    if (r < 0)
+      return -errno;
+    if (r == 0)
+      return -EIO;
+    done += (size_t) r;
+  }
+  return 0;
+}
+
+static int
+pwrite_all (int fd, const void *buf, size_t len, uint64_t off)
+{
+  size_t done = 0;
+  while (done < len) {
+    ssize_t r = pwrite (fd, (const char *) buf + done, len - done,
+                        (off_t) (off + done));
+    if (r < 0 && errno == EINTR)
+      continue;
+    if (r < 0)
+      return -errno;
+    done += (size_t) r;
+  }
+  return 0;
+}
+
+/* Count one reference to every cluster of [off, off+len). */
+static int
+mark (struct counts *k, uint64_t off, uint64_t len, const char *what)
+{
+  uint64_t first, last;
+  if (len == 0)
+    return 0;
+  first = off >> k->q->cluster_bits;
+  last = (off + len - 1) >> k->q->cluster_bits;
+  if (last >= k->n) {
+    snprintf (k->err, k->errlen, "cannot repair refcounts: %s at 0x%" PRIx64
+              " lies past the end of the file", what, off);
+    return -EIO;
+  }
+  for (uint64_t c = first; c <= last; c++)
+    k->c[c]++;
+  return 0;
+}
+
+/* Count what an L1 table reaches. */
+static int
+walk_l1 (struct counts *k, const uint64_t *l1, uint32_t l1_size, void *l2buf)
+{
+  struct qcow2 *q = k->q;
+  uint64_t cs = q->cluster_size;
+  int r;
+
+  for (uint32_t i = 0; i < l1_size; i++) {
+    uint64_t l2off = be64toh (l1[i]) & L1E_OFFSET_MASK;
+    if (!l2off)
+      continue;
+    if (l2off & (cs - 1)) {
+      snprintf (k->err, k->errlen, "cannot repair refcounts: L2 table "
+                "offset 0x%" PRIx64 " is unaligned", l2off);
+      return -EIO;
+    }
+    r = mark (k, l2off, cs, "an L2 table");
+    if (r == 0)
+      r = pread_all (q->fd, l2buf, cs, l2off);
+    if (r < 0) {
+      if (!k->err[0])
+        snprintf (k->err, k->errlen, "cannot repair refcounts: reading L2 "
+                  "table: %s", strerror (-r));
+      return r;
+    }
+    for (uint32_t j = 0; j < q->l2_entries; j++) {
+      uint64_t ent = be64toh (((uint64_t *) l2buf)[j]);
+      if (ent & L2E_COMPRESSED) {
+        uint64_t coff, csize;
+        compressed_extent (q, ent, &coff, &csize);
+        r = mark (k, coff & ~(uint64_t) (SECTOR - 1),
+                  csize + (coff & (SECTOR - 1)), "a compressed cluster");
+      }
+      else if (ent & L2E_OFFSET_MASK)
+        r = mark (k, ent & L2E_OFFSET_MASK, cs, "a data cluster");
+      if (r < 0)
+        return r;
+    }
+  }
+  return 0;
+}
+
+static int
+count_all (struct counts *k)
+{
+  struct qcow2 *q = k->q;
+  struct snapshot *s = NULL;
+  unsigned ns = 0;
+  void *l2buf = malloc (q->cluster_size);
+  int r;
+
+  if (!l2buf)
+    return -ENOMEM;
+  r = mark (k, 0, q->cluster_size, "the header");
+  if (r == 0 && q->backing_offset)
+    r = mark (k, q->backing_offset, q->backing_size, "the backing file name");
+  if (r == 0)
+    r = mark (k, q->l1_offset, (uint64_t) q->l1_size * 8, "the L1 table");
+  if (r == 0)
+    r = walk_l1 (k, q->l1, q->l1_size, l2buf);
+  if (r == 0)
+    r = snapshots_read (q, &s, &ns, k->err, k->errlen);
+  if (r == 0 && ns)
+    r = mark (k, q->snapshots_offset, q->snapshots_bytes,
+              "the snapshot table");
+  for (unsigned i = 0; r == 0 && i < ns; i++) {
+    size_t bytes = (size_t) s[i].l1_size * 8;
+    uint64_t *l1 = malloc (bytes ? bytes : 1);
+    if (!l1) {
+      r = -ENOMEM;
+      break;
+    }
+    r = mark (k, s[i].l1_offset, bytes, "a snapshot's L1 table");
+    if (r == 0 && bytes)
+      r = pread_all (q->fd, l1, bytes, s[i].l1_offset);
+    if (r == 0)
+      r = walk_l1 (k, l1, s[i].l1_size, l2buf);
+    free (l1);
+  }
+  snapshots_free (s, ns);
+  free (l2buf);
+  return r;
+}
+
+int
+refcount_rebuild (struct qcow2 *q, char *err, size_t errlen)
+{
+  uint64_t cs = q->cluster_size;
+  uint64_t per = (uint64_t) 1 << q->rb_bits;
+  uint64_t base = q->alloc_end, nfile = base / cs;
+  uint64_t nrb = 1, nrt = 1, total;
+  struct counts k = { q, NULL, 0, err, errlen };
+  uint64_t *table = NULL;
+  void *block = NULL;
+  int r;
+
+  err[0] = '\0';
+  /* New table and blocks go past the end; they must count themselves. */
+  for (;;) {
+    uint64_t rb = (nfile + nrb + nrt + per - 1) / per;
+    uint64_t rt = (rb * 8 + cs - 1) / cs;
+    if (rb == nrb && rt == nrt)
+      break;
+    nrb = rb;
+    nrt = rt;
+  }
+  total = nfile + nrt + nrb;
+  if (nrt * cs > MAX_REFTABLE_BYTES * 4) {
+    snprintf (err, errlen, "cannot repair refcounts: image too large");
+    return -EFBIG;
+  }
+  k.n = total;
+  k.c = calloc (total, sizeof *k.c);
+  table = aligned_alloc_zero (nrt * cs);
+  block = aligned_alloc_zero (cs);
+  if (!k.c || !table || !block) {
+    r = -ENOMEM;
+    snprintf (err, errlen, "out of memory repairing refcounts");
+    goto out;
+  }
+  r = count_all (&k);
+  if (r < 0) {
+    if (!err[0])
+      snprintf (err, errlen, "cannot repair refcounts: %s", strerror (-r));
+    goto out;
+  }
+  for (uint64_t c = nfile; c < total; c++)
+    k.c[c]++;
+
+  for (uint64_t b = 0; b < nrb; b++) {
+    uint64_t off = base + (nrt + b) * cs;
+    memset (block, 0, cs);
+    for (uint64_t i = 0; i < per && b * per + i < total; i++) {
+      if (k.c[b * per + i] > q->refcount_max) {
+        snprintf (err, errlen, "cannot repair refcounts: cluster %" PRIu64
+                  " has more references than refcount_bits allows",
+                  b * per + i);
+        r = -EOVERFLOW;
+        goto out;
+      }
+      refblock_set (q, block, i, k.c[b * per + i]);
+    }
+    table[b] = htobe64 (off);
+    r = pwrite_all (q->fd, block, cs, off);
+    if (r < 0)
+      goto io_err;
+  }
+  r = pwrite_all (q->fd, table, nrt * cs, base);
+  if (r == 0 && fdatasync (q->fd) < 0)
+    r = -errno;
+  if (r < 0)
+    goto io_err;
+
+  /* Switch the header over, then the image is consistent again. */
+  {
+    uint8_t *h = q->header_sector;
+    uint64_t off = htobe64 (base);
+    uint32_t cl = htobe32 ((uint32_t) nrt);
+    memcpy (h + 48, &off, 8);
+    memcpy (h + 56, &cl, 4);
+    r = pwrite_all (q->fd, h, SECTOR, 0);
+    if (r == 0 && fdatasync (q->fd) < 0)
+      r = -errno;
+    if (r < 0)
+      goto io_err;
+  }
+  free (q->reftable);
+  q->reftable = table;
+  table = NULL;
+  q->reftable_offset = base;
+  q->reftable_clusters = (uint32_t) nrt;
+  q->reftable_entries = nrt * cs / 8;
+  q->alloc_end = base + (nrt + nrb) * cs;
+  qlog (q, LOG_WARNING, "%s was not closed cleanly (lazy refcounts): "
+        "refcounts rebuilt", q->path);
+  goto out;
+
+ io_err:
+  snprintf (err, errlen, "writing repaired refcounts: %s", strerror (-r));
+ out:
+  free (k.c);
+  free (table);
+  free (block);
+  return r;
+}

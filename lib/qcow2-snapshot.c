@@ -1,0 +1,209 @@
+/* lib/qcow2-snapshot.c: the internal snapshot table.
+ *
+ * Read at open, synchronously, when needed: to serve a snapshot read-only
+ * (its L1 table replaces the active one) and to rebuild refcounts (every
+ * snapshot's L1 table reaches clusters too).  Snapshots are never created
+ * or deleted here.
+ */
+#include <config.h>
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "qcow2-internal.h"
+
+#define MAX_SNAPSHOTS 65536
+#define MAX_SNAPSHOT_TABLE (64u << 20)
+
+static uint32_t
+be32_at (const uint8_t *p)
+{
+  uint32_t v;
+  memcpy (&v, p, 4);
+  return be32toh (v);
+}
+
+static uint64_t
+be64_at (const uint8_t *p)
+{
+  uint64_t v;
+  memcpy (&v, p, 8);
+  return be64toh (v);
+}
+
+static uint16_t
+be16_at (const uint8_t *p)
+{
+  uint16_t v;
+  memcpy (&v, p, 2);
+  return be16toh (v);
+}
+
+void
+snapshots_free (struct snapshot *s, unsigned n)
+{
+  for (unsigned i = 0; i < n; i++) {
+    free (s[i].id);
+    free (s[i].name);
+  }
+  free (s);
+}
+
+/* Read len bytes at off with plain pread (open time only). */
+static int
+read_at (int fd, void *buf, size_t len, uint64_t off)
+{
+  size_t done = 0;
+  while (done < len) {
+    ssize_t r = pread (fd, (char *) buf + done, len - done,
+                       (off_t) (off + done));
+    if (r < 0 && errno == EINTR)
+      continue;
+    if (r < 0)
+      return -errno;
+    if (r == 0)
+      return -EIO;              /* the table runs past the end of the file */
+    done += (size_t) r;
+  }
+  return 0;
+}
+
+int
+snapshots_read (struct qcow2 *q, struct snapshot **out, unsigned *nout,
+                char *err, size_t errlen)
+{
+  struct snapshot *s = NULL;
+  uint8_t *buf = NULL;
+  size_t pos = 0, len;
+  unsigned n = q->nb_snapshots;
+  int r;
+
+  *out = NULL;
+  *nout = 0;
+  if (n == 0)
+    return 0;
+  if (n > MAX_SNAPSHOTS || q->snapshots_offset == 0
+      || (q->snapshots_offset & (q->cluster_size - 1))) {
+    snprintf (err, errlen, "invalid snapshot table (%u snapshots at 0x%"
+              PRIx64 ")", n, q->snapshots_offset);
+    return -EINVAL;
+  }
+  /* Entries are variable-sized; read generously, bounded. */
+  len = (size_t) n * 1024 + 65536;
+  if (len > MAX_SNAPSHOT_TABLE)
+    len = MAX_SNAPSHOT_TABLE;
+  if (q->snapshots_offset < q->alloc_end
+      && len > q->alloc_end - q->snapshots_offset)
+    len = q->alloc_end - q->snapshots_offset;
+  buf = malloc (len);
+  s = calloc (n, sizeof *s);
+  if (!buf || !s) {
+    r = -ENOMEM;
+    snprintf (err, errlen, "out of memory for the snapshot table");
+    goto fail;
+  }
+  r = read_at (q->fd, buf, len, q->snapshots_offset);
+  if (r < 0) {
+    snprintf (err, errlen, "reading the snapshot table: %s", strerror (-r));
+    goto fail;
+  }
+  for (unsigned i = 0; i < n; i++) {
+    const uint8_t *e = buf + pos;
+    uint32_t extra, id_len, name_len;
+    size_t entry;
+
+    if (pos + 40 > len)
+      goto bad;
+    s[i].l1_offset = be64_at (e);
+    s[i].l1_size = be32_at (e + 8);
+    id_len = be16_at (e + 12);
+    name_len = be16_at (e + 14);
+    extra = be32_at (e + 36);
+    entry = 40 + (size_t) extra + id_len + name_len;
+    if (extra > 1024 || pos + entry > len)
+      goto bad;
+    s[i].disk_size = extra >= 16 ? be64_at (e + 48) : q->size;
+    s[i].id = strndup ((const char *) e + 40 + extra, id_len);
+    s[i].name = strndup ((const char *) e + 40 + extra + id_len, name_len);
+    if (!s[i].id || !s[i].name) {
+      r = -ENOMEM;
+      snprintf (err, errlen, "out of memory for the snapshot table");
+      goto fail;
+    }
+    if ((s[i].l1_offset & (q->cluster_size - 1))
+        || (uint64_t) s[i].l1_size * 8 > MAX_L1_BYTES)
+      goto bad;
+    pos += round_up (entry, 8);
+  }
+  q->snapshots_bytes = pos;
+  free (buf);
+  *out = s;
+  *nout = n;
+  return 0;
+
+ bad:
+  r = -EINVAL;
+  snprintf (err, errlen, "snapshot table is corrupt");
+ fail:
+  free (buf);
+  snapshots_free (s, n);
+  return r;
+}
+
+int
+snapshot_load (struct qcow2 *q, const char *which, char *err, size_t errlen)
+{
+  struct snapshot *s;
+  unsigned n;
+  const struct snapshot *pick = NULL;
+  uint64_t bytes;
+  uint64_t *l1;
+  int r = snapshots_read (q, &s, &n, err, errlen);
+
+  if (r < 0)
+    return r;
+  for (unsigned i = 0; i < n && !pick; i++)
+    if (strcmp (s[i].name, which) == 0)
+      pick = &s[i];
+  for (unsigned i = 0; i < n && !pick; i++)
+    if (strcmp (s[i].id, which) == 0)
+      pick = &s[i];
+  if (!pick) {
+    snprintf (err, errlen, "no snapshot named or numbered '%s'", which);
+    snapshots_free (s, n);
+    return -ENOENT;
+  }
+  bytes = (uint64_t) pick->l1_size * 8;
+  l1 = aligned_alloc_zero (round_up (bytes ? bytes : 1, SECTOR));
+  if (!l1) {
+    snapshots_free (s, n);
+    snprintf (err, errlen, "out of memory");
+    return -ENOMEM;
+  }
+  r = bytes ? read_at (q->fd, l1, bytes, pick->l1_offset) : 0;
+  if (r < 0) {
+    free (l1);
+    snapshots_free (s, n);
+    snprintf (err, errlen, "reading the L1 table of snapshot '%s': %s",
+              which, strerror (-r));
+    return r;
+  }
+  /* The snapshot's own size, and never more than its L1 can map. */
+  q->size = pick->disk_size;
+  {
+    uint64_t cover = (uint64_t) pick->l1_size
+      << (q->cluster_bits + q->l2_bits);
+    if (q->size > cover)
+      q->size = cover;
+  }
+  free (q->l1);
+  q->l1 = l1;
+  q->l1_size = pick->l1_size;
+  q->l1_offset = pick->l1_offset;
+  snapshots_free (s, n);
+  return 0;
+}
