@@ -290,6 +290,8 @@ void start_writes (struct qcow2_req *req);
 bool st_link (struct qcow2_req *req);
 /* Free everything the current segment holds.  No I/O may be in flight. */
 void seg_release (struct qcow2_req *req);
+/* Record in a read's map that [pos, pos+len) is zeros or data. */
+void read_map_add (struct qcow2_req *req, uint64_t len, bool zero);
 
 /* ---- qcow2-zero.c: write-zeroes, discard and block status segments ---- */
 

@@ -116,6 +116,10 @@ raw_run (struct qcow2_req *req)
   case RS_SEGMENT:
     switch (req->type) {
     case REQ_READ:
+      if (req->ext) {
+        *req->ext_n = 1;
+        req->ext[0] = (struct qcow2_extent) { req->len, 0, 0 };
+      }
       req->state = RS_IO;
       submit (req, AIO_READ, req->buf, req->len, req->offset);
       return;

@@ -236,6 +236,7 @@ st_get_l2 (struct qcow2_req *req)
   if (off == 0) {
     if (req->type == REQ_READ && !q->backing) {
       memset (req->buf + (req->seg_off - req->offset), 0, req->seg_len);
+      read_map_add (req, req->seg_len, true);
       req->state = RS_SEGMENT;
       return true;
     }
@@ -503,6 +504,27 @@ qcow2_read (struct qcow2 *q, uint64_t offset, void *buf, size_t len,
             qcow2_done_fn *done, void *opaque)
 {
   return submit (q, REQ_READ, offset, buf, len, 0, done, opaque);
+}
+
+int
+qcow2_read_map (struct qcow2 *q, uint64_t offset, void *buf, size_t len,
+                struct qcow2_extent *map, unsigned max, unsigned *n,
+                qcow2_done_fn *done, void *opaque)
+{
+  int err;
+  struct qcow2_req *req;
+
+  if (max == 0)
+    return -EINVAL;
+  req = req_new (q, REQ_READ, offset, len, buf, 0, done, opaque, &err);
+  if (!req)
+    return err;
+  *n = 0;
+  req->ext = map;
+  req->ext_max = max;
+  req->ext_n = n;
+  req_start (req);
+  return 0;
 }
 
 int

@@ -227,6 +227,28 @@ io_start (struct qcow2_req *req, struct req_io *io, int niov)
   req->outstanding++;
 }
 
+void
+read_map_add (struct qcow2_req *req, uint64_t len, bool zero)
+{
+  uint32_t flags = zero ? QCOW2_EXTENT_HOLE | QCOW2_EXTENT_ZERO : 0;
+  unsigned n;
+
+  if (!req->ext || len == 0)
+    return;
+  n = *req->ext_n;
+  if (n > 0 && (req->ext[n - 1].flags == flags || n == req->ext_max)) {
+    /* Merge; when the map is full, calling zeros data is still true. */
+    if (req->ext[n - 1].flags != flags)
+      req->ext[n - 1].flags = 0;
+    req->ext[n - 1].length += len;
+    return;
+  }
+  req->ext[n].length = len;
+  req->ext[n].flags = flags;
+  req->ext[n].depth = 0;
+  *req->ext_n = n + 1;
+}
+
 /* Plan a read segment: zeros for holes, merged reads for data. */
 bool
 plan_read (struct qcow2_req *req)
@@ -260,6 +282,7 @@ plan_read (struct qcow2_req *req)
         req->err = r;
         break;
       }
+      read_map_add (req, cend - pos, false);
       last = NULL;
       pos = cend;
       continue;
@@ -271,6 +294,8 @@ plan_read (struct qcow2_req *req)
         ? cend : q->backing_size_bytes;
       if (bend < cend)
         memset (dst + (bend - pos), 0, cend - bend);
+      read_map_add (req, bend - pos, false);
+      read_map_add (req, cend - bend, true);
       if (last && last->from_backing && last->guest + last->len == pos) {
         last->len += bend - pos;
         last->iov[0].iov_len = last->len;
@@ -291,6 +316,7 @@ plan_read (struct qcow2_req *req)
     }
     if (entry_is_zero (q, ent) || !(ent & L2E_OFFSET_MASK)) {
       memset (dst, 0, cend - pos);
+      read_map_add (req, cend - pos, true);
       last = NULL;
       pos = cend;
       continue;
@@ -301,6 +327,7 @@ plan_read (struct qcow2_req *req)
       break;
     }
     host = (ent & L2E_OFFSET_MASK) + (pos & (cs - 1));
+    read_map_add (req, cend - pos, false);
     if (last && !last->from_backing && last->host + last->len == host) {
       last->len += cend - pos;
       last->iov[0].iov_len = last->len;

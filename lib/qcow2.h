@@ -109,6 +109,15 @@ unsigned qcow2_in_flight (const struct qcow2 *q);
  */
 int qcow2_read (struct qcow2 *q, uint64_t offset, void *buf, size_t len,
                 qcow2_done_fn *done, void *opaque);
+/* A read that also says which parts of buf are known zeros (holes, zero
+ * clusters): up to max extents in map, in order, covering [offset,
+ * offset+len), flags QCOW2_EXTENT_HOLE|QCOW2_EXTENT_ZERO for zeros, 0 for
+ * data (which may still happen to be zeros).  *n is set before done runs.
+ * For sparse NBD read replies.
+ */
+int qcow2_read_map (struct qcow2 *q, uint64_t offset, void *buf, size_t len,
+                    struct qcow2_extent *map, unsigned max, unsigned *n,
+                    qcow2_done_fn *done, void *opaque);
 int qcow2_write (struct qcow2 *q, uint64_t offset, const void *buf,
                  size_t len, unsigned flags,
                  qcow2_done_fn *done, void *opaque);

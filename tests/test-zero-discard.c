@@ -80,6 +80,44 @@ check_status (struct qcow2 *q, bool v3)
   }
 }
 
+/* qcow2_read_map over the whole disk: zero extents are zeros in the
+ * shadow, and clusters known to be holes or zero are reported as such.
+ */
+static void
+check_read_map (struct qcow2 *q)
+{
+  const uint64_t chunk = 4 << 20;
+  struct qcow2_extent map[256];
+  uint8_t *buf;
+
+  if (posix_memalign ((void **) &buf, 4096, chunk))
+    exit (1);
+  for (uint64_t off = 0; off < SIZE; off += chunk) {
+    unsigned n = 0;
+    int res = 1;
+    uint64_t pos = off;
+    CHECK (qcow2_read_map (q, off, buf, chunk, map, 256, &n, done_cb, &res)
+           == 0, "read_map submit");
+    run_until (q, &res);
+    CHECK (res == 0 && n > 0, "read_map %d", res);
+    CHECK (memcmp (buf, shadow + off, chunk) == 0, "read_map data");
+    for (unsigned i = 0; i < n; i++) {
+      bool zero = map[i].flags & QCOW2_EXTENT_ZERO;
+      for (uint64_t p = pos; p < pos + map[i].length; p += CS) {
+        if (zero)
+          CHECK (shadow[p] == 0 && shadow[p + CS - 1] == 0,
+                 "zero extent over data at %llu", (unsigned long long) p);
+        else
+          CHECK (state[p / CS] == C_DATA, "cluster %llu is %d but read as "
+                 "data", (unsigned long long) (p / CS), state[p / CS]);
+      }
+      pos += map[i].length;
+    }
+    CHECK (pos == off + chunk, "read_map covers the read");
+  }
+  free (buf);
+}
+
 static void
 run (const char *name, const char *opts, bool v3)
 {
@@ -154,6 +192,7 @@ run (const char *name, const char *opts, bool v3)
 
   CHECK (engine_equals (q, shadow, SIZE), "contents (%s)", opts);
   check_status (q, v3);
+  check_read_map (q);
   CHECK (stat (path, &st1) == 0, "stat");
   CHECK (qcow2_close (q) == 0, "close");
   CHECK (stat (path, &st2) == 0, "stat");
