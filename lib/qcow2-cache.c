@@ -183,7 +183,11 @@ submit (struct cache_entry *e, enum aio_op_type type)
 static int
 write_entry (struct cache_entry *e, bool for_flusher)
 {
-  int r;
+  struct qcow2 *q = e->cache->q;
+  int r = overlap_check (q, e->cache == &q->l2c ? META_L2 : META_REFBLOCK,
+                         e->offset, q->cluster_size);
+  if (r < 0)
+    return r;
   e->dirty = false;
   e->writing = true;
   e->for_flusher = for_flusher;

@@ -223,9 +223,11 @@ grow_reftable (struct qcow2 *q, uint64_t need)
   clusters = round_up (entries * 8, cs) / cs;
   /* Leave room for the table's own clusters and a refcount block or two. */
   clusters += 1;
-  if (clusters * cs > MAX_REFTABLE_BYTES * 4)
-    return signal_corruption (q, "refcount table would exceed %u bytes",
-                              MAX_REFTABLE_BYTES * 4);
+  if (clusters * cs > MAX_REFTABLE_BYTES * 4) {
+    qlog (q, LOG_ERR, "refcount table would exceed %u bytes",
+          MAX_REFTABLE_BYTES * 4);
+    return -EFBIG;
+  }
   t = aligned_alloc_zero (clusters * cs);
   if (!t)
     return -ENOMEM;
@@ -531,6 +533,12 @@ flush_step (struct qcow2 *q)
 
     case FL_REFTABLE:
       if (q->reftable_moved || q->reftable_dirty) {
+        r = overlap_check (q, META_REFTABLE, q->reftable_offset,
+                           (uint64_t) q->reftable_clusters << q->cluster_bits);
+        if (r < 0) {
+          fl->err = r;
+          break;
+        }
         q->reftable_dirty = false;
         submit_op (q, AIO_WRITE, q->reftable,
                    (size_t) q->reftable_clusters << q->cluster_bits,
@@ -575,6 +583,11 @@ flush_step (struct qcow2 *q)
       if (l1_dirty (q)) {
         uint64_t lo = ((uint64_t) q->l1_dirty_lo * 8) & ~(uint64_t) (SECTOR - 1);
         uint64_t hi = round_up (((uint64_t) q->l1_dirty_hi + 1) * 8, SECTOR);
+        r = overlap_check (q, META_L1, q->l1_offset + lo, hi - lo);
+        if (r < 0) {
+          fl->err = r;
+          break;
+        }
         q->l1_dirty_lo = q->l1_dirty_hi = -1;
         submit_op (q, AIO_WRITE, (char *) q->l1 + lo, hi - lo,
                    q->l1_offset + lo);

@@ -321,6 +321,22 @@ int compressed_release (struct qcow2 *q, uint64_t ent);
 int decompress_cluster (const struct qcow2 *q, const void *in, size_t inlen,
                         void *out);
 
+/* ---- qcow2-overlap.c: refuse writes that would hit other metadata ---- */
+
+enum meta_kind {
+  META_DATA,                    /* a guest data cluster */
+  META_L1,
+  META_L2,
+  META_REFTABLE,
+  META_REFBLOCK,
+};
+
+/* 0, or -EIO after marking the image corrupt when [off, off+len) overlaps
+ * metadata that a write of this kind must never touch.
+ */
+int overlap_check (struct qcow2 *q, enum meta_kind kind, uint64_t off,
+                   uint64_t len);
+
 /* ---- qcow2-snapshot.c: the internal snapshot table ---- */
 
 struct snapshot {
@@ -372,7 +388,9 @@ void qlog (struct qcow2 *q, int level, const char *fmt, ...)
   __attribute__ ((format (printf, 3, 4)));
 /* Set or clear the dirty bit in the header, durably (synchronous). */
 int set_dirty (struct qcow2 *q, bool dirty);
-/* Stop all writes to an image found inconsistent; returns -EIO. */
+/* Stop all writes to an image found inconsistent and mark it corrupt on
+ * disk (so that qemu-img check -r is needed); returns -EIO.
+ */
 int signal_corruption (struct qcow2 *q, const char *fmt, ...)
   __attribute__ ((format (printf, 2, 3)));
 void *aligned_alloc_zero (size_t size);

@@ -36,22 +36,6 @@ qlog (struct qcow2 *q, int level, const char *fmt, ...)
   q->log (q->log_opaque, level, msg);
 }
 
-int
-signal_corruption (struct qcow2 *q, const char *fmt, ...)
-{
-  char msg[400];
-  va_list ap;
-
-  va_start (ap, fmt);
-  vsnprintf (msg, sizeof msg, fmt, ap);
-  va_end (ap);
-  if (!q->broken)
-    qlog (q, LOG_ERR, "%s: image is inconsistent, refusing further writes: "
-          "%s", q->path, msg);
-  q->broken = true;
-  return -EIO;
-}
-
 void *
 aligned_alloc_zero (size_t size)
 {
@@ -99,6 +83,30 @@ sync_write (int fd, const void *buf, size_t len, uint64_t off)
     done += (size_t) r;
   }
   return 0;
+}
+
+int
+signal_corruption (struct qcow2 *q, const char *fmt, ...)
+{
+  char msg[400];
+  va_list ap;
+
+  va_start (ap, fmt);
+  vsnprintf (msg, sizeof msg, fmt, ap);
+  va_end (ap);
+  if (!q->broken) {
+    qlog (q, LOG_ERR, "%s: image is corrupt, refusing further writes: %s",
+          q->path, msg);
+    if (!q->read_only && q->version >= 3) {
+      uint64_t v = htobe64 (q->incompat | INCOMPAT_CORRUPT);
+      memcpy ((char *) q->header_sector + 72, &v, 8);
+      if (sync_write (q->fd, q->header_sector, SECTOR, 0) < 0
+          || fdatasync (q->fd) < 0)
+        qlog (q, LOG_ERR, "%s: could not mark the image corrupt", q->path);
+    }
+  }
+  q->broken = true;
+  return -EIO;
 }
 
 int

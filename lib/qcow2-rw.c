@@ -54,6 +54,15 @@ check_host_cluster (struct qcow2 *q, uint64_t off, const char *what)
           "the file)", what, (unsigned long long) off);
     return -EIO;
   }
+  /* Cheap checks only: the header, L1 and refcount tables. */
+  if ((off >= q->l1_offset && off < q->l1_offset
+       + round_up ((uint64_t) q->l1_size * 8, q->cluster_size))
+      || (off >= q->reftable_offset && off < q->reftable_offset
+          + ((uint64_t) q->reftable_clusters << q->cluster_bits))) {
+    qlog (q, LOG_ERR, "%s offset 0x%llx points into the image's own "
+          "tables", what, (unsigned long long) off);
+    return -EIO;
+  }
   return 0;
 }
 
@@ -492,6 +501,10 @@ plan_write (struct qcow2_req *req)
     int n = 0;
 
     if (!io->alloc) {
+      if (overlap_check (q, META_DATA, io->host, io->len) < 0) {
+        req->err = -EIO;
+        break;
+      }
       io->iov[0].iov_base = data;
       io->iov[0].iov_len = io->len;
       continue;
