@@ -1,0 +1,639 @@
+/* server/conn.c: the lifetime of a client connection.
+ *
+ * A connection owns its socket, its read buffer and its output queue.  It
+ * has one ev_io watcher; after every event conn_update_watchers() works out
+ * what the watcher should wait for from the state of the buffers (room to
+ * read, replies to write, the in-flight limits), so no code path has to
+ * remember to re-arm it.
+ *
+ * States (enum conn_state):
+ *
+ *   CONN_GREETING --client flags--> CONN_HANDSHAKE --GO/EXPORT_NAME-->
+ *   CONN_TRANSMISSION --DISC, EOF, SIGTERM and idle--> CONN_CLOSING
+ *   --all replied--> CONN_DEAD --last engine callback--> freed
+ *
+ * A broken stream (bad magic, socket error, hostile client) goes straight
+ * to CONN_DEAD.  A dead connection is freed only when no request of it is
+ * still inside the engine: each such request holds a reference
+ * (engine_refs), because its completion callback will still run.
+ *
+ * Completion callbacks run inside qcow2_process(); they queue replies and
+ * mark the connection pending.  conn_run_pending(), called by the loop
+ * right after qcow2_process(), then writes each pending connection's
+ * replies (many in one writev) and parses input the limits held back.
+ */
+#ifdef HAVE_CONFIG_H
+#include <config.h>
+#endif
+
+#include <assert.h>
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+/* iovecs per sendmsg. */
+#define IOV_BATCH 64
+
+/* Handshake replies queued and unread beyond which no more options are
+ * parsed (a client that sends options without reading the answers).
+ */
+#define HANDSHAKE_MAX_OUTPUT (64u * 1024)
+
+static struct conn *conns;              /* every connection; order unused */
+static unsigned nr_conns;
+static unsigned last_id;
+
+/* Connections to run after the engine's completions.  LIFO: the order
+ * does not matter, each is run once.
+ */
+static struct conn *pending_head;
+
+static void conn_io_cb (struct ev_loop *l, ev_io *w, int revents);
+static void conn_step (struct conn *c);
+static void conn_update_watchers (struct conn *c);
+
+int
+conn_new (int fd)
+{
+  struct conn *c;
+
+  c = calloc (1, sizeof *c);
+  if (c == NULL || (c->rbuf = malloc (CONN_RBUF_SIZE)) == NULL) {
+    log_error ("new connection: %m");
+    free (c);
+    close (fd);
+    return -1;
+  }
+  c->id = ++last_id;
+  c->fd = fd;
+  c->state = CONN_GREETING;
+  c->out_tail = &c->out_head;
+  ev_io_init (&c->io, conn_io_cb, fd, 0);
+  c->io.data = c;
+
+  c->next = conns;
+  if (conns)
+    conns->prev = c;
+  conns = c;
+  nr_conns++;
+  log_info ("client %u: connected (%u connection%s)",
+            c->id, nr_conns, nr_conns == 1 ? "" : "s");
+
+  /* Send the greeting at once rather than after a loop iteration. */
+  handshake_start (c);
+  conn_step (c);
+  conn_update_watchers (c);
+  return 0;
+}
+
+unsigned
+conn_count (void)
+{
+  return nr_conns;
+}
+
+static void
+conn_free (struct conn *c)
+{
+  assert (c->state == CONN_DEAD);
+  assert (c->fd == -1);
+  assert (c->engine_refs == 0);
+  assert (c->in_flight == 0);
+  assert (c->buffered == 0);
+  assert (c->out_head == NULL);
+  assert (c->rx_done == NULL);
+  assert (!c->pending);
+  assert (!ev_is_active (&c->io));
+
+  if (c->prev)
+    c->prev->next = c->next;
+  else
+    conns = c->next;
+  if (c->next)
+    c->next->prev = c->prev;
+  nr_conns--;
+  log_debug ("client %u: freed", c->id);
+  free (c->rbuf);
+  free (c);
+  loop_conn_freed ();
+}
+
+/* ------------------------------------------------------------------ */
+/* Input.                                                              */
+/* ------------------------------------------------------------------ */
+
+bool
+conn_has_room (const struct conn *c)
+{
+  return c->in_flight < CONN_MAX_IN_FLIGHT &&
+    c->buffered < CONN_MAX_BUFFERED;
+}
+
+const unsigned char *
+conn_input (const struct conn *c, size_t *len)
+{
+  *len = c->rend - c->rstart;
+  return c->rbuf + c->rstart;
+}
+
+void
+conn_consume (struct conn *c, size_t n)
+{
+  assert (n <= c->rend - c->rstart);
+  c->rstart += n;
+  if (c->rstart == c->rend)
+    c->rstart = c->rend = 0;
+}
+
+void
+conn_recv_payload (struct conn *c, void *buf, size_t len,
+                   conn_payload_fn *done, void *opaque)
+{
+  assert (len > 0);
+  assert (c->rx_done == NULL && c->rx_want == 0);
+  c->rx_buf = buf;
+  c->rx_want = len;
+  c->rx_done = done;
+  c->rx_opaque = opaque;
+}
+
+/* The payload is complete (ok), or will never be (!ok). */
+static void
+finish_payload (struct conn *c, bool ok)
+{
+  conn_payload_fn *done = c->rx_done;
+  void *opaque = c->rx_opaque;
+
+  assert (done != NULL);
+  c->rx_buf = NULL;
+  c->rx_want = 0;
+  c->rx_done = NULL;
+  c->rx_opaque = NULL;
+  done (c, opaque, ok);
+}
+
+/* Should the socket be read now? */
+static bool
+want_read (const struct conn *c)
+{
+  switch (c->state) {
+  case CONN_GREETING:
+  case CONN_HANDSHAKE:
+    return c->rend < CONN_RBUF_SIZE || c->rstart > 0;
+  case CONN_TRANSMISSION:
+    /* A payload in progress is always read: it is already paid for. */
+    if (c->rx_want > 0)
+      return true;
+    return conn_has_room (c) &&
+      (c->rend < CONN_RBUF_SIZE || c->rstart > 0);
+  case CONN_CLOSING:
+  case CONN_DEAD:
+    return false;
+  }
+  abort ();
+}
+
+/* The client has gone (end of file). */
+static void
+conn_eof (struct conn *c)
+{
+  if (c->rx_done) {
+    log_info ("client %u: disconnected in the middle of a request", c->id);
+    finish_payload (c, false);
+  }
+  else
+    log_debug ("client %u: end of input", c->id);
+
+  /* In transmission, what is in flight is still answered (the client may
+   * only have shut down its sending side); otherwise there is nothing
+   * worth finishing.
+   */
+  if (c->state == CONN_TRANSMISSION)
+    conn_closing (c);
+  else
+    conn_set_dead (c);
+}
+
+/* Read what the socket has.  Payload bytes go straight into the payload
+ * buffer when nothing is buffered before them; the rest into rbuf.
+ */
+static void
+conn_recv (struct conn *c)
+{
+  struct iovec iov[2];
+  int n = 0;
+  ssize_t r;
+  size_t direct = 0;
+
+  if (!want_read (c))
+    return;
+
+  /* Keep the unparsed bytes at the start of rbuf.  They are few (less
+   * than one request header, or one option during the handshake).
+   */
+  if (c->rstart > 0) {
+    memmove (c->rbuf, c->rbuf + c->rstart, c->rend - c->rstart);
+    c->rend -= c->rstart;
+    c->rstart = 0;
+  }
+
+  if (c->rx_want > 0 && c->rx_buf && c->rend == 0) {
+    iov[n].iov_base = c->rx_buf;
+    iov[n].iov_len = c->rx_want;
+    direct = c->rx_want;
+    n++;
+  }
+  if (c->rend < CONN_RBUF_SIZE) {
+    iov[n].iov_base = c->rbuf + c->rend;
+    iov[n].iov_len = CONN_RBUF_SIZE - c->rend;
+    n++;
+  }
+  if (n == 0)
+    return;
+
+  do
+    r = readv (c->fd, iov, n);
+  while (r < 0 && errno == EINTR);
+  if (r < 0) {
+    if (errno == EAGAIN || errno == EWOULDBLOCK)
+      return;
+    if (errno == ECONNRESET)
+      log_debug ("client %u: read: %m", c->id);
+    else
+      log_info ("client %u: read: %m", c->id);
+    conn_set_dead (c);
+    return;
+  }
+  if (r == 0) {
+    conn_eof (c);
+    return;
+  }
+
+  if (direct > 0) {
+    size_t d = (size_t) r < direct ? (size_t) r : direct;
+
+    c->rx_buf += d;
+    c->rx_want -= d;
+    r -= d;
+    if (c->rx_want == 0)
+      finish_payload (c, true);
+  }
+  c->rend += r;
+}
+
+/* Parse what rbuf holds, as far as the state and the limits allow. */
+static void
+process_input (struct conn *c)
+{
+  for (;;) {
+    if (c->rx_want > 0) {
+      size_t avail = c->rend - c->rstart;
+      size_t n = avail < c->rx_want ? avail : c->rx_want;
+
+      if (n == 0)
+        return;
+      if (c->rx_buf) {
+        memcpy (c->rx_buf, c->rbuf + c->rstart, n);
+        c->rx_buf += n;
+      }
+      c->rx_want -= n;
+      conn_consume (c, n);
+      if (c->rx_want > 0)
+        return;
+      finish_payload (c, true);
+      continue;
+    }
+
+    switch (c->state) {
+    case CONN_GREETING:
+    case CONN_HANDSHAKE:
+      if (c->out_bytes > HANDSHAKE_MAX_OUTPUT || !handshake_step (c))
+        return;
+      break;
+    case CONN_TRANSMISSION:
+      if (!request_step (c))
+        return;
+      break;
+    case CONN_CLOSING:
+    case CONN_DEAD:
+      return;
+    }
+  }
+}
+
+/* ------------------------------------------------------------------ */
+/* Output.                                                             */
+/* ------------------------------------------------------------------ */
+
+static size_t
+reply_length (const struct reply *r)
+{
+  return r->iov[0].iov_len + r->iov[1].iov_len;
+}
+
+void
+conn_queue_reply (struct conn *c, struct reply *r)
+{
+  r->next = NULL;
+  r->sent = 0;
+  if (c->state == CONN_DEAD) {
+    /* Nobody to send it to. */
+    r->release (r);
+    return;
+  }
+  *c->out_tail = r;
+  c->out_tail = &r->next;
+  c->out_bytes += reply_length (r);
+}
+
+static void
+release_copy (struct reply *r)
+{
+  free (r);
+}
+
+int
+conn_queue_copy (struct conn *c, const void *hdr, size_t hlen,
+                 const void *data, size_t dlen)
+{
+  struct reply *r;
+  unsigned char *p;
+
+  r = malloc (sizeof *r + hlen + dlen);
+  if (r == NULL) {
+    log_error ("client %u: %m", c->id);
+    conn_set_dead (c);
+    return -1;
+  }
+  p = (unsigned char *) (r + 1);
+  memcpy (p, hdr, hlen);
+  if (dlen)
+    memcpy (p + hlen, data, dlen);
+  r->iov[0].iov_base = p;
+  r->iov[0].iov_len = hlen + dlen;
+  r->iov[1].iov_base = NULL;
+  r->iov[1].iov_len = 0;
+  r->release = release_copy;
+  conn_queue_reply (c, r);
+  return 0;
+}
+
+/* Drop the first reply of the queue (written, or the socket is gone). */
+static void
+pop_reply (struct conn *c)
+{
+  struct reply *r = c->out_head;
+
+  c->out_head = r->next;
+  if (c->out_head == NULL)
+    c->out_tail = &c->out_head;
+  r->release (r);
+}
+
+/* Write as much of the output queue as the socket takes.  Returns the
+ * number of replies written completely.
+ */
+static unsigned
+conn_send (struct conn *c)
+{
+  unsigned done = 0;
+
+  while (c->out_head && c->fd >= 0) {
+    struct iovec iov[IOV_BATCH];
+    struct msghdr msg = { .msg_iov = iov };
+    struct reply *r;
+    size_t skip, w;
+    ssize_t n;
+    int i = 0, k;
+
+    /* Gather several replies; skip what of the first is already sent. */
+    skip = c->out_head->sent;
+    for (r = c->out_head; r && i + 2 <= IOV_BATCH; r = r->next) {
+      for (k = 0; k < 2; k++) {
+        size_t len = r->iov[k].iov_len;
+
+        if (skip >= len) {
+          skip -= len;
+          continue;
+        }
+        iov[i].iov_base = (char *) r->iov[k].iov_base + skip;
+        iov[i].iov_len = len - skip;
+        skip = 0;
+        i++;
+      }
+    }
+    msg.msg_iovlen = i;
+
+    n = sendmsg (c->fd, &msg, MSG_NOSIGNAL);
+    if (n < 0) {
+      if (errno == EINTR)
+        continue;
+      if (errno == EAGAIN || errno == EWOULDBLOCK)
+        break;
+      /* A client that hangs up without reading its replies is common
+       * (NBD_OPT_ABORT, a killed client): not worth more than debug.
+       */
+      if (errno == EPIPE || errno == ECONNRESET)
+        log_debug ("client %u: write: %m", c->id);
+      else
+        log_info ("client %u: write: %m", c->id);
+      conn_set_dead (c);
+      break;
+    }
+
+    /* Retire what was written. */
+    w = n;
+    c->out_bytes -= w;
+    while (w > 0) {
+      r = c->out_head;
+      size_t left = reply_length (r) - r->sent;
+
+      if (w < left) {
+        r->sent += w;
+        break;
+      }
+      w -= left;
+      pop_reply (c);
+      done++;
+    }
+  }
+  return done;
+}
+
+/* ------------------------------------------------------------------ */
+/* State changes.                                                      */
+/* ------------------------------------------------------------------ */
+
+void
+conn_closing (struct conn *c)
+{
+  if (c->state == CONN_CLOSING || c->state == CONN_DEAD)
+    return;
+  if (c->rx_done)
+    finish_payload (c, false);
+  c->state = CONN_CLOSING;
+  log_debug ("client %u: closing (%u request%s in flight)",
+             c->id, c->in_flight, c->in_flight == 1 ? "" : "s");
+}
+
+void
+conn_set_dead (struct conn *c)
+{
+  if (c->state == CONN_DEAD)
+    return;
+  if (c->rx_done)
+    finish_payload (c, false);
+  c->state = CONN_DEAD;
+
+  if (ev_is_active (&c->io))
+    ev_io_stop (loop, &c->io);
+  c->events = 0;
+  close (c->fd);
+  c->fd = -1;
+
+  while (c->out_head)
+    pop_reply (c);
+  c->out_bytes = 0;
+  c->rstart = c->rend = 0;
+  log_info ("client %u: disconnected", c->id);
+}
+
+/* Set the watcher's interest from the connection's state.  Closes a
+ * connection that has finished closing, and frees a dead one that the
+ * engine no longer refers to: c may be gone when this returns.
+ */
+static void
+conn_update_watchers (struct conn *c)
+{
+  int events = 0;
+
+  /* Shutting down and nothing left to answer: close (the client was told
+   * ESHUTDOWN about anything it sent since).
+   */
+  if (c->state == CONN_TRANSMISSION && c->shutdown && c->in_flight == 0)
+    conn_closing (c);
+
+  if (c->state == CONN_CLOSING && c->engine_refs == 0 &&
+      c->out_head == NULL) {
+    assert (c->in_flight == 0);
+    conn_set_dead (c);
+  }
+  if (c->state == CONN_DEAD) {
+    if (c->engine_refs == 0 && !c->pending)
+      conn_free (c);
+    return;
+  }
+
+  if (want_read (c))
+    events |= EV_READ;
+  if (c->out_head)
+    events |= EV_WRITE;
+
+  if (events != c->events) {
+    if (ev_is_active (&c->io))
+      ev_io_stop (loop, &c->io);
+    if (events) {
+      ev_io_set (&c->io, c->fd, events);
+      ev_io_start (loop, &c->io);
+    }
+    c->events = events;
+  }
+
+  /* A live connection always waits for something: its socket or the
+   * engine.  Otherwise nothing would ever wake it again.
+   */
+  assert (events != 0 || c->engine_refs > 0);
+}
+
+/* Parse and write until neither makes progress.  Writing replies can make
+ * room for more requests, parsing requests can queue more replies.
+ */
+static void
+conn_step (struct conn *c)
+{
+  for (;;) {
+    process_input (c);
+    if (conn_send (c) == 0 || c->state == CONN_DEAD || c->rend == c->rstart)
+      break;
+  }
+}
+
+static void
+conn_io_cb (struct ev_loop *l, ev_io *w, int revents)
+{
+  struct conn *c = w->data;
+
+  (void) l;
+  if (revents & EV_READ)
+    conn_recv (c);
+  if (c->state != CONN_DEAD)
+    conn_step (c);
+  conn_update_watchers (c);
+}
+
+void
+conn_mark_pending (struct conn *c)
+{
+  if (!c->pending) {
+    c->pending = true;
+    c->pending_next = pending_head;
+    pending_head = c;
+  }
+}
+
+void
+conn_run_pending (void)
+{
+  while (pending_head) {
+    struct conn *c = pending_head;
+
+    pending_head = c->pending_next;
+    c->pending_next = NULL;
+    c->pending = false;
+    if (c->state != CONN_DEAD)
+      conn_step (c);
+    conn_update_watchers (c);
+  }
+}
+
+void
+conn_shutdown_all (void)
+{
+  struct conn *c, *next;
+
+  for (c = conns; c; c = next) {
+    next = c->next;
+    switch (c->state) {
+    case CONN_GREETING:
+    case CONN_HANDSHAKE:
+      conn_set_dead (c);
+      break;
+    case CONN_TRANSMISSION:
+      c->shutdown = true;
+      break;
+    case CONN_CLOSING:
+    case CONN_DEAD:
+      break;
+    }
+    if (!c->pending)
+      conn_update_watchers (c);
+  }
+}
+
+void
+conn_kill_all (void)
+{
+  struct conn *c, *next;
+
+  for (c = conns; c; c = next) {
+    next = c->next;
+    conn_set_dead (c);
+    if (!c->pending)
+      conn_update_watchers (c);
+  }
+}

@@ -1,0 +1,177 @@
+/* server/export.c: the exports, each a name and a description over one
+ * open image.
+ *
+ * An image is opened once, whatever the number of connections to it: all
+ * of them drive the same engine, which is what makes multi-conn safe (a
+ * flush on one connection covers the writes completed on every other).
+ * The command line gives one export today; the list is ready for more.
+ */
+#ifdef HAVE_CONFIG_H
+#include <config.h>
+#endif
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+
+static struct export *exports;          /* in creation order */
+static struct export **exports_tail = &exports;
+
+int
+export_add (const char *name, const char *description, const char *path,
+            const struct qcow2_opts *opts)
+{
+  struct export *e;
+  struct qcow2_opts o = *opts;
+  char err[256] = "";
+  int r;
+
+  if (strlen (name) > NBD_MAX_STRING) {
+    log_error ("export name is longer than %d bytes", NBD_MAX_STRING);
+    return -1;
+  }
+  if (description && strlen (description) > NBD_MAX_STRING) {
+    log_error ("description is longer than %d bytes", NBD_MAX_STRING);
+    return -1;
+  }
+  for (e = exports; e; e = e->next) {
+    if (strcmp (e->name, name) == 0) {
+      log_error ("export name '%s' is used twice", name);
+      return -1;
+    }
+  }
+
+  e = calloc (1, sizeof *e);
+  if (e == NULL ||
+      (e->name = strdup (name)) == NULL ||
+      (e->path = strdup (path)) == NULL ||
+      (description && (e->description = strdup (description)) == NULL)) {
+    log_error ("%s: %m", path);
+    goto fail;
+  }
+
+  /* The engine's messages name the image. */
+  o.log = log_engine;
+  o.log_opaque = e->path;
+
+  /* An image that cannot be opened is reported in exactly one line: what
+   * the engine logs on the way is only for -vv.
+   */
+  log_engine_quiet = true;
+  r = qcow2_open (path, &o, &e->q, err, sizeof err);
+  log_engine_quiet = false;
+  if (r < 0) {
+    log_error ("%s: %s", path, err[0] ? err : strerror (-r));
+    goto fail;
+  }
+  e->read_only = opts->read_only || qcow2_read_only (e->q);
+
+  log_debug ("export '%s': %s, %" PRIu64 " bytes, cluster size %" PRIu32
+             ", %s%s I/O", e->name, e->path, qcow2_size (e->q),
+             qcow2_cluster_size (e->q), qcow2_aio_name (e->q),
+             opts->direct ? " O_DIRECT" : "");
+
+  *exports_tail = e;
+  exports_tail = &e->next;
+  return 0;
+
+ fail:
+  if (e) {
+    free (e->name);
+    free (e->path);
+    free (e->description);
+    free (e);
+  }
+  return -1;
+}
+
+struct export *
+export_first (void)
+{
+  return exports;
+}
+
+struct export *
+export_find (const char *name, size_t len)
+{
+  struct export *e;
+
+  for (e = exports; e; e = e->next) {
+    if (strlen (e->name) == len && memcmp (e->name, name, len) == 0)
+      return e;
+  }
+  /* "" is the default export (NBD protocol), which is the first one. */
+  if (len == 0)
+    return exports;
+  return NULL;
+}
+
+uint16_t
+export_eflags (const struct export *e)
+{
+  uint16_t flags = NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_FLUSH |
+    NBD_FLAG_SEND_FUA | NBD_FLAG_CAN_MULTI_CONN;
+
+  if (e->read_only)
+    flags |= NBD_FLAG_READ_ONLY;
+  return flags;
+}
+
+void
+export_block_size (const struct export *e, uint32_t *minimum,
+                   uint32_t *preferred, uint32_t *maximum)
+{
+  uint32_t cluster = qcow2_cluster_size (e->q);
+
+  /* Smaller requests than the engine's alignment are refused by it. */
+  *minimum = qcow2_min_align (e->q);
+  if (*minimum < 1)
+    *minimum = 1;
+
+  /* A write of a whole cluster needs no copy-on-write: that is the size
+   * at which I/O is efficient.  Clamp it to what clients expect of a
+   * preferred size (a power of 2 of at least 512, well below the maximum
+   * payload).
+   */
+  *preferred = cluster;
+  if (*preferred < 4096)
+    *preferred = 4096;
+  if (*preferred > 2u * 1024 * 1024)
+    *preferred = 2u * 1024 * 1024;
+  if (*preferred < *minimum)
+    *preferred = *minimum;
+
+  *maximum = MAX_PAYLOAD;
+}
+
+int
+export_close_all (void)
+{
+  struct export *e, *next;
+  int ret = 0, r;
+
+  for (e = exports; e; e = next) {
+    next = e->next;
+    if (loop && ev_is_active (&e->io))
+      ev_io_stop (loop, &e->io);
+    if (e->q) {
+      r = qcow2_close (e->q);
+      if (r < 0) {
+        log_error ("%s: closing the image: %s", e->path, strerror (-r));
+        ret = -1;
+      }
+      else
+        log_debug ("export '%s' closed", e->name);
+    }
+    free (e->name);
+    free (e->description);
+    free (e->path);
+    free (e);
+  }
+  exports = NULL;
+  exports_tail = &exports;
+  return ret;
+}

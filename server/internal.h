@@ -1,0 +1,365 @@
+/* server/internal.h: what the daemon's files share.
+ *
+ * One section per source file, listing that file's structs and externs, so
+ * that a declaration tells where its definition lives.  Nothing here is
+ * visible outside server/.
+ *
+ * The whole daemon runs on one thread, the libev loop: no locks anywhere.
+ */
+#ifndef QNBD_SERVER_INTERNAL_H
+#define QNBD_SERVER_INTERNAL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/uio.h>
+
+#include <ev.h>
+
+#include "qcow2.h"
+#include "nbd-protocol.h"
+
+#define QNBD_PRINTF(fmt, args) __attribute__ ((__format__ (__printf__, fmt, args)))
+
+/* ------------------------------------------------------------------ */
+/* Limits.                                                             */
+/* ------------------------------------------------------------------ */
+
+/* Largest READ/WRITE payload; advertised as the maximum block size. */
+#define MAX_PAYLOAD         (32u * 1024 * 1024)
+
+/* Longest option data accepted during the handshake: more is a hostile
+ * client, which is disconnected.
+ */
+#define MAX_OPTION_LENGTH   (64u * 1024)
+
+/* Options one client may send before it is disconnected. */
+#define MAX_OPTIONS         64
+
+/* Per connection: requests received and not yet answered, and the data
+ * bytes they hold.  Past either, the socket is not read.
+ */
+#define CONN_MAX_IN_FLIGHT  64
+#define CONN_MAX_BUFFERED   (64u * 1024 * 1024)
+
+/* Size of a connection's read buffer: holds the largest option with its
+ * header, and many request headers at a time.
+ */
+#define CONN_RBUF_SIZE      (128u * 1024)
+
+/* Alignment of request data buffers (O_DIRECT needs it). */
+#define BUFFER_ALIGN        4096
+
+/* ------------------------------------------------------------------ */
+/* main.c                                                              */
+/* ------------------------------------------------------------------ */
+
+/* (main.c has no externs: it parses options and calls the others.) */
+
+/* ------------------------------------------------------------------ */
+/* log.c                                                               */
+/* ------------------------------------------------------------------ */
+
+/* 0: errors and warnings only; 1 (-v): and information; 2 (-vv): and
+ * debugging.
+ */
+extern int log_verbosity;
+
+/* Print one line to stderr, prefixed "qnbd: ".  errno is preserved, so
+ * "%m" works in the format.
+ */
+void log_error (const char *fmt, ...) QNBD_PRINTF (1, 2);
+void log_warning (const char *fmt, ...) QNBD_PRINTF (1, 2);
+void log_info (const char *fmt, ...) QNBD_PRINTF (1, 2);
+void log_debug (const char *fmt, ...) QNBD_PRINTF (1, 2);
+
+/* The engine's log hook (struct qcow2_opts.log).  While log_engine_quiet
+ * is set, the engine's messages are demoted to debugging: qcow2_open
+ * failures are reported by the caller as one line of their own.
+ */
+void log_engine (void *opaque, int level, const char *msg);
+extern bool log_engine_quiet;
+
+/* ------------------------------------------------------------------ */
+/* export.c                                                            */
+/* ------------------------------------------------------------------ */
+
+/* One image served under one name.  Every connection to it shares the one
+ * open engine, so the effects of a flush are seen by all of them
+ * (NBD_FLAG_CAN_MULTI_CONN).
+ */
+struct export {
+  struct export *next;          /* list of all exports, in creation order */
+  char *name;                   /* export name ("" is the default) */
+  char *description;            /* NBD_INFO_DESCRIPTION, or NULL */
+  char *path;                   /* image file */
+  struct qcow2 *q;              /* the open image */
+  bool read_only;               /* served read-only */
+  ev_io io;                     /* on qcow2_fd (q); io.data == this */
+};
+
+/* Open the image at path and add it under name.  On failure prints one
+ * line "qnbd: PATH: reason" and returns -1; returns 0 on success.
+ */
+int export_add (const char *name, const char *description,
+                const char *path, const struct qcow2_opts *opts);
+
+/* The first export (the default one), or NULL when there is none. */
+struct export *export_first (void);
+
+/* The export called name (len bytes, not NUL-terminated), or NULL.  The
+ * empty name finds the default export when no export is called "".
+ */
+struct export *export_find (const char *name, size_t len);
+
+/* NBD transmission flags of the export. */
+uint16_t export_eflags (const struct export *e);
+
+/* Block size constraints of the export (NBD_INFO_BLOCK_SIZE). */
+void export_block_size (const struct export *e, uint32_t *minimum,
+                        uint32_t *preferred, uint32_t *maximum);
+
+/* Close every export (flushing it) and free the list.  Returns 0, or -1
+ * if some image failed to close cleanly (logged).
+ */
+int export_close_all (void);
+
+/* ------------------------------------------------------------------ */
+/* loop.c                                                              */
+/* ------------------------------------------------------------------ */
+
+/* The libev loop everything runs on. */
+extern struct ev_loop *loop;
+
+/* Set up the loop, SIGTERM/SIGINT handling, and ignore SIGPIPE.  Returns 0
+ * or -1 (logged).
+ */
+int loop_init (void);
+
+/* Maximum simultaneous connections (0: no limit). */
+void loop_set_max_connections (unsigned n);
+
+/* Listen on a new Unix socket at path (a stale socket file is removed
+ * first; the file is removed again at exit).  Returns 0 or -1 (logged).
+ */
+int loop_listen_unix (const char *path);
+
+/* Listen on TCP port on addr (NULL: every address, IPv4 and IPv6).
+ * Returns 0 or -1 (logged).
+ */
+int loop_listen_tcp (const char *addr, const char *port);
+
+/* Listen on an inherited, already listening socket (systemd).  Returns 0
+ * or -1 (logged).
+ */
+int loop_listen_fd (int fd);
+
+/* Watch the engine descriptor of e and run its completions. */
+void loop_watch_export (struct export *e);
+
+/* Run until a SIGTERM/SIGINT has been handled and every connection has
+ * gone.  Returns 0.
+ */
+int loop_run (void);
+
+/* Remove the Unix socket files created by loop_listen_unix, close the
+ * listeners and free the loop's state.
+ */
+void loop_cleanup (void);
+
+/* Called by conn.c when a connection has been freed. */
+void loop_conn_freed (void);
+
+/* ------------------------------------------------------------------ */
+/* conn.c                                                              */
+/* ------------------------------------------------------------------ */
+
+struct conn;
+
+/* One message on a connection's output queue: a header and an optional
+ * payload, written with writev.
+ */
+struct reply {
+  struct reply *next;           /* output queue, in order of writing */
+  struct iovec iov[2];          /* header, payload (iov_len may be 0) */
+  size_t sent;                  /* bytes of iov[0] + iov[1] already written */
+  void (*release) (struct reply *r); /* once written, or dropped */
+  unsigned char hdr[128];       /* storage iov[0] may point to */
+};
+
+enum conn_state {
+  CONN_GREETING,                /* greeting sent, waiting for the client flags */
+  CONN_HANDSHAKE,               /* option haggling */
+  CONN_TRANSMISSION,            /* reading requests, sending replies */
+  CONN_CLOSING,                 /* no more reading: finish in-flight requests,
+                                   write the queued replies, then close */
+  CONN_DEAD,                    /* socket closed; freed once no engine
+                                   request refers to it */
+};
+
+/* Called when a payload asked for with conn_recv_payload has fully
+ * arrived (ok) or will never arrive (!ok: the connection is going away).
+ */
+typedef void conn_payload_fn (struct conn *c, void *opaque, bool ok);
+
+/* A client connection.  Found from its watcher through io.data. */
+struct conn {
+  struct conn *prev, *next;     /* every connection (conn.c) */
+  struct conn *pending_next;    /* the run-after-completions list */
+  bool pending;                 /* on that list */
+  unsigned id;                  /* for log messages */
+  int fd;                       /* the socket, -1 once closed */
+  ev_io io;                     /* on fd; io.data == this */
+  int events;                   /* EV_READ/EV_WRITE interest set on io */
+  enum conn_state state;
+
+  /* Input: unparsed bytes are rbuf[rstart, rend). */
+  unsigned char *rbuf;          /* CONN_RBUF_SIZE bytes */
+  size_t rstart, rend;
+
+  /* A payload being received (rx_want > 0), into rx_buf, or thrown away
+   * when rx_buf is NULL.  Bytes go straight from the socket into rx_buf
+   * when rbuf is empty.
+   */
+  unsigned char *rx_buf;        /* where the next payload byte goes */
+  size_t rx_want;               /* payload bytes still to come */
+  conn_payload_fn *rx_done;     /* called once rx_want reaches 0 */
+  void *rx_opaque;
+
+  /* Negotiated during the handshake. */
+  bool no_zeroes;               /* NBD_FLAG_C_NO_ZEROES */
+  bool structured;              /* NBD_OPT_STRUCTURED_REPLY acknowledged */
+  unsigned nr_options;          /* options received so far */
+  struct export *exp;           /* the export, from transmission on */
+  uint16_t eflags;              /* its transmission flags */
+  bool shutdown;                /* server shutting down: new requests get
+                                   ESHUTDOWN, close once idle */
+
+  /* Transmission.  A request counts in in_flight from its header until
+   * its reply is written (or dropped), and in engine_refs while the engine
+   * holds it (its completion callback has not run).  A dead connection is
+   * freed only once engine_refs is 0.
+   */
+  unsigned in_flight;
+  unsigned engine_refs;
+  size_t buffered;              /* data bytes held by in-flight requests */
+
+  /* Output queue. */
+  struct reply *out_head;
+  struct reply **out_tail;
+  size_t out_bytes;             /* bytes queued and not yet written */
+};
+
+/* Take over an accepted, non-blocking socket: start the handshake.
+ * Returns 0 or -1 (logged; fd is closed either way on failure).
+ */
+int conn_new (int fd);
+
+/* Number of live connections (not yet freed). */
+unsigned conn_count (void);
+
+/* Whether c may take another request: under both in-flight limits. */
+bool conn_has_room (const struct conn *c);
+
+/* Unparsed input: *len bytes at the returned pointer. */
+const unsigned char *conn_input (const struct conn *c, size_t *len);
+
+/* Mark n bytes of the unparsed input as used. */
+void conn_consume (struct conn *c, size_t n);
+
+/* Receive the next len bytes (len > 0) of the stream into buf (NULL:
+ * discard them), then call done.  done is never called from inside this
+ * call, but from the input processing that follows it.
+ */
+void conn_recv_payload (struct conn *c, void *buf, size_t len,
+                        conn_payload_fn *done, void *opaque);
+
+/* Append r to the output queue. */
+void conn_queue_reply (struct conn *c, struct reply *r);
+
+/* Queue one message: copies hdr (hlen bytes) then data (dlen bytes) into
+ * a new reply.  Returns 0, or -1 when out of memory (the connection is
+ * then closed).
+ */
+int conn_queue_copy (struct conn *c, const void *hdr, size_t hlen,
+                     const void *data, size_t dlen);
+
+/* Stop reading: finish in-flight requests, write their replies, close. */
+void conn_closing (struct conn *c);
+
+/* Close the socket now and drop everything queued (broken stream). */
+void conn_set_dead (struct conn *c);
+
+/* Note that c needs attention after the engine's completions: its replies
+ * are written and its watchers updated by conn_run_pending.
+ */
+void conn_mark_pending (struct conn *c);
+
+/* Run every connection marked pending. */
+void conn_run_pending (void);
+
+/* Server shutdown: connections still in the handshake are closed; the
+ * others finish what is in flight, answer new requests with ESHUTDOWN
+ * (so that the client disconnects), and are closed once idle.
+ */
+void conn_shutdown_all (void);
+
+/* Close every connection at once (the shutdown took too long). */
+void conn_kill_all (void);
+
+/* ------------------------------------------------------------------ */
+/* nbd-handshake.c                                                     */
+/* ------------------------------------------------------------------ */
+
+/* Queue the greeting of a new connection (it is in CONN_GREETING). */
+void handshake_start (struct conn *c);
+
+/* Parse one message of the handshake from the input.  Returns true when
+ * something was consumed (call again), false when more input is needed or
+ * the handshake cannot go on now.
+ */
+bool handshake_step (struct conn *c);
+
+/* ------------------------------------------------------------------ */
+/* nbd-request.c                                                       */
+/* ------------------------------------------------------------------ */
+
+/* Parse one request of the transmission phase from the input and start
+ * it.  Returns true when a request was consumed (call again), false when
+ * more input is needed, the connection is full (in-flight limits), or it
+ * is no longer transmitting.
+ */
+bool request_step (struct conn *c);
+
+/* ------------------------------------------------------------------ */
+/* nbd-reply.c                                                         */
+/* ------------------------------------------------------------------ */
+
+/* Fill r (its hdr and iov) as a simple reply: error err (a positive
+ * errno, 0 for success) and, on success, len bytes of data (a READ).
+ */
+void reply_simple (struct reply *r, uint64_t cookie, int err,
+                   void *data, size_t len);
+
+/* Fill r as the only chunk of a successful structured READ reply: one
+ * NBD_REPLY_TYPE_OFFSET_DATA chunk with NBD_REPLY_FLAG_DONE.  len > 0.
+ */
+void reply_structured_data (struct reply *r, uint64_t cookie,
+                            uint64_t offset, void *data, size_t len);
+
+/* Fill r as NBD_REPLY_TYPE_NONE with NBD_REPLY_FLAG_DONE (success). */
+void reply_structured_done (struct reply *r, uint64_t cookie);
+
+/* Fill r as NBD_REPLY_TYPE_ERROR with NBD_REPLY_FLAG_DONE: error err (a
+ * positive errno), with message msg (NULL: strerror (err)).
+ */
+void reply_structured_error (struct reply *r, uint64_t cookie, int err,
+                             const char *msg);
+
+/* The NBD_E* value to send for the positive errno err.  The one place
+ * where errno becomes a wire value; errno values that NBD lacks are logged
+ * (debug) before they are folded into NBD_EIO.
+ */
+uint32_t reply_nbd_errno (int err);
+
+#endif /* QNBD_SERVER_INTERNAL_H */

@@ -1,0 +1,435 @@
+/* server/main.c: the command line and startup of qnbd.
+ *
+ * Parse the options, open the image (an image that cannot be opened is one
+ * line on stderr and exit status 1), listen (Unix socket, TCP, or the
+ * sockets systemd passes), write the pid file, tell systemd we are ready,
+ * run the loop until SIGTERM, then close the image, which flushes it.
+ */
+#ifdef HAVE_CONFIG_H
+#include <config.h>
+#endif
+
+#include <errno.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+#ifndef PACKAGE_VERSION
+#define PACKAGE_VERSION "(unknown version)"
+#endif
+
+#define DEFAULT_PORT "10809"
+
+/* First descriptor systemd passes (SD_LISTEN_FDS_START). */
+#define LISTEN_FDS_START 3
+
+enum {
+  OPT_CACHE = 256,
+  OPT_AIO,
+  OPT_L2_CACHE_SIZE,
+  OPT_PID_FILE,
+  OPT_VERSION,
+};
+
+static const char short_options[] = "b:D:e:hk:p:rtvx:";
+static const struct option long_options[] = {
+  { "aio",            required_argument, NULL, OPT_AIO },
+  { "bind",           required_argument, NULL, 'b' },
+  { "cache",          required_argument, NULL, OPT_CACHE },
+  { "description",    required_argument, NULL, 'D' },
+  { "export-name",    required_argument, NULL, 'x' },
+  { "help",           no_argument,       NULL, 'h' },
+  { "l2-cache-size",  required_argument, NULL, OPT_L2_CACHE_SIZE },
+  { "persistent",     no_argument,       NULL, 't' },
+  { "pid-file",       required_argument, NULL, OPT_PID_FILE },
+  { "port",           required_argument, NULL, 'p' },
+  { "read-only",      no_argument,       NULL, 'r' },
+  { "shared",         required_argument, NULL, 'e' },
+  { "socket",         required_argument, NULL, 'k' },
+  { "verbose",        no_argument,       NULL, 'v' },
+  { "version",        no_argument,       NULL, OPT_VERSION },
+  { NULL, 0, NULL, 0 },
+};
+
+static void
+usage (FILE *fp)
+{
+  fprintf (fp,
+"Usage: qnbd [OPTION]... IMAGE\n"
+"Export the qcow2 image IMAGE over the Network Block Device protocol.\n"
+"\n"
+"Listening (default: TCP port %s on every address):\n"
+"  -k, --socket=PATH        listen on the Unix socket PATH\n"
+"  -p, --port=N             listen on TCP port N\n"
+"  -b, --bind=ADDR          listen on the IPv4 or IPv6 address ADDR only\n"
+"  -e, --shared=N           at most N connections at once (0: no limit)\n"
+"  -t, --persistent         keep serving after a client disconnects\n"
+"                           (always the case; accepted for qemu-nbd users)\n"
+"      --pid-file=PATH      write the process id to PATH once listening\n"
+"\n"
+"The export:\n"
+"  -x, --export-name=NAME   export name (default: \"\")\n"
+"  -D, --description=TEXT   description shown to clients\n"
+"  -r, --read-only          refuse writes\n"
+"\n"
+"The image:\n"
+"      --cache=writeback|none   none: bypass the host page cache (O_DIRECT)\n"
+"      --aio=io_uring|threads   the I/O backend (default: io_uring, threads\n"
+"                               when the kernel refuses io_uring)\n"
+"      --l2-cache-size=BYTES    L2 table cache size (suffixes K, M, G)\n"
+"\n"
+"  -v, --verbose            say more (twice: debugging messages)\n"
+"  -h, --help               show this help and exit\n"
+"      --version            show the version and exit\n"
+"\n"
+"Started by systemd with socket activation (LISTEN_FDS), qnbd serves the\n"
+"sockets it is given and ignores --socket, --port and --bind.\n",
+           DEFAULT_PORT);
+}
+
+static void __attribute__ ((__noreturn__)) QNBD_PRINTF (1, 2)
+bad_usage (const char *fmt, ...)
+{
+  va_list args;
+
+  fprintf (stderr, "qnbd: ");
+  va_start (args, fmt);
+  vfprintf (stderr, fmt, args);
+  va_end (args);
+  fprintf (stderr, "\nTry 'qnbd --help' for more information.\n");
+  exit (EXIT_FAILURE);
+}
+
+/* A decimal number with an optional binary suffix (K, M, G, T). */
+static int
+parse_size (const char *s, uint64_t *out)
+{
+  char *end;
+  unsigned long long v;
+  unsigned shift = 0;
+
+  if (*s < '0' || *s > '9')
+    return -1;
+  errno = 0;
+  v = strtoull (s, &end, 10);
+  if (errno)
+    return -1;
+  switch (*end) {
+  case '\0': break;
+  case 'k': case 'K': shift = 10; end++; break;
+  case 'm': case 'M': shift = 20; end++; break;
+  case 'g': case 'G': shift = 30; end++; break;
+  case 't': case 'T': shift = 40; end++; break;
+  default: return -1;
+  }
+  if (*end == 'i' || *end == 'I')       /* "MiB" */
+    end++;
+  if (*end == 'b' || *end == 'B')
+    end++;
+  if (*end != '\0' || (shift && v > (UINT64_MAX >> shift)))
+    return -1;
+  *out = (uint64_t) v << shift;
+  return 0;
+}
+
+static int
+parse_uint (const char *s, unsigned max, unsigned *out)
+{
+  char *end;
+  unsigned long v;
+
+  if (*s < '0' || *s > '9')
+    return -1;
+  errno = 0;
+  v = strtoul (s, &end, 10);
+  if (errno || *end != '\0' || v > max)
+    return -1;
+  *out = v;
+  return 0;
+}
+
+/* The descriptors systemd passed us, or 0 when not socket-activated.
+ * The environment variables are removed so that children do not see
+ * them.
+ */
+static int
+socket_activation (void)
+{
+  const char *s;
+  unsigned pid, n;
+
+  s = getenv ("LISTEN_PID");
+  if (s == NULL || parse_uint (s, UINT_MAX, &pid) < 0 ||
+      (pid_t) pid != getpid ())
+    return 0;
+  s = getenv ("LISTEN_FDS");
+  if (s == NULL || parse_uint (s, 1024, &n) < 0)
+    return 0;
+  unsetenv ("LISTEN_PID");
+  unsetenv ("LISTEN_FDS");
+  unsetenv ("LISTEN_FDNAMES");
+  return n;
+}
+
+/* Tell systemd (Type=notify) that we are ready, if it asked. */
+static void
+notify_ready (void)
+{
+  const char *path = getenv ("NOTIFY_SOCKET");
+  struct sockaddr_un sun = { .sun_family = AF_UNIX };
+  static const char msg[] = "READY=1";
+  size_t len;
+  int fd;
+
+  if (path == NULL || *path == '\0')
+    return;
+  len = strlen (path);
+  if ((path[0] != '/' && path[0] != '@') || len >= sizeof sun.sun_path) {
+    log_warning ("NOTIFY_SOCKET=%s: unusable address", path);
+    return;
+  }
+  memcpy (sun.sun_path, path, len);
+  if (path[0] == '@')
+    sun.sun_path[0] = '\0';     /* abstract namespace */
+
+  fd = socket (AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) {
+    log_warning ("NOTIFY_SOCKET: socket: %m");
+    return;
+  }
+  if (sendto (fd, msg, sizeof msg - 1, MSG_NOSIGNAL, (struct sockaddr *) &sun,
+              offsetof (struct sockaddr_un, sun_path) + len) < 0)
+    log_warning ("NOTIFY_SOCKET=%s: %m", path);
+  close (fd);
+}
+
+/* Write our pid to path, whole: a reader never sees a partial file. */
+static int
+write_pid_file (const char *path)
+{
+  char *tmp;
+  FILE *fp;
+  int r;
+
+  if (asprintf (&tmp, "%s.tmp", path) < 0) {
+    log_error ("%s: %m", path);
+    return -1;
+  }
+  fp = fopen (tmp, "w");
+  if (fp == NULL) {
+    log_error ("%s: %m", tmp);
+    free (tmp);
+    return -1;
+  }
+  r = fprintf (fp, "%ld\n", (long) getpid ());
+  if (fclose (fp) != 0 || r < 0) {
+    log_error ("%s: %m", tmp);
+    unlink (tmp);
+    free (tmp);
+    return -1;
+  }
+  if (rename (tmp, path) < 0) {
+    log_error ("%s: %m", path);
+    unlink (tmp);
+    free (tmp);
+    return -1;
+  }
+  free (tmp);
+  return 0;
+}
+
+/* Print s to fp, %-escaping what a URI cannot hold as is. */
+static void
+print_uri_escaped (FILE *fp, const char *s, const char *also_safe)
+{
+  for (; *s; s++) {
+    unsigned char ch = *s;
+
+    if ((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') ||
+        (ch >= '0' && ch <= '9') || strchr ("-._~", ch) ||
+        (ch && strchr (also_safe, ch)))
+      fputc (ch, fp);
+    else
+      fprintf (fp, "%%%02X", ch);
+  }
+}
+
+/* -v: say where the export can be reached, as an NBD URI. */
+static void
+print_uri (const char *image, const char *name, const char *sock,
+           const char *addr, const char *port, int activated)
+{
+  if (activated) {
+    fprintf (stderr, "qnbd: serving %s on %d socket%s from systemd\n",
+             image, activated, activated == 1 ? "" : "s");
+    return;
+  }
+  fprintf (stderr, "qnbd: serving %s at ", image);
+  if (sock) {
+    fputs ("nbd+unix:///", stderr);
+    print_uri_escaped (stderr, name, "");
+    fputs ("?socket=", stderr);
+    print_uri_escaped (stderr, sock, "/");
+  }
+  else {
+    fputs ("nbd://", stderr);
+    if (addr == NULL)
+      fputs ("localhost", stderr);
+    else if (strchr (addr, ':'))
+      fprintf (stderr, "[%s]", addr);
+    else
+      fputs (addr, stderr);
+    fprintf (stderr, ":%s/", port);
+    print_uri_escaped (stderr, name, "");
+  }
+  fputc ('\n', stderr);
+  fflush (stderr);
+}
+
+int
+main (int argc, char *argv[])
+{
+  const char *sock = NULL, *addr = NULL, *port = NULL;
+  const char *name = "", *description = NULL, *pid_file = NULL;
+  const char *image;
+  struct qcow2_opts opts = { .aio_mode = QCOW2_AIO_AUTO };
+  unsigned shared = 0, port_n;
+  int c, i, activated, status = EXIT_SUCCESS;
+  struct export *e;
+
+  for (;;) {
+    c = getopt_long (argc, argv, short_options, long_options, NULL);
+    if (c == -1)
+      break;
+    switch (c) {
+    case 'k':
+      sock = optarg;
+      break;
+    case 'p':
+      if (parse_uint (optarg, 65535, &port_n) < 0 || port_n == 0)
+        bad_usage ("--port: '%s' is not a port number", optarg);
+      port = optarg;
+      break;
+    case 'b':
+      addr = optarg;
+      break;
+    case 'x':
+      name = optarg;
+      break;
+    case 'r':
+      opts.read_only = true;
+      break;
+    case 'e':
+      if (parse_uint (optarg, UINT_MAX, &shared) < 0)
+        bad_usage ("--shared: '%s' is not a number", optarg);
+      break;
+    case 't':
+      /* qnbd always serves until it is stopped. */
+      break;
+    case 'D':
+      description = optarg;
+      break;
+    case OPT_CACHE:
+      if (strcmp (optarg, "writeback") == 0)
+        opts.direct = false;
+      else if (strcmp (optarg, "none") == 0)
+        opts.direct = true;
+      else
+        bad_usage ("--cache: '%s': use writeback or none", optarg);
+      break;
+    case OPT_AIO:
+      if (strcmp (optarg, "io_uring") == 0)
+        opts.aio_mode = QCOW2_AIO_URING;
+      else if (strcmp (optarg, "threads") == 0)
+        opts.aio_mode = QCOW2_AIO_THREADS;
+      else if (strcmp (optarg, "auto") == 0)
+        opts.aio_mode = QCOW2_AIO_AUTO;
+      else
+        bad_usage ("--aio: '%s': use io_uring or threads", optarg);
+      break;
+    case OPT_L2_CACHE_SIZE:
+      if (parse_size (optarg, &opts.l2_cache_bytes) < 0)
+        bad_usage ("--l2-cache-size: '%s' is not a size", optarg);
+      break;
+    case OPT_PID_FILE:
+      pid_file = optarg;
+      break;
+    case 'v':
+      log_verbosity++;
+      break;
+    case 'h':
+      usage (stdout);
+      exit (EXIT_SUCCESS);
+    case OPT_VERSION:
+      printf ("qnbd %s\n", PACKAGE_VERSION);
+      exit (EXIT_SUCCESS);
+    default:
+      fprintf (stderr, "Try 'qnbd --help' for more information.\n");
+      exit (EXIT_FAILURE);
+    }
+  }
+  if (optind != argc - 1)
+    bad_usage ("%s", optind >= argc ? "no image given" : "more than one image given");
+  image = argv[optind];
+  if (sock && (addr || port))
+    bad_usage ("%s", "--socket cannot be used with --port or --bind");
+  if (port == NULL)
+    port = DEFAULT_PORT;
+
+  activated = socket_activation ();
+
+  /* The image first: a bad one must fail before any socket exists. */
+  if (export_add (name, description, image, &opts) < 0)
+    exit (EXIT_FAILURE);
+
+  if (loop_init () < 0)
+    goto fail;
+  loop_set_max_connections (shared);
+  if (activated > 0) {
+    if (sock || addr)
+      log_info ("socket activation: ignoring --socket/--port/--bind");
+    for (i = 0; i < activated; i++)
+      if (loop_listen_fd (LISTEN_FDS_START + i) < 0)
+        goto fail;
+  }
+  else if (sock) {
+    if (loop_listen_unix (sock) < 0)
+      goto fail;
+  }
+  else if (loop_listen_tcp (addr, port) < 0)
+    goto fail;
+
+  for (e = export_first (); e; e = e->next)
+    loop_watch_export (e);
+
+  if (pid_file && write_pid_file (pid_file) < 0)
+    goto fail;
+  if (log_verbosity >= 1)
+    print_uri (image, name, sock, addr, port, activated);
+  notify_ready ();
+
+  loop_run ();
+
+  if (export_close_all () < 0)
+    status = EXIT_FAILURE;
+  loop_cleanup ();
+  if (pid_file)
+    unlink (pid_file);
+  log_debug ("exiting with status %d", status);
+  return status;
+
+ fail:
+  export_close_all ();
+  loop_cleanup ();
+  exit (EXIT_FAILURE);
+}

@@ -1,0 +1,377 @@
+/* server/nbd-handshake.c: the fixed newstyle handshake and its options.
+ *
+ * The server greets, the client answers with its flags, then sends options
+ * one at a time, each answered before the next (handshake_step parses one
+ * message per call).  NBD_OPT_GO with an ACK, or NBD_OPT_EXPORT_NAME, ends
+ * the handshake and the connection moves to transmission.
+ *
+ * Option data is read whole into the connection's bounded read buffer;
+ * an option longer than MAX_OPTION_LENGTH, a bad magic, unknown client
+ * flags or too many options close the connection.  Anything else a client
+ * gets wrong is answered with an error reply and the haggling goes on.
+ */
+#ifdef HAVE_CONFIG_H
+#include <config.h>
+#endif
+
+#include <endian.h>
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "internal.h"
+
+static const char *
+opt_name (uint32_t opt)
+{
+  switch (opt) {
+  case NBD_OPT_EXPORT_NAME: return "EXPORT_NAME";
+  case NBD_OPT_ABORT: return "ABORT";
+  case NBD_OPT_LIST: return "LIST";
+  case NBD_OPT_PEEK_EXPORT: return "PEEK_EXPORT";
+  case NBD_OPT_STARTTLS: return "STARTTLS";
+  case NBD_OPT_INFO: return "INFO";
+  case NBD_OPT_GO: return "GO";
+  case NBD_OPT_STRUCTURED_REPLY: return "STRUCTURED_REPLY";
+  case NBD_OPT_LIST_META_CONTEXT: return "LIST_META_CONTEXT";
+  case NBD_OPT_SET_META_CONTEXT: return "SET_META_CONTEXT";
+  case NBD_OPT_EXTENDED_HEADERS: return "EXTENDED_HEADERS";
+  default: return "unknown";
+  }
+}
+
+void
+handshake_start (struct conn *c)
+{
+  struct nbd_greeting g = {
+    .magic = htobe64 (NBD_MAGIC),
+    .ihaveopt = htobe64 (NBD_IHAVEOPT),
+    .flags = htobe16 (NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES),
+  };
+
+  conn_queue_copy (c, &g, sizeof g, NULL, 0);
+}
+
+/* Queue an option reply with len bytes of data. */
+static int
+send_opt_reply (struct conn *c, uint32_t opt, uint32_t type,
+                const void *data, size_t len)
+{
+  struct nbd_option_reply h = {
+    .magic = htobe64 (NBD_REP_MAGIC),
+    .option = htobe32 (opt),
+    .reply = htobe32 (type),
+    .length = htobe32 (len),
+  };
+
+  return conn_queue_copy (c, &h, sizeof h, data, len);
+}
+
+/* Queue an error reply to option opt, with a message for the user. */
+static int QNBD_PRINTF (4, 5)
+send_opt_error (struct conn *c, uint32_t opt, uint32_t type,
+                const char *fmt, ...)
+{
+  char msg[256];
+  va_list args;
+  int n;
+
+  va_start (args, fmt);
+  n = vsnprintf (msg, sizeof msg, fmt, args);
+  va_end (args);
+  if (n < 0)
+    n = 0;
+  if ((size_t) n >= sizeof msg)
+    n = sizeof msg - 1;
+  log_debug ("client %u: option %s: %s", c->id, opt_name (opt), msg);
+  return send_opt_reply (c, opt, type, msg, n);
+}
+
+/* Queue an NBD_REP_INFO of type info, its payload data (len bytes). */
+static int
+send_info (struct conn *c, uint32_t opt, uint16_t info,
+           const void *data, size_t len)
+{
+  unsigned char buf[2 + NBD_MAX_STRING];
+  uint16_t be = htobe16 (info);
+
+  if (len > NBD_MAX_STRING)
+    len = NBD_MAX_STRING;
+  memcpy (buf, &be, 2);
+  memcpy (buf + 2, data, len);
+  return send_opt_reply (c, opt, NBD_REP_INFO, buf, 2 + len);
+}
+
+static void
+enter_transmission (struct conn *c, struct export *e)
+{
+  c->exp = e;
+  c->eflags = export_eflags (e);
+  c->state = CONN_TRANSMISSION;
+  log_info ("client %u: export '%s'%s%s", c->id, e->name,
+            c->structured ? ", structured replies" : "",
+            e->read_only ? ", read-only" : "");
+}
+
+/* NBD_OPT_EXPORT_NAME: no error reply is possible, only a hang-up. */
+static void
+opt_export_name (struct conn *c, const unsigned char *data, uint32_t len)
+{
+  struct nbd_export_name_reply r;
+  struct export *e;
+
+  e = export_find ((const char *) data, len);
+  if (e == NULL) {
+    log_info ("client %u: unknown export '%.*s', disconnecting", c->id,
+              (int) (len < 256 ? len : 256), (const char *) data);
+    conn_set_dead (c);
+    return;
+  }
+  memset (&r, 0, sizeof r);
+  r.size = htobe64 (qcow2_size (e->q));
+  r.eflags = htobe16 (export_eflags (e));
+  if (conn_queue_copy (c, &r, c->no_zeroes ? 10 : sizeof r, NULL, 0) == 0)
+    enter_transmission (c, e);
+}
+
+/* NBD_OPT_INFO and NBD_OPT_GO. */
+static void
+opt_info_go (struct conn *c, uint32_t opt, const unsigned char *data,
+             uint32_t len)
+{
+  const char *name = (const char *) data + 4;
+  bool want_name = false, want_description = false;
+  struct nbd_info_export ie;
+  struct nbd_info_block_size ib;
+  struct export *e;
+  uint32_t namelen, minimum, preferred, maximum;
+  uint16_t nr, i, info;
+
+  /* name length, name, number of requests, requests */
+  if (len < 6)
+    goto invalid;
+  memcpy (&namelen, data, 4);
+  namelen = be32toh (namelen);
+  if (namelen > len - 6)
+    goto invalid;
+  memcpy (&nr, data + 4 + namelen, 2);
+  nr = be16toh (nr);
+  if (len != 4 + namelen + 2 + 2 * (uint32_t) nr)
+    goto invalid;
+  for (i = 0; i < nr; i++) {
+    memcpy (&info, data + 4 + namelen + 2 + 2 * i, 2);
+    switch (be16toh (info)) {
+    case NBD_INFO_NAME: want_name = true; break;
+    case NBD_INFO_DESCRIPTION: want_description = true; break;
+    default: break;             /* EXPORT, BLOCK_SIZE: always sent */
+    }
+  }
+
+  e = export_find (name, namelen);
+  if (e == NULL) {
+    send_opt_error (c, opt, NBD_REP_ERR_UNKNOWN, "unknown export '%.*s'",
+                    (int) (namelen < 200 ? namelen : 200), name);
+    return;
+  }
+
+  ie.info = htobe16 (NBD_INFO_EXPORT);
+  ie.size = htobe64 (qcow2_size (e->q));
+  ie.eflags = htobe16 (export_eflags (e));
+  if (send_opt_reply (c, opt, NBD_REP_INFO, &ie, sizeof ie) < 0)
+    return;
+
+  if (want_name &&
+      send_info (c, opt, NBD_INFO_NAME, e->name, strlen (e->name)) < 0)
+    return;
+
+  if (want_description && e->description &&
+      send_info (c, opt, NBD_INFO_DESCRIPTION, e->description,
+                 strlen (e->description)) < 0)
+    return;
+
+  /* Always: clients that did not ask may still use it, and those that
+   * did are bound by it.
+   */
+  export_block_size (e, &minimum, &preferred, &maximum);
+  ib.info = htobe16 (NBD_INFO_BLOCK_SIZE);
+  ib.minimum = htobe32 (minimum);
+  ib.preferred = htobe32 (preferred);
+  ib.maximum = htobe32 (maximum);
+  if (send_opt_reply (c, opt, NBD_REP_INFO, &ib, sizeof ib) < 0)
+    return;
+
+  if (send_opt_reply (c, opt, NBD_REP_ACK, NULL, 0) < 0)
+    return;
+  if (opt == NBD_OPT_GO)
+    enter_transmission (c, e);
+  return;
+
+ invalid:
+  send_opt_error (c, opt, NBD_REP_ERR_INVALID,
+                  "malformed %s request", opt_name (opt));
+}
+
+/* NBD_OPT_LIST: one NBD_REP_SERVER per export, then ACK. */
+static void
+opt_list (struct conn *c, uint32_t len)
+{
+  unsigned char buf[4 + 2 * NBD_MAX_STRING];
+  struct export *e;
+
+  if (len != 0) {
+    send_opt_error (c, NBD_OPT_LIST, NBD_REP_ERR_INVALID,
+                    "LIST with data");
+    return;
+  }
+  for (e = export_first (); e; e = e->next) {
+    size_t nlen = strlen (e->name);
+    size_t dlen = e->description ? strlen (e->description) : 0;
+    uint32_t be = htobe32 (nlen);
+
+    /* Name length, name, then the description for humans. */
+    memcpy (buf, &be, 4);
+    memcpy (buf + 4, e->name, nlen);
+    if (dlen)
+      memcpy (buf + 4 + nlen, e->description, dlen);
+    if (send_opt_reply (c, NBD_OPT_LIST, NBD_REP_SERVER,
+                        buf, 4 + nlen + dlen) < 0)
+      return;
+  }
+  send_opt_reply (c, NBD_OPT_LIST, NBD_REP_ACK, NULL, 0);
+}
+
+/* One option of length len, its data in data. */
+static void
+handle_option (struct conn *c, uint32_t opt, const unsigned char *data,
+               uint32_t len)
+{
+  log_debug ("client %u: option %s (%" PRIu32 ", %" PRIu32 " bytes)",
+             c->id, opt_name (opt), opt, len);
+
+  switch (opt) {
+  case NBD_OPT_EXPORT_NAME:
+    opt_export_name (c, data, len);
+    break;
+
+  case NBD_OPT_INFO:
+  case NBD_OPT_GO:
+    opt_info_go (c, opt, data, len);
+    break;
+
+  case NBD_OPT_LIST:
+    opt_list (c, len);
+    break;
+
+  case NBD_OPT_ABORT:
+    /* Data, if any, is ignored (the protocol asks for leniency). */
+    if (send_opt_reply (c, opt, NBD_REP_ACK, NULL, 0) == 0)
+      conn_closing (c);
+    break;
+
+  case NBD_OPT_STRUCTURED_REPLY:
+    if (len != 0) {
+      send_opt_error (c, opt, NBD_REP_ERR_INVALID,
+                      "STRUCTURED_REPLY with data");
+      break;
+    }
+    c->structured = true;
+    send_opt_reply (c, opt, NBD_REP_ACK, NULL, 0);
+    break;
+
+  default:
+    /* STARTTLS, meta contexts, extended headers: not yet. */
+    send_opt_error (c, opt, NBD_REP_ERR_UNSUP,
+                    "option %s (%" PRIu32 ") not supported",
+                    opt_name (opt), opt);
+    break;
+  }
+}
+
+/* CONN_GREETING: the client's 32-bit flags. */
+static bool
+recv_client_flags (struct conn *c)
+{
+  const uint32_t known = NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES;
+  const unsigned char *p;
+  uint32_t flags;
+  size_t avail;
+
+  p = conn_input (c, &avail);
+  if (avail < 4)
+    return false;
+  memcpy (&flags, p, 4);
+  conn_consume (c, 4);
+  flags = be32toh (flags);
+
+  if (flags & ~known) {
+    log_info ("client %u: unknown client flags 0x%08" PRIx32
+              ", disconnecting", c->id, flags);
+    conn_set_dead (c);
+    return false;
+  }
+  /* Fixed newstyle is served even to clients that do not say they know
+   * it: they only ever send NBD_OPT_EXPORT_NAME anyway.
+   */
+  c->no_zeroes = (flags & NBD_FLAG_C_NO_ZEROES) != 0;
+  c->state = CONN_HANDSHAKE;
+  return true;
+}
+
+/* CONN_HANDSHAKE: one whole option. */
+static bool
+recv_option (struct conn *c)
+{
+  struct nbd_option h;
+  const unsigned char *p;
+  size_t avail;
+  uint32_t opt, len;
+
+  p = conn_input (c, &avail);
+  if (avail < sizeof h)
+    return false;
+  memcpy (&h, p, sizeof h);
+  opt = be32toh (h.option);
+  len = be32toh (h.length);
+
+  if (be64toh (h.magic) != NBD_IHAVEOPT) {
+    log_info ("client %u: bad option magic, disconnecting", c->id);
+    conn_set_dead (c);
+    return false;
+  }
+  if (len > MAX_OPTION_LENGTH) {
+    log_info ("client %u: option %s with %" PRIu32 " bytes of data, "
+              "disconnecting", c->id, opt_name (opt), len);
+    conn_set_dead (c);
+    return false;
+  }
+  if (avail < sizeof h + len)
+    return false;               /* rbuf can hold it: wait for the rest */
+
+  if (++c->nr_options > MAX_OPTIONS) {
+    log_info ("client %u: more than %d options, disconnecting",
+              c->id, MAX_OPTIONS);
+    conn_set_dead (c);
+    return false;
+  }
+
+  /* Consume first: the data stays in place until the next read, and the
+   * handler may close the connection.
+   */
+  conn_consume (c, sizeof h + len);
+  handle_option (c, opt, p + sizeof h, len);
+  return c->state == CONN_HANDSHAKE || c->state == CONN_TRANSMISSION;
+}
+
+bool
+handshake_step (struct conn *c)
+{
+  switch (c->state) {
+  case CONN_GREETING:
+    return recv_client_flags (c);
+  case CONN_HANDSHAKE:
+    return recv_option (c);
+  default:
+    return false;
+  }
+}
