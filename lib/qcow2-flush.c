@@ -3,6 +3,8 @@
  * This file is the one place that knows the order that keeps an image
  * consistent after a crash (DESIGN.md, "Ordering").  A flush run:
  *
+ *   FL_CW        write the cluster of packed compressed data, and wait for
+ *                full ones still being written
  *   FL_INCS      apply the refcount increments owed by allocations made
  *                before the run (creating refcount blocks and growing the
  *                refcount table in memory as needed)
@@ -38,6 +40,8 @@
 enum fl_state {
   FL_IDLE,
   FL_START,
+  FL_CW,
+  FL_CW_WAIT,
   FL_INCS,
   FL_RB,
   FL_SYNC_RB,
@@ -507,7 +511,28 @@ flush_step (struct qcow2 *q)
       fl->meta = fl->work.n || cache_has_dirty (&q->rbc)
         || cache_has_dirty (&q->l2c) || l1_dirty (q) || q->reftable_dirty
         || q->reftable_moved || (q->decs.n && (!q->lazy || fl->full));
-      fl->state = fl->meta ? FL_INCS : FL_SYNC;
+      fl->state = fl->meta ? FL_CW : FL_SYNC;
+      break;
+
+    case FL_CW:
+      /* Compressed data linked from L2 must be on disk before the sync
+       * that precedes the L2 writes.
+       */
+      r = cw_flush_start (q);
+      if (r < 0) {
+        fl->err = r;
+        break;
+      }
+      fl->outstanding += (unsigned) r;
+      fl->state = FL_CW_WAIT;
+      break;
+
+    case FL_CW_WAIT:
+      if (q->cw_inflight) {
+        waitq_push (&q->cw_waiters, &fl->req);
+        return;
+      }
+      fl->state = FL_INCS;
       break;
 
     case FL_INCS:

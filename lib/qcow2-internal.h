@@ -363,6 +363,21 @@ int snapshot_load (struct qcow2 *q, const char *which, char *err,
  */
 int refcount_rebuild (struct qcow2 *q, char *err, size_t errlen);
 
+/* ---- qcow2-cwrite.c: compressed writes through a packing cache ---- */
+
+/* Compress one cluster of data into the cache.  Returns 1 with the L2
+ * descriptor in *desc, 0 when it does not compress (write it normally), or
+ * -errno.
+ */
+int cw_store (struct qcow2 *q, const void *data, uint64_t *desc);
+/* Copy [start, start+len) from the cache if it is there. */
+bool cw_lookup (struct qcow2 *q, uint64_t start, uint64_t len, void *dst);
+/* Flusher: write the partly filled cluster.  1 when a write was started
+ * (counted with flush_note_io), 0 when none is needed, -errno.
+ */
+int cw_flush_start (struct qcow2 *q);
+void cw_free (struct qcow2 *q);
+
 /* ---- qcow2-header.c: header parse/validate and header field writes ---- */
 
 /* Fill q's header fields from buf (the header cluster, len bytes) and
@@ -431,6 +446,11 @@ struct qcow2 {
   uint64_t backing_size_bytes;  /* virtual size of the backing image */
   uint64_t snapshots_bytes;     /* size of the snapshot table */
   bool lazy;                    /* lazy refcounts: dirty bit set while open */
+  bool compress;                /* whole-cluster writes stored compressed */
+  struct cw_buf *cw_cur;        /* cluster being packed */
+  struct cw_buf *cw_sealed;     /* full clusters being written */
+  unsigned cw_inflight;         /* sealed clusters not yet written */
+  struct waitq cw_waiters;      /* the flusher, waiting for those */
   uint64_t backing_offset;
   uint32_t backing_size;
   void *header_sector;          /* first 512 bytes of the file, aligned */

@@ -155,6 +155,7 @@ free_image (struct qcow2 *q)
 {
   if (q->backing)
     free_image (q->backing);
+  cw_free (q);
   cache_free (&q->l2c);
   cache_free (&q->rbc);
   flush_free (q);
@@ -286,6 +287,7 @@ image_open (const char *path, const struct qcow2_opts *opts, unsigned depth,
   q->top = top ? top : q;
   q->read_only = opts->read_only;
   q->direct = opts->direct;
+  q->compress = opts->compress && !opts->read_only;
   q->log = opts->log;
   q->log_opaque = opts->log_opaque;
   q->l1_dirty_lo = q->l1_dirty_hi = -1;

@@ -32,6 +32,8 @@ struct req_io {
   uint64_t guest;               /* guest offset of the data part */
   size_t len;                   /* guest bytes in the data part */
   uint32_t first, count;        /* L2 index range (alloc runs) */
+  bool compressed;              /* one whole cluster, stored compressed */
+  uint64_t cdesc;               /* its L2 descriptor, once in the cache */
   struct alloc a;               /* reservation (alloc runs) */
   void *cow_buf[2];             /* old contents of first/last cluster */
   struct req_io *cow_for;       /* COW read: the write it feeds */
@@ -146,6 +148,11 @@ plan_compressed (struct qcow2_req *req, struct req_io *io, uint64_t ent,
   io->dst = dst;
   io->dst_off = dst_off;
   io->dst_len = dst_len;
+  if (cw_lookup (q, start, len, io->cbuf)) {
+    /* Still in the compressed write cache: no I/O. */
+    io->started = true;
+    return decompress (q, io);
+  }
   return 0;
 }
 
@@ -354,7 +361,8 @@ plan_read (struct qcow2_req *req)
   }
   if (!req->err)
     for (unsigned i = 0; i < req->nios; i++)
-      io_start (req, &req->ios[i], 1);
+      if (!req->ios[i].started)
+        io_start (req, &req->ios[i], 1);
   req->state = RS_IO;
   return req->outstanding == 0;
 }
@@ -467,9 +475,11 @@ plan_write (struct qcow2_req *req)
       }
       host = (ent & L2E_OFFSET_MASK) + (pos & (cs - 1));
     }
+    bool whole = !inplace && q->compress && pos == (pos & ~(cs - 1))
+      && cend == pos + cs;
     if (last && !last->alloc && inplace && last->host + last->len == host)
       last->len += cend - pos;
-    else if (last && last->alloc && !inplace
+    else if (last && last->alloc && !inplace && !whole && !last->compressed
              && last->first + last->count == idx) {
       last->len += cend - pos;
       last->count++;
@@ -484,6 +494,7 @@ plan_write (struct qcow2_req *req)
       last->len = cend - pos;
       last->first = idx;
       last->count = 1;
+      last->compressed = whole;
     }
     pos = cend;
   }
@@ -509,6 +520,23 @@ plan_write (struct qcow2_req *req)
       io->iov[0].iov_len = io->len;
       continue;
     }
+    io->a.first = io->first;
+    io->a.count = io->count;
+    if (io->compressed) {
+      int r = cw_store (q, data, &io->cdesc);
+      if (r < 0) {
+        req->err = r;
+        break;
+      }
+      if (r == 1) {
+        /* In the cache: nothing to write now; linked like any other. */
+        io->started = true;
+        io->a.next = req->l2->allocs;
+        req->l2->allocs = &io->a;
+        continue;
+      }
+      io->compressed = false;   /* incompressible: an ordinary cluster */
+    }
     head = io->guest & (cs - 1);
     tail = (cs - ((io->guest + io->len) & (cs - 1))) & (cs - 1);
     io->host = alloc_clusters (q, io->count);
@@ -516,8 +544,6 @@ plan_write (struct qcow2_req *req)
       req->err = -ENOMEM;
       break;
     }
-    io->a.first = io->first;
-    io->a.count = io->count;
     io->a.next = req->l2->allocs;
     req->l2->allocs = &io->a;
 
@@ -548,7 +574,8 @@ plan_write (struct qcow2_req *req)
 
   /* COW reads first; the writes they feed start when all have finished. */
   for (unsigned i = nwrites; i < req->nios; i++)
-    io_start (req, &req->ios[i], 1);
+    if (!req->ios[i].started)
+      io_start (req, &req->ios[i], 1);
   req->state = RS_COW_READ;
   return req->outstanding == 0;
 }
@@ -584,8 +611,8 @@ st_link (struct qcow2_req *req)
       uint64_t old = l2_get (e, io->first + k);
       if (release_entry (q, old) < 0)
         qlog (q, LOG_WARNING, "out of memory: a replaced cluster will leak");
-      l2_set (e, io->first + k,
-              (io->host + ((uint64_t) k << q->cluster_bits)) | L2E_COPIED);
+      l2_set (e, io->first + k, io->compressed ? io->cdesc
+              : (io->host + ((uint64_t) k << q->cluster_bits)) | L2E_COPIED);
     }
   }
   if (linked)

@@ -48,6 +48,7 @@ struct qcow2_opts {
   uint64_t l2_cache_bytes;      /* 0: default (covers the disk, bounded) */
   const char *snapshot;         /* serve this internal snapshot (name or id),
                                    read-only; NULL: the active image */
+  bool compress;                /* store whole-cluster writes compressed */
   qcow2_log_fn *log;            /* NULL: silent */
   void *log_opaque;
 };

@@ -1,0 +1,262 @@
+/* lib/qcow2-cwrite.c: compressed writes, packed through a small write cache.
+ *
+ * With compression on (backup-style exports), a write that covers a whole
+ * cluster stores it compressed.  Compressed clusters are packed byte by byte
+ * into one host cluster held in memory; the file only sees that cluster
+ * written whole, when it is full (sealed) or when a flush needs it on disk.
+ * Each compressed cluster adds one reference to the host cluster that holds
+ * it, as qcow2 counts them.
+ *
+ * The L2 entry of a compressed cluster is linked as soon as its data is in
+ * the cache, so: reads look in the cache first (cw_lookup), and the flusher
+ * writes the cache and waits for sealed clusters before its first sync
+ * (data before the L2 entries that point at it).
+ */
+#include <config.h>
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <syslog.h>
+#include <zlib.h>
+#ifdef HAVE_ZSTD
+#include <zstd.h>
+#endif
+
+#include "qcow2-internal.h"
+
+struct cw_buf {
+  uint64_t host;                /* host cluster */
+  char *buf;                    /* its contents */
+  uint32_t fill;                /* bytes used */
+  bool dirty;                   /* changed since its last write started */
+  bool sealed;                  /* full: on the sealed list, no appends */
+  unsigned writes;              /* writes of it in flight */
+  struct aio_op sop, fop;       /* the sealing write, the flusher's write */
+  struct iovec siov, fiov;
+  struct cw_buf *next;          /* sealed list */
+  struct qcow2 *q;
+};
+
+/* Compress one cluster into out (cap bytes).  Returns the size, or 0 when
+ * it does not shrink enough to be worth it.
+ */
+static size_t
+compress_cluster (const struct qcow2 *q, const void *in, void *out,
+                  size_t cap)
+{
+  if (q->compression_type == 0) {
+    z_stream z;
+    size_t n = 0;
+    memset (&z, 0, sizeof z);
+    if (deflateInit2 (&z, Z_DEFAULT_COMPRESSION, Z_DEFLATED, -12, 9,
+                      Z_DEFAULT_STRATEGY) != Z_OK)
+      return 0;
+    z.next_in = (Bytef *) in;
+    z.avail_in = q->cluster_size;
+    z.next_out = out;
+    z.avail_out = (uInt) cap;
+    if (deflate (&z, Z_FINISH) == Z_STREAM_END)
+      n = cap - z.avail_out;
+    deflateEnd (&z);
+    return n;
+  }
+#ifdef HAVE_ZSTD
+  {
+    size_t n = ZSTD_compress (out, cap, in, q->cluster_size, 1);
+    return ZSTD_isError (n) ? 0 : n;
+  }
+#else
+  return 0;
+#endif
+}
+
+/* A sealed buffer is dropped once no write of it is in flight. */
+static void
+maybe_free (struct qcow2 *q, struct cw_buf *b)
+{
+  struct cw_buf **p = &q->cw_sealed;
+
+  if (!b->sealed || b->writes)
+    return;
+  while (*p && *p != b)
+    p = &(*p)->next;
+  if (*p)
+    *p = b->next;
+  free (b->buf);
+  free (b);
+  if (--q->cw_inflight == 0)
+    waitq_wake_all (q, &q->cw_waiters);
+}
+
+static void
+sealed_done (struct aio_op *op, int64_t ret)
+{
+  struct cw_buf *b = op->opaque;
+  struct qcow2 *q = b->q;
+
+  if (ret < 0)
+    signal_corruption (q, "writing a cluster of compressed data at 0x%llx: "
+                       "%s", (unsigned long long) b->host,
+                       strerror ((int) -ret));
+  b->writes--;
+  maybe_free (q, b);
+}
+
+static void
+flush_write_done (struct aio_op *op, int64_t ret)
+{
+  struct cw_buf *b = op->opaque;
+  struct qcow2 *q = b->q;
+  if (ret < 0)
+    b->dirty = true;
+  b->writes--;
+  flush_note_io (q, ret);
+  maybe_free (q, b);
+}
+
+static int
+submit_write (struct qcow2 *q, struct cw_buf *b, struct aio_op *op,
+              struct iovec *iov, aio_done_fn *done)
+{
+  int r = overlap_check (q, META_DATA, b->host, q->cluster_size);
+  if (r < 0)
+    return r;
+  iov->iov_base = b->buf;
+  iov->iov_len = q->cluster_size;
+  memset (op, 0, sizeof *op);
+  op->type = AIO_WRITE;
+  op->fd = q->fd;
+  op->iov = iov;
+  op->iovcnt = 1;
+  op->offset = b->host;
+  op->done = done;
+  op->opaque = b;
+  r = aio_submit (q->aio, op);
+  if (r == 0)
+    b->writes++;
+  return r;
+}
+
+/* The current cluster is full: write it whole and start afresh.  It stays
+ * readable from memory until written.
+ */
+static int
+seal (struct qcow2 *q)
+{
+  struct cw_buf *b = q->cw_cur;
+  int r;
+
+  q->cw_cur = NULL;
+  if (!b)
+    return 0;
+  b->sealed = true;
+  b->next = q->cw_sealed;
+  q->cw_sealed = b;
+  q->cw_inflight++;
+  r = submit_write (q, b, &b->sop, &b->siov, sealed_done);
+  if (r < 0) {
+    maybe_free (q, b);
+    return signal_corruption (q, "cannot write compressed data: %s",
+                              strerror (-r));
+  }
+  return 0;
+}
+
+int
+cw_store (struct qcow2 *q, const void *data, uint64_t *desc)
+{
+  uint64_t cs = q->cluster_size, off, sectors;
+  unsigned x = 62 - (q->cluster_bits - 8);
+  char *tmp = malloc (cs);
+  size_t n;
+  int r;
+
+  if (!tmp)
+    return -ENOMEM;
+  /* Worth it only if at least a sector is saved. */
+  n = compress_cluster (q, data, tmp, cs - SECTOR);
+  if (n == 0) {
+    free (tmp);
+    return 0;
+  }
+  if (q->cw_cur && q->cw_cur->fill + n > cs) {
+    r = seal (q);
+    if (r < 0) {
+      free (tmp);
+      return r;
+    }
+  }
+  if (!q->cw_cur) {
+    struct cw_buf *b = calloc (1, sizeof *b);
+    if (b)
+      b->buf = aligned_alloc_zero (cs);
+    if (!b || !b->buf || !(b->host = alloc_clusters (q, 1))) {
+      if (b)
+        free (b->buf);
+      free (b);
+      free (tmp);
+      return -ENOMEM;
+    }
+    b->q = q;
+    q->cw_cur = b;
+  }
+  else if (extent_add (&q->incs, q->cw_cur->host, 1) < 0) {
+    free (tmp);
+    return -ENOMEM;
+  }
+  off = q->cw_cur->host + q->cw_cur->fill;
+  memcpy (q->cw_cur->buf + q->cw_cur->fill, tmp, n);
+  q->cw_cur->fill += (uint32_t) n;
+  q->cw_cur->dirty = true;
+  free (tmp);
+  sectors = ((off & (SECTOR - 1)) + n + SECTOR - 1) / SECTOR;
+  *desc = L2E_COMPRESSED | off | ((sectors - 1) << x);
+  return 1;
+}
+
+bool
+cw_lookup (struct qcow2 *q, uint64_t start, uint64_t len, void *dst)
+{
+  struct cw_buf *b = q->cw_cur;
+  for (;;) {
+    if (b && start >= b->host && start + len <= b->host + q->cluster_size) {
+      memcpy (dst, b->buf + (start - b->host), len);
+      return true;
+    }
+    b = b == q->cw_cur ? q->cw_sealed : b ? b->next : NULL;
+    if (!b)
+      return false;
+  }
+}
+
+int
+cw_flush_start (struct qcow2 *q)
+{
+  struct cw_buf *b = q->cw_cur;
+  int r;
+  /* Appends may go on during this write: they only add bytes past what
+   * it covers for sure, leave the buffer dirty, and are not linked until
+   * the flush ends.
+   */
+  if (!b || !b->dirty || b->writes)
+    return 0;
+  b->dirty = false;
+  r = submit_write (q, b, &b->fop, &b->fiov, flush_write_done);
+  if (r < 0) {
+    b->dirty = true;
+    return r;
+  }
+  return 1;
+}
+
+void
+cw_free (struct qcow2 *q)
+{
+  /* Called after the final flush: nothing is in flight. */
+  if (q->cw_cur) {
+    free (q->cw_cur->buf);
+    free (q->cw_cur);
+    q->cw_cur = NULL;
+  }
+}
