@@ -1,0 +1,108 @@
+"""test-random-rw.py: random reads and writes of 1 byte to 1 MiB at odd
+offsets, clustered around cluster boundaries, L2-table boundaries and the
+very end of the disk, checked against a shadow copy; then, with the server
+stopped, qemu-img check must find a clean image and qemu-img compare the
+same data as the shadow.
+
+Two images: 4 KiB clusters (an L2 table then covers 2 MiB, so a small disk
+crosses several) and 64 KiB clusters (an L2 table covers 512 MiB: the disk
+is a little larger than that, sparse).  Both sizes end in a partial cluster.
+"""
+
+import os
+import random
+
+import qnbdtest as qt
+
+nbd = qt.require_nbd()
+qt.requires("qemu-img")
+qt.seed()
+
+OPS = 300
+MAX_LEN = 1 << 20
+
+
+def hot_spots(size, cluster, l2_span):
+    """Offsets worth hitting: cluster and L2 boundaries, and the end."""
+    spots = [0, cluster, 3 * cluster, size - 1]
+    b = l2_span
+    while b < size:
+        spots.append(b)
+        b += l2_span
+    spots.append(size - size % cluster if size % cluster else size - cluster)
+    return spots
+
+
+def random_request(size, spots):
+    """An (offset, length) inside the disk, near a hot spot most of the
+    time, with an odd length and alignment most of the time."""
+    r = random.random()
+    if r < 0.15:
+        length = random.randint(1, 16)
+    elif r < 0.7:
+        length = random.randint(1, 128 * 1024)
+    else:
+        length = random.randint(1, MAX_LEN)
+    length = min(length, size)
+    if random.random() < 0.8:
+        centre = random.choice(spots)
+        offset = centre - random.randint(0, length) + random.randint(-700, 700)
+    else:
+        offset = random.randrange(size)
+    if random.random() < 0.2:
+        offset &= ~511
+    offset = max(0, min(offset, size - length))
+    return offset, length
+
+
+def run(tmp, name, size, cluster):
+    qt.log("=== %s: size %d, cluster %d ===" % (name, size, cluster))
+    img = qt.create_image(tmp, name, size, cluster_size=cluster)
+    l2_span = cluster // 8 * cluster
+    spots = hot_spots(size, cluster, l2_span)
+    shadow = qt.Shadow(size)
+
+    srv = qt.Server(img)
+    h = srv.connect()
+    assert h.get_size() == size, "size %d, want %d" % (h.get_size(), size)
+
+    # The last byte and the last sector, written first so that every later
+    # read of the end also checks them.
+    for off, data in ((size - 1, b"\xee"), (size - 512, qt.pattern(size - 512, 511, 1))):
+        h.pwrite(data, off)
+        shadow.write(off, data)
+
+    for i in range(OPS):
+        offset, length = random_request(size, spots)
+        kind = random.random()
+        if kind < 0.55:
+            data = qt.pattern(offset, length, i)
+            flags = nbd.CMD_FLAG_FUA if random.random() < 0.1 else 0
+            h.pwrite(data, offset, flags)
+            shadow.write(offset, data)
+        elif kind < 0.97:
+            qt.assert_same(h.pread(length, offset), shadow.read(offset, length),
+                           offset)
+        else:
+            h.flush()
+
+    # Everything, through a second connection.
+    h.flush()
+    h2 = srv.connect()
+    shadow.verify(h2)
+    h2.shutdown()
+    h.shutdown()
+
+    status = srv.stop()
+    assert status == 0, "qnbd exited with status %d" % status
+    qt.check_image(img)
+    raw = os.path.join(tmp, name + ".shadow.raw")
+    shadow.save_raw(raw)
+    qt.compare_raw(raw, img)
+    os.unlink(raw)
+
+
+tmp = qt.tmpdir()
+run(tmp, "c4k.qcow2", 8 * 1024 * 1024 + 5 * 4096 + 1536, 4096)
+run(tmp, "c64k.qcow2", 512 * 1024 * 1024 + 3 * 65536 + 2560, 65536)
+qt.log("PASS")
