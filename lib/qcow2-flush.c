@@ -78,6 +78,7 @@ struct flusher {
   uint64_t work_done;           /* clusters of it already applied */
   bool decrement;               /* work holds decrements */
   struct aio_op op;
+  struct aio_op data_sync;      /* fdatasync of an external data file */
   struct iovec iov;
   struct extent_list freed;     /* clusters whose refcount reached zero */
   struct aio_op *punch;         /* one hole punch per freed extent */
@@ -194,6 +195,13 @@ submit_op (struct qcow2 *q, enum aio_op_type type, void *buf, size_t len,
     return;
   }
   fl->outstanding++;
+  if (type == AIO_FSYNC && q->dfd != q->fd) {
+    /* Guest data in an external data file must be durable too. */
+    fl->data_sync = fl->op;
+    fl->data_sync.fd = q->dfd;
+    if (aio_submit (q->aio, &fl->data_sync) == 0)
+      fl->outstanding++;
+  }
 }
 
 /* Clusters for the flusher's own metadata: their increments belong to the

@@ -11,6 +11,7 @@
 #include <inttypes.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "qcow2-internal.h"
@@ -18,6 +19,7 @@
 #define EXT_END            0x00000000u
 #define EXT_BACKING_FORMAT 0xe2792acau
 #define EXT_FEATURE_TABLE  0x6803f857u
+#define EXT_DATA_FILE      0x44415441u
 
 #define KNOWN_INCOMPAT (INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE \
                         | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2)
@@ -148,9 +150,9 @@ header_parse (struct qcow2 *q, const void *vbuf, size_t len,
     return fail (err, errlen, -ENOTSUP, "unsupported incompatible feature "
                  "bit %u (%s)", bit, name);
   }
-  if (q->incompat & INCOMPAT_DATA_FILE)
-    return fail (err, errlen, -ENOTSUP, "images with an external data file "
-                 "are not supported by this version");
+  if ((q->incompat & INCOMPAT_DATA_FILE) && q->nb_snapshots)
+    return fail (err, errlen, -EINVAL, "an image with an external data file "
+                 "cannot have internal snapshots");
   if (q->incompat & INCOMPAT_EXTL2)
     return fail (err, errlen, -ENOTSUP, "images with extended L2 entries "
                  "(subclusters) are not supported by this version");
@@ -217,6 +219,15 @@ header_parse (struct qcow2 *q, const void *vbuf, size_t len,
     if (elen > len - p - 8)
       return fail (err, errlen, -EINVAL, "header extension 0x%08" PRIx32
                    " runs past the header cluster", type);
+    if (type == EXT_DATA_FILE && (q->incompat & INCOMPAT_DATA_FILE)) {
+      if (elen == 0 || elen > 4096 || memchr (b + p + 8, 0, elen))
+        return fail (err, errlen, -EINVAL, "invalid external data file "
+                     "name extension");
+      free (q->data_file);
+      q->data_file = strndup ((const char *) b + p + 8, elen);
+      if (!q->data_file)
+        return fail (err, errlen, -ENOMEM, "out of memory");
+    }
     if (type == EXT_BACKING_FORMAT) {
       if (elen == 0 || elen >= sizeof q->backing_fmt)
         return fail (err, errlen, -EINVAL, "invalid backing format "
@@ -226,6 +237,10 @@ header_parse (struct qcow2 *q, const void *vbuf, size_t len,
     }
     p += 8 + round_up (elen, 8);
   }
+
+  if ((q->incompat & INCOMPAT_DATA_FILE) && !q->data_file)
+    return fail (err, errlen, -EINVAL, "the image uses an external data file "
+                 "but does not name it");
 
   q->refcount_bits = 1u << q->refcount_order;
   q->rb_bits = q->cluster_bits + 3 - q->refcount_order;

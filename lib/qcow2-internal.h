@@ -270,6 +270,8 @@ struct qcow2_req *req_new (struct qcow2 *q, enum req_type type,
                            int *err);
 /* Run a new request's first steps; completions wait for qcow2_process. */
 void req_start (struct qcow2_req *req);
+/* No data here in this image (reads fall to the backing file, or zeros). */
+bool entry_is_hole (const struct qcow2 *q, uint64_t ent);
 /* Reads of this entry return zeros (no data, nothing showing through). */
 bool entry_reads_zero (const struct qcow2 *q, uint64_t ent);
 bool entry_is_zero (const struct qcow2 *q, uint64_t ent);
@@ -416,6 +418,9 @@ struct qcow2 {
   int fd;
   char *path;
   bool raw;                     /* a raw file: no mapping at all */
+  int dfd;                      /* data clusters: fd, or an external data
+                                   file (guest offset = its offset) */
+  char *data_file;              /* external data file name, or NULL */
   struct qcow2 *backing;        /* read-only, shares aio; NULL if none */
   struct qcow2 *top;            /* the image the caller opened */
   unsigned depth;               /* 0 for the top image */

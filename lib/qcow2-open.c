@@ -161,8 +161,11 @@ free_image (struct qcow2 *q)
   flush_free (q);
   if (q->aio && q->own_aio)
     aio_destroy (q->aio);
+  if (q->dfd >= 0 && q->dfd != q->fd)
+    close (q->dfd);
   if (q->fd >= 0)
     close (q->fd);
+  free (q->data_file);
   free (q->l1);
   free (q->reftable);
   free (q->header_sector);
@@ -241,6 +244,40 @@ open_backing (struct qcow2 *q, const struct qcow2_opts *opts, char *err,
   return r;
 }
 
+/* Open the external data file the header names, next to the image unless
+ * the name is absolute, with the image's own flags.
+ */
+static int
+open_data_file (struct qcow2 *q, int flags, char *err, size_t errlen)
+{
+  const char *slash = strrchr (q->path, '/');
+  char *path = NULL;
+  int r = 0;
+
+  if (q->data_file[0] == '/' || !slash)
+    path = strdup (q->data_file);
+  else if (asprintf (&path, "%.*s/%s", (int) (slash - q->path), q->path,
+                     q->data_file) < 0)
+    path = NULL;
+  if (!path) {
+    snprintf (err, errlen, "out of memory");
+    return -ENOMEM;
+  }
+  q->dfd = open (path, flags);
+  /* QEMU resolves it from the working directory: accept that too. */
+  if (q->dfd < 0 && errno == ENOENT && q->data_file[0] != '/')
+    q->dfd = open (q->data_file, flags);
+  if (q->dfd < 0) {
+    r = -errno;
+    snprintf (err, errlen, "external data file %s: %s", path, strerror (-r));
+    q->dfd = q->fd;
+  }
+  free (path);
+  /* Compressed clusters cannot live in a data file. */
+  q->compress = false;
+  return r;
+}
+
 /* A raw file: its size is the disk size and nothing needs reading. */
 static int
 open_raw (struct qcow2 *q, uint64_t file_size, char *err, size_t errlen)
@@ -283,6 +320,7 @@ image_open (const char *path, const struct qcow2_opts *opts, unsigned depth,
     return -ENOMEM;
   }
   q->fd = -1;
+  q->dfd = -1;
   q->depth = depth;
   q->top = top ? top : q;
   q->read_only = opts->read_only;
@@ -305,6 +343,7 @@ image_open (const char *path, const struct qcow2_opts *opts, unsigned depth,
       FAIL (r, "the file system does not support O_DIRECT (--cache=none)");
     FAIL (r, "%s", strerror (-r));
   }
+  q->dfd = q->fd;
   if (fstat (q->fd, &st) < 0)
     FAIL (-errno, "%s", strerror (errno));
   if (!S_ISREG (st.st_mode))
@@ -347,6 +386,12 @@ image_open (const char *path, const struct qcow2_opts *opts, unsigned depth,
                     file_size, err, errlen);
   if (r < 0)
     goto fail;
+
+  if (q->data_file) {
+    r = open_data_file (q, flags, err, errlen);
+    if (r < 0)
+      goto fail;
+  }
 
   l1_bytes = (uint64_t) q->l1_size * 8;
   q->l1_buf_bytes = round_up (l1_bytes ? l1_bytes : 1, SECTOR);

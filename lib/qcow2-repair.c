@@ -115,7 +115,7 @@ walk_l1 (struct counts *k, const uint64_t *l1, uint32_t l1_size, void *l2buf)
         r = mark (k, coff & ~(uint64_t) (SECTOR - 1),
                   csize + (coff & (SECTOR - 1)), "a compressed cluster");
       }
-      else if (ent & L2E_OFFSET_MASK)
+      else if ((ent & L2E_OFFSET_MASK) && !q->data_file)
         r = mark (k, ent & L2E_OFFSET_MASK, cs, "a data cluster");
       if (r < 0)
         return r;

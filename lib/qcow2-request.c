@@ -112,11 +112,21 @@ entry_is_zero (const struct qcow2 *q, uint64_t ent)
 }
 
 /* A normal (uncompressed, non-zero) cluster written in place. */
+/* With an external data file, offset 0 is a real cluster when COPIED is
+ * set (guest cluster 0 lives at offset 0 of the data file).
+ */
+bool
+entry_is_hole (const struct qcow2 *q, uint64_t ent)
+{
+  return !(ent & L2E_COMPRESSED) && !(ent & L2E_OFFSET_MASK)
+    && !(q->data_file && (ent & L2E_COPIED));
+}
+
 bool
 entry_is_inplace (const struct qcow2 *q, uint64_t ent)
 {
   return (ent & L2E_COPIED) && !(ent & L2E_COMPRESSED)
-    && !entry_is_zero (q, ent) && (ent & L2E_OFFSET_MASK);
+    && !entry_is_zero (q, ent) && !entry_is_hole (q, ent);
 }
 
 bool
@@ -124,7 +134,7 @@ entry_reads_zero (const struct qcow2 *q, uint64_t ent)
 {
   if (entry_is_zero (q, ent))
     return true;
-  return !(ent & L2E_COMPRESSED) && !(ent & L2E_OFFSET_MASK) && !q->backing;
+  return entry_is_hole (q, ent) && !q->backing;
 }
 
 int
@@ -132,7 +142,8 @@ release_entry (struct qcow2 *q, uint64_t ent)
 {
   if (ent & L2E_COMPRESSED)
     return compressed_release (q, ent);
-  if (ent & L2E_OFFSET_MASK)
+  /* Clusters of an external data file are not refcounted. */
+  if ((ent & L2E_OFFSET_MASK) && !q->data_file)
     return extent_add (&q->decs, ent & L2E_OFFSET_MASK, 1);
   return 0;
 }

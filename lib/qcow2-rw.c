@@ -68,6 +68,22 @@ check_host_cluster (struct qcow2 *q, uint64_t off, const char *what)
   return 0;
 }
 
+/* A data cluster named by an L2 entry.  In an external data file the
+ * mapping is one to one and nothing else lives there.
+ */
+static int
+check_data_cluster (struct qcow2 *q, uint64_t off)
+{
+  if (!q->data_file)
+    return check_host_cluster (q, off, "data cluster");
+  if (off & (q->cluster_size - 1)) {
+    qlog (q, LOG_ERR, "data file offset 0x%llx is unaligned",
+          (unsigned long long) off);
+    return -EIO;
+  }
+  return 0;
+}
+
 /* Free everything the current segment holds.  No I/O may be in flight. */
 void
 seg_release (struct qcow2_req *req)
@@ -227,7 +243,8 @@ io_start (struct qcow2_req *req, struct req_io *io, int niov)
     return;
   }
   io->op.type = io->is_write ? AIO_WRITE : AIO_READ;
-  io->op.fd = q->fd;
+  /* Compressed data always lives in the image file itself. */
+  io->op.fd = io->cbuf ? q->fd : q->dfd;
   io->op.iov = io->iov;
   io->op.iovcnt = niov;
   io->op.offset = io->host;
@@ -303,7 +320,7 @@ plan_read (struct qcow2_req *req)
       pos = cend;
       continue;
     }
-    if (!entry_is_zero (q, ent) && !(ent & L2E_OFFSET_MASK) && q->backing
+    if (!entry_is_zero (q, ent) && entry_is_hole (q, ent) && q->backing
         && pos < q->backing_size_bytes) {
       /* A hole: what the backing image has there shows through. */
       uint64_t bend = cend < q->backing_size_bytes
@@ -330,14 +347,14 @@ plan_read (struct qcow2_req *req)
       pos = cend;
       continue;
     }
-    if (entry_is_zero (q, ent) || !(ent & L2E_OFFSET_MASK)) {
+    if (entry_is_zero (q, ent) || entry_is_hole (q, ent)) {
       memset (dst, 0, cend - pos);
       read_map_add (req, cend - pos, true);
       last = NULL;
       pos = cend;
       continue;
     }
-    r = check_host_cluster (q, ent & L2E_OFFSET_MASK, "data cluster");
+    r = check_data_cluster (q, ent & L2E_OFFSET_MASK);
     if (r < 0) {
       req->err = r;
       break;
@@ -382,8 +399,7 @@ cow_source (struct qcow2_req *req, struct req_io *io, int k, uint32_t idx,
     + ((uint64_t) idx << q->cluster_bits);
   struct req_io *rd;
 
-  if (!entry_is_zero (q, ent) && !(ent & L2E_COMPRESSED)
-      && !(ent & L2E_OFFSET_MASK) && q->backing
+  if (!entry_is_zero (q, ent) && entry_is_hole (q, ent) && q->backing
       && guest < q->backing_size_bytes) {
     /* Copy-on-write from the backing image. */
     io->cow_buf[k] = aligned_alloc_zero (q->cluster_size);
@@ -402,8 +418,7 @@ cow_source (struct qcow2_req *req, struct req_io *io, int k, uint32_t idx,
     rd->cow_for = io;
     return io->cow_buf[k];
   }
-  if (entry_is_zero (q, ent) || (!(ent & L2E_COMPRESSED)
-                                 && !(ent & L2E_OFFSET_MASK)))
+  if (entry_is_zero (q, ent) || entry_is_hole (q, ent))
     return q->zero_cluster;
   if (ent & L2E_COMPRESSED) {
     int r;
@@ -421,7 +436,7 @@ cow_source (struct qcow2_req *req, struct req_io *io, int k, uint32_t idx,
     rd->cow_for = io;
     return io->cow_buf[k];
   }
-  if (check_host_cluster (q, ent & L2E_OFFSET_MASK, "data cluster") < 0) {
+  if (check_data_cluster (q, ent & L2E_OFFSET_MASK) < 0) {
     req->err = -EIO;
     return NULL;
   }
@@ -469,7 +484,7 @@ plan_write (struct qcow2_req *req)
     if (cend > end)
       cend = end;
     if (inplace) {
-      if (check_host_cluster (q, ent & L2E_OFFSET_MASK, "data cluster") < 0) {
+      if (check_data_cluster (q, ent & L2E_OFFSET_MASK) < 0) {
         req->err = -EIO;
         break;
       }
@@ -512,7 +527,8 @@ plan_write (struct qcow2_req *req)
     int n = 0;
 
     if (!io->alloc) {
-      if (overlap_check (q, META_DATA, io->host, io->len) < 0) {
+      if (!q->data_file
+          && overlap_check (q, META_DATA, io->host, io->len) < 0) {
         req->err = -EIO;
         break;
       }
@@ -539,8 +555,10 @@ plan_write (struct qcow2_req *req)
     }
     head = io->guest & (cs - 1);
     tail = (cs - ((io->guest + io->len) & (cs - 1))) & (cs - 1);
-    io->host = alloc_clusters (q, io->count);
-    if (!io->host) {
+    /* An external data file has a fixed mapping and no refcounts. */
+    io->host = q->data_file ? io->guest & ~(cs - 1)
+      : alloc_clusters (q, io->count);
+    if (!io->host && !q->data_file) {
       req->err = -ENOMEM;
       break;
     }

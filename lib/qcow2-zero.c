@@ -246,16 +246,14 @@ status_segment (struct qcow2_req *req)
     }
     if (cend > end)
       cend = end;
-    if (!(ent & L2E_COMPRESSED) && !(ent & L2E_OFFSET_MASK)
-        && !entry_is_zero (q, ent) && pos < bsize) {
+    if (entry_is_hole (q, ent) && !entry_is_zero (q, ent) && pos < bsize) {
       /* A hole over the backing file: the run of holes is its business. */
       uint64_t run_end = cend;
       int r;
       while (run_end < end && run_end < bsize) {
         uint64_t next = e ? l2_get (e, (uint32_t) (run_end >> q->cluster_bits)
                                     & (q->l2_entries - 1)) : 0;
-        if ((next & L2E_COMPRESSED) || (next & L2E_OFFSET_MASK)
-            || entry_is_zero (q, next))
+        if (!entry_is_hole (q, next) || entry_is_zero (q, next))
           break;
         run_end += cs;
       }
@@ -273,7 +271,7 @@ status_segment (struct qcow2_req *req)
     }
     if (entry_is_zero (q, ent))
       flags = QCOW2_EXTENT_HOLE | QCOW2_EXTENT_ZERO;
-    else if (!(ent & L2E_COMPRESSED) && !(ent & L2E_OFFSET_MASK)) {
+    else if (entry_is_hole (q, ent)) {
       flags = QCOW2_EXTENT_HOLE | QCOW2_EXTENT_ZERO;
       depth = 0;
     }
