@@ -22,7 +22,8 @@ op_done (struct aio_op *op, int64_t ret)
   struct qcow2_req *req = op->opaque;
 
   if (ret < 0) {
-    if (!(op->type == AIO_PUNCH && req->type == REQ_DISCARD))
+    bool no_punch = ret == -EOPNOTSUPP || ret == -ENOTSUP;
+    if (op->type != AIO_PUNCH || (req->type == REQ_ZERO && !no_punch))
       qlog (req->q, LOG_ERR, "%s on raw image at 0x%llx: %s",
             op->type == AIO_READ ? "read" : op->type == AIO_FSYNC
             ? "fdatasync" : op->type == AIO_PUNCH ? "punch hole" : "write",
@@ -30,8 +31,12 @@ op_done (struct aio_op *op, int64_t ret)
     /* Discard is advisory: a file system that cannot punch keeps data. */
     if (!(op->type == AIO_PUNCH && req->type == REQ_DISCARD) && !req->err)
       req->err = (int) ret;
-    if (op->type == AIO_PUNCH && req->type == REQ_ZERO && ret == -EOPNOTSUPP)
-      req->err = -ENOTSUP;
+    if (op->type == AIO_PUNCH && req->type == REQ_ZERO && no_punch) {
+      /* No hole punching here: write the zeros instead. */
+      req->err = 0;
+      req->raw_pos = req->offset;
+      req->state = RS_LINK;
+    }
   }
   else if (op->type == AIO_READ && (uint64_t) ret < req->iov.iov_len)
     memset ((char *) req->iov.iov_base + ret, 0, req->iov.iov_len - ret);

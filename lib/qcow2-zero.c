@@ -90,7 +90,10 @@ zero_segment (struct qcow2_req *req)
     uint64_t ent = l2_get (e, idx);
     uint64_t cstart = pos & ~(cs - 1);
     uint64_t cend = cstart + cs < end ? cstart + cs : end;
-    bool full = pos == cstart && cend == cstart + cs;
+    /* The last cluster of a disk whose size is not a multiple of the
+     * cluster size is whole when the range reaches the end of the disk.
+     */
+    bool full = pos == cstart && (cend == cstart + cs || cend == q->size);
     bool zero = entry_reads_zero (q, ent);
     uint64_t nent = ent;
     bool release = false;
@@ -287,13 +290,35 @@ status_segment (struct qcow2_req *req)
   return true;
 }
 
+/* Whether a fast write-zeroes could need to write data: then it must fail
+ * before changing anything (NBD: contents unchanged on ENOTSUP).  Decided
+ * from the request alone, so sometimes more cautious than needed.
+ */
+static bool
+fast_zero_may_write (const struct qcow2 *q, uint64_t offset, uint64_t len,
+                     unsigned flags)
+{
+  uint64_t cs = q->cluster_size;
+  uint64_t end = offset + len;
+  if (q->raw)
+    return flags & QCOW2_ZERO_NO_HOLE;
+  if ((offset & (cs - 1)) || ((end & (cs - 1)) && end != q->size))
+    return true;                /* partial clusters are written as data */
+  return q->version < 3 && (q->backing || (flags & QCOW2_ZERO_NO_HOLE));
+}
+
 int
 qcow2_write_zeroes (struct qcow2 *q, uint64_t offset, uint64_t len,
                     unsigned flags, qcow2_done_fn *done, void *opaque)
 {
   int err;
-  struct qcow2_req *req = req_new (q, REQ_ZERO, offset, len, NULL, flags,
-                                   done, opaque, &err);
+  struct qcow2_req *req;
+
+  if ((flags & QCOW2_ZERO_FAST) && offset <= q->size
+      && len <= q->size - offset && len
+      && fast_zero_may_write (q, offset, len, flags))
+    return -ENOTSUP;
+  req = req_new (q, REQ_ZERO, offset, len, NULL, flags, done, opaque, &err);
   if (!req)
     return err;
   req_start (req);
