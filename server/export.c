@@ -22,7 +22,7 @@ static struct export **exports_tail = &exports;
 
 int
 export_add (const char *name, const char *description, const char *path,
-            const struct qcow2_opts *opts)
+            const struct qcow2_opts *opts, bool discard)
 {
   struct export *e;
   struct qcow2_opts o = *opts;
@@ -68,6 +68,18 @@ export_add (const char *name, const char *description, const char *path,
     goto fail;
   }
   e->read_only = opts->read_only || qcow2_read_only (e->q);
+  e->discard = discard;
+
+  /* Probing is only safe for images that can never become qcow2 (see
+   * export_write_ok); say what happened so that -f raw can be made
+   * explicit.
+   */
+  if (opts->format == QCOW2_FORMAT_AUTO &&
+      strcmp (qcow2_format_name (e->q), "raw") == 0) {
+    e->probed_raw = true;
+    log_warning ("%s: not a qcow2 image: serving it as raw (probed; use "
+                 "-f raw to say so, -f qcow2 to refuse it)", path);
+  }
 
   log_debug ("export '%s': %s, %" PRIu64 " bytes, cluster size %" PRIu32
              ", %s%s I/O", e->name, e->path, qcow2_size (e->q),
@@ -113,11 +125,31 @@ uint16_t
 export_eflags (const struct export *e)
 {
   uint16_t flags = NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_FLUSH |
-    NBD_FLAG_SEND_FUA | NBD_FLAG_CAN_MULTI_CONN;
+    NBD_FLAG_SEND_FUA | NBD_FLAG_CAN_MULTI_CONN | NBD_FLAG_SEND_CACHE;
 
   if (e->read_only)
     flags |= NBD_FLAG_READ_ONLY;
+  else
+    /* TRIM is advertised with --discard=ignore too: it then succeeds
+     * without doing anything, which the protocol allows.
+     */
+    flags |= NBD_FLAG_SEND_TRIM | NBD_FLAG_SEND_WRITE_ZEROES |
+      NBD_FLAG_SEND_FAST_ZERO;
   return flags;
+}
+
+bool
+export_write_ok (const struct export *e, uint64_t offset, const void *data,
+                 size_t len)
+{
+  static const unsigned char qcow2_magic[4] = { 'Q', 'F', 'I', 0xfb };
+
+  if (!e->probed_raw || offset >= sizeof qcow2_magic)
+    return true;
+  /* Bytes 0-3 written piecemeal could assemble the magic unseen. */
+  if (offset != 0 || len < sizeof qcow2_magic)
+    return false;
+  return memcmp (data, qcow2_magic, sizeof qcow2_magic) != 0;
 }
 
 void

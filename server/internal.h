@@ -25,8 +25,34 @@
 /* Limits.                                                             */
 /* ------------------------------------------------------------------ */
 
-/* Largest READ/WRITE payload; advertised as the maximum block size. */
+/* Largest READ/WRITE payload; advertised as the maximum block size.
+ * TRIM, WRITE_ZEROES, CACHE and BLOCK_STATUS carry no payload and are not
+ * bound by it (the kernel sends TRIMs of about 2 GiB).
+ */
 #define MAX_PAYLOAD         (32u * 1024 * 1024)
+
+/* NBD_CMD_CACHE reads its range into a scratch buffer of at most this
+ * many bytes, one engine read after the other.
+ */
+#define CACHE_CHUNK         (8u * 1024 * 1024)
+
+/* Most extents asked of the engine for one NBD_CMD_BLOCK_STATUS (fewer
+ * with NBD_CMD_FLAG_REQ_ONE, which sends only the first).  The answer may
+ * then cover only a prefix of the range, which the protocol allows.
+ */
+#define STATUS_MAX_EXTENTS  1024
+#define STATUS_REQ_ONE_EXTENTS 16
+
+/* A structured READ reply describes a run of zeros with an
+ * NBD_REPLY_TYPE_OFFSET_HOLE chunk only from this length on: shorter runs
+ * go out as data, so that replies are not cut into many small chunks.
+ */
+#define SPARSE_MIN_HOLE     4096
+
+/* Most extents of a READ's zero map (qcow2_read_map); past it the engine
+ * reports the rest as data, which is still true.
+ */
+#define SPARSE_MAX_EXTENTS  1024
 
 /* Longest option data accepted during the handshake: more is a hostile
  * client, which is disconnected.
@@ -95,14 +121,22 @@ struct export {
   char *path;                   /* image file */
   struct qcow2 *q;              /* the open image */
   bool read_only;               /* served read-only */
+  bool discard;                 /* TRIM releases clusters (--discard=unmap);
+                                   false: TRIM succeeds doing nothing */
+  bool probed_raw;              /* not qcow2, served as raw because the
+                                   format was probed (-f auto): writes may
+                                   not give it a qcow2 magic (export_write_ok) */
   ev_io io;                     /* on qcow2_fd (q); io.data == this */
 };
 
-/* Open the image at path and add it under name.  On failure prints one
- * line "qnbd: PATH: reason" and returns -1; returns 0 on success.
+/* Open the image at path and add it under name; discard says whether
+ * TRIM releases clusters.  On failure prints one line "qnbd: PATH: reason"
+ * and returns -1; returns 0 on success.  An image probed as raw (opts
+ * format QCOW2_FORMAT_AUTO) is served with one warning line.
  */
 int export_add (const char *name, const char *description,
-                const char *path, const struct qcow2_opts *opts);
+                const char *path, const struct qcow2_opts *opts,
+                bool discard);
 
 /* The first export (the default one), or NULL when there is none. */
 struct export *export_first (void);
@@ -112,8 +146,19 @@ struct export *export_first (void);
  */
 struct export *export_find (const char *name, size_t len);
 
-/* NBD transmission flags of the export. */
+/* NBD transmission flags of the export (those that need structured
+ * replies, such as NBD_FLAG_SEND_DF, are added by the handshake).
+ */
 uint16_t export_eflags (const struct export *e);
+
+/* Whether a write of len bytes of data at offset may go to e.  Always true
+ * but on a probed raw image, whose first four bytes may only be written
+ * whole and never with the qcow2 magic: the next probe would otherwise
+ * take the guest's data for a qcow2 header (and, say, its backing file
+ * name for a file to open on the host).
+ */
+bool export_write_ok (const struct export *e, uint64_t offset,
+                      const void *data, size_t len);
 
 /* Block size constraints of the export (NBD_INFO_BLOCK_SIZE). */
 void export_block_size (const struct export *e, uint32_t *minimum,
@@ -229,6 +274,9 @@ struct conn {
   /* Negotiated during the handshake. */
   bool no_zeroes;               /* NBD_FLAG_C_NO_ZEROES */
   bool structured;              /* NBD_OPT_STRUCTURED_REPLY acknowledged */
+  unsigned meta;                /* META_* contexts of the last
+                                   NBD_OPT_SET_META_CONTEXT ... */
+  struct export *meta_exp;      /* ... which named this export */
   unsigned nr_options;          /* options received so far */
   struct export *exp;           /* the export, from transmission on */
   uint16_t eflags;              /* its transmission flags */
@@ -311,6 +359,14 @@ void conn_kill_all (void);
 /* nbd-handshake.c                                                     */
 /* ------------------------------------------------------------------ */
 
+/* The metadata contexts served (NBD_OPT_SET_META_CONTEXT), as bits of
+ * conn.meta, and their ids in NBD_REPLY_TYPE_BLOCK_STATUS chunks.
+ */
+#define META_BASE_ALLOCATION   (1u << 0) /* base:allocation */
+#define META_QEMU_DEPTH        (1u << 1) /* qemu:allocation-depth */
+#define META_ID_BASE_ALLOCATION  1
+#define META_ID_QEMU_DEPTH       2
+
 /* Queue the greeting of a new connection (it is in CONN_GREETING). */
 void handshake_start (struct conn *c);
 
@@ -341,11 +397,25 @@ bool request_step (struct conn *c);
 void reply_simple (struct reply *r, uint64_t cookie, int err,
                    void *data, size_t len);
 
-/* Fill r as the only chunk of a successful structured READ reply: one
- * NBD_REPLY_TYPE_OFFSET_DATA chunk with NBD_REPLY_FLAG_DONE.  len > 0.
+/* Fill r as an NBD_REPLY_TYPE_OFFSET_DATA chunk of a structured READ
+ * reply: len > 0 bytes of data (pointed to, not copied) at offset; done:
+ * the last chunk (NBD_REPLY_FLAG_DONE).
  */
-void reply_structured_data (struct reply *r, uint64_t cookie,
+void reply_structured_data (struct reply *r, uint64_t cookie, bool done,
                             uint64_t offset, void *data, size_t len);
+
+/* Fill r as an NBD_REPLY_TYPE_OFFSET_HOLE chunk: len > 0 bytes of zeros
+ * at offset; done: the last chunk.
+ */
+void reply_structured_hole (struct reply *r, uint64_t cookie, bool done,
+                            uint64_t offset, uint32_t len);
+
+/* Fill r as an NBD_REPLY_TYPE_BLOCK_STATUS chunk for the metadata context
+ * id: n > 0 descriptors (pointed to, not copied); done: the last chunk.
+ */
+void reply_structured_status (struct reply *r, uint64_t cookie, bool done,
+                              uint32_t id,
+                              struct nbd_block_descriptor *desc, size_t n);
 
 /* Fill r as NBD_REPLY_TYPE_NONE with NBD_REPLY_FLAG_DONE (success). */
 void reply_structured_done (struct reply *r, uint64_t cookie);

@@ -36,20 +36,24 @@
 enum {
   OPT_CACHE = 256,
   OPT_AIO,
+  OPT_DISCARD,
   OPT_L2_CACHE_SIZE,
   OPT_PID_FILE,
   OPT_VERSION,
 };
 
-static const char short_options[] = "b:D:e:hk:p:rtvx:";
+static const char short_options[] = "b:D:e:f:hk:l:p:rtvx:";
 static const struct option long_options[] = {
   { "aio",            required_argument, NULL, OPT_AIO },
   { "bind",           required_argument, NULL, 'b' },
   { "cache",          required_argument, NULL, OPT_CACHE },
   { "description",    required_argument, NULL, 'D' },
+  { "discard",        required_argument, NULL, OPT_DISCARD },
   { "export-name",    required_argument, NULL, 'x' },
+  { "format",         required_argument, NULL, 'f' },
   { "help",           no_argument,       NULL, 'h' },
   { "l2-cache-size",  required_argument, NULL, OPT_L2_CACHE_SIZE },
+  { "load-snapshot",  required_argument, NULL, 'l' },
   { "persistent",     no_argument,       NULL, 't' },
   { "pid-file",       required_argument, NULL, OPT_PID_FILE },
   { "port",           required_argument, NULL, 'p' },
@@ -66,7 +70,7 @@ usage (FILE *fp)
 {
   fprintf (fp,
 "Usage: qnbd [OPTION]... IMAGE\n"
-"Export the qcow2 image IMAGE over the Network Block Device protocol.\n"
+"Export the qcow2 (or raw) image IMAGE over the Network Block Device protocol.\n"
 "\n"
 "Listening (default: TCP port %s on every address):\n"
 "  -k, --socket=PATH        listen on the Unix socket PATH\n"
@@ -81,8 +85,14 @@ usage (FILE *fp)
 "  -x, --export-name=NAME   export name (default: \"\")\n"
 "  -D, --description=TEXT   description shown to clients\n"
 "  -r, --read-only          refuse writes\n"
+"  -l, --load-snapshot=SNAPSHOT  serve the internal snapshot SNAPSHOT (its\n"
+"                           name or id), read-only\n"
+"      --discard=unmap|ignore   unmap (default): TRIM releases clusters;\n"
+"                               ignore: TRIM succeeds and does nothing\n"
 "\n"
 "The image:\n"
+"  -f, --format=auto|qcow2|raw  the image format (default: auto, which\n"
+"                               probes: qcow2 by its magic, else raw)\n"
 "      --cache=writeback|none   none: bypass the host page cache (O_DIRECT)\n"
 "      --aio=io_uring|threads   the I/O backend (default: io_uring, threads\n"
 "                               when the kernel refuses io_uring)\n"
@@ -302,7 +312,11 @@ main (int argc, char *argv[])
   const char *sock = NULL, *addr = NULL, *port = NULL;
   const char *name = "", *description = NULL, *pid_file = NULL;
   const char *image;
-  struct qcow2_opts opts = { .aio_mode = QCOW2_AIO_AUTO };
+  struct qcow2_opts opts = {
+    .aio_mode = QCOW2_AIO_AUTO,
+    .format = QCOW2_FORMAT_AUTO,
+  };
+  bool discard = true;
   unsigned shared = 0, port_n;
   int c, i, activated, status = EXIT_SUCCESS;
   struct export *e;
@@ -338,6 +352,29 @@ main (int argc, char *argv[])
       break;
     case 'D':
       description = optarg;
+      break;
+    case 'f':
+      if (strcmp (optarg, "qcow2") == 0)
+        opts.format = QCOW2_FORMAT_QCOW2;
+      else if (strcmp (optarg, "raw") == 0)
+        opts.format = QCOW2_FORMAT_RAW;
+      else if (strcmp (optarg, "auto") == 0)
+        opts.format = QCOW2_FORMAT_AUTO;
+      else
+        bad_usage ("--format: '%s': use qcow2, raw or auto", optarg);
+      break;
+    case 'l':
+      /* As with qemu-nbd, a snapshot is always served read-only. */
+      opts.snapshot = optarg;
+      opts.read_only = true;
+      break;
+    case OPT_DISCARD:
+      if (strcmp (optarg, "unmap") == 0)
+        discard = true;
+      else if (strcmp (optarg, "ignore") == 0)
+        discard = false;
+      else
+        bad_usage ("--discard: '%s': use unmap or ignore", optarg);
       break;
     case OPT_CACHE:
       if (strcmp (optarg, "writeback") == 0)
@@ -389,7 +426,7 @@ main (int argc, char *argv[])
   activated = socket_activation ();
 
   /* The image first: a bad one must fail before any socket exists. */
-  if (export_add (name, description, image, &opts) < 0)
+  if (export_add (name, description, image, &opts, discard) < 0)
     exit (EXIT_FAILURE);
 
   if (loop_init () < 0)

@@ -5,6 +5,18 @@
  * message per call).  NBD_OPT_GO with an ACK, or NBD_OPT_EXPORT_NAME, ends
  * the handshake and the connection moves to transmission.
  *
+ * Metadata contexts (NBD_OPT_LIST_META_CONTEXT, NBD_OPT_SET_META_CONTEXT)
+ * served, for NBD_CMD_BLOCK_STATUS:
+ *
+ *   base:allocation         NBD_STATE_HOLE, NBD_STATE_ZERO
+ *   qemu:allocation-depth   0: allocated nowhere in the backing chain,
+ *                           1: in the image itself, 2: in its backing
+ *                           file, and so on
+ *
+ * A query is a context's full name; LIST also takes a namespace alone
+ * ("base:", "qemu:") for every context in it, and no query at all for
+ * every context.
+ *
  * Option data is read whole into the connection's bounded read buffer;
  * an option longer than MAX_OPTION_LENGTH, a bad magic, unknown client
  * flags or too many options close the connection.  Anything else a client
@@ -103,14 +115,32 @@ send_info (struct conn *c, uint32_t opt, uint16_t info,
   return send_opt_reply (c, opt, NBD_REP_INFO, buf, 2 + len);
 }
 
+/* The transmission flags c gets for e: the export's, and those that need
+ * structured replies once they are negotiated.
+ */
+static uint16_t
+transmission_flags (const struct conn *c, const struct export *e)
+{
+  uint16_t flags = export_eflags (e);
+
+  if (c->structured)
+    flags |= NBD_FLAG_SEND_DF;
+  return flags;
+}
+
 static void
 enter_transmission (struct conn *c, struct export *e)
 {
   c->exp = e;
-  c->eflags = export_eflags (e);
+  c->eflags = transmission_flags (c, e);
+  /* Contexts chosen for another export do not carry over. */
+  if (c->meta_exp != e)
+    c->meta = 0;
   c->state = CONN_TRANSMISSION;
-  log_info ("client %u: export '%s'%s%s", c->id, e->name,
+  log_info ("client %u: export '%s'%s%s%s%s", c->id, e->name,
             c->structured ? ", structured replies" : "",
+            c->meta & META_BASE_ALLOCATION ? ", base:allocation" : "",
+            c->meta & META_QEMU_DEPTH ? ", qemu:allocation-depth" : "",
             e->read_only ? ", read-only" : "");
 }
 
@@ -130,7 +160,7 @@ opt_export_name (struct conn *c, const unsigned char *data, uint32_t len)
   }
   memset (&r, 0, sizeof r);
   r.size = htobe64 (qcow2_size (e->q));
-  r.eflags = htobe16 (export_eflags (e));
+  r.eflags = htobe16 (transmission_flags (c, e));
   if (conn_queue_copy (c, &r, c->no_zeroes ? 10 : sizeof r, NULL, 0) == 0)
     enter_transmission (c, e);
 }
@@ -177,7 +207,7 @@ opt_info_go (struct conn *c, uint32_t opt, const unsigned char *data,
 
   ie.info = htobe16 (NBD_INFO_EXPORT);
   ie.size = htobe64 (qcow2_size (e->q));
-  ie.eflags = htobe16 (export_eflags (e));
+  ie.eflags = htobe16 (transmission_flags (c, e));
   if (send_opt_reply (c, opt, NBD_REP_INFO, &ie, sizeof ie) < 0)
     return;
 
@@ -241,6 +271,129 @@ opt_list (struct conn *c, uint32_t len)
   send_opt_reply (c, NBD_OPT_LIST, NBD_REP_ACK, NULL, 0);
 }
 
+/* The metadata contexts, in the order they are listed. */
+static const struct meta_context {
+  const char *name;
+  unsigned bit;                 /* META_* */
+  uint32_t id;                  /* META_ID_* */
+} meta_contexts[] = {
+  { "base:allocation", META_BASE_ALLOCATION, META_ID_BASE_ALLOCATION },
+  { "qemu:allocation-depth", META_QEMU_DEPTH, META_ID_QEMU_DEPTH },
+};
+#define NR_META_CONTEXTS (sizeof meta_contexts / sizeof meta_contexts[0])
+
+/* The contexts (META_* bits) query q (len bytes) selects.  list: for
+ * NBD_OPT_LIST_META_CONTEXT, where a namespace alone ("base:") stands for
+ * all its contexts; SET must ignore that form.  Anything else unknown
+ * selects nothing, as the protocol asks.
+ */
+static unsigned
+meta_query (const char *q, uint32_t len, bool list)
+{
+  unsigned mask = 0;
+  size_t i;
+
+  for (i = 0; i < NR_META_CONTEXTS; i++) {
+    const char *name = meta_contexts[i].name;
+    size_t ns = strchr (name, ':') - name + 1;  /* "base:" */
+
+    if ((strlen (name) == len && memcmp (name, q, len) == 0) ||
+        (list && len == ns && memcmp (name, q, ns) == 0))
+      mask |= meta_contexts[i].bit;
+  }
+  return mask;
+}
+
+/* NBD_OPT_LIST_META_CONTEXT and NBD_OPT_SET_META_CONTEXT: export name
+ * length, name, number of queries, then each query as length and string.
+ * Each context found gets an NBD_REP_META_CONTEXT (id 0 for LIST), then
+ * an ACK.
+ */
+static void
+opt_meta_context (struct conn *c, uint32_t opt, const unsigned char *data,
+                  uint32_t len)
+{
+  bool list = opt == NBD_OPT_LIST_META_CONTEXT;
+  unsigned char buf[4 + 64];
+  uint32_t namelen, nr, qlen, i, pos;
+  unsigned mask = 0;
+  struct export *e;
+  size_t k;
+
+  /* SET replaces the previous choice, even when it fails. */
+  if (!list) {
+    c->meta = 0;
+    c->meta_exp = NULL;
+    if (!c->structured) {
+      send_opt_error (c, opt, NBD_REP_ERR_INVALID,
+                      "SET_META_CONTEXT before STRUCTURED_REPLY");
+      return;
+    }
+  }
+
+  if (len < 8)
+    goto invalid;
+  memcpy (&namelen, data, 4);
+  namelen = be32toh (namelen);
+  if (namelen > len - 8)
+    goto invalid;
+  memcpy (&nr, data + 4 + namelen, 4);
+  nr = be32toh (nr);
+  pos = 8 + namelen;
+  for (i = 0; i < nr; i++) {
+    if (len - pos < 4)
+      goto invalid;
+    memcpy (&qlen, data + pos, 4);
+    qlen = be32toh (qlen);
+    pos += 4;
+    if (qlen > len - pos)
+      goto invalid;
+    mask |= meta_query ((const char *) data + pos, qlen, list);
+    pos += qlen;
+  }
+  if (pos != len)
+    goto invalid;
+
+  e = export_find ((const char *) data + 4, namelen);
+  if (e == NULL) {
+    send_opt_error (c, opt, NBD_REP_ERR_UNKNOWN, "unknown export '%.*s'",
+                    (int) (namelen < 200 ? namelen : 200),
+                    (const char *) data + 4);
+    return;
+  }
+
+  /* No query: LIST lists everything, SET selects nothing. */
+  if (nr == 0 && list)
+    mask = META_BASE_ALLOCATION | META_QEMU_DEPTH;
+
+  for (k = 0; k < NR_META_CONTEXTS; k++) {
+    const struct meta_context *m = &meta_contexts[k];
+    size_t nlen = strlen (m->name);
+    uint32_t id = htobe32 (list ? 0 : m->id);
+
+    if (!(mask & m->bit))
+      continue;
+    memcpy (buf, &id, 4);
+    memcpy (buf + 4, m->name, nlen);
+    if (send_opt_reply (c, opt, NBD_REP_META_CONTEXT, buf, 4 + nlen) < 0)
+      return;
+  }
+  if (send_opt_reply (c, opt, NBD_REP_ACK, NULL, 0) < 0)
+    return;
+  if (!list) {
+    c->meta = mask;
+    c->meta_exp = e;
+  }
+  log_debug ("client %u: %s: %s%s", c->id, opt_name (opt),
+             mask & META_BASE_ALLOCATION ? "base:allocation " : "",
+             mask & META_QEMU_DEPTH ? "qemu:allocation-depth" : "");
+  return;
+
+ invalid:
+  send_opt_error (c, opt, NBD_REP_ERR_INVALID,
+                  "malformed %s request", opt_name (opt));
+}
+
 /* One option of length len, its data in data. */
 static void
 handle_option (struct conn *c, uint32_t opt, const unsigned char *data,
@@ -279,8 +432,13 @@ handle_option (struct conn *c, uint32_t opt, const unsigned char *data,
     send_opt_reply (c, opt, NBD_REP_ACK, NULL, 0);
     break;
 
+  case NBD_OPT_LIST_META_CONTEXT:
+  case NBD_OPT_SET_META_CONTEXT:
+    opt_meta_context (c, opt, data, len);
+    break;
+
   default:
-    /* STARTTLS, meta contexts, extended headers: not yet. */
+    /* STARTTLS, extended headers: not yet. */
     send_opt_error (c, opt, NBD_REP_ERR_UNSUP,
                     "option %s (%" PRIu32 ") not supported",
                     opt_name (opt), opt);

@@ -162,6 +162,10 @@ struct nbd_info_block_size {
 #define NBD_REPLY_TYPE_ERROR        ((1u << 15) | 1)
 #define NBD_REPLY_TYPE_ERROR_OFFSET ((1u << 15) | 2)
 
+/* Flags of the base:allocation metadata context. */
+#define NBD_STATE_HOLE              (1u << 0)
+#define NBD_STATE_ZERO              (1u << 1)
+
 /* Error values of replies.  Not errno values, though they look alike. */
 #define NBD_SUCCESS                 0
 #define NBD_EPERM                   1
@@ -204,6 +208,20 @@ struct nbd_structured_reply_offset_data {
   uint64_t offset;
 } NBD_PACKED;
 
+/* Payload of NBD_REPLY_TYPE_OFFSET_HOLE. */
+struct nbd_structured_reply_offset_hole {
+  uint64_t offset;
+  uint32_t length;              /* nonzero */
+} NBD_PACKED;
+
+/* One descriptor of NBD_REPLY_TYPE_BLOCK_STATUS, whose payload is a 32-bit
+ * metadata context id followed by one or more of these.
+ */
+struct nbd_block_descriptor {
+  uint32_t length;              /* nonzero */
+  uint32_t status_flags;        /* meaning set by the context */
+} NBD_PACKED;
+
 /* Payload start of NBD_REPLY_TYPE_ERROR; the message follows. */
 struct nbd_structured_reply_error {
   uint32_t error;               /* NBD_E*, nonzero */
@@ -219,5 +237,8 @@ _Static_assert (sizeof (struct nbd_info_block_size) == 14, "info block size");
 _Static_assert (sizeof (struct nbd_request) == 28, "request");
 _Static_assert (sizeof (struct nbd_simple_reply) == 16, "simple reply");
 _Static_assert (sizeof (struct nbd_structured_reply) == 20, "structured reply");
+_Static_assert (sizeof (struct nbd_structured_reply_offset_hole) == 12,
+                "offset hole");
+_Static_assert (sizeof (struct nbd_block_descriptor) == 8, "block descriptor");
 
 #endif /* QNBD_NBD_PROTOCOL_H */

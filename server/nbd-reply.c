@@ -80,13 +80,16 @@ reply_simple (struct reply *r, uint64_t cookie, int err,
   set_header (r, sizeof h, err ? NULL : data, err ? 0 : len);
 }
 
-/* Write a chunk header of payload length len into r->hdr. */
+/* Write a chunk header of payload length len into r->hdr; done: the last
+ * chunk of the reply.
+ */
 static void
-chunk_header (struct reply *r, uint64_t cookie, uint16_t type, uint32_t len)
+chunk_header (struct reply *r, uint64_t cookie, bool done, uint16_t type,
+              uint32_t len)
 {
   struct nbd_structured_reply h = {
     .magic = htobe32 (NBD_STRUCTURED_REPLY_MAGIC),
-    .flags = htobe16 (NBD_REPLY_FLAG_DONE),
+    .flags = htobe16 (done ? NBD_REPLY_FLAG_DONE : 0),
     .type = htobe16 (type),
     .cookie = htobe64 (cookie),
     .length = htobe32 (len),
@@ -96,8 +99,8 @@ chunk_header (struct reply *r, uint64_t cookie, uint16_t type, uint32_t len)
 }
 
 void
-reply_structured_data (struct reply *r, uint64_t cookie, uint64_t offset,
-                       void *data, size_t len)
+reply_structured_data (struct reply *r, uint64_t cookie, bool done,
+                       uint64_t offset, void *data, size_t len)
 {
   struct nbd_structured_reply_offset_data d = {
     .offset = htobe64 (offset),
@@ -106,15 +109,48 @@ reply_structured_data (struct reply *r, uint64_t cookie, uint64_t offset,
 
   _Static_assert (sizeof (struct nbd_structured_reply) + sizeof d <=
                   sizeof r->hdr, "reply header storage");
-  chunk_header (r, cookie, NBD_REPLY_TYPE_OFFSET_DATA, sizeof d + len);
+  chunk_header (r, cookie, done, NBD_REPLY_TYPE_OFFSET_DATA, sizeof d + len);
   memcpy (r->hdr + hlen, &d, sizeof d);
   set_header (r, hlen + sizeof d, data, len);
 }
 
 void
+reply_structured_hole (struct reply *r, uint64_t cookie, bool done,
+                       uint64_t offset, uint32_t len)
+{
+  struct nbd_structured_reply_offset_hole h = {
+    .offset = htobe64 (offset),
+    .length = htobe32 (len),
+  };
+  const size_t hlen = sizeof (struct nbd_structured_reply);
+
+  _Static_assert (sizeof (struct nbd_structured_reply) + sizeof h <=
+                  sizeof r->hdr, "reply header storage");
+  chunk_header (r, cookie, done, NBD_REPLY_TYPE_OFFSET_HOLE, sizeof h);
+  memcpy (r->hdr + hlen, &h, sizeof h);
+  set_header (r, hlen + sizeof h, NULL, 0);
+}
+
+void
+reply_structured_status (struct reply *r, uint64_t cookie, bool done,
+                         uint32_t id, struct nbd_block_descriptor *desc,
+                         size_t n)
+{
+  const size_t hlen = sizeof (struct nbd_structured_reply);
+  uint32_t be = htobe32 (id);
+
+  _Static_assert (sizeof (struct nbd_structured_reply) + sizeof be <=
+                  sizeof r->hdr, "reply header storage");
+  chunk_header (r, cookie, done, NBD_REPLY_TYPE_BLOCK_STATUS,
+                sizeof be + n * sizeof *desc);
+  memcpy (r->hdr + hlen, &be, sizeof be);
+  set_header (r, hlen + sizeof be, desc, n * sizeof *desc);
+}
+
+void
 reply_structured_done (struct reply *r, uint64_t cookie)
 {
-  chunk_header (r, cookie, NBD_REPLY_TYPE_NONE, 0);
+  chunk_header (r, cookie, true, NBD_REPLY_TYPE_NONE, 0);
   set_header (r, sizeof (struct nbd_structured_reply), NULL, 0);
 }
 
@@ -137,7 +173,7 @@ reply_structured_error (struct reply *r, uint64_t cookie, int err,
 
   e.error = htobe32 (reply_nbd_errno (err));
   e.length = htobe16 (mlen);
-  chunk_header (r, cookie, NBD_REPLY_TYPE_ERROR, elen + mlen);
+  chunk_header (r, cookie, true, NBD_REPLY_TYPE_ERROR, elen + mlen);
   memcpy (r->hdr + hlen, &e, elen);
   memcpy (r->hdr + hlen + elen, msg, mlen);
   set_header (r, hlen + elen + mlen, NULL, 0);

@@ -15,6 +15,18 @@
  *   request_done          engine callback               (engine_refs - 1)
  *   send_reply            reply queued on the connection
  *   request_release       reply written or dropped      (in_flight - 1)
+ *
+ * Some requests take more than one engine call, one after the other:
+ * CACHE reads its range CACHE_CHUNK bytes at a time (cache_done), and a
+ * TRIM with FUA is followed by a flush (trim_done).
+ *
+ * A structured reply of several chunks (a sparse READ, a BLOCK_STATUS for
+ * two metadata contexts) queues one struct reply per chunk: the last is
+ * the request's own reply, whose release frees the request; the others
+ * live in req->chunks and release nothing.  The output queue writes and
+ * releases in order, so the request outlives its earlier chunks, and the
+ * data chunks point into the one read buffer (gathered by writev, never
+ * copied).
  */
 #ifdef HAVE_CONFIG_H
 #include <config.h>
@@ -30,17 +42,38 @@
 #include "internal.h"
 
 struct request {
-  struct reply reply;           /* first: a reply is released as its request */
+  struct reply reply;           /* first: the last (or only) chunk of the
+                                   reply; its release frees the request */
   struct conn *conn;
   uint64_t cookie;              /* echoed in the reply */
   uint64_t offset;
   uint32_t count;               /* length field of the request */
   uint16_t type;                /* NBD_CMD_* */
   uint16_t flags;               /* NBD_CMD_FLAG_* */
-  void *data;                   /* READ/WRITE data (count bytes), or NULL */
+  void *data;                   /* READ/WRITE data (count bytes), CACHE
+                                   scratch buffer, or NULL */
   size_t held;                  /* bytes counted in conn->buffered */
   int err;                      /* positive errno of the result, 0: success */
   const char *why;              /* message for a structured error, or NULL */
+
+  /* Structured READ: which parts of data are zeros (qcow2_read_map).
+   * BLOCK_STATUS: the engine's extents.
+   */
+  struct qcow2_extent *ext;
+  unsigned ext_n;               /* entries of ext filled in */
+
+  struct reply *chunks;         /* the chunks before the last, or NULL */
+  struct nbd_block_descriptor *desc; /* BLOCK_STATUS payloads, or NULL */
+  uint64_t cache_next;          /* CACHE: end of the part being read */
+};
+
+/* A run of a READ's data sent as one chunk: [off, off + len) from the
+ * request's offset, zeros (an OFFSET_HOLE) or data.
+ */
+struct span {
+  uint64_t off;
+  uint64_t len;
+  bool hole;
 };
 
 static const char *
@@ -60,7 +93,7 @@ cmd_name (uint16_t type)
 }
 
 /* Free a request whose reply has been written, dropped, or will never be
- * sent.  It is the release function of its reply.
+ * sent.  It is the release function of its (last) reply.
  */
 static void
 request_release (struct reply *r)
@@ -73,7 +106,215 @@ request_release (struct reply *r)
   c->in_flight--;
   c->buffered -= req->held;
   free (req->data);
+  free (req->ext);
+  free (req->chunks);
+  free (req->desc);
   free (req);
+}
+
+/* The release of the chunks before the last: nothing, the request frees
+ * them when its last chunk is released.
+ */
+static void
+chunk_release (struct reply *r)
+{
+  (void) r;
+}
+
+/* Queue one chunk of a reply of several: the last (done) is the request's
+ * own reply, and req may be gone once it is queued.
+ */
+static void
+queue_chunk (struct request *req, struct reply *r, bool done)
+{
+  if (!done)
+    r->release = chunk_release;
+  conn_queue_reply (req->conn, r);
+}
+
+/* Queue a span of a READ as a chunk. */
+static void
+queue_span (struct request *req, struct reply *r, const struct span *s,
+            bool done)
+{
+  if (s->hole)
+    reply_structured_hole (r, req->cookie, done, req->offset + s->off,
+                           (uint32_t) s->len);
+  else
+    reply_structured_data (r, req->cookie, done, req->offset + s->off,
+                           (char *) req->data + s->off, s->len);
+  queue_chunk (req, r, done);
+}
+
+/* Whether the engine's zero map of a READ covers it exactly. */
+static bool
+read_map_usable (const struct request *req)
+{
+  uint64_t sum = 0;
+  unsigned i;
+
+  if (req->ext == NULL || req->ext_n == 0)
+    return false;
+  for (i = 0; i < req->ext_n; i++)
+    sum += req->ext[i].length;
+  if (sum != req->count) {
+    log_debug ("client %u: READ map of %" PRIu64 " bytes for %" PRIu32
+               ", sent as data", req->conn->id, sum, req->count);
+    return false;
+  }
+  return true;
+}
+
+/* Queue the reply of a successful structured READ.  Runs of zeros of at
+ * least SPARSE_MIN_HOLE bytes become OFFSET_HOLE chunks and the rest
+ * OFFSET_DATA chunks, in order, the last one with NBD_REPLY_FLAG_DONE.
+ * With NBD_CMD_FLAG_DF (or no usable map, or no memory for the chunks)
+ * the whole read is one OFFSET_DATA chunk.
+ */
+static void
+send_read (struct request *req)
+{
+  struct span cur = { 0 };
+  uint64_t pos = 0;
+  unsigned i, k = 0;
+
+  if ((req->flags & NBD_CMD_FLAG_DF) || !read_map_usable (req) ||
+      (req->ext_n > 1 &&
+       (req->chunks = calloc (req->ext_n - 1, sizeof *req->chunks)) == NULL)) {
+    reply_structured_data (&req->reply, req->cookie, true, req->offset,
+                           req->data, req->count);
+    conn_queue_reply (req->conn, &req->reply);
+    return;
+  }
+
+  /* Each extent after the first starts at most one new span, so there
+   * are at most ext_n - 1 spans before the last.
+   */
+  for (i = 0; i < req->ext_n; i++) {
+    const struct qcow2_extent *x = &req->ext[i];
+    bool hole = (x->flags & QCOW2_EXTENT_ZERO) && x->length >= SPARSE_MIN_HOLE;
+
+    if (i > 0 && hole == cur.hole)
+      cur.len += x->length;
+    else {
+      if (i > 0)
+        queue_span (req, &req->chunks[k++], &cur, false);
+      cur = (struct span) { .off = pos, .len = x->length, .hole = hole };
+    }
+    pos += x->length;
+  }
+  queue_span (req, &req->reply, &cur, true);
+}
+
+/* The status of an extent in a metadata context. */
+static uint32_t
+status_value (const struct qcow2_extent *x, unsigned context)
+{
+  uint32_t flags = 0;
+
+  if (context == META_QEMU_DEPTH)
+    return x->depth;
+  if (x->flags & QCOW2_EXTENT_HOLE)
+    flags |= NBD_STATE_HOLE;
+  if (x->flags & QCOW2_EXTENT_ZERO)
+    flags |= NBD_STATE_ZERO;
+  return flags;
+}
+
+/* Fill d with the descriptors of one context (META_*) from the engine's
+ * extents: neighbours of equal status merged, at most max of them, and
+ * none past the requested range.  Returns how many (0: none, which the
+ * caller must not send).
+ */
+static size_t
+status_descriptors (const struct request *req, unsigned context, size_t max,
+                    struct nbd_block_descriptor *d)
+{
+  uint64_t left = req->count;
+  size_t n = 0, i;
+
+  for (i = 0; i < req->ext_n && left > 0; i++) {
+    const struct qcow2_extent *x = &req->ext[i];
+    uint64_t len = x->length < left ? x->length : left;
+    uint32_t v = status_value (x, context);
+
+    if (len == 0)
+      continue;
+    if (n > 0 && d[n - 1].status_flags == v)
+      d[n - 1].length += len;   /* the sum stays below count */
+    else {
+      if (n == max)
+        break;
+      d[n].length = len;
+      d[n].status_flags = v;
+      n++;
+    }
+    left -= len;
+  }
+  for (i = 0; i < n; i++) {
+    d[i].length = htobe32 (d[i].length);
+    d[i].status_flags = htobe32 (d[i].status_flags);
+  }
+  return n;
+}
+
+/* Queue the reply of a successful BLOCK_STATUS: one chunk per negotiated
+ * context, from the one engine answer.  Returns 0, or a positive errno
+ * (nothing queued) for an error reply.
+ */
+static int
+send_block_status (struct request *req)
+{
+  static const struct {
+    unsigned context;
+    uint32_t id;
+  } order[] = {
+    { META_BASE_ALLOCATION, META_ID_BASE_ALLOCATION },
+    { META_QEMU_DEPTH, META_ID_QEMU_DEPTH },
+  };
+  unsigned meta = req->conn->meta, nr = 0, done = 0, k = 0;
+  size_t max = (req->flags & NBD_CMD_FLAG_REQ_ONE) ? 1 : req->ext_n;
+  size_t n[2], i;
+
+  if (req->ext_n == 0) {
+    log_error ("client %u: BLOCK_STATUS: the engine found no extent",
+               req->conn->id);
+    return EIO;
+  }
+  req->desc = calloc (2 * (size_t) req->ext_n, sizeof *req->desc);
+  req->chunks = calloc (1, sizeof *req->chunks);
+  if (req->desc == NULL || req->chunks == NULL)
+    return ENOMEM;
+
+  /* Work out every chunk before queueing any: an error is still possible. */
+  for (i = 0; i < 2; i++) {
+    n[i] = 0;
+    if (!(meta & order[i].context))
+      continue;
+    n[i] = status_descriptors (req, order[i].context, max,
+                               req->desc + i * req->ext_n);
+    if (n[i] == 0) {
+      log_error ("client %u: BLOCK_STATUS: empty extents from the engine",
+                 req->conn->id);
+      return EIO;
+    }
+    nr++;
+  }
+  assert (nr > 0);              /* validate_request checked */
+
+  for (i = 0; i < 2; i++) {
+    bool last;
+    struct reply *r;
+
+    if (n[i] == 0)
+      continue;
+    last = ++done == nr;
+    r = last ? &req->reply : &req->chunks[k++];
+    reply_structured_status (r, req->cookie, last, order[i].id,
+                             req->desc + i * req->ext_n, n[i]);
+    queue_chunk (req, r, last);
+  }
+  return 0;
 }
 
 /* Fill in the reply from the request's result and queue it. */
@@ -82,21 +323,36 @@ send_reply (struct request *req)
 {
   struct conn *c = req->conn;
   struct reply *r = &req->reply;
+  int err;
 
   r->release = request_release;
-  if (c->structured) {
-    if (req->err)
-      reply_structured_error (r, req->cookie, req->err, req->why);
-    else if (req->type == NBD_CMD_READ && req->count > 0)
-      reply_structured_data (r, req->cookie, req->offset,
-                             req->data, req->count);
-    else
-      reply_structured_done (r, req->cookie);
+  if (c->state == CONN_DEAD) {
+    /* Nobody to answer. */
+    request_release (r);
+    return;
   }
-  else
+  if (!c->structured) {
     reply_simple (r, req->cookie, req->err,
                   req->type == NBD_CMD_READ ? req->data : NULL,
                   req->type == NBD_CMD_READ ? req->count : 0);
+    conn_queue_reply (c, r);
+    return;
+  }
+
+  if (req->err == 0 && req->type == NBD_CMD_READ && req->count > 0) {
+    send_read (req);
+    return;
+  }
+  if (req->err == 0 && req->type == NBD_CMD_BLOCK_STATUS) {
+    err = send_block_status (req);
+    if (err == 0)
+      return;
+    req->err = err;
+  }
+  if (req->err)
+    reply_structured_error (r, req->cookie, req->err, req->why);
+  else
+    reply_structured_done (r, req->cookie);
   conn_queue_reply (c, r);
 }
 
@@ -109,6 +365,29 @@ send_error (struct request *req, int err, const char *why)
   send_reply (req);
 }
 
+/* The request is over, with the engine's result ret (0 or -errno). */
+static void
+request_finish (struct request *req, int ret)
+{
+  struct conn *c = req->conn;
+
+  if (ret < 0) {
+    req->err = -ret;
+    if (ret == -ENOTSUP && req->type == NBD_CMD_WRITE_ZEROES &&
+        (req->flags & NBD_CMD_FLAG_FAST_ZERO))
+      /* The expected answer when zeroing would take writing data. */
+      log_debug ("client %u: WRITE_ZEROES of %" PRIu32 " bytes at %"
+                 PRIu64 ": not fast", c->id, req->count, req->offset);
+    else
+      log_error ("client %u: %s of %" PRIu32 " bytes at %" PRIu64 ": %s",
+                 c->id, cmd_name (req->type), req->count, req->offset,
+                 strerror (-ret));
+  }
+  /* On a dead connection this only frees the request. */
+  send_reply (req);
+  conn_mark_pending (c);
+}
+
 /* The engine's completion callback (from qcow2_process only). */
 static void
 request_done (void *opaque, int ret)
@@ -118,15 +397,7 @@ request_done (void *opaque, int ret)
 
   assert (c->engine_refs > 0);
   c->engine_refs--;
-  if (ret < 0) {
-    req->err = -ret;
-    log_error ("client %u: %s of %" PRIu32 " bytes at %" PRIu64 ": %s",
-               c->id, cmd_name (req->type), req->count, req->offset,
-               strerror (-ret));
-  }
-  /* On a dead connection this only frees the request. */
-  send_reply (req);
-  conn_mark_pending (c);
+  request_finish (req, ret);
 }
 
 /* Account for a request submitted to the engine, or answer its refusal. */
@@ -142,20 +413,63 @@ note_submitted (struct request *req, int r)
   send_error (req, -r, NULL);
 }
 
-/* Give the request a data buffer of count bytes.  Returns 0 or ENOMEM. */
+/* A CACHE read has finished: read the next part, or answer.  A
+ * connection going away or a server shutting down ends it early, with
+ * success (the protocol lets a reply come before everything is cached).
+ */
+static void
+cache_done (void *opaque, int ret)
+{
+  struct request *req = opaque;
+  struct conn *c = req->conn;
+  uint64_t end = req->offset + req->count;
+  uint64_t pos = req->cache_next;
+  size_t len;
+
+  assert (c->engine_refs > 0);
+  c->engine_refs--;
+  if (ret < 0 || pos >= end || c->state == CONN_DEAD || c->shutdown) {
+    request_finish (req, ret);
+    return;
+  }
+  len = end - pos < CACHE_CHUNK ? end - pos : CACHE_CHUNK;
+  req->cache_next = pos + len;
+  note_submitted (req, qcow2_read (c->exp->q, pos, req->data, len,
+                                   cache_done, req));
+  conn_mark_pending (c);
+}
+
+/* A TRIM has finished: with FUA, make it durable before answering. */
+static void
+trim_done (void *opaque, int ret)
+{
+  struct request *req = opaque;
+  struct conn *c = req->conn;
+
+  assert (c->engine_refs > 0);
+  c->engine_refs--;
+  if (ret == 0 && (req->flags & NBD_CMD_FLAG_FUA) && c->state != CONN_DEAD) {
+    note_submitted (req, qcow2_flush (c->exp->q, request_done, req));
+    conn_mark_pending (c);
+    return;
+  }
+  request_finish (req, ret);
+}
+
+/* Give the request a data buffer of len bytes.  Returns 0 or ENOMEM. */
 static int
-alloc_data (struct request *req)
+alloc_data (struct request *req, size_t len)
 {
   struct conn *c = req->conn;
   void *p;
 
-  if (posix_memalign (&p, BUFFER_ALIGN, req->count) != 0) {
+  if (posix_memalign (&p, BUFFER_ALIGN, len) != 0) {
     log_error ("client %u: %s of %" PRIu32 " bytes: out of memory",
                c->id, cmd_name (req->type), req->count);
     return ENOMEM;
   }
   req->data = p;
-  req->held = req->count;
+  req->held = len;
   c->buffered += req->held;
   return 0;
 }
@@ -169,6 +483,14 @@ write_payload_done (struct conn *c, void *opaque, bool ok)
 
   if (!ok) {
     request_release (&req->reply);
+    return;
+  }
+  if (!export_write_ok (c->exp, req->offset, req->data, req->count)) {
+    log_info ("client %u: refused a write to the first bytes of %s, "
+              "a probed raw image: it would then probe as qcow2",
+              c->id, c->exp->path);
+    send_error (req, EPERM, "writing a qcow2 header into an image "
+                "probed as raw (serve it with -f raw)");
     return;
   }
   if (req->flags & NBD_CMD_FLAG_FUA)
@@ -191,6 +513,25 @@ skipped_payload_done (struct conn *c, void *opaque, bool ok)
   send_reply (req);
 }
 
+/* The command flags valid with each command (FUA, being advertised, is
+ * valid with all of them).
+ */
+static uint16_t
+allowed_flags (const struct conn *c, uint16_t type)
+{
+  switch (type) {
+  case NBD_CMD_READ:
+    return NBD_CMD_FLAG_FUA |
+      (c->eflags & NBD_FLAG_SEND_DF ? NBD_CMD_FLAG_DF : 0);
+  case NBD_CMD_WRITE_ZEROES:
+    return NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_FAST_ZERO;
+  case NBD_CMD_BLOCK_STATUS:
+    return NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_REQ_ONE;
+  default:
+    return NBD_CMD_FLAG_FUA;
+  }
+}
+
 /* Check a request against the protocol and the export.  Returns 0, or a
  * positive errno for the error reply with *why saying what was wrong.
  */
@@ -206,20 +547,24 @@ validate_request (struct conn *c, const struct request *req,
   case NBD_CMD_READ:
   case NBD_CMD_WRITE:
   case NBD_CMD_FLUSH:
+  case NBD_CMD_TRIM:
+  case NBD_CMD_CACHE:
+  case NBD_CMD_WRITE_ZEROES:
+  case NBD_CMD_BLOCK_STATUS:
     break;
   default:
-    /* TRIM, CACHE, WRITE_ZEROES and BLOCK_STATUS are not advertised. */
     *why = "unsupported command";
     return EINVAL;
   }
 
-  /* FUA is advertised, so it must be accepted on every command. */
-  if (req->flags & ~NBD_CMD_FLAG_FUA) {
+  if (req->flags & ~allowed_flags (c, req->type)) {
     *why = "unsupported command flags";
     return EINVAL;
   }
 
-  if (req->type == NBD_CMD_WRITE && e->read_only) {
+  if (e->read_only && (req->type == NBD_CMD_WRITE ||
+                       req->type == NBD_CMD_TRIM ||
+                       req->type == NBD_CMD_WRITE_ZEROES)) {
     *why = "the export is read-only";
     return EPERM;
   }
@@ -232,14 +577,28 @@ validate_request (struct conn *c, const struct request *req,
     return 0;
   }
 
-  if (req->count > MAX_PAYLOAD) {
+  if (req->type == NBD_CMD_BLOCK_STATUS) {
+    if (!c->structured || c->meta == 0) {
+      *why = "block status without a metadata context";
+      return EINVAL;
+    }
+    if (req->count == 0) {
+      *why = "block status of no bytes";
+      return EINVAL;
+    }
+  }
+
+  /* Only READ and WRITE carry a payload (the others are not bounded). */
+  if ((req->type == NBD_CMD_READ || req->type == NBD_CMD_WRITE) &&
+      req->count > MAX_PAYLOAD) {
     *why = "request larger than the maximum payload";
     return EINVAL;
   }
   /* Written so that offset + count cannot wrap around. */
   if (req->offset > size || req->count > size - req->offset) {
     *why = "request past the end of the export";
-    return req->type == NBD_CMD_WRITE ? ENOSPC : EINVAL;
+    return req->type == NBD_CMD_WRITE || req->type == NBD_CMD_WRITE_ZEROES
+      ? ENOSPC : EINVAL;
   }
   if (align > 1 && (req->offset % align != 0 || req->count % align != 0)) {
     *why = "request not aligned to the minimum block size";
@@ -248,10 +607,36 @@ validate_request (struct conn *c, const struct request *req,
   return 0;
 }
 
+/* Start a structured READ: the engine also says which parts are zeros.
+ * The map has room for every hole worth a chunk of its own and the data
+ * around them; past it the engine calls the rest data.
+ */
+static void
+start_read_map (struct conn *c, struct request *req)
+{
+  size_t max = 2 * (req->count / SPARSE_MIN_HOLE) + 2;
+
+  if (max > SPARSE_MAX_EXTENTS)
+    max = SPARSE_MAX_EXTENTS;
+  req->ext = calloc (max, sizeof *req->ext);
+  if (req->ext == NULL) {
+    /* Without the map the reply is one data chunk: still right. */
+    note_submitted (req, qcow2_read (c->exp->q, req->offset, req->data,
+                                     req->count, request_done, req));
+    return;
+  }
+  note_submitted (req, qcow2_read_map (c->exp->q, req->offset, req->data,
+                                       req->count, req->ext, max,
+                                       &req->ext_n, request_done, req));
+}
+
 /* Start a validated request. */
 static void
 handle_request (struct conn *c, struct request *req)
 {
+  struct qcow2 *q = c->exp->q;
+  unsigned flags = 0;
+  size_t max;
   int err;
 
   switch (req->type) {
@@ -260,13 +645,16 @@ handle_request (struct conn *c, struct request *req)
       send_reply (req);
       return;
     }
-    err = alloc_data (req);
+    err = alloc_data (req, req->count);
     if (err) {
       send_error (req, err, NULL);
       return;
     }
-    note_submitted (req, qcow2_read (c->exp->q, req->offset, req->data,
-                                req->count, request_done, req));
+    if (c->structured && !(req->flags & NBD_CMD_FLAG_DF))
+      start_read_map (c, req);
+    else
+      note_submitted (req, qcow2_read (q, req->offset, req->data,
+                                       req->count, request_done, req));
     return;
 
   case NBD_CMD_WRITE:
@@ -274,7 +662,7 @@ handle_request (struct conn *c, struct request *req)
       send_reply (req);
       return;
     }
-    err = alloc_data (req);
+    err = alloc_data (req, req->count);
     if (err) {
       /* The payload must still be read past. */
       req->err = err;
@@ -290,7 +678,71 @@ handle_request (struct conn *c, struct request *req)
       send_reply (req);
       return;
     }
-    note_submitted (req, qcow2_flush (c->exp->q, request_done, req));
+    note_submitted (req, qcow2_flush (q, request_done, req));
+    return;
+
+  case NBD_CMD_TRIM:
+    /* With --discard=ignore a TRIM is a hint not taken, and FUA has
+     * nothing to make durable.
+     */
+    if (req->count == 0 || !c->exp->discard) {
+      send_reply (req);
+      return;
+    }
+    note_submitted (req, qcow2_discard (q, req->offset, req->count,
+                                        trim_done, req));
+    return;
+
+  case NBD_CMD_WRITE_ZEROES:
+    if (req->count == 0) {
+      send_reply (req);
+      return;
+    }
+    if (req->flags & NBD_CMD_FLAG_FUA)
+      flags |= QCOW2_WRITE_FUA;
+    if (req->flags & NBD_CMD_FLAG_NO_HOLE)
+      flags |= QCOW2_ZERO_NO_HOLE;
+    if (req->flags & NBD_CMD_FLAG_FAST_ZERO)
+      flags |= QCOW2_ZERO_FAST;
+    note_submitted (req, qcow2_write_zeroes (q, req->offset, req->count,
+                                             flags, request_done, req));
+    return;
+
+  case NBD_CMD_CACHE:
+    if (req->count == 0) {
+      send_reply (req);
+      return;
+    }
+    /* Read the range into a scratch buffer that is then dropped: that
+     * loads the L2 tables and fills the page cache.
+     */
+    max = req->count < CACHE_CHUNK ? req->count : CACHE_CHUNK;
+    err = alloc_data (req, max);
+    if (err) {
+      send_error (req, err, NULL);
+      return;
+    }
+    req->cache_next = req->offset + max;
+    note_submitted (req, qcow2_read (q, req->offset, req->data, max,
+                                     cache_done, req));
+    return;
+
+  case NBD_CMD_BLOCK_STATUS:
+    /* REQ_ONE sends one extent per context: a few more than one are
+     * asked for, so that base:allocation can merge extents that differ
+     * only in depth.
+     */
+    max = (req->flags & NBD_CMD_FLAG_REQ_ONE)
+      ? STATUS_REQ_ONE_EXTENTS : STATUS_MAX_EXTENTS;
+    req->ext = calloc (max, sizeof *req->ext);
+    if (req->ext == NULL) {
+      log_error ("client %u: BLOCK_STATUS: out of memory", c->id);
+      send_error (req, ENOMEM, NULL);
+      return;
+    }
+    note_submitted (req, qcow2_block_status (q, req->offset, req->count,
+                                             req->ext, max, &req->ext_n,
+                                             request_done, req));
     return;
 
   default:
