@@ -36,6 +36,7 @@
 enum {
   OPT_CACHE = 256,
   OPT_AIO,
+  OPT_COMPRESS,
   OPT_DISCARD,
   OPT_L2_CACHE_SIZE,
   OPT_PID_FILE,
@@ -47,6 +48,7 @@ static const struct option long_options[] = {
   { "aio",            required_argument, NULL, OPT_AIO },
   { "bind",           required_argument, NULL, 'b' },
   { "cache",          required_argument, NULL, OPT_CACHE },
+  { "compress",       no_argument,       NULL, OPT_COMPRESS },
   { "description",    required_argument, NULL, 'D' },
   { "discard",        required_argument, NULL, OPT_DISCARD },
   { "export-name",    required_argument, NULL, 'x' },
@@ -87,6 +89,8 @@ usage (FILE *fp)
 "  -r, --read-only          refuse writes\n"
 "  -l, --load-snapshot=SNAPSHOT  serve the internal snapshot SNAPSHOT (its\n"
 "                           name or id), read-only\n"
+"      --compress               store whole-cluster writes compressed\n"
+"                               (backup-style exports)\n"
 "      --discard=unmap|ignore   unmap (default): TRIM releases clusters;\n"
 "                               ignore: TRIM succeeds and does nothing\n"
 "\n"
@@ -367,6 +371,9 @@ main (int argc, char *argv[])
       /* As with qemu-nbd, a snapshot is always served read-only. */
       opts.snapshot = optarg;
       opts.read_only = true;
+      break;
+    case OPT_COMPRESS:
+      opts.compress = true;
       break;
     case OPT_DISCARD:
       if (strcmp (optarg, "unmap") == 0)
