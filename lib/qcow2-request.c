@@ -336,6 +336,11 @@ req_run (struct qcow2_req *req)
   while (go) {
     if (req->err && req->outstanding == 0 && req->state != RS_DONE) {
       seg_release (req);
+      if (req->children) {
+        /* Children point at us: end only when the last one has. */
+        req->state = RS_CHILDREN;
+        return;
+      }
       req->state = RS_DONE;
     }
     switch ((enum req_state) req->state) {

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# fuzz/make-corpus.sh DIR: seed images for fuzz-qcow2-open, made with
+# qemu-img and qemu-io (small, varied: versions, cluster sizes, refcount
+# widths, compression, backing names, snapshots, lazy refcounts).
+set -euo pipefail
+out=${1:?usage: make-corpus.sh DIR}
+mkdir -p "$out"
+cd "$out"
+n=0
+mk () {
+    n=$((n + 1))
+    qemu-img create -q -f qcow2 "$@" "seed-$n.qcow2" 2M
+    qemu-io -f qcow2 -c 'write -q -P 0x5a 0 70k' -c 'write -q -z 128k 64k' \
+        -c 'write -q -P 0x11 1M 4k' "seed-$n.qcow2" >/dev/null
+}
+mk -o cluster_size=512
+mk -o cluster_size=4096,refcount_bits=1
+mk -o cluster_size=65536
+mk -o compat=0.10,cluster_size=4096
+mk -o cluster_size=4096,refcount_bits=64
+mk -o lazy_refcounts=on,cluster_size=4096
+mk -o cluster_size=4096
+qemu-img snapshot -c s1 "seed-$n.qcow2"
+head -c 300k /dev/urandom > base.raw
+n=$((n + 1))
+qemu-img create -q -f qcow2 -b base.raw -F raw -o cluster_size=4096 "seed-$n.qcow2" 2M
+qemu-io -f qcow2 -c 'write -q -P 0x22 4k 8k' "seed-$n.qcow2" >/dev/null
+head -c 1M /dev/zero | tr '\0' 'a' > text.raw
+n=$((n + 1))
+qemu-img convert -q -c -O qcow2 -o cluster_size=4096 text.raw "seed-$n.qcow2"
+rm -f text.raw
+# The base file stays: a seed naming it opens its backing file.
+ls -l "$out" | tail -n +2 | wc -l
