@@ -4,6 +4,9 @@
 # and run each harness for SECONDS (default 60).  Crashes are left in
 # fuzz/findings/ (and the script fails); turn each into a regression test.
 #
+# FUZZ_RUNS=N instead runs N inputs from a fixed seed: the same work on
+# every machine, which is what CI wants.
+#
 # Needs clang and its runtime (apt-get install clang libclang-rt-14-dev).
 set -euo pipefail
 secs=${1:-60}
@@ -32,8 +35,13 @@ for harness in "$here"/fuzz-*.c; do
     esac
     # -rss_limit_mb: images may claim huge tables; the engine must bound
     # what it allocates, so a big RSS is a finding too.
+    if [ -n "${FUZZ_RUNS:-}" ]; then
+        budget=(-runs="$FUZZ_RUNS" -seed=1)
+    else
+        budget=(-max_total_time="$secs")
+    fi
     if ! (cd "$work" && ASAN_OPTIONS=detect_leaks=1 \
-          "./$name" -max_total_time="$secs" -rss_limit_mb=2048 \
+          "./$name" "${budget[@]}" -rss_limit_mb=2048 \
           -max_len=262144 -timeout=20 -artifact_prefix="$here/findings/" \
           "$corpus" 2>&1 | tail -n 15); then
         status=1
