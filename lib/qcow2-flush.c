@@ -374,6 +374,8 @@ apply_work (struct qcow2 *q)
       }
       cache_set_offset (e, rboff);
       q->reftable[rbi] = htobe64 (rboff);
+      if (rbi + 1 > q->reftable_used)
+        q->reftable_used = rbi + 1;
       q->reftable_dirty = true;
       /* x may have moved: own_alloc can grow the extent array. */
       x = &fl->work.v[fl->work_i];

@@ -475,6 +475,7 @@ struct qcow2 {
   /* Refcount table, big-endian, in an aligned buffer. */
   uint64_t *reftable;
   uint64_t reftable_entries;
+  uint64_t reftable_used;       /* entries up to the last non-zero one */
   bool reftable_dirty;          /* entries changed (written in place) */
   bool reftable_moved;          /* a new, larger table awaits its header */
   uint64_t old_reftable_offset;

@@ -418,6 +418,12 @@ image_open (const char *path, const struct qcow2_opts *opts, unsigned depth,
   if (r < 0)
     FAIL (r, "reading the refcount table: %s", strerror (-r));
 
+  for (uint64_t i = q->reftable_entries; i > 0; i--)
+    if (q->reftable[i - 1]) {
+      q->reftable_used = i;
+      break;
+    }
+
   /* New clusters come from past everything the file already holds. */
   q->alloc_end = round_up (file_size, q->cluster_size);
   end = round_up (q->l1_offset + l1_bytes, q->cluster_size);

@@ -42,8 +42,10 @@ overlap_check (struct qcow2 *q, enum meta_kind kind, uint64_t off,
                                              q->snapshots_bytes : 1, cs) : 0))
     what = "the snapshot table";
   else if (kind == META_L2 || kind == META_DATA) {
-    /* Refcount blocks: one table scan, only for writes that could hit. */
-    for (uint64_t i = 0; i < q->reftable_entries && !what; i++) {
+    /* Refcount blocks: a scan of the entries in use (one per 2 GiB of
+     * file with 64 KiB clusters), only for writes that could hit.
+     */
+    for (uint64_t i = 0; i < q->reftable_used && !what; i++) {
       uint64_t rb = be64toh (q->reftable[i]) & REFT_OFFSET_MASK;
       if (rb && hits (off, len, rb, cs))
         what = "a refcount block";

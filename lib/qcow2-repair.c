@@ -254,6 +254,7 @@ refcount_rebuild (struct qcow2 *q, char *err, size_t errlen)
   q->reftable_offset = base;
   q->reftable_clusters = (uint32_t) nrt;
   q->reftable_entries = nrt * cs / 8;
+  q->reftable_used = nrb;
   q->alloc_end = base + (nrt + nrb) * cs;
   qlog (q, LOG_WARNING, "%s was not closed cleanly (lazy refcounts): "
         "refcounts rebuilt", q->path);
