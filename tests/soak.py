@@ -1,0 +1,129 @@
+#!/usr/bin/env python3
+"""tests/soak.py: the soak test (make check-soak; not in the default run).
+
+64 connections to one export, each keeping 16 requests in flight: a mix of
+reads, writes, flushes and trims, for SOAK_SECONDS (default 120).  Each
+connection owns its own part of the disk and keeps a shadow of it, so every
+read is checked as it completes.  At the end all data is verified, qemu-img
+check must be clean, and the daemon's peak RSS must stay under the bound
+below (SOAK_RSS_MB, default 512 MiB).
+"""
+
+import os
+import random
+import threading
+import time
+
+import qnbdtest as qt
+
+nbd = qt.require_nbd()
+qt.requires("qemu-img")
+qt.seed()
+
+SECONDS = float(os.environ.get("SOAK_SECONDS", "120"))
+RSS_MB = int(os.environ.get("SOAK_RSS_MB", "256"))
+CONNS = 64
+DEPTH = 16
+PART = 4 << 20                  # bytes of disk per connection
+SIZE = CONNS * PART
+
+tmp = qt.tmpdir()
+img = qt.create_image(tmp, "soak.qcow2", SIZE, cluster_size=65536)
+srv = qt.Server(img)
+failures = []
+counts = [0] * CONNS
+peak_rss = [0]
+
+
+def rss_kib(pid):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def client(i, deadline):
+    h = srv.connect()
+    base = i * PART
+    shadow = bytearray(PART)
+    busy = set()                # 64 KiB blocks with a request in flight
+    try:
+        while time.monotonic() < deadline:
+            while h.aio_in_flight() < DEPTH:
+                blk = random.randrange(PART // 65536)
+                if blk in busy:
+                    break
+                off = blk * 65536 + random.randrange(0, 128) * 512
+                length = random.randrange(1, blk * 65536 + 65536 - off + 1)
+                kind = random.random()
+                busy.add(blk)
+
+                def done(err, blk=blk):
+                    if err.value != 0:
+                        failures.append("conn %d: errno %d" % (i, err.value))
+                    busy.discard(blk)
+                    counts[i] += 1
+                    return 1
+                if kind < 0.45:
+                    data = os.urandom(length)
+                    shadow[off:off + length] = data
+                    h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(data)),
+                                 base + off, completion=done)
+                elif kind < 0.9:
+                    buf = nbd.Buffer(length)
+                    want = bytes(shadow[off:off + length])
+
+                    def rdone(err, buf=buf, want=want, off=off, d=done):
+                        if err.value == 0 and buf.to_bytearray() != want:
+                            failures.append("conn %d: bad data at %d"
+                                            % (i, base + off))
+                        return d(err)
+                    h.aio_pread(buf, base + off, completion=rdone)
+                elif kind < 0.95:
+                    # A flush holds no block: its completion must not free
+                    # one that another request may have taken since.
+                    busy.discard(blk)
+
+                    def fdone(err):
+                        if err.value != 0:
+                            failures.append("conn %d: flush errno %d"
+                                            % (i, err.value))
+                        counts[i] += 1
+                        return 1
+                    h.aio_flush(completion=fdone)
+                else:
+                    start = blk * 65536
+                    shadow[start:start + 65536] = bytes(65536)
+                    h.aio_trim(65536, base + start, completion=done)
+            h.poll(100)
+        while h.aio_in_flight() > 0:
+            h.poll(1000)
+        got = h.pread(PART, base)
+        if got != bytes(shadow):
+            failures.append("conn %d: final contents differ" % i)
+    except nbd.Error as e:
+        failures.append("conn %d: %s" % (i, e))
+    h.shutdown()
+
+
+with open("/proc/%d/maps" % srv.pid) as f:
+    if "libasan" in f.read():
+        RSS_MB *= 8
+
+deadline = time.monotonic() + SECONDS
+threads = [threading.Thread(target=client, args=(i, deadline))
+           for i in range(CONNS)]
+for t in threads:
+    t.start()
+while any(t.is_alive() for t in threads):
+    peak_rss[0] = max(peak_rss[0], rss_kib(srv.pid))
+    time.sleep(0.5)
+for t in threads:
+    t.join()
+assert srv.stop() == 0
+qt.check_image(img)
+qt.log("%d requests, peak RSS %d MiB (bound %d MiB)"
+       % (sum(counts), peak_rss[0] // 1024, RSS_MB))
+assert not failures, "\n".join(failures[:20])
+assert peak_rss[0] < RSS_MB * 1024, "RSS above the bound"
