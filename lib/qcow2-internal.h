@@ -482,6 +482,7 @@ struct qcow2 {
   uint32_t old_reftable_clusters;
 
   uint64_t alloc_end;           /* next free host offset (cluster aligned) */
+  uint64_t file_end;            /* file size: grown ahead of alloc_end */
   struct extent_list incs;      /* refcount +1 owed at the next flush */
   struct extent_list decs;      /* refcount -1 owed after L2/L1 are durable */
 

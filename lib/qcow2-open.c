@@ -425,6 +425,7 @@ image_open (const char *path, const struct qcow2_opts *opts, unsigned depth,
     }
 
   /* New clusters come from past everything the file already holds. */
+  q->file_end = file_size;
   q->alloc_end = round_up (file_size, q->cluster_size);
   end = round_up (q->l1_offset + l1_bytes, q->cluster_size);
   if (end > q->alloc_end)
@@ -554,6 +555,13 @@ qcow2_close (struct qcow2 *q)
     }
     if (ret == 0 && q->lazy)
       ret = set_dirty (q, false);
+    /* Give back what was grown ahead and not used: nothing past
+     * alloc_end is referenced.
+     */
+    if (ret == 0 && q->file_end > q->alloc_end
+        && ftruncate (q->fd, (off_t) q->alloc_end) < 0)
+      qlog (q, LOG_WARNING, "%s: trimming the file at close: %s", q->path,
+            strerror (errno));
   }
   if (ret < 0)
     qlog (q, LOG_ERR, "%s: writing back metadata at close: %s", q->path,

@@ -12,6 +12,9 @@
 
 #include <errno.h>
 #include <stdlib.h>
+#include <unistd.h>
+
+#define GROW_STEP_MIN (64ull << 20)
 
 #include "qcow2-internal.h"
 
@@ -68,6 +71,27 @@ extent_add (struct extent_list *l, uint64_t offset, uint64_t count)
   return 0;
 }
 
+/* Writes past the end of a file extend it, and file systems serialise
+ * that (ext4 takes the inode lock exclusively, so parallel O_DIRECT writes
+ * queue up).  Keep the file a step ahead of the allocations instead, so
+ * that new clusters are written inside it; close trims it back.  A failure
+ * only costs that speed.
+ */
+static void
+grow_file (struct qcow2 *q)
+{
+  uint64_t step = q->alloc_end / 8;
+  uint64_t end;
+
+  if (step < GROW_STEP_MIN)
+    step = GROW_STEP_MIN;
+  end = round_up (q->alloc_end + step, q->cluster_size);
+  if (ftruncate (q->fd, (off_t) end) == 0)
+    q->file_end = end;
+  else
+    q->file_end = q->alloc_end;     /* try again later, not every time */
+}
+
 uint64_t
 alloc_clusters (struct qcow2 *q, uint64_t count)
 {
@@ -81,5 +105,7 @@ alloc_clusters (struct qcow2 *q, uint64_t count)
   else if (extent_add (l, off, count) < 0)
     return 0;                   /* never a valid cluster: the header is there */
   q->alloc_end += count << q->cluster_bits;
+  if (q->alloc_end > q->file_end)
+    grow_file (q);
   return off;
 }
