@@ -81,6 +81,8 @@ struct flusher {
   struct aio_op data_sync;      /* fdatasync of an external data file */
   struct iovec iov;
   struct extent_list freed;     /* clusters whose refcount reached zero */
+  int64_t l1_lo, l1_hi;         /* L1 range being written, -1 if none */
+  bool reftable_pending;        /* the refcount table is being written */
   struct aio_op *punch;         /* one hole punch per freed extent */
   size_t npunch;
 };
@@ -93,6 +95,7 @@ flush_init (struct qcow2 *q)
     return -ENOMEM;
   fl->req.q = q;
   fl->req.type = REQ_FLUSHER;
+  fl->l1_lo = fl->l1_hi = -1;
   q->flusher = fl;
   return 0;
 }
@@ -498,7 +501,20 @@ flush_step (struct qcow2 *q)
     if (fl->err && fl->state != FL_DONE && fl->state != FL_IDLE) {
       if (fl->work.n)
         requeue_work (q);
+      /* What failed to reach the disk must be written by a later run. */
+      if (fl->l1_lo >= 0) {
+        if (q->l1_dirty_lo < 0 || fl->l1_lo < q->l1_dirty_lo)
+          q->l1_dirty_lo = fl->l1_lo;
+        if (fl->l1_hi > q->l1_dirty_hi)
+          q->l1_dirty_hi = fl->l1_hi;
+      }
+      if (fl->reftable_pending)
+        q->reftable_dirty = true;
       fl->state = FL_DONE;
+    }
+    if (fl->state == FL_DONE || fl->state == FL_IDLE) {
+      fl->l1_lo = fl->l1_hi = -1;
+      fl->reftable_pending = false;
     }
 
     switch (fl->state) {
@@ -575,6 +591,7 @@ flush_step (struct qcow2 *q)
           break;
         }
         q->reftable_dirty = false;
+        fl->reftable_pending = true;
         submit_op (q, AIO_WRITE, q->reftable,
                    (size_t) q->reftable_clusters << q->cluster_bits,
                    q->reftable_offset);
@@ -604,6 +621,7 @@ flush_step (struct qcow2 *q)
       break;
 
     case FL_L2:
+      fl->reftable_pending = false;
       fl->outstanding += cache_write_dirty (&q->l2c);
       fl->state = FL_SYNC_L2;
       break;
@@ -623,6 +641,8 @@ flush_step (struct qcow2 *q)
           fl->err = r;
           break;
         }
+        fl->l1_lo = q->l1_dirty_lo;
+        fl->l1_hi = q->l1_dirty_hi;
         q->l1_dirty_lo = q->l1_dirty_hi = -1;
         submit_op (q, AIO_WRITE, (char *) q->l1 + lo, hi - lo,
                    q->l1_offset + lo);
@@ -636,6 +656,7 @@ flush_step (struct qcow2 *q)
       break;
 
     case FL_DECS:
+      fl->l1_lo = fl->l1_hi = -1;
       if (!q->decs.n || (q->lazy && !fl->full)) {
         fl->state = FL_DONE;
         break;

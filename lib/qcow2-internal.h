@@ -230,6 +230,12 @@ struct qcow2_req {
   bool queued;                  /* on a waitq (runnable, completed, other) */
   struct qcow2_req *wait_next;
 
+  /* Write-zeroes and discard hold their clusters like an allocation, so
+   * that a write into them waits (even while they wait for a flush).
+   */
+  struct alloc zres;
+  bool zres_on;
+
   /* Write-zeroes: partial clusters are written by child write requests. */
   unsigned children;            /* children not finished yet */
   struct qcow2_req *parent;

@@ -129,6 +129,38 @@ set_dirty (struct qcow2 *q, bool dirty)
   return r;
 }
 
+/* The end of the last cluster that has a non-zero refcount: the last
+ * refcount block in use is read (and the one before it, while empty).
+ */
+static int
+last_counted_cluster (struct qcow2 *q, uint64_t file_size, uint64_t *end)
+{
+  uint64_t per = (uint64_t) 1 << q->rb_bits;
+  void *block = aligned_alloc_zero (q->cluster_size);
+  int r = 0;
+
+  *end = 0;
+  if (!block)
+    return -ENOMEM;
+  for (uint64_t i = q->reftable_used; i > 0 && *end == 0; i--) {
+    uint64_t rb = be64toh (q->reftable[i - 1]) & REFT_OFFSET_MASK;
+    if (!rb)
+      continue;
+    if ((rb & (q->cluster_size - 1)) || rb >= file_size)
+      continue;                 /* corrupt; the flusher will say so */
+    r = sync_read (q->fd, block, q->cluster_size, rb);
+    if (r < 0)
+      break;
+    for (uint64_t k = per; k > 0; k--)
+      if (refblock_get (q, block, k - 1)) {
+        *end = ((i - 1) * per + k) << q->cluster_bits;
+        break;
+      }
+  }
+  free (block);
+  return r;
+}
+
 static unsigned
 l2_cache_entries (const struct qcow2 *q, uint64_t bytes)
 {
@@ -424,9 +456,19 @@ image_open (const char *path, const struct qcow2_opts *opts, unsigned depth,
       break;
     }
 
-  /* New clusters come from past everything the file already holds. */
+  /* New clusters come from past everything the file already holds, and
+   * past every cluster with a refcount: after a crash a refcount can be
+   * durable for a cluster whose data never extended the file.
+   */
   q->file_end = file_size;
   q->alloc_end = round_up (file_size, q->cluster_size);
+  if (!q->read_only) {
+    r = last_counted_cluster (q, file_size, &end);
+    if (r < 0)
+      FAIL (r, "reading the refcounts: %s", strerror (-r));
+    if (end > q->alloc_end)
+      q->alloc_end = end;
+  }
   end = round_up (q->l1_offset + l1_bytes, q->cluster_size);
   if (end > q->alloc_end)
     q->alloc_end = end;

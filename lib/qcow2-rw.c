@@ -106,6 +106,15 @@ seg_release (struct qcow2_req *req)
   free (req->ios);
   req->ios = NULL;
   req->nios = 0;
+  if (req->zres_on && req->l2) {
+    struct alloc **p = &req->l2->allocs;
+    while (*p && *p != &req->zres)
+      p = &(*p)->next;
+    if (*p)
+      *p = req->zres.next;
+    waitq_wake_all (q, &req->zres.waiters);
+  }
+  req->zres_on = false;
   if (req->l2) {
     cache_put (req->l2);
     req->l2 = NULL;

@@ -80,6 +80,16 @@ zero_segment (struct qcow2_req *req)
     }
     return true;
   }
+  if (!req->zres_on) {
+    uint32_t mask = q->l2_entries - 1;
+    req->zres.first = (uint32_t) (pos >> q->cluster_bits) & mask;
+    req->zres.count = (uint32_t) (((end - 1) >> q->cluster_bits) & mask)
+      - req->zres.first + 1;
+    req->zres.waiters.head = req->zres.waiters.tail = NULL;
+    req->zres.next = e->allocs;
+    e->allocs = &req->zres;
+    req->zres_on = true;
+  }
   if (flush_active (q)) {
     flush_barrier_wait (q, req);
     return false;

@@ -386,6 +386,7 @@ loop_init (void)
    */
   signal (SIGPIPE, SIG_IGN);
 
+
   loop = ev_default_loop (EVFLAG_AUTO);
   if (loop == NULL) {
     log_error ("cannot initialise libev (bad LIBEV_FLAGS?)");

@@ -14,6 +14,7 @@
 #include <inttypes.h>
 #include <limits.h>
 #include <malloc.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -333,6 +334,11 @@ main (int argc, char *argv[])
    */
   mallopt (M_MMAP_THRESHOLD, 64 << 20);
   mallopt (M_TRIM_THRESHOLD, 256 << 20);
+
+  /* Past a file size limit (ulimit -f) a write, a file extension or the
+   * refcount repair at open must fail with EFBIG, not kill the daemon.
+   */
+  signal (SIGXFSZ, SIG_IGN);
 
   for (;;) {
     c = getopt_long (argc, argv, short_options, long_options, NULL);
