@@ -13,6 +13,11 @@
  *
  * Sequence numbers count from 0 and start again at aio_fake_clear_log, so
  * that a test can clear the log and then check absolute numbers.
+ *
+ * For crash simulation the fake can also keep the bytes of every write
+ * (aio_fake_record_data): a side array parallel to the log holds, per
+ * record, the descriptor the op ran on, a copy of what it wrote and the
+ * size of the file, taken when it ran.
  */
 #ifdef HAVE_CONFIG_H
 #include <config.h>
@@ -23,6 +28,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "aio-fake.h"
@@ -41,6 +47,13 @@ struct fake_rule {
   enum aio_op_type type;
   unsigned skip;                /* ops of this type to let through first */
   int err;                      /* positive errno */
+};
+
+/* What the log keeps beside record i: filled when the op runs. */
+struct fake_rdata {
+  void *data;                   /* copy of the bytes written, or NULL */
+  int fd;                       /* -1 until run */
+  int64_t file_size;            /* after it ran (recording on), or -1 */
 };
 
 /* A growable array: data holds len elements of room for cap. */
@@ -67,6 +80,8 @@ struct fake {
   struct fake_vec rules;        /* of struct fake_rule */
   unsigned next_submit_seq;
   int next_completed_seq;
+  bool record_data;             /* keep copies of written bytes */
+  struct fake_vec rdata;        /* of struct fake_rdata, parallel to log */
 };
 
 static const struct aio_ops fake_ops;
@@ -145,19 +160,43 @@ fake_injected (struct fake *f, enum aio_op_type type)
   return ret;
 }
 
+/* A copy of the bytes op writes (its iov gathered), or NULL. */
+static void *
+copy_write_data (const struct aio_op *op)
+{
+  uint64_t total = iov_total (op), done = 0;
+  char *p = malloc (total ? total : 1);
+
+  if (!p)
+    return NULL;
+  for (int i = 0; i < op->iovcnt; i++) {
+    memcpy (p + done, op->iov[i].iov_base, op->iov[i].iov_len);
+    done += op->iov[i].iov_len;
+  }
+  return p;
+}
+
+/* Record the outcome ret of e and queue its completion. */
 static void
-fake_run (struct fake *f, const struct fake_entry *e)
+fake_finish (struct fake *f, const struct fake_entry *e, int64_t ret)
 {
   struct aio_op *op = e->op;
-  int64_t ret = fake_injected (f, op->type);
 
-  if (ret == 0)
-    ret = aio_run_sync (op);
   op->result = ret;
   if (e->rec != FAKE_NO_RECORD) {
     struct aio_fake_record *rec = f->log.data;
+    struct fake_rdata *rd = f->rdata.data;
     rec[e->rec].completed_seq = f->next_completed_seq;
     rec[e->rec].result = ret;
+    rd[e->rec].fd = op->fd;
+    /* A copy that cannot be made is reported as missing (NULL). */
+    if (f->record_data && op->type == AIO_WRITE && ret >= 0)
+      rd[e->rec].data = copy_write_data (op);
+    if (f->record_data) {
+      struct stat st;
+      if (fstat (op->fd, &st) == 0)
+        rd[e->rec].file_size = (int64_t) st.st_size;
+    }
   }
   f->next_completed_seq++;
 
@@ -165,6 +204,16 @@ fake_run (struct fake *f, const struct fake_entry *e)
   *f->ready_tail = op;
   f->ready_tail = &op->next;
   aio_kick (&f->base);
+}
+
+static void
+fake_run (struct fake *f, const struct fake_entry *e)
+{
+  int64_t ret = fake_injected (f, e->op->type);
+
+  if (ret == 0)
+    ret = aio_run_sync (e->op);
+  fake_finish (f, e, ret);
 }
 
 static int
@@ -179,6 +228,7 @@ fake_submit (struct aio *a, struct aio_op *op)
    * trace, as the contract of submit requires.
    */
   if (fake_vec_reserve (&f->log, sizeof *rec) < 0
+      || fake_vec_reserve (&f->rdata, sizeof (struct fake_rdata)) < 0
       || fake_vec_reserve (q, sizeof *e) < 0)
     return -ENOMEM;
 
@@ -195,6 +245,11 @@ fake_submit (struct aio *a, struct aio_op *op)
   rec->submit_seq = f->next_submit_seq;
   rec->completed_seq = -1;
   rec->result = 0;
+  /* rdata grows with the log, so that rdata.len == log.len always. */
+  ((struct fake_rdata *) f->rdata.data)[f->rdata.len].data = NULL;
+  ((struct fake_rdata *) f->rdata.data)[f->rdata.len].fd = -1;
+  ((struct fake_rdata *) f->rdata.data)[f->rdata.len].file_size = -1;
+  f->rdata.len++;
 
   e = (struct fake_entry *) q->data + q->len++;
   e->op = op;
@@ -249,12 +304,24 @@ fake_wait (struct aio *a)
   fake_commit (a);
 }
 
+static void
+free_rdata (struct fake *f)
+{
+  struct fake_rdata *rd = f->rdata.data;
+
+  for (size_t i = 0; i < f->rdata.len; i++)
+    free (rd[i].data);
+  f->rdata.len = 0;
+}
+
 /* Held and staged ops are dropped without their done being called. */
 static void
 fake_destroy (struct aio *a)
 {
   struct fake *f = to_fake (a);
 
+  free_rdata (f);
+  free (f->rdata.data);
   free (f->staged.data);
   free (f->held.data);
   free (f->log.data);
@@ -395,6 +462,61 @@ aio_fake_clear_log (struct aio *a)
   for (size_t i = 0; i < f->staged.len; i++)
     staged[i].rec = FAKE_NO_RECORD;
   f->log.len = 0;
+  free_rdata (f);
   f->next_submit_seq = 0;
   f->next_completed_seq = 0;
+}
+
+void
+aio_fake_record_data (struct aio *a, bool on)
+{
+  to_fake (a)->record_data = on;
+}
+
+const void *
+aio_fake_log_data (const struct aio *a, size_t i, int *fd)
+{
+  const struct fake *f = to_fake_const (a);
+  const struct fake_rdata *rd = f->rdata.data;
+
+  if (i >= f->rdata.len) {
+    if (fd)
+      *fd = -1;
+    return NULL;
+  }
+  if (fd)
+    *fd = rd[i].fd;
+  return rd[i].data;
+}
+
+int64_t
+aio_fake_log_file_size (const struct aio *a, size_t i)
+{
+  const struct fake *f = to_fake_const (a);
+
+  if (i >= f->rdata.len)
+    return -1;
+  return ((const struct fake_rdata *) f->rdata.data)[i].file_size;
+}
+
+unsigned
+aio_fake_completed (const struct aio *a)
+{
+  return (unsigned) to_fake_const (a)->next_completed_seq;
+}
+
+int
+aio_fake_fail_held (struct aio *a, unsigned i, int err)
+{
+  struct fake *f = to_fake (a);
+  struct fake_entry *held = f->held.data;
+  struct fake_entry e;
+
+  if (i >= f->held.len)
+    return -ENOENT;
+  e = held[i];
+  memmove (&held[i], &held[i + 1], (f->held.len - i - 1) * sizeof *held);
+  f->held.len--;
+  fake_finish (f, &e, -(int64_t) err);
+  return 0;
 }

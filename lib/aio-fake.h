@@ -51,4 +51,40 @@ void aio_fake_fail_next (struct aio *a, enum aio_op_type type,
 const struct aio_fake_record *aio_fake_log (const struct aio *a, size_t *n);
 void aio_fake_clear_log (struct aio *a);
 
+/* Crash simulation.  With data recording on (off by default), every write
+ * that runs from now on keeps a copy of the bytes it wrote, taken when it
+ * runs (so it is exactly what reached the file), for the crash simulator
+ * of tests/crash-sim.h.  The copies live until the log is cleared or the
+ * backend destroyed.  Punches and fsyncs need no data: their log records
+ * (offset, length, completed_seq) say all.
+ */
+void aio_fake_record_data (struct aio *a, bool on);
+
+/* The bytes written by log record i (record->length of them), or NULL when
+ * it is not a write, has not run, failed, or ran with recording off.  When
+ * fd is not NULL it receives the file descriptor of the op (the same for
+ * every op of one image; another for a backing file or a data file), or -1
+ * for a record of an op that has not run yet.  Valid until the next clear.
+ */
+const void *aio_fake_log_data (const struct aio *a, size_t i, int *fd);
+
+/* The size of the op's file just after log record i ran (with data
+ * recording on), or -1.  Files also change size outside the backend
+ * (ftruncate); an fdatasync makes the size it finds durable, which is
+ * what a crash simulator needs to know.
+ */
+int64_t aio_fake_log_file_size (const struct aio *a, size_t i);
+
+/* The number of ops run so far (the completed_seq the next op to run will
+ * get); since the last aio_fake_clear_log.  A test reads it when a request
+ * completes to know which file state the completion may rely on.
+ */
+unsigned aio_fake_completed (const struct aio *a);
+
+/* Complete held op i with -err without doing it (its completion is
+ * delivered by the next reap), so that a test can fail exactly the op it
+ * picked with aio_fake_held_info.  Returns 0 or -ENOENT.
+ */
+int aio_fake_fail_held (struct aio *a, unsigned i, int err);
+
 #endif /* QNBD_AIO_FAKE_H */
