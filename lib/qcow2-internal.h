@@ -409,6 +409,13 @@ int image_open (const char *path, const struct qcow2_opts *opts,
 
 void qlog (struct qcow2 *q, int level, const char *fmt, ...)
   __attribute__ ((format (printf, 3, 4)));
+/* Blocking whole-buffer I/O, for open time and emergencies only.  Reads
+ * past the end of the file give zeros, or -EIO unless zero_past_eof.
+ * Return 0 or -errno.
+ */
+int blocking_pread (int fd, void *buf, size_t len, uint64_t off,
+               bool zero_past_eof);
+int blocking_pwrite (int fd, const void *buf, size_t len, uint64_t off);
 /* Set or clear the dirty bit in the header, durably (synchronous). */
 int set_dirty (struct qcow2 *q, bool dirty);
 /* Stop all writes to an image found inconsistent and mark it corrupt on

@@ -46,11 +46,9 @@ aligned_alloc_zero (size_t size)
   return p;
 }
 
-/* Read len bytes at off; the part past the end of the file reads as zeros.
- * Returns 0 or -errno.
- */
-static int
-sync_read (int fd, void *buf, size_t len, uint64_t off)
+int
+blocking_pread (int fd, void *buf, size_t len, uint64_t off,
+                bool zero_past_eof)
 {
   size_t done = 0;
   while (done < len) {
@@ -61,6 +59,8 @@ sync_read (int fd, void *buf, size_t len, uint64_t off)
     if (r < 0)
       return -errno;
     if (r == 0) {
+      if (!zero_past_eof)
+        return -EIO;
       memset ((char *) buf + done, 0, len - done);
       break;
     }
@@ -69,8 +69,8 @@ sync_read (int fd, void *buf, size_t len, uint64_t off)
   return 0;
 }
 
-static int
-sync_write (int fd, const void *buf, size_t len, uint64_t off)
+int
+blocking_pwrite (int fd, const void *buf, size_t len, uint64_t off)
 {
   size_t done = 0;
   while (done < len) {
@@ -100,7 +100,7 @@ signal_corruption (struct qcow2 *q, const char *fmt, ...)
     if (!q->read_only && q->version >= 3) {
       uint64_t v = htobe64 (q->incompat | INCOMPAT_CORRUPT);
       memcpy ((char *) q->header_sector + 72, &v, 8);
-      if (sync_write (q->fd, q->header_sector, SECTOR, 0) < 0
+      if (blocking_pwrite (q->fd, q->header_sector, SECTOR, 0) < 0
           || fdatasync (q->fd) < 0)
         qlog (q, LOG_ERR, "%s: could not mark the image corrupt", q->path);
     }
@@ -123,7 +123,7 @@ set_dirty (struct qcow2 *q, bool dirty)
     q->incompat &= ~INCOMPAT_DIRTY;
   v = htobe64 (q->incompat);
   memcpy ((char *) q->header_sector + 72, &v, 8);
-  r = sync_write (q->fd, q->header_sector, SECTOR, 0);
+  r = blocking_pwrite (q->fd, q->header_sector, SECTOR, 0);
   if (r == 0 && fdatasync (q->fd) < 0)
     r = -errno;
   return r;
@@ -148,7 +148,7 @@ last_counted_cluster (struct qcow2 *q, uint64_t file_size, uint64_t *end)
       continue;
     if ((rb & (q->cluster_size - 1)) || rb >= file_size)
       continue;                 /* corrupt; the flusher will say so */
-    r = sync_read (q->fd, block, q->cluster_size, rb);
+    r = blocking_pread (q->fd, block, q->cluster_size, rb, true);
     if (r < 0)
       break;
     for (uint64_t k = per; k > 0; k--)
@@ -228,7 +228,7 @@ open_backing (struct qcow2 *q, const struct qcow2_opts *opts, char *err,
               MAX_CHAIN_DEPTH);
     return -ELOOP;
   }
-  r = sync_read (q->fd, name, q->backing_size, q->backing_offset);
+  r = blocking_pread (q->fd, name, q->backing_size, q->backing_offset, true);
   if (r < 0) {
     snprintf (err, errlen, "reading the backing file name: %s",
               strerror (-r));
@@ -388,7 +388,7 @@ image_open (const char *path, const struct qcow2_opts *opts, unsigned depth,
   q->header_sector = aligned_alloc_zero (SECTOR);
   if (!q->header_sector)
     FAIL (-ENOMEM, "out of memory");
-  r = sync_read (q->fd, q->header_sector, SECTOR, 0);
+  r = blocking_pread (q->fd, q->header_sector, SECTOR, 0, true);
   if (r < 0)
     FAIL (r, "reading the header: %s", strerror (-r));
   if (opts->format == QCOW2_FORMAT_RAW
@@ -411,7 +411,7 @@ image_open (const char *path, const struct qcow2_opts *opts, unsigned depth,
   hdr = aligned_alloc_zero (hdr_len);
   if (!hdr)
     FAIL (-ENOMEM, "out of memory");
-  r = sync_read (q->fd, hdr, hdr_len, 0);
+  r = blocking_pread (q->fd, hdr, hdr_len, 0, true);
   if (r < 0)
     FAIL (r, "reading the header: %s", strerror (-r));
   r = header_parse (q, hdr, hdr_len < file_size ? hdr_len : file_size,
@@ -430,7 +430,8 @@ image_open (const char *path, const struct qcow2_opts *opts, unsigned depth,
   q->l1 = aligned_alloc_zero (q->l1_buf_bytes);
   if (!q->l1)
     FAIL (-ENOMEM, "out of memory for the L1 table");
-  r = sync_read (q->fd, q->l1, round_up (l1_bytes, SECTOR), q->l1_offset);
+  r = blocking_pread (q->fd, q->l1, round_up (l1_bytes, SECTOR), q->l1_offset,
+                 true);
   if (r < 0)
     FAIL (r, "reading the L1 table: %s", strerror (-r));
   /* The tail of the last sector may hold other data; keep it zero here so
@@ -444,9 +445,9 @@ image_open (const char *path, const struct qcow2_opts *opts, unsigned depth,
                                     << q->cluster_bits);
   if (!q->reftable)
     FAIL (-ENOMEM, "out of memory for the refcount table");
-  r = sync_read (q->fd, q->reftable,
+  r = blocking_pread (q->fd, q->reftable,
                  (size_t) q->reftable_clusters << q->cluster_bits,
-                 q->reftable_offset);
+                 q->reftable_offset, true);
   if (r < 0)
     FAIL (r, "reading the refcount table: %s", strerror (-r));
 
@@ -529,7 +530,7 @@ image_open (const char *path, const struct qcow2_opts *opts, unsigned depth,
   if (!q->read_only && q->autoclear) {
     uint64_t zero = 0;
     memcpy ((char *) q->header_sector + 88, &zero, 8);
-    r = sync_write (q->fd, q->header_sector, SECTOR, 0);
+    r = blocking_pwrite (q->fd, q->header_sector, SECTOR, 0);
     if (r == 0 && fdatasync (q->fd) < 0)
       r = -errno;
     if (r < 0)

@@ -28,40 +28,6 @@ struct counts {
   size_t errlen;
 };
 
-static int
-pread_all (int fd, void *buf, size_t len, uint64_t off)
-{
-  size_t done = 0;
-  while (done < len) {
-    ssize_t r = pread (fd, (char *) buf + done, len - done,
-                       (off_t) (off + done));
-    if (r < 0 && errno == EINTR)
-      continue;
-    if (r < 0)
-      return -errno;
-    if (r == 0)
-      return -EIO;
-    done += (size_t) r;
-  }
-  return 0;
-}
-
-static int
-pwrite_all (int fd, const void *buf, size_t len, uint64_t off)
-{
-  size_t done = 0;
-  while (done < len) {
-    ssize_t r = pwrite (fd, (const char *) buf + done, len - done,
-                        (off_t) (off + done));
-    if (r < 0 && errno == EINTR)
-      continue;
-    if (r < 0)
-      return -errno;
-    done += (size_t) r;
-  }
-  return 0;
-}
-
 /* Count one reference to every cluster of [off, off+len). */
 static int
 mark (struct counts *k, uint64_t off, uint64_t len, const char *what)
@@ -100,7 +66,7 @@ walk_l1 (struct counts *k, const uint64_t *l1, uint32_t l1_size, void *l2buf)
     }
     r = mark (k, l2off, cs, "an L2 table");
     if (r == 0)
-      r = pread_all (q->fd, l2buf, cs, l2off);
+      r = blocking_pread (q->fd, l2buf, cs, l2off, false);
     if (r < 0) {
       if (!k->err[0])
         snprintf (k->err, k->errlen, "cannot repair refcounts: reading L2 "
@@ -156,7 +122,7 @@ count_all (struct counts *k)
     }
     r = mark (k, s[i].l1_offset, bytes, "a snapshot's L1 table");
     if (r == 0 && bytes)
-      r = pread_all (q->fd, l1, bytes, s[i].l1_offset);
+      r = blocking_pread (q->fd, l1, bytes, s[i].l1_offset, false);
     if (r == 0)
       r = walk_l1 (k, l1, s[i].l1_size, l2buf);
     free (l1);
@@ -225,11 +191,11 @@ refcount_rebuild (struct qcow2 *q, char *err, size_t errlen)
       refblock_set (q, block, i, k.c[b * per + i]);
     }
     table[b] = htobe64 (off);
-    r = pwrite_all (q->fd, block, cs, off);
+    r = blocking_pwrite (q->fd, block, cs, off);
     if (r < 0)
       goto io_err;
   }
-  r = pwrite_all (q->fd, table, nrt * cs, base);
+  r = blocking_pwrite (q->fd, table, nrt * cs, base);
   if (r == 0 && fdatasync (q->fd) < 0)
     r = -errno;
   if (r < 0)
@@ -242,7 +208,7 @@ refcount_rebuild (struct qcow2 *q, char *err, size_t errlen)
     uint32_t cl = htobe32 ((uint32_t) nrt);
     memcpy (h + 48, &off, 8);
     memcpy (h + 56, &cl, 4);
-    r = pwrite_all (q->fd, h, SECTOR, 0);
+    r = blocking_pwrite (q->fd, h, SECTOR, 0);
     if (r == 0 && fdatasync (q->fd) < 0)
       r = -errno;
     if (r < 0)

@@ -53,25 +53,6 @@ snapshots_free (struct snapshot *s, unsigned n)
   free (s);
 }
 
-/* Read len bytes at off with plain pread (open time only). */
-static int
-read_at (int fd, void *buf, size_t len, uint64_t off)
-{
-  size_t done = 0;
-  while (done < len) {
-    ssize_t r = pread (fd, (char *) buf + done, len - done,
-                       (off_t) (off + done));
-    if (r < 0 && errno == EINTR)
-      continue;
-    if (r < 0)
-      return -errno;
-    if (r == 0)
-      return -EIO;              /* the table runs past the end of the file */
-    done += (size_t) r;
-  }
-  return 0;
-}
-
 int
 snapshots_read (struct qcow2 *q, struct snapshot **out, unsigned *nout,
                 char *err, size_t errlen)
@@ -106,7 +87,7 @@ snapshots_read (struct qcow2 *q, struct snapshot **out, unsigned *nout,
     snprintf (err, errlen, "out of memory for the snapshot table");
     goto fail;
   }
-  r = read_at (q->fd, buf, len, q->snapshots_offset);
+  r = blocking_pread (q->fd, buf, len, q->snapshots_offset, false);
   if (r < 0) {
     snprintf (err, errlen, "reading the snapshot table: %s", strerror (-r));
     goto fail;
@@ -184,7 +165,7 @@ snapshot_load (struct qcow2 *q, const char *which, char *err, size_t errlen)
     snprintf (err, errlen, "out of memory");
     return -ENOMEM;
   }
-  r = bytes ? read_at (q->fd, l1, bytes, pick->l1_offset) : 0;
+  r = bytes ? blocking_pread (q->fd, l1, bytes, pick->l1_offset, false) : 0;
   if (r < 0) {
     free (l1);
     snapshots_free (s, n);
