@@ -24,22 +24,6 @@
 #define KNOWN_INCOMPAT (INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE \
                         | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2)
 
-static uint32_t
-get32 (const uint8_t *p)
-{
-  uint32_t v;
-  memcpy (&v, p, 4);
-  return be32toh (v);
-}
-
-static uint64_t
-get64 (const uint8_t *p)
-{
-  uint64_t v;
-  memcpy (&v, p, 8);
-  return be64toh (v);
-}
-
 static int
 fail (char *err, size_t errlen, int ret, const char *fmt, ...)
 {
@@ -61,7 +45,7 @@ feature_name (const uint8_t *buf, size_t len, size_t ext_start, unsigned bit,
 
   snprintf (name, namelen, "unknown");
   while (p + 8 <= len) {
-    uint32_t type = get32 (buf + p), elen = get32 (buf + p + 4);
+    uint32_t type = get_be32 (buf + p), elen = get_be32 (buf + p + 4);
     if (type == EXT_END || elen > len - p - 8)
       return;
     if (type == EXT_FEATURE_TABLE)
@@ -93,26 +77,26 @@ header_parse (struct qcow2 *q, const void *vbuf, size_t len,
 
   if (len < QCOW2_V2_HEADER_LEN)
     return fail (err, errlen, -EINVAL, "file is too short to be a qcow2 image");
-  if (get32 (b) != QCOW2_MAGIC)
+  if (get_be32 (b) != QCOW2_MAGIC)
     return fail (err, errlen, -EINVAL, "not a qcow2 image (bad magic)");
 
-  q->version = get32 (b + 4);
+  q->version = get_be32 (b + 4);
   if (q->version != 2 && q->version != 3)
     return fail (err, errlen, -ENOTSUP, "unsupported qcow2 version %" PRIu32,
                  q->version);
-  q->backing_offset = get64 (b + 8);
-  q->backing_size = get32 (b + 16);
-  q->cluster_bits = get32 (b + 20);
-  q->size = get64 (b + 24);
-  if (get32 (b + 32) != 0)
+  q->backing_offset = get_be64 (b + 8);
+  q->backing_size = get_be32 (b + 16);
+  q->cluster_bits = get_be32 (b + 20);
+  q->size = get_be64 (b + 24);
+  if (get_be32 (b + 32) != 0)
     return fail (err, errlen, -ENOTSUP, "encrypted images are not supported "
-                 "(crypt_method %" PRIu32 ")", get32 (b + 32));
-  q->l1_size = get32 (b + 36);
-  q->l1_offset = get64 (b + 40);
-  q->reftable_offset = get64 (b + 48);
-  q->reftable_clusters = get32 (b + 56);
-  q->nb_snapshots = get32 (b + 60);
-  q->snapshots_offset = get64 (b + 64);
+                 "(crypt_method %" PRIu32 ")", get_be32 (b + 32));
+  q->l1_size = get_be32 (b + 36);
+  q->l1_offset = get_be64 (b + 40);
+  q->reftable_offset = get_be64 (b + 48);
+  q->reftable_clusters = get_be32 (b + 56);
+  q->nb_snapshots = get_be32 (b + 60);
+  q->snapshots_offset = get_be64 (b + 64);
 
   if (q->cluster_bits < QCOW2_MIN_CLUSTER_BITS
       || q->cluster_bits > QCOW2_MAX_CLUSTER_BITS)
@@ -128,11 +112,11 @@ header_parse (struct qcow2 *q, const void *vbuf, size_t len,
   else {
     if (len < QCOW2_V3_HEADER_LEN)
       return fail (err, errlen, -EINVAL, "version 3 header is truncated");
-    q->incompat = get64 (b + 72);
-    q->compat = get64 (b + 80);
-    q->autoclear = get64 (b + 88);
-    q->refcount_order = get32 (b + 96);
-    q->header_length = get32 (b + 100);
+    q->incompat = get_be64 (b + 72);
+    q->compat = get_be64 (b + 80);
+    q->autoclear = get_be64 (b + 88);
+    q->refcount_order = get_be32 (b + 96);
+    q->header_length = get_be32 (b + 100);
     if (q->header_length < QCOW2_V3_HEADER_LEN || q->header_length % 8
         || q->header_length > cs || q->header_length > len)
       return fail (err, errlen, -EINVAL, "invalid header_length %" PRIu32,
@@ -213,7 +197,7 @@ header_parse (struct qcow2 *q, const void *vbuf, size_t len,
   /* Walk the extensions so that a malformed list is caught at open. */
   p = ext_start;
   while (p + 8 <= len) {
-    uint32_t type = get32 (b + p), elen = get32 (b + p + 4);
+    uint32_t type = get_be32 (b + p), elen = get_be32 (b + p + 4);
     if (type == EXT_END)
       break;
     if (elen > len - p - 8)

@@ -8,6 +8,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 #include <stddef.h>
+#include <string.h>
 #include <sys/uio.h>
 
 #include "aio.h"
@@ -520,6 +521,31 @@ static inline void
 l2_set (struct cache_entry *e, uint32_t i, uint64_t v)
 {
   ((uint64_t *) e->buf)[i] = htobe64 (v);
+}
+
+/* Big-endian fields of on-disk structures, at any alignment. */
+static inline uint16_t
+get_be16 (const uint8_t *p)
+{
+  uint16_t v;
+  memcpy (&v, p, 2);
+  return be16toh (v);
+}
+
+static inline uint32_t
+get_be32 (const uint8_t *p)
+{
+  uint32_t v;
+  memcpy (&v, p, 4);
+  return be32toh (v);
+}
+
+static inline uint64_t
+get_be64 (const uint8_t *p)
+{
+  uint64_t v;
+  memcpy (&v, p, 8);
+  return be64toh (v);
 }
 
 static inline uint64_t

@@ -19,30 +19,6 @@
 #define MAX_SNAPSHOTS 65536
 #define MAX_SNAPSHOT_TABLE (64u << 20)
 
-static uint32_t
-be32_at (const uint8_t *p)
-{
-  uint32_t v;
-  memcpy (&v, p, 4);
-  return be32toh (v);
-}
-
-static uint64_t
-be64_at (const uint8_t *p)
-{
-  uint64_t v;
-  memcpy (&v, p, 8);
-  return be64toh (v);
-}
-
-static uint16_t
-be16_at (const uint8_t *p)
-{
-  uint16_t v;
-  memcpy (&v, p, 2);
-  return be16toh (v);
-}
-
 void
 snapshots_free (struct snapshot *s, unsigned n)
 {
@@ -99,15 +75,15 @@ snapshots_read (struct qcow2 *q, struct snapshot **out, unsigned *nout,
 
     if (pos + 40 > len)
       goto bad;
-    s[i].l1_offset = be64_at (e);
-    s[i].l1_size = be32_at (e + 8);
-    id_len = be16_at (e + 12);
-    name_len = be16_at (e + 14);
-    extra = be32_at (e + 36);
+    s[i].l1_offset = get_be64 (e);
+    s[i].l1_size = get_be32 (e + 8);
+    id_len = get_be16 (e + 12);
+    name_len = get_be16 (e + 14);
+    extra = get_be32 (e + 36);
     entry = 40 + (size_t) extra + id_len + name_len;
     if (extra > 1024 || pos + entry > len)
       goto bad;
-    s[i].disk_size = extra >= 16 ? be64_at (e + 48) : q->size;
+    s[i].disk_size = extra >= 16 ? get_be64 (e + 48) : q->size;
     s[i].id = strndup ((const char *) e + 40 + extra, id_len);
     s[i].name = strndup ((const char *) e + 40 + extra + id_len, name_len);
     if (!s[i].id || !s[i].name) {
