@@ -137,9 +137,12 @@ header_parse (struct qcow2 *q, const void *vbuf, size_t len,
   if ((q->incompat & INCOMPAT_DATA_FILE) && q->nb_snapshots)
     return fail (err, errlen, -EINVAL, "an image with an external data file "
                  "cannot have internal snapshots");
-  if (q->incompat & INCOMPAT_EXTL2)
-    return fail (err, errlen, -ENOTSUP, "images with extended L2 entries "
-                 "(subclusters) are not supported by this version");
+  q->extl2 = (q->incompat & INCOMPAT_EXTL2) != 0;
+  /* 32 subclusters of at least one sector each (QEMU's own limit too). */
+  if (q->extl2 && q->cluster_bits < 14)
+    return fail (err, errlen, -ENOTSUP, "extended L2 entries need clusters "
+                 "of at least 16384 bytes (this image has %" PRIu32 ")",
+                 q->cluster_size);
   q->compression_type = q->header_length > 104 ? b[104] : 0;
   if (!(q->incompat & INCOMPAT_COMPRESSION) && q->compression_type != 0)
     return fail (err, errlen, -EINVAL, "compression type %u set without the "
@@ -164,7 +167,9 @@ header_parse (struct qcow2 *q, const void *vbuf, size_t len,
                  q->backing_size);
 
   /* Tables must lie inside the file, on cluster boundaries. */
-  q->l2_bits = q->cluster_bits - 3;
+  q->l2_bits = q->cluster_bits - (q->extl2 ? 4 : 3);
+  q->sc_bits = q->extl2 ? q->cluster_bits - 5 : q->cluster_bits;
+  q->sc_size = 1u << q->sc_bits;
   coverage = (uint64_t) 1 << (q->cluster_bits + q->l2_bits);
   l1_bytes = (uint64_t) q->l1_size * 8;
   if (l1_bytes > MAX_L1_BYTES)

@@ -34,6 +34,12 @@
 #define L2E_COPIED             (1ull << 63)
 #define L2E_COMPRESSED         (1ull << 62)
 #define L2E_ZERO               (1ull << 0)
+/* Extended L2 entries: a second word with one bit per subcluster saying
+ * "allocated" (low half) and one saying "reads as zeros" (high half).
+ */
+#define SUBCLUSTERS            32u
+#define SC_ALLOC_ALL           0x00000000ffffffffull
+#define SC_ZERO_ALL            0xffffffff00000000ull
 #define REFT_OFFSET_MASK       0xfffffffffffffe00ull
 
 /* Bounds on tables read from an untrusted file (QEMU uses the same L1 cap). */
@@ -101,6 +107,7 @@ struct cache_entry {
 struct cache {
   struct qcow2 *q;
   const char *what;             /* "L2" or "refcount" (for logs) */
+  unsigned entry_shift;         /* L2: 1 when entries are 128 bits */
   unsigned n;                   /* entries */
   struct cache_entry *e;
   int *buckets;                 /* hash heads (index), -1 empty */
@@ -283,6 +290,27 @@ bool entry_is_hole (const struct qcow2 *q, uint64_t ent);
 bool entry_reads_zero (const struct qcow2 *q, uint64_t ent);
 bool entry_is_zero (const struct qcow2 *q, uint64_t ent);
 bool entry_is_inplace (const struct qcow2 *q, uint64_t ent);
+
+/* What a run of guest bytes inside one cluster holds. */
+enum sc_kind {
+  SC_DATA,                      /* host data at the entry's offset */
+  SC_ZERO,                      /* reads as zeros */
+  SC_HOLE,                      /* unallocated: the backing file, or zeros */
+  SC_COMPRESSED,                /* the whole cluster, compressed */
+  SC_BAD,                       /* an impossible bitmap: reads fail */
+};
+
+/* The kind of the byte at offset coff inside the cluster whose L2 entry is
+ * ent (bitmap bmp, 0 without extended L2), and in *run_end the in-cluster
+ * offset where the run of bytes of that kind ends.  Without subclusters
+ * the run is the whole cluster.
+ */
+enum sc_kind cluster_status (const struct qcow2 *q, uint64_t ent,
+                             uint64_t bmp, uint64_t coff, uint64_t *run_end);
+/* The subcluster bits (low half of a bitmap) covering in-cluster bytes
+ * [lo, hi), rounded outwards.
+ */
+uint64_t sc_mask (const struct qcow2 *q, uint64_t lo, uint64_t hi);
 
 /* ---- qcow2-rw.c: read and write segments ---- */
 
@@ -476,6 +504,9 @@ struct qcow2 {
 
   /* Derived. */
   uint32_t l2_bits;             /* log2 of entries per L2 table */
+  bool extl2;                   /* 128-bit L2 entries with subclusters */
+  uint32_t sc_bits;             /* log2 of the subcluster size */
+  uint32_t sc_size;             /* cluster_size / 32, or cluster_size */
   uint32_t l2_entries;
   uint32_t refcount_bits;       /* 1 << refcount_order */
   uint32_t rb_bits;             /* log2 of entries per refcount block */
@@ -514,13 +545,30 @@ struct qcow2 {
 static inline uint64_t
 l2_get (const struct cache_entry *e, uint32_t i)
 {
-  return be64toh (((const uint64_t *) e->buf)[i]);
+  return be64toh (((const uint64_t *) e->buf)[(size_t) i
+                                             << e->cache->entry_shift]);
 }
 
 static inline void
 l2_set (struct cache_entry *e, uint32_t i, uint64_t v)
 {
-  ((uint64_t *) e->buf)[i] = htobe64 (v);
+  ((uint64_t *) e->buf)[(size_t) i << e->cache->entry_shift] = htobe64 (v);
+}
+
+/* The subcluster bitmap of entry i (0 when entries have none). */
+static inline uint64_t
+l2_get_bitmap (const struct cache_entry *e, uint32_t i)
+{
+  if (!e->cache->entry_shift)
+    return 0;
+  return be64toh (((const uint64_t *) e->buf)[2 * (size_t) i + 1]);
+}
+
+static inline void
+l2_set_bitmap (struct cache_entry *e, uint32_t i, uint64_t v)
+{
+  if (e->cache->entry_shift)
+    ((uint64_t *) e->buf)[2 * (size_t) i + 1] = htobe64 (v);
 }
 
 /* Big-endian fields of on-disk structures, at any alignment. */

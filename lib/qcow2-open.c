@@ -478,6 +478,7 @@ image_open (const char *path, const struct qcow2_opts *opts, unsigned depth,
   if (!q->zero_cluster)
     FAIL (-ENOMEM, "out of memory");
   r = cache_init (&q->l2c, q, "L2", l2_cache_entries (q, opts->l2_cache_bytes));
+  q->l2c.entry_shift = q->extl2 ? 1 : 0;
   if (r == 0) {
     unsigned n = RB_CACHE_BYTES >> q->cluster_bits;
     r = cache_init (&q->rbc, q, "refcount", n < 4 ? 4 : n);

@@ -74,7 +74,8 @@ walk_l1 (struct counts *k, const uint64_t *l1, uint32_t l1_size, void *l2buf)
       return r;
     }
     for (uint32_t j = 0; j < q->l2_entries; j++) {
-      uint64_t ent = be64toh (((uint64_t *) l2buf)[j]);
+      uint64_t ent = be64toh (((uint64_t *) l2buf)[(size_t) j
+                                                   << (q->extl2 ? 1 : 0)]);
       if (ent & L2E_COMPRESSED) {
         uint64_t coff, csize;
         compressed_extent (q, ent, &coff, &csize);

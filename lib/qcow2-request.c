@@ -105,10 +105,14 @@ req_wake (struct qcow2_req *req)
 
 /* ---- helpers ---- */
 
+/* The whole-cluster zero flag (v3 without extended L2, whose bitmap says
+ * it per subcluster instead).
+ */
 bool
 entry_is_zero (const struct qcow2 *q, uint64_t ent)
 {
-  return q->version >= 3 && !(ent & L2E_COMPRESSED) && (ent & L2E_ZERO);
+  return q->version >= 3 && !q->extl2 && !(ent & L2E_COMPRESSED)
+    && (ent & L2E_ZERO);
 }
 
 /* A normal (uncompressed, non-zero) cluster written in place. */
@@ -135,6 +139,44 @@ entry_reads_zero (const struct qcow2 *q, uint64_t ent)
   if (entry_is_zero (q, ent))
     return true;
   return entry_is_hole (q, ent) && !q->backing;
+}
+
+enum sc_kind
+cluster_status (const struct qcow2 *q, uint64_t ent, uint64_t bmp,
+                uint64_t coff, uint64_t *run_end)
+{
+  unsigned x, bits;
+
+  *run_end = q->cluster_size;
+  if (ent & L2E_COMPRESSED)
+    return SC_COMPRESSED;
+  if (!q->extl2) {
+    if (entry_is_zero (q, ent))
+      return SC_ZERO;
+    return entry_is_hole (q, ent) ? SC_HOLE : SC_DATA;
+  }
+  x = (unsigned) (coff >> q->sc_bits);
+  bits = (unsigned) ((bmp >> x) & 1) | (unsigned) ((bmp >> (31 + x)) & 2);
+  while (x + 1 < SUBCLUSTERS
+         && (((bmp >> (x + 1)) & 1) | ((bmp >> (32 + x)) & 2)) == bits)
+    x++;
+  *run_end = (uint64_t) (x + 1) << q->sc_bits;
+  switch (bits) {
+  case 0: return SC_HOLE;
+  case 1: return entry_is_hole (q, ent) ? SC_BAD : SC_DATA;
+  case 2: return SC_ZERO;
+  default: return SC_BAD;       /* allocated and zero at once */
+  }
+}
+
+uint64_t
+sc_mask (const struct qcow2 *q, uint64_t lo, uint64_t hi)
+{
+  unsigned a = (unsigned) (lo >> q->sc_bits);
+  unsigned b = (unsigned) ((hi + q->sc_size - 1) >> q->sc_bits);
+  if (b <= a)
+    return 0;
+  return (SC_ALLOC_ALL >> (SUBCLUSTERS - (b - a))) << a;
 }
 
 int

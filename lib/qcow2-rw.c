@@ -27,6 +27,9 @@ struct req_io {
   bool is_write;
   bool from_backing;            /* a read of the backing image (guest, len) */
   bool alloc;                   /* an allocating write run */
+  bool reuse;                   /* ... that keeps its own host cluster */
+  bool self;                    /* a read through this image (from_backing) */
+  uint64_t cov_start, cov_end;  /* in-cluster extent written with the COW */
   bool started;
   uint64_t host;                /* host offset of the op */
   uint64_t guest;               /* guest offset of the data part */
@@ -226,7 +229,7 @@ backing_done (void *opaque, int ret)
 static void
 backing_start (struct qcow2_req *req, struct req_io *io)
 {
-  struct qcow2 *b = req->q->backing;
+  struct qcow2 *b = io->self ? req->q : req->q->backing;
   int err;
   struct qcow2_req *child = req_new (b, REQ_READ, io->guest, io->len,
                                      io->iov[0].iov_base, 0, backing_done,
@@ -256,7 +259,7 @@ io_start (struct qcow2_req *req, struct req_io *io, int niov)
   io->op.fd = io->cbuf ? q->fd : q->dfd;
   io->op.iov = io->iov;
   io->op.iovcnt = niov;
-  io->op.offset = io->host;
+  io->op.offset = io->alloc ? io->host + io->cov_start : io->host;
   io->op.done = io_done;
   io->op.opaque = io;
   io->started = true;
@@ -298,12 +301,12 @@ plan_read (struct qcow2_req *req)
   struct qcow2 *q = req->q;
   uint64_t cs = q->cluster_size;
   uint64_t pos = req->seg_off, end = req->seg_off + req->seg_len;
-  size_t nclusters = ((end - 1) >> q->cluster_bits)
-    - (pos >> q->cluster_bits) + 1;
+  /* At most one op per subcluster run (per cluster without them). */
+  size_t nruns = ((end - 1) >> q->sc_bits) - (pos >> q->sc_bits) + 1;
   struct req_io *last = NULL;
   int r;
 
-  req->ios = calloc (nclusters, sizeof *req->ios);
+  req->ios = calloc (nruns, sizeof *req->ios);
   if (!req->ios) {
     req->err = -ENOMEM;
     return true;
@@ -311,13 +314,16 @@ plan_read (struct qcow2_req *req)
   while (pos < end) {
     uint32_t idx = (uint32_t) (pos >> q->cluster_bits) & (q->l2_entries - 1);
     uint64_t ent = req->l2 ? l2_get (req->l2, idx) : 0;
-    uint64_t cend = (pos & ~(cs - 1)) + cs;
+    uint64_t bmp = req->l2 ? l2_get_bitmap (req->l2, idx) : 0;
+    uint64_t cstart = pos & ~(cs - 1), run_end;
+    enum sc_kind kind = cluster_status (q, ent, bmp, pos - cstart, &run_end);
+    uint64_t cend = cstart + run_end;
     char *dst = req->buf + (pos - req->offset);
     uint64_t host;
 
     if (cend > end)
       cend = end;
-    if (ent & L2E_COMPRESSED) {
+    if (kind == SC_COMPRESSED) {
       r = plan_compressed (req, &req->ios[req->nios++], ent, dst,
                            pos & (cs - 1), cend - pos);
       if (r < 0) {
@@ -329,8 +335,14 @@ plan_read (struct qcow2_req *req)
       pos = cend;
       continue;
     }
-    if (!entry_is_zero (q, ent) && entry_is_hole (q, ent) && q->backing
-        && pos < q->backing_size_bytes) {
+    if (kind == SC_BAD) {
+      qlog (q, LOG_ERR, "L2 entry of guest offset 0x%llx has an invalid "
+            "subcluster bitmap 0x%llx", (unsigned long long) cstart,
+            (unsigned long long) bmp);
+      req->err = -EIO;
+      break;
+    }
+    if (kind == SC_HOLE && q->backing && pos < q->backing_size_bytes) {
       /* A hole: what the backing image has there shows through. */
       uint64_t bend = cend < q->backing_size_bytes
         ? cend : q->backing_size_bytes;
@@ -356,7 +368,7 @@ plan_read (struct qcow2_req *req)
       pos = cend;
       continue;
     }
-    if (entry_is_zero (q, ent) || entry_is_hole (q, ent)) {
+    if (kind != SC_DATA) {
       memset (dst, 0, cend - pos);
       read_map_add (req, cend - pos, true);
       last = NULL;
@@ -463,14 +475,86 @@ cow_source (struct qcow2_req *req, struct req_io *io, int k, uint32_t idx,
   return io->cow_buf[k];
 }
 
+/* With extended L2: fill io->cow_buf[k] with what the guest sees at
+ * in-cluster bytes [lo, hi) of L2 index idx (placed at offset lo, as in a
+ * whole cluster), or point at zeros.  Old data is read through the image
+ * itself, so every subcluster kind (and the backing chain) is handled by
+ * the read path; a compressed cluster takes cow_source's way.
+ */
+static char *
+cow_source_sc (struct qcow2_req *req, struct req_io *io, int k, uint32_t idx,
+               uint64_t lo, uint64_t hi, struct req_io **next_io)
+{
+  struct qcow2 *q = req->q;
+  uint64_t ent = l2_get (req->l2, idx);
+  uint64_t bmp = l2_get_bitmap (req->l2, idx);
+  unsigned table_bits = q->cluster_bits + q->l2_bits;
+  uint64_t guest = (req->seg_off >> table_bits << table_bits)
+    + ((uint64_t) idx << q->cluster_bits);
+  uint64_t bsize = q->backing ? q->backing_size_bytes : 0;
+  bool all_zero = true, all_hole = true;
+  uint64_t limit;
+  struct req_io *rd;
+
+  if (ent & L2E_COMPRESSED)
+    return cow_source (req, io, k, idx, next_io);
+  for (uint64_t pos = lo, run_end; pos < hi; pos = run_end) {
+    enum sc_kind kind = cluster_status (q, ent, bmp, pos, &run_end);
+    if (kind != SC_HOLE)
+      all_hole = false;
+    if (kind != SC_ZERO && !(kind == SC_HOLE && guest + pos >= bsize))
+      all_zero = false;
+  }
+  /* Past the end of the disk (or of the backing file it is read from)
+   * the subcluster holds zeros.
+   */
+  limit = all_hole ? bsize : q->size;
+  if (all_zero || guest + lo >= limit)
+    return q->zero_cluster;
+  io->cow_buf[k] = aligned_alloc_zero (q->cluster_size);
+  if (!io->cow_buf[k]) {
+    req->err = -ENOMEM;
+    return NULL;
+  }
+  rd = (*next_io)++;
+  rd->req = req;
+  rd->from_backing = true;
+  /* Straight to the backing file when it is all unallocated here. */
+  rd->self = !all_hole;
+  rd->guest = guest + lo;
+  rd->len = guest + hi <= limit ? hi - lo : limit - rd->guest;
+  rd->iov[0].iov_base = (char *) io->cow_buf[k] + lo;
+  rd->iov[0].iov_len = rd->len;
+  rd->cow_for = io;
+  return io->cow_buf[k];
+}
+
+/* Whether every subcluster that in-cluster bytes [lo, hi) touch is data. */
+static bool
+range_is_data (const struct qcow2 *q, uint64_t ent, uint64_t bmp,
+               uint64_t lo, uint64_t hi)
+{
+  for (uint64_t pos = lo, run_end; pos < hi; pos = run_end)
+    if (cluster_status (q, ent, bmp, pos, &run_end) != SC_DATA)
+      return false;
+  return true;
+}
+
 /* Plan a write segment: in-place runs for clusters we own, allocating runs
  * (head + guest data + tail in one vectored write) for everything else.
+ *
+ * The head and tail (copy-on-write) cover io->cov_start..guest in the run's
+ * first cluster and guest end..io->cov_end in its last.  Without extended
+ * L2 that is the whole cluster.  With it, only the subclusters the write
+ * touches when the old cluster had no host cluster, and in a cluster we own
+ * ("reuse": written in place, then its bitmap updated) only the touched
+ * subclusters that were not data yet.
  */
 bool
 plan_write (struct qcow2_req *req)
 {
   struct qcow2 *q = req->q;
-  uint64_t cs = q->cluster_size;
+  uint64_t cs = q->cluster_size, scs = q->sc_size;
   uint64_t pos = req->seg_off, end = req->seg_off + req->seg_len;
   size_t nclusters = ((end - 1) >> q->cluster_bits)
     - (pos >> q->cluster_bits) + 1;
@@ -486,39 +570,61 @@ plan_write (struct qcow2_req *req)
   while (pos < end) {
     uint32_t idx = (uint32_t) (pos >> q->cluster_bits) & (q->l2_entries - 1);
     uint64_t ent = l2_get (req->l2, idx);
-    uint64_t cend = (pos & ~(cs - 1)) + cs;
+    uint64_t bmp = l2_get_bitmap (req->l2, idx);
+    uint64_t cstart = pos & ~(cs - 1);
+    uint64_t cend = cstart + cs < end ? cstart + cs : end;
+    uint64_t ws = pos - cstart, we = cend - cstart;
+    uint64_t cov_start = 0, cov_end = cs;
     bool inplace = entry_is_inplace (q, ent);
+    bool reuse = false;
     uint64_t host = 0;
 
-    if (cend > end)
-      cend = end;
     if (inplace) {
       if (check_data_cluster (q, ent & L2E_OFFSET_MASK) < 0) {
         req->err = -EIO;
         break;
       }
-      host = (ent & L2E_OFFSET_MASK) + (pos & (cs - 1));
+      host = (ent & L2E_OFFSET_MASK) + ws;
+      if (q->extl2 && !range_is_data (q, ent, bmp, ws, we)) {
+        uint64_t dummy;
+        reuse = true;
+        inplace = false;
+        host = ent & L2E_OFFSET_MASK;
+        cov_start = cluster_status (q, ent, bmp, ws, &dummy) == SC_DATA
+          ? ws : ws & ~(scs - 1);
+        cov_end = cluster_status (q, ent, bmp, we - 1, &dummy) == SC_DATA
+          ? we : round_up (we, scs);
+      }
     }
-    bool whole = !inplace && q->compress && pos == (pos & ~(cs - 1))
-      && cend == pos + cs;
+    else if (q->extl2 && entry_is_hole (q, ent)) {
+      /* Nothing to copy from outside the touched subclusters. */
+      cov_start = ws & ~(scs - 1);
+      cov_end = round_up (we, scs);
+    }
+    bool whole = !inplace && !reuse && q->compress && ws == 0 && we == cs;
     if (last && !last->alloc && inplace && last->host + last->len == host)
       last->len += cend - pos;
-    else if (last && last->alloc && !inplace && !whole && !last->compressed
+    else if (last && last->alloc && !inplace && !reuse && !last->reuse
+             && !whole && !last->compressed
              && last->first + last->count == idx) {
       last->len += cend - pos;
       last->count++;
+      last->cov_end = cov_end;
     }
     else {
       last = &req->ios[req->nios++];
       last->req = req;
       last->is_write = true;
       last->alloc = !inplace;
+      last->reuse = reuse;
       last->host = host;
       last->guest = pos;
       last->len = cend - pos;
       last->first = idx;
       last->count = 1;
       last->compressed = whole;
+      last->cov_start = cov_start;
+      last->cov_end = cov_end;
     }
     pos = cend;
   }
@@ -531,6 +637,8 @@ plan_write (struct qcow2_req *req)
   for (unsigned i = 0; i < nwrites && !req->err; i++) {
     struct req_io *io = &req->ios[i];
     char *data = req->buf + (io->guest - req->offset);
+    uint64_t gfirst = io->guest & (cs - 1);
+    uint64_t glast = ((io->guest + io->len - 1) & (cs - 1)) + 1;
     size_t head, tail;
     char *src;
     int n = 0;
@@ -562,35 +670,66 @@ plan_write (struct qcow2_req *req)
       }
       io->compressed = false;   /* incompressible: an ordinary cluster */
     }
-    head = io->guest & (cs - 1);
-    tail = (cs - ((io->guest + io->len) & (cs - 1))) & (cs - 1);
-    /* An external data file has a fixed mapping and no refcounts. */
-    io->host = q->data_file ? io->guest & ~(cs - 1)
-      : alloc_clusters (q, io->count);
-    if (!io->host && !q->data_file) {
-      req->err = -ENOMEM;
-      break;
+    head = gfirst - io->cov_start;
+    tail = io->cov_end - glast;
+    if (io->reuse) {
+      if (!q->data_file
+          && overlap_check (q, META_DATA, io->host + io->cov_start,
+                            io->cov_end - io->cov_start) < 0) {
+        req->err = -EIO;
+        break;
+      }
+    }
+    else {
+      /* An external data file has a fixed mapping and no refcounts. */
+      io->host = q->data_file ? io->guest & ~(cs - 1)
+        : alloc_clusters (q, io->count);
+      if (!io->host && !q->data_file) {
+        req->err = -ENOMEM;
+        break;
+      }
     }
     io->a.next = req->l2->allocs;
     req->l2->allocs = &io->a;
 
-    if (head) {
-      src = cow_source (req, io, 0, io->first, &next_io);
+    if (q->extl2 && head && tail && io->count == 1) {
+      /* One read serves both ends. */
+      src = cow_source_sc (req, io, 0, io->first, io->cov_start,
+                           io->cov_end, &next_io);
       if (!src)
         break;
-      io->iov[n].iov_base = src;
+      io->iov[n].iov_base = src + io->cov_start;
+      io->iov[n++].iov_len = head;
+      io->iov[n].iov_base = data;
+      io->iov[n++].iov_len = io->len;
+      io->iov[n].iov_base = src + glast;
+      io->iov[n++].iov_len = tail;
+      io->op.iovcnt = n;
+      continue;
+    }
+    if (head) {
+      src = q->extl2
+        ? cow_source_sc (req, io, 0, io->first, io->cov_start, gfirst,
+                         &next_io)
+        : cow_source (req, io, 0, io->first, &next_io);
+      if (!src)
+        break;
+      io->iov[n].iov_base = src + io->cov_start;
       io->iov[n++].iov_len = head;
     }
     io->iov[n].iov_base = data;
     io->iov[n++].iov_len = io->len;
     if (tail) {
-      if (head && io->count == 1)
+      if (!q->extl2 && head && io->count == 1)
         src = io->cow_buf[0] ? io->cow_buf[0] : q->zero_cluster;
+      else if (q->extl2)
+        src = cow_source_sc (req, io, 1, io->first + io->count - 1, glast,
+                             io->cov_end, &next_io);
       else
         src = cow_source (req, io, 1, io->first + io->count - 1, &next_io);
       if (!src)
         break;
-      io->iov[n].iov_base = src + (cs - tail);
+      io->iov[n].iov_base = src + glast;
       io->iov[n++].iov_len = tail;
     }
     io->op.iovcnt = n;
@@ -635,11 +774,30 @@ st_link (struct qcow2_req *req)
     }
     linked = true;
     for (uint32_t k = 0; k < io->count; k++) {
-      uint64_t old = l2_get (e, io->first + k);
+      uint32_t i2 = io->first + k;
+      uint64_t old = l2_get (e, i2);
+      uint64_t bmp = l2_get_bitmap (e, i2);
+      uint64_t lo = k == 0 ? io->cov_start : 0;
+      uint64_t hi = k == io->count - 1 ? io->cov_end : q->cluster_size;
+      uint64_t written = sc_mask (q, lo, hi);
+
+      /* The written subclusters become data; the others keep what they
+       * were (none of them is data unless the cluster was kept).
+       */
+      if (old & L2E_COMPRESSED)
+        bmp = 0;
+      if (!io->reuse)
+        bmp &= ~SC_ALLOC_ALL;
+      bmp = (bmp | written) & ~(written << 32);
+      if (io->reuse) {
+        l2_set_bitmap (e, i2, bmp);
+        continue;
+      }
       if (release_entry (q, old) < 0)
         qlog (q, LOG_WARNING, "out of memory: a replaced cluster will leak");
-      l2_set (e, io->first + k, io->compressed ? io->cdesc
+      l2_set (e, i2, io->compressed ? io->cdesc
               : (io->host + ((uint64_t) k << q->cluster_bits)) | L2E_COPIED);
+      l2_set_bitmap (e, i2, io->compressed ? 0 : bmp);
     }
   }
   if (linked)

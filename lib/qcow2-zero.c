@@ -48,6 +48,100 @@ spawn_zero_write (struct qcow2_req *req, uint64_t pos, uint64_t len)
   return 0;
 }
 
+/* Whether guest bytes [pos, end) of one cluster already read as zeros. */
+static bool
+reads_zero_sc (const struct qcow2 *q, uint64_t ent, uint64_t bmp,
+               uint64_t cstart, uint64_t pos, uint64_t end)
+{
+  uint64_t bsize = q->backing ? q->backing_size_bytes : 0;
+  for (uint64_t run_end; pos < end; pos = cstart + run_end) {
+    enum sc_kind kind = cluster_status (q, ent, bmp, pos - cstart, &run_end);
+    if (kind != SC_ZERO && !(kind == SC_HOLE && pos >= bsize))
+      return false;
+  }
+  return true;
+}
+
+/* Write-zeroes or discard of guest bytes [pos, end) of one cluster of an
+ * image with extended L2: whole subclusters change in the bitmap only,
+ * partial ones are written with zeros (write-zeroes) or left (discard).  A
+ * cluster left with no data subcluster gives its host cluster back unless
+ * NO_HOLE asks to keep it.  Returns whether the table changed.
+ */
+static bool
+zero_cluster_sc (struct qcow2_req *req, uint64_t pos, uint64_t end)
+{
+  struct qcow2 *q = req->q;
+  struct cache_entry *e = req->l2;
+  bool discard = req->type == REQ_DISCARD;
+  bool no_hole = req->flags & QCOW2_ZERO_NO_HOLE;
+  uint64_t cs = q->cluster_size, scs = q->sc_size;
+  uint64_t cstart = pos & ~(cs - 1);
+  uint32_t idx = (uint32_t) (cstart >> q->cluster_bits) & (q->l2_entries - 1);
+  uint64_t ent = l2_get (e, idx), bmp = l2_get_bitmap (e, idx);
+  uint64_t nent = ent, nbmp = bmp;
+  /* Whole subclusters; the disk's end closes the last one. */
+  uint64_t lo = round_up (pos, scs);
+  uint64_t hi = end == q->size ? round_up (end, scs) : end & ~(scs - 1);
+  bool spawned = false;
+
+  if (lo > end)
+    lo = end;
+  if (hi < lo)
+    hi = lo;
+  if (ent & L2E_COMPRESSED) {
+    /* No subclusters: all or nothing. */
+    if (pos == cstart && hi - cstart >= cs) {
+      lo = cstart;
+      hi = cstart + cs;
+    }
+    else
+      lo = hi = pos;
+  }
+  /* The edges (everything, for part of a compressed cluster). */
+  if (!discard) {
+    uint64_t ranges[2][2] = { { pos, lo }, { hi > pos ? hi : pos, end } };
+    if (lo == hi) {
+      ranges[0][1] = end;
+      ranges[1][0] = ranges[1][1] = end;
+    }
+    for (int k = 0; k < 2 && !req->err; k++) {
+      uint64_t a = ranges[k][0], b = ranges[k][1];
+      if (a >= b || reads_zero_sc (q, ent, bmp, cstart, a, b))
+        continue;
+      int r = (req->flags & QCOW2_ZERO_FAST) ? -ENOTSUP
+        : spawn_zero_write (req, a, b - a);
+      if (r < 0)
+        req->err = r;
+      spawned = true;
+    }
+  }
+  if (lo >= hi || req->err)
+    return false;
+
+  uint64_t m = sc_mask (q, lo - cstart, hi - cstart);
+  if (ent & L2E_COMPRESSED) {
+    nent = 0;
+    nbmp = 0;
+  }
+  nbmp &= ~m;
+  /* Discard lets the backing file show only where nothing said zeros;
+   * with a backing file, zeros it must keep reading.
+   */
+  if (!discard || q->backing)
+    nbmp |= m << 32;
+  if (!(nbmp & SC_ALLOC_ALL) && !spawned && !(no_hole && !discard)
+      && !entry_is_hole (q, nent))
+    nent = 0;                   /* no data left: free the host cluster */
+  if (nent == ent && nbmp == bmp)
+    return false;
+  if (nent != ent && release_entry (q, ent) < 0)
+    qlog (q, LOG_WARNING, "out of memory: a released cluster will leak");
+  l2_set (e, idx, nent);
+  l2_set_bitmap (e, idx, nbmp);
+  return true;
+}
+
 bool
 zero_segment (struct qcow2_req *req)
 {
@@ -95,6 +189,12 @@ zero_segment (struct qcow2_req *req)
     return false;
   }
 
+  while (q->extl2 && pos < end && !req->err) {
+    uint64_t cstart = pos & ~(cs - 1);
+    uint64_t cend = cstart + cs < end ? cstart + cs : end;
+    changed |= zero_cluster_sc (req, pos, cend);
+    pos = cend;
+  }
   while (pos < end && !req->err) {
     uint32_t idx = (uint32_t) (pos >> q->cluster_bits) & (q->l2_entries - 1);
     uint64_t ent = l2_get (e, idx);
@@ -232,12 +332,40 @@ ask_backing (struct qcow2_req *req, uint64_t pos, uint64_t end)
   return 0;
 }
 
+/* The kind of guest byte pos (in e's table, or NULL: no table) and in
+ * *run_end where the run of that kind ends, at most at end.  Data and
+ * compressed data count as one kind.
+ */
+static enum sc_kind
+run_at (const struct qcow2 *q, const struct cache_entry *e, uint64_t pos,
+        uint64_t end, uint64_t *run_end)
+{
+  uint64_t cs = q->cluster_size;
+  enum sc_kind first = SC_HOLE;
+
+  for (bool start = true; pos < end; start = false) {
+    uint32_t idx = (uint32_t) (pos >> q->cluster_bits) & (q->l2_entries - 1);
+    uint64_t ent = e ? l2_get (e, idx) : 0;
+    uint64_t bmp = e ? l2_get_bitmap (e, idx) : 0;
+    uint64_t cstart = pos & ~(cs - 1), rend;
+    enum sc_kind kind = cluster_status (q, ent, bmp, pos - cstart, &rend);
+    if (kind == SC_COMPRESSED || kind == SC_BAD)
+      kind = SC_DATA;
+    if (start)
+      first = kind;
+    else if (kind != first)
+      break;
+    pos = cstart + rend;
+  }
+  *run_end = pos < end ? pos : end;
+  return first;
+}
+
 bool
 status_segment (struct qcow2_req *req)
 {
   struct qcow2 *q = req->q;
   struct cache_entry *e = req->l2;
-  uint64_t cs = q->cluster_size;
   uint64_t end = req->seg_off + req->seg_len;
   uint64_t bsize = q->backing ? q->backing_size_bytes : 0;
   uint64_t pos = req->status_pos;
@@ -245,10 +373,9 @@ status_segment (struct qcow2_req *req)
   if (req->outstanding)
     return false;
   while (pos < end && !req->status_full && !req->err) {
-    uint32_t idx = (uint32_t) (pos >> q->cluster_bits) & (q->l2_entries - 1);
-    uint64_t ent = e ? l2_get (e, idx) : 0;
-    uint64_t cend = (pos & ~(cs - 1)) + cs;
+    uint64_t cend;
     uint32_t flags = 0, depth = 1;
+    enum sc_kind kind;
 
     if (!e && pos >= bsize) {
       /* No table and nothing below: one hole to the segment's end. */
@@ -257,34 +384,23 @@ status_segment (struct qcow2_req *req)
       pos = end;
       break;
     }
-    if (cend > end)
-      cend = end;
-    if (entry_is_hole (q, ent) && !entry_is_zero (q, ent) && pos < bsize) {
+    kind = run_at (q, e, pos, end, &cend);
+    if (kind == SC_HOLE && pos < bsize) {
       /* A hole over the backing file: the run of holes is its business. */
-      uint64_t run_end = cend;
       int r;
-      while (run_end < end && run_end < bsize) {
-        uint64_t next = e ? l2_get (e, (uint32_t) (run_end >> q->cluster_bits)
-                                    & (q->l2_entries - 1)) : 0;
-        if (!entry_is_hole (q, next) || entry_is_zero (q, next))
-          break;
-        run_end += cs;
-      }
-      if (run_end > end)
-        run_end = end;
-      if (run_end > bsize)
-        run_end = bsize;
+      if (cend > bsize)
+        cend = bsize;
       req->status_pos = pos;
-      r = ask_backing (req, pos, run_end);
+      r = ask_backing (req, pos, cend);
       if (r < 0) {
         req->err = r;
         break;
       }
       return false;
     }
-    if (entry_is_zero (q, ent))
+    if (kind == SC_ZERO)
       flags = QCOW2_EXTENT_HOLE | QCOW2_EXTENT_ZERO;
-    else if (entry_is_hole (q, ent)) {
+    else if (kind == SC_HOLE) {
       flags = QCOW2_EXTENT_HOLE | QCOW2_EXTENT_ZERO;
       depth = 0;
     }

@@ -78,6 +78,7 @@ struct scenario {
   unsigned max_len;             /* longest write, bytes */
   unsigned weight;              /* share of the crash states (qemu-img
                                    check is slow on c512-lazy's images) */
+  uint32_t subcluster;          /* extended L2: what a discard releases */
 };
 
 static const struct scenario scenarios[] = {
@@ -85,32 +86,40 @@ static const struct scenario scenarios[] = {
    * blocks of 64 entries and a one-cluster refcount table that must grow.
    */
   { "c512-refgrow", PLAIN, "cluster_size=512,refcount_bits=64", 8 << 20,
-    512, false, false, false, 16 * 512, 700, 24 << 10, 4 },
+    512, false, false, false, 16 * 512, 700, 24 << 10, 4, 0 },
   { "c4k", PLAIN, "cluster_size=4096", 8 << 20, 4096, false, false, false,
-    0, 500, 64 << 10, 6 },
+    0, 500, 64 << 10, 6, 0 },
   { "c4k-lazy", PLAIN, "cluster_size=4096,lazy_refcounts=on", 8 << 20,
-    4096, true, false, false, 0, 400, 64 << 10, 4 },
+    4096, true, false, false, 0, 400, 64 << 10, 4, 0 },
   { "c512-lazy", PLAIN,
     "cluster_size=512,lazy_refcounts=on,refcount_bits=64", 8 << 20, 512,
-    true, false, false, 16 * 512, 600, 24 << 10, 1 },
+    true, false, false, 16 * 512, 600, 24 << 10, 1, 0 },
   { "compressed-zlib", COMPRESSED, "cluster_size=4096", 8 << 20, 4096,
-    false, false, false, 0, 400, 32 << 10, 4 },
+    false, false, false, 0, 400, 32 << 10, 4, 0 },
 #ifdef HAVE_ZSTD
   { "compressed-zstd", COMPRESSED,
     "cluster_size=4096,compression_type=zstd", 4 << 20, 4096, false, false,
-    false, 0, 250, 32 << 10, 2 },
+    false, 0, 250, 32 << 10, 2, 0 },
 #endif
   { "backing-v3", BACKING, "cluster_size=4096", 8 << 20, 4096, false,
-    false, false, 0, 400, 32 << 10, 4 },
+    false, false, 0, 400, 32 << 10, 4, 0 },
   { "backing-v2", BACKING, "cluster_size=4096,compat=0.10", 8 << 20, 4096,
-    false, false, true, 0, 300, 32 << 10, 2 },
+    false, false, true, 0, 300, 32 << 10, 2, 0 },
   /* Every L2 table (32 KiB of disk each) is shared with the snapshot and
    * copied at its first write.
    */
   { "snapshot", SNAPSHOT, "cluster_size=512", 4 << 20, 512, false, false,
-    false, 16 * 512, 400, 16 << 10, 2 },
+    false, 16 * 512, 400, 16 << 10, 2, 0 },
   { "compress-cache", PLAIN, "cluster_size=4096", 8 << 20, 4096, false,
-    true, false, 0, 400, 32 << 10, 2 },
+    true, false, 0, 400, 32 << 10, 2, 0 },
+  /* Subclusters: 512 bytes, and 1 KiB over a backing file. */
+  { "extl2", PLAIN, "cluster_size=16384,extended_l2=on", 8 << 20, 16384,
+    false, false, false, 0, 400, 64 << 10, 3, 512 },
+  { "extl2-backing", BACKING, "cluster_size=32768,extended_l2=on", 8 << 20,
+    32768, false, false, false, 0, 400, 64 << 10, 3, 1024 },
+  { "extl2-lazy", PLAIN,
+    "cluster_size=16384,extended_l2=on,lazy_refcounts=on", 8 << 20, 16384,
+    true, false, false, 0, 300, 64 << 10, 2, 512 },
 };
 
 /* ---- the workload ---- */
@@ -689,7 +698,7 @@ run_round (const struct scenario *sc, unsigned round, unsigned states,
   cfg.path = path;
   cfg.fd = fd;
   cfg.disk_size = sc->size;
-  cfg.cluster_size = sc->cluster;
+  cfg.cluster_size = sc->subcluster ? sc->subcluster : sc->cluster;
   cfg.lazy = sc->lazy;
   cfg.discard_shows_initial = sc->v2_backing;
   cfg.continue_every = getenv ("CRASH_CARRY_ON")

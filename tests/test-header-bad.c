@@ -106,6 +106,9 @@ main (void)
   put64 (72, 1ull << 9);
   expect_refused ("unknown incompatible bit", 4 * 4096, "bit 9");
   good_image ();
+  put64 (72, 1ull << 4);        /* extended L2 needs 16k clusters */
+  expect_refused ("extended L2 with 4k clusters", 4 * 4096, "16384");
+  good_image ();
   put64 (72, 1ull << 1);
   expect_refused ("corrupt bit", 4 * 4096, "corrupt");
   good_image ();

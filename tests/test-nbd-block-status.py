@@ -50,15 +50,20 @@ qt.run("qemu-io", "-f", "raw",
        "-c", "write -P 0x13 7M 1M",
        "-c", "write -z 3500k 4k",
        base)
-# mid.qcow2 (12 MiB, 32 KiB clusters) over it: data and zero clusters,
-# some past the end of the raw file.
-qt.run("qemu-img", "create", "-f", "qcow2", "-o", "cluster_size=32768",
+# mid.qcow2 (12 MiB, 32 KiB clusters, extended L2: 1 KiB subclusters)
+# over it: data and zero clusters, some past the end of the raw file, and
+# single subclusters of data and of zeros inside otherwise empty clusters.
+qt.run("qemu-img", "create", "-f", "qcow2", "-o",
+       "cluster_size=32768,extended_l2=on",
        "-b", base, "-F", "raw", mid, str(12 * MIB))
 qt.run("qemu-io", "-f", "qcow2",
        "-c", "write -P 0x21 512k 1M",
        "-c", "write -z 3M 64k",
        "-c", "write -P 0x22 9M 256k",
        "-c", "write -z 10M 1M",
+       "-c", "write -P 0x23 %d 2k" % (6 * MIB + 3 * KIB),
+       "-c", "write -z %d 1k" % (6 * MIB + 9 * KIB),
+       "-c", "write -P 0x24 %d 1k" % (100 * KIB + 5 * KIB),
        mid)
 # top.qcow2 (16 MiB, 64 KiB clusters): data, zero clusters, a discard.
 qt.run("qemu-img", "create", "-f", "qcow2", "-o", "cluster_size=65536",
