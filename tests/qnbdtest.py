@@ -27,6 +27,7 @@ import random
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -389,3 +390,131 @@ def pattern(offset, length, tag=0):
     written to the wrong place or read from the wrong place shows."""
     rnd = random.Random((offset << 8) ^ tag)
     return rnd.randbytes(length)
+
+
+# ---------------------------------------------------------------------
+# The daemon seen from /proc, and a raw protocol client: for tests that
+# misbehave on purpose (partial handshakes, replies never read).
+# ---------------------------------------------------------------------
+
+def proc_status_kib(pid, field):
+    """A field of /proc/PID/status in KiB ("VmRSS", "VmHWM"), 0 if absent."""
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def fd_count(pid):
+    """How many descriptors process pid has open."""
+    return len(os.listdir("/proc/%d/fd" % pid))
+
+
+def sanitized(pid):
+    """Whether process pid runs with AddressSanitizer (its quarantine of
+    freed memory and its shadow raise the RSS several times over)."""
+    with open("/proc/%d/maps" % pid) as f:
+        return "libasan" in f.read()
+
+
+def rss_bound_kib(pid, mb):
+    """A bound of mb MiB on the RSS of process pid, in KiB; 512 MiB more
+    for an AddressSanitizer build, whose quarantine keeps up to 256 MiB of
+    freed memory resident (quarantine_size_mb) and whose shadow and
+    metadata add to the rest."""
+    return (mb + (512 if sanitized(pid) else 0)) * 1024
+
+
+NBD_MAGIC = b"NBDMAGIC"
+NBD_IHAVEOPT = b"IHAVEOPT"
+NBD_REP_MAGIC = 0x0003e889045565a9
+NBD_REQUEST_MAGIC = 0x25609513
+NBD_SIMPLE_REPLY_MAGIC = 0x67446698
+NBD_STRUCTURED_REPLY_MAGIC = 0x668e33ef
+NBD_FLAG_C_FIXED_NEWSTYLE = 1
+NBD_FLAG_C_NO_ZEROES = 2
+NBD_OPT_EXPORT_NAME, NBD_OPT_GO, NBD_OPT_STRUCTURED_REPLY = 1, 7, 8
+NBD_REP_ACK, NBD_REP_INFO = 1, 3
+NBD_CMD_READ, NBD_CMD_WRITE, NBD_CMD_DISC = 0, 1, 2
+
+
+def nbd_request(cmd, cookie, offset, length, flags=0):
+    """The 28 bytes of an NBD request header."""
+    return struct.pack(">IHHQQI", NBD_REQUEST_MAGIC, flags, cmd, cookie,
+                       offset, length)
+
+
+class RawClient:
+    """An NBD client on a plain socket (the Unix socket path, or a
+    (host, port) tuple), driven one protocol step at a time so that a test
+    can stop anywhere.  The constructor connects; greet=True (default) also
+    reads the server's greeting."""
+
+    def __init__(self, address, timeout=20, greet=True):
+        family = socket.AF_INET if isinstance(address, tuple) else socket.AF_UNIX
+        self.s = socket.socket(family, socket.SOCK_STREAM)
+        self.s.settimeout(timeout)
+        self.s.connect(address)
+        if greet:
+            self.greeting()
+
+    def recv_exactly(self, n):
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = self.s.recv(min(n - len(buf), 1 << 20))
+            if not chunk:
+                raise EOFError("server hung up after %d of %d bytes" %
+                               (len(buf), n))
+            buf += chunk
+        return bytes(buf)
+
+    def greeting(self):
+        g = self.recv_exactly(18)
+        assert g[:16] == NBD_MAGIC + NBD_IHAVEOPT, "bad greeting %r" % g
+
+    def client_flags(self, flags=NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES):
+        self.s.sendall(struct.pack(">I", flags))
+
+    def option(self, opt, data=b""):
+        """Send an option; return its replies [(type, data)] up to the
+        final one (ACK or an error)."""
+        self.s.sendall(NBD_IHAVEOPT + struct.pack(">II", opt, len(data)) + data)
+        replies = []
+        while True:
+            magic, o, rtype, n = struct.unpack(">QIII", self.recv_exactly(20))
+            assert magic == NBD_REP_MAGIC and o == opt, "bad option reply"
+            replies.append((rtype, self.recv_exactly(n)))
+            if rtype == NBD_REP_ACK or rtype & (1 << 31):
+                return replies
+
+    def go(self, structured=False):
+        """Client flags, [STRUCTURED_REPLY,] GO on the default export;
+        returns (size, transmission flags)."""
+        self.client_flags()
+        if structured:
+            r = self.option(NBD_OPT_STRUCTURED_REPLY)
+            assert r[-1][0] == NBD_REP_ACK, "STRUCTURED_REPLY refused: %r" % r
+        replies = self.option(NBD_OPT_GO, struct.pack(">IH", 0, 0))
+        assert replies[-1][0] == NBD_REP_ACK, "GO failed: %r" % replies
+        for rtype, data in replies:
+            if rtype == NBD_REP_INFO and struct.unpack(">H", data[:2])[0] == 0:
+                _, size, eflags = struct.unpack(">HQH", data)
+                return size, eflags
+        raise AssertionError("GO: no NBD_INFO_EXPORT")
+
+    def export_name(self):
+        """Client flags and EXPORT_NAME of the default export; returns
+        (size, transmission flags)."""
+        self.client_flags()
+        self.s.sendall(NBD_IHAVEOPT + struct.pack(">II", NBD_OPT_EXPORT_NAME, 0))
+        return struct.unpack(">QH", self.recv_exactly(10))
+
+    def simple_reply(self):
+        """The header of the next simple reply: (error, cookie)."""
+        magic, err, cookie = struct.unpack(">IIQ", self.recv_exactly(16))
+        assert magic == NBD_SIMPLE_REPLY_MAGIC, "not a simple reply: 0x%x" % magic
+        return err, cookie
+
+    def close(self):
+        self.s.close()
