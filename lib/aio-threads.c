@@ -236,6 +236,7 @@ aio_threads_create (unsigned nthreads, struct aio **out)
   pthread_cond_init (&t->work_cond, NULL);
   pthread_cond_init (&t->done_cond, NULL);
 
+  t->base.inline_ok = true;
   t->base.event_fd = eventfd (0, EFD_NONBLOCK | EFD_CLOEXEC);
   if (t->base.event_fd == -1) {
     r = -errno;

@@ -321,6 +321,7 @@ aio_uring_create (unsigned depth, struct aio **out)
     goto err_free;
   u->limit = u->ring.cq.ring_entries;
 
+  u->base.inline_ok = true;
   u->base.event_fd = eventfd (0, EFD_NONBLOCK | EFD_CLOEXEC);
   if (u->base.event_fd == -1) {
     r = -errno;

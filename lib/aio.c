@@ -12,8 +12,12 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
+#include <linux/magic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/statfs.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include "aio.h"
@@ -77,12 +81,92 @@ validate_op (const struct aio_op *op)
   return -EINVAL;
 }
 
+enum aio_inline
+aio_inline_mode (int fd, bool direct)
+{
+  const char *env = getenv ("QNBD_AIO_INLINE");
+  struct statfs sf;
+
+  if (env && strcmp (env, "0") == 0)
+    return AIO_INLINE_NONE;
+  if (fstatfs (fd, &sf) == 0 && sf.f_type == TMPFS_MAGIC)
+    return AIO_INLINE_ALL;
+  return direct ? AIO_INLINE_NONE : AIO_INLINE_NOWAIT;
+}
+
+static size_t
+iov_bytes (const struct iovec *iov, int n)
+{
+  size_t len = 0;
+  for (int i = 0; i < n; i++)
+    len += iov[i].iov_len;
+  return len;
+}
+
+/* Do op now if its file allows; then it completes at the next reap like
+ * any other.  Returns false when the backend must do it.
+ */
+static bool
+try_inline (struct aio *a, struct aio_op *op)
+{
+  int64_t r;
+
+  if (op->inline_mode == AIO_INLINE_ALL)
+    r = aio_run_sync (op);
+  else if (op->inline_mode == AIO_INLINE_NOWAIT && op->type == AIO_READ
+           && op->iovcnt > 0 && op->iovcnt <= IOV_MAX) {
+    /* Anything but all of it (not cached, end of file, no RWF_NOWAIT
+     * here) goes to the backend, which also knows end of file.
+     */
+    ssize_t n = preadv2 (op->fd, op->iov, op->iovcnt, (off_t) op->offset,
+                         RWF_NOWAIT);
+    if (n < 0 || (size_t) n != iov_bytes (op->iov, op->iovcnt))
+      return false;
+    r = n;
+  }
+  else
+    return false;
+  op->result = r;
+  op->next = NULL;
+  if (a->inline_tail)
+    a->inline_tail->next = op;
+  else
+    a->inline_head = op;
+  a->inline_tail = op;
+  aio_kick_once (a);
+  return true;
+}
+
+/* Call done for the ops done inline, including any their callbacks
+ * submit.
+ */
+static int
+reap_inline (struct aio *a)
+{
+  int count = 0;
+  struct aio_op *op;
+
+  while ((op = a->inline_head)) {
+    a->inline_head = op->next;
+    if (!a->inline_head)
+      a->inline_tail = NULL;
+    a->pending--;
+    count++;
+    op->done (op, op->result);
+  }
+  return count;
+}
+
 int
 aio_submit (struct aio *a, struct aio_op *op)
 {
   int r = validate_op (op);
   if (r < 0)
     return r;
+  if (op->inline_mode && a->inline_ok && try_inline (a, op)) {
+    a->pending++;
+    return 0;
+  }
   r = a->ops->submit (a, op);
   /* Counted only once queued: done is never called for a refused op, and
    * no backend calls done from inside submit, so counting after is safe.
@@ -101,12 +185,18 @@ aio_commit (struct aio *a)
 int
 aio_reap (struct aio *a)
 {
-  return a->ops->reap (a);
+  /* The backend first: its reap clears the kick, which must not lose
+   * the one an inline op queued meanwhile made.
+   */
+  int n = a->ops->reap (a);
+  return n + reap_inline (a);
 }
 
 void
 aio_wait (struct aio *a)
 {
+  if (a->inline_head)
+    return;                     /* something is finished already */
   a->ops->wait (a);
 }
 
@@ -140,10 +230,20 @@ aio_kick (struct aio *a)
 }
 
 void
+aio_kick_once (struct aio *a)
+{
+  if (a->owner_kicked)
+    return;
+  a->owner_kicked = true;
+  aio_kick (a);
+}
+
+void
 aio_clear_kick (struct aio *a)
 {
   uint64_t v;
 
+  a->owner_kicked = false;
   /* EAGAIN means nobody kicked since the last clear. */
   while (read (a->event_fd, &v, sizeof v) == -1 && errno == EINTR)
     ;

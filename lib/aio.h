@@ -24,6 +24,16 @@ enum aio_op_type {
 
 struct aio_op;
 
+/* Whether an op may be done on the submitting thread, at once, instead of
+ * by the backend.  Chosen per file by aio_inline_mode.
+ */
+enum aio_inline {
+  AIO_INLINE_NONE,
+  AIO_INLINE_NOWAIT,            /* reads: tried with RWF_NOWAIT, so page
+                                   cache hits are copied at once */
+  AIO_INLINE_ALL,               /* a file in memory (tmpfs): every op */
+};
+
 /* Completion callback.  ret is the number of bytes transferred (reads are
  * short only at end of file; writes are never short) or -errno.  Called only
  * from aio_reap(), never from aio_submit().
@@ -42,6 +52,7 @@ struct aio_op {
   uint64_t length;              /* AIO_PUNCH only */
   aio_done_fn *done;
   void *opaque;                 /* for the caller */
+  unsigned char inline_mode;    /* enum aio_inline (0: never inline) */
 
   /* Private to the backend. */
   struct aio_op *next;          /* backend queues */
@@ -71,6 +82,9 @@ struct aio {
   const struct aio_ops *ops;
   int event_fd;                 /* eventfd: readable when reap has work */
   unsigned pending;             /* submitted, done not yet called */
+  bool inline_ok;               /* real I/O backends: inline ops allowed */
+  bool owner_kicked;            /* aio_kick_once since the last clear */
+  struct aio_op *inline_head, *inline_tail;  /* done inline, not reaped */
 };
 
 enum aio_kind {
@@ -101,6 +115,19 @@ int aio_fd (const struct aio *a);
  * the engine for requests that finish without any I/O.
  */
 void aio_kick (struct aio *a);
+
+/* aio_kick, skipped when already done since the last aio_clear_kick.
+ * Only for the thread that owns a (the one calling reap).
+ */
+void aio_kick_once (struct aio *a);
+
+/* How ops on fd may be done inline: AIO_INLINE_ALL for tmpfs, whose reads
+ * and writes are memory copies (io_uring would hand each to a worker
+ * thread, as tmpfs refuses RWF_NOWAIT); AIO_INLINE_NOWAIT for other files
+ * opened without O_DIRECT; AIO_INLINE_NONE with O_DIRECT, or when
+ * QNBD_AIO_INLINE=0 is set in the environment.
+ */
+enum aio_inline aio_inline_mode (int fd, bool direct);
 
 /* Drain the eventfd counter (backends call this at the start of reap). */
 void aio_clear_kick (struct aio *a);

@@ -172,6 +172,7 @@ submit (struct cache_entry *e, enum aio_op_type type)
   e->iov.iov_len = q->cluster_size;
   e->op.type = type;
   e->op.fd = q->fd;
+  e->op.inline_mode = q->fd_inline;
   e->op.iov = &e->iov;
   e->op.iovcnt = 1;
   e->op.offset = e->offset;

@@ -469,6 +469,8 @@ struct qcow2 {
   char backing_fmt[16];         /* from the header extension, or "" */
   bool read_only;
   bool direct;
+  unsigned char fd_inline;      /* enum aio_inline for fd ... */
+  unsigned char dfd_inline;     /* ... and for dfd */
   bool broken;                  /* corruption seen: refuse writes */
   struct aio *aio;
   bool own_aio;

@@ -501,6 +501,9 @@ image_open (const char *path, const struct qcow2_opts *opts, unsigned depth,
             kind == AIO_KIND_URING ? "io_uring" : "threads", strerror (-r));
     q->own_aio = true;
   }
+  q->fd_inline = aio_inline_mode (q->fd, q->direct);
+  q->dfd_inline = q->dfd == q->fd ? q->fd_inline
+    : aio_inline_mode (q->dfd, q->direct);
 
   if (opts->snapshot) {
     if (!q->read_only)

@@ -56,6 +56,7 @@ submit (struct qcow2_req *req, enum aio_op_type type, void *buf,
   memset (&req->op, 0, sizeof req->op);
   req->op.type = type;
   req->op.fd = q->fd;
+  req->op.inline_mode = q->fd_inline;
   req->op.iov = &req->iov;
   req->op.iovcnt = type == AIO_READ || type == AIO_WRITE ? 1 : 0;
   req->op.offset = off;

@@ -552,7 +552,7 @@ req_run_all_pending (struct qcow2 *q)
   aio_commit (top->aio);
   for (struct qcow2 *b = top; b; b = b->backing)
     if (b->completed.head) {
-      aio_kick (top->aio);
+      aio_kick_once (top->aio);
       break;
     }
 }

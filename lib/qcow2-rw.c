@@ -257,6 +257,7 @@ io_start (struct qcow2_req *req, struct req_io *io, int niov)
   io->op.type = io->is_write ? AIO_WRITE : AIO_READ;
   /* Compressed data always lives in the image file itself. */
   io->op.fd = io->cbuf ? q->fd : q->dfd;
+  io->op.inline_mode = io->cbuf ? q->fd_inline : q->dfd_inline;
   io->op.iov = io->iov;
   io->op.iovcnt = niov;
   io->op.offset = io->alloc ? io->host + io->cov_start : io->host;

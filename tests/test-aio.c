@@ -20,7 +20,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/magic.h>
 #include <sys/resource.h>
+#include <sys/statfs.h>
 #include <unistd.h>
 
 #include "aio.h"
@@ -56,6 +58,8 @@ struct top {
 };
 
 static int done_counter;
+/* The inline mode every test op asks for (suites run with each). */
+static enum aio_inline inline_mode = AIO_INLINE_NONE;
 
 static void
 top_done (struct aio_op *op, int64_t ret)
@@ -85,6 +89,7 @@ top_init (struct top *t, enum aio_op_type type, uint64_t offset)
   t->op.offset = offset;
   t->op.done = top_done;
   t->op.opaque = t;
+  t->op.inline_mode = (unsigned char) inline_mode;
 }
 
 /* Split buf into pieces of the given lengths (summing to the buffer). */
@@ -648,6 +653,30 @@ test_fake_faults (void)
   aio_destroy (a);
 }
 
+/* Which files get which inline mode. */
+static void
+test_inline_mode (void)
+{
+  struct statfs sf;
+  int shm;
+
+  backend = "inline-mode";
+  if (fstatfs (fd, &sf) == 0 && sf.f_type != TMPFS_MAGIC) {
+    CHECK (aio_inline_mode (fd, false) == AIO_INLINE_NOWAIT);
+    CHECK (aio_inline_mode (fd, true) == AIO_INLINE_NONE);
+  }
+  shm = open ("/dev/shm", O_RDONLY | O_DIRECTORY);
+  if (shm >= 0 && fstatfs (shm, &sf) == 0 && sf.f_type == TMPFS_MAGIC) {
+    CHECK (aio_inline_mode (shm, false) == AIO_INLINE_ALL);
+    CHECK (aio_inline_mode (shm, true) == AIO_INLINE_ALL);
+    setenv ("QNBD_AIO_INLINE", "0", 1);
+    CHECK (aio_inline_mode (shm, false) == AIO_INLINE_NONE);
+    unsetenv ("QNBD_AIO_INLINE");
+  }
+  if (shm >= 0)
+    close (shm);
+}
+
 int
 main (void)
 {
@@ -680,6 +709,20 @@ main (void)
   }
   else
     printf ("skip [io_uring] refused here (%s)\n", strerror (-r));
+
+  /* Ops done inline on the submitting thread, completed by reap. */
+  inline_mode = AIO_INLINE_NOWAIT;
+  if (aio_uring_create (0, &a) == 0)
+    suite ("io_uring-inline-nowait", a);
+  CHECK (aio_threads_create (0, &a) == 0);
+  suite ("threads-inline-nowait", a);
+  inline_mode = AIO_INLINE_ALL;
+  if (aio_uring_create (0, &a) == 0)
+    suite ("io_uring-inline-all", a);
+  CHECK (aio_threads_create (0, &a) == 0);
+  suite ("threads-inline-all", a);
+  inline_mode = AIO_INLINE_NONE;
+  test_inline_mode ();
 
   backend = "threads";
   CHECK (aio_threads_create (0, &a) == 0);
