@@ -4,9 +4,10 @@ very end of the disk, checked against a shadow copy; then, with the server
 stopped, qemu-img check must find a clean image and qemu-img compare the
 same data as the shadow.
 
-Two images: 4 KiB clusters (an L2 table then covers 2 MiB, so a small disk
-crosses several) and 64 KiB clusters (an L2 table covers 512 MiB: the disk
-is a little larger than that, sparse).  Both sizes end in a partial cluster.
+Three images: 4 KiB clusters (an L2 table then covers 2 MiB, so a small disk
+crosses several), 64 KiB clusters (an L2 table covers 512 MiB: the disk
+is a little larger than that, sparse), and 32 KiB clusters with extended L2
+entries (1 KiB subclusters).  All sizes end in a partial cluster.
 """
 
 import os
@@ -55,11 +56,16 @@ def random_request(size, spots):
     return offset, length
 
 
-def run(tmp, name, size, cluster):
-    qt.log("=== %s: size %d, cluster %d ===" % (name, size, cluster))
-    img = qt.create_image(tmp, name, size, cluster_size=cluster)
-    l2_span = cluster // 8 * cluster
+def run(tmp, name, size, cluster, extended_l2=False):
+    qt.log("=== %s: size %d, cluster %d%s ===" %
+           (name, size, cluster, ", extended L2" if extended_l2 else ""))
+    img = qt.create_image(tmp, name, size, cluster_size=cluster,
+                          extra_opts="extended_l2=on" if extended_l2 else None)
+    l2_span = cluster // (16 if extended_l2 else 8) * cluster
     spots = hot_spots(size, cluster, l2_span)
+    if extended_l2:
+        # Subcluster boundaries inside the first clusters.
+        spots += [k * cluster // 32 for k in range(1, 64)]
     shadow = qt.Shadow(size)
 
     srv = qt.Server(img)
@@ -105,4 +111,7 @@ def run(tmp, name, size, cluster):
 tmp = qt.tmpdir()
 run(tmp, "c4k.qcow2", 8 * 1024 * 1024 + 5 * 4096 + 1536, 4096)
 run(tmp, "c64k.qcow2", 512 * 1024 * 1024 + 3 * 65536 + 2560, 65536)
+# 1 KiB subclusters; the disk ends half-way into one.
+run(tmp, "c32k-extl2.qcow2", 16 * 1024 * 1024 + 5 * 32768 + 1536, 32768,
+    extended_l2=True)
 qt.log("PASS")
