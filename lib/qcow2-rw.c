@@ -406,9 +406,39 @@ plan_read (struct qcow2_req *req)
   return req->outstanding == 0;
 }
 
+/* A fresh cluster buffer for io's COW source k and the read op that will
+ * fill it (the caller says from where).  NULL after setting req->err.
+ */
+static struct req_io *
+cow_read (struct qcow2_req *req, struct req_io *io, int k,
+          struct req_io **next_io)
+{
+  struct req_io *rd;
+
+  io->cow_buf[k] = aligned_alloc_zero (req->q->cluster_size);
+  if (!io->cow_buf[k]) {
+    req->err = -ENOMEM;
+    return NULL;
+  }
+  rd = (*next_io)++;
+  rd->req = req;
+  rd->cow_for = io;
+  return rd;
+}
+
+/* Guest offset of L2 index idx of the segment's table. */
+static uint64_t
+idx_guest (const struct qcow2_req *req, uint32_t idx)
+{
+  const struct qcow2 *q = req->q;
+  unsigned table_bits = q->cluster_bits + q->l2_bits;
+  return (req->seg_off >> table_bits << table_bits)
+    + ((uint64_t) idx << q->cluster_bits);
+}
+
 /* Fill io->cow_buf[k] with the old contents of L2 index idx, or point at
  * zeros.  Returns the buffer to copy from, or NULL after setting req->err;
- * *read_io is set when a read had to be started.
+ * the read that fills it is added at *next_io.
  */
 static char *
 cow_source (struct qcow2_req *req, struct req_io *io, int k, uint32_t idx,
@@ -416,63 +446,44 @@ cow_source (struct qcow2_req *req, struct req_io *io, int k, uint32_t idx,
 {
   struct qcow2 *q = req->q;
   uint64_t ent = l2_get (req->l2, idx);
-  unsigned table_bits = q->cluster_bits + q->l2_bits;
-  uint64_t guest = (req->seg_off >> table_bits << table_bits)
-    + ((uint64_t) idx << q->cluster_bits);
+  uint64_t guest = idx_guest (req, idx);
   struct req_io *rd;
 
   if (!entry_is_zero (q, ent) && entry_is_hole (q, ent) && q->backing
       && guest < q->backing_size_bytes) {
     /* Copy-on-write from the backing image. */
-    io->cow_buf[k] = aligned_alloc_zero (q->cluster_size);
-    if (!io->cow_buf[k]) {
-      req->err = -ENOMEM;
+    if (!(rd = cow_read (req, io, k, next_io)))
       return NULL;
-    }
-    rd = (*next_io)++;
-    rd->req = req;
     rd->from_backing = true;
     rd->guest = guest;
     rd->len = q->backing_size_bytes - guest < q->cluster_size
       ? q->backing_size_bytes - guest : q->cluster_size;
     rd->iov[0].iov_base = io->cow_buf[k];
     rd->iov[0].iov_len = rd->len;
-    rd->cow_for = io;
     return io->cow_buf[k];
   }
   if (entry_is_zero (q, ent) || entry_is_hole (q, ent))
     return q->zero_cluster;
   if (ent & L2E_COMPRESSED) {
     int r;
-    io->cow_buf[k] = aligned_alloc_zero (q->cluster_size);
-    if (!io->cow_buf[k]) {
-      req->err = -ENOMEM;
+    if (!(rd = cow_read (req, io, k, next_io)))
       return NULL;
-    }
-    rd = (*next_io)++;
     r = plan_compressed (req, rd, ent, io->cow_buf[k], 0, q->cluster_size);
     if (r < 0) {
       req->err = r;
       return NULL;
     }
-    rd->cow_for = io;
     return io->cow_buf[k];
   }
   if (check_data_cluster (q, ent & L2E_OFFSET_MASK) < 0) {
     req->err = -EIO;
     return NULL;
   }
-  io->cow_buf[k] = aligned_alloc_zero (q->cluster_size);
-  if (!io->cow_buf[k]) {
-    req->err = -ENOMEM;
+  if (!(rd = cow_read (req, io, k, next_io)))
     return NULL;
-  }
-  rd = (*next_io)++;
-  rd->req = req;
   rd->host = ent & L2E_OFFSET_MASK;
   rd->iov[0].iov_base = io->cow_buf[k];
   rd->iov[0].iov_len = q->cluster_size;
-  rd->cow_for = io;
   return io->cow_buf[k];
 }
 
@@ -489,9 +500,7 @@ cow_source_sc (struct qcow2_req *req, struct req_io *io, int k, uint32_t idx,
   struct qcow2 *q = req->q;
   uint64_t ent = l2_get (req->l2, idx);
   uint64_t bmp = l2_get_bitmap (req->l2, idx);
-  unsigned table_bits = q->cluster_bits + q->l2_bits;
-  uint64_t guest = (req->seg_off >> table_bits << table_bits)
-    + ((uint64_t) idx << q->cluster_bits);
+  uint64_t guest = idx_guest (req, idx);
   uint64_t bsize = q->backing ? q->backing_size_bytes : 0;
   bool all_zero = true, all_hole = true;
   uint64_t limit;
@@ -512,13 +521,8 @@ cow_source_sc (struct qcow2_req *req, struct req_io *io, int k, uint32_t idx,
   limit = all_hole ? bsize : q->size;
   if (all_zero || guest + lo >= limit)
     return q->zero_cluster;
-  io->cow_buf[k] = aligned_alloc_zero (q->cluster_size);
-  if (!io->cow_buf[k]) {
-    req->err = -ENOMEM;
+  if (!(rd = cow_read (req, io, k, next_io)))
     return NULL;
-  }
-  rd = (*next_io)++;
-  rd->req = req;
   rd->from_backing = true;
   /* Straight to the backing file when it is all unallocated here. */
   rd->self = !all_hole;
@@ -526,7 +530,6 @@ cow_source_sc (struct qcow2_req *req, struct req_io *io, int k, uint32_t idx,
   rd->len = guest + hi <= limit ? hi - lo : limit - rd->guest;
   rd->iov[0].iov_base = (char *) io->cow_buf[k] + lo;
   rd->iov[0].iov_len = rd->len;
-  rd->cow_for = io;
   return io->cow_buf[k];
 }
 
