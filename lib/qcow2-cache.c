@@ -23,16 +23,19 @@
 static unsigned
 bucket_of (const struct cache *c, uint64_t offset)
 {
-  uint64_t k = offset >> c->q->cluster_bits;
+  uint64_t k = offset >> c->entry_bits;
   return (unsigned) ((k * 0x9e3779b97f4a7c15ull) >> 32) & (c->nbuckets - 1);
 }
 
 int
-cache_init (struct cache *c, struct qcow2 *q, const char *what, unsigned n)
+cache_init (struct cache *c, struct qcow2 *q, const char *what, unsigned n,
+            uint32_t entry_bytes)
 {
   memset (c, 0, sizeof *c);
   c->q = q;
   c->what = what;
+  c->entry_bytes = entry_bytes;
+  c->entry_bits = (unsigned) __builtin_ctz (entry_bytes);
   c->n = n;
   c->nbuckets = 1;
   while (c->nbuckets < n)
@@ -130,7 +133,7 @@ io_done (struct aio_op *op, int64_t ret)
 
   if (e->loading) {
     e->loading = false;
-    if (ret >= 0 && ret < q->cluster_size) {
+    if (ret >= 0 && ret < c->entry_bytes) {
       qlog (q, 3, "%s table at 0x%llx lies past the end of the file",
             c->what, (unsigned long long) e->offset);
       ret = -EIO;
@@ -169,7 +172,7 @@ submit (struct cache_entry *e, enum aio_op_type type)
 {
   struct qcow2 *q = e->cache->q;
   e->iov.iov_base = e->buf;
-  e->iov.iov_len = q->cluster_size;
+  e->iov.iov_len = e->cache->entry_bytes;
   e->op.type = type;
   e->op.fd = q->fd;
   e->op.inline_mode = q->fd_inline;
@@ -186,7 +189,7 @@ write_entry (struct cache_entry *e, bool for_flusher)
 {
   struct qcow2 *q = e->cache->q;
   int r = overlap_check (q, e->cache == &q->l2c ? META_L2 : META_REFBLOCK,
-                         e->offset, q->cluster_size);
+                         e->offset, e->cache->entry_bytes);
   if (r < 0)
     return r;
   e->dirty = false;
@@ -229,7 +232,7 @@ take_victim (struct cache *c, struct qcow2_req *req, int *err)
 
   if (clean) {
     if (!clean->buf) {
-      clean->buf = aligned_alloc_zero (c->q->cluster_size);
+      clean->buf = aligned_alloc_zero (c->entry_bytes);
       if (!clean->buf) {
         *err = -ENOMEM;
         return NULL;
@@ -304,7 +307,7 @@ cache_get_empty (struct cache *c, struct qcow2_req *req,
 
   if (!e)
     return r < 0 ? r : CACHE_WAIT;
-  memset (e->buf, 0, c->q->cluster_size);
+  memset (e->buf, 0, c->entry_bytes);
   e->dirty = true;
   e->ref++;
   *out = e;

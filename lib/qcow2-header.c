@@ -168,6 +168,8 @@ header_parse (struct qcow2 *q, const void *vbuf, size_t len,
 
   /* Tables must lie inside the file, on cluster boundaries. */
   q->l2_bits = q->cluster_bits - (q->extl2 ? 4 : 3);
+  q->l1_shift = q->cluster_bits + q->l2_bits;
+  q->l2_slice_bytes = q->cluster_size;      /* qcow2-open.c may slice */
   q->sc_bits = q->extl2 ? q->cluster_bits - 5 : q->cluster_bits;
   q->sc_size = 1u << q->sc_bits;
   coverage = (uint64_t) 1 << (q->cluster_bits + q->l2_bits);

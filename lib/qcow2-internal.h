@@ -108,6 +108,8 @@ struct cache {
   struct qcow2 *q;
   const char *what;             /* "L2" or "refcount" (for logs) */
   unsigned entry_shift;         /* L2: 1 when entries are 128 bits */
+  uint32_t entry_bytes;         /* bytes per cached table (or L2 slice) */
+  unsigned entry_bits;          /* log2 of entry_bytes */
   unsigned n;                   /* entries */
   struct cache_entry *e;
   int *buckets;                 /* hash heads (index), -1 empty */
@@ -122,7 +124,7 @@ enum cache_get_result {
 };
 
 int cache_init (struct cache *c, struct qcow2 *q, const char *what,
-                unsigned n);
+                unsigned n, uint32_t entry_bytes);
 void cache_free (struct cache *c);
 /* Find or load the table at offset and pin it.  Returns CACHE_READY with
  * *out set, CACHE_WAIT after queueing req (on the load, on a full cache, or
@@ -505,11 +507,13 @@ struct qcow2 {
   void *header_sector;          /* first 512 bytes of the file, aligned */
 
   /* Derived. */
-  uint32_t l2_bits;             /* log2 of entries per L2 table */
+  uint32_t l2_bits;             /* log2 of entries per cached L2 slice */
+  uint32_t l1_shift;            /* log2 of the guest bytes an L1 entry maps */
+  uint32_t l2_slice_bytes;      /* an L2 slice: 4 KiB, or the cluster */
   bool extl2;                   /* 128-bit L2 entries with subclusters */
   uint32_t sc_bits;             /* log2 of the subcluster size */
   uint32_t sc_size;             /* cluster_size / 32, or cluster_size */
-  uint32_t l2_entries;
+  uint32_t l2_entries;          /* per slice */
   uint32_t refcount_bits;       /* 1 << refcount_order */
   uint32_t rb_bits;             /* log2 of entries per refcount block */
   uint64_t refcount_max;

@@ -20,6 +20,7 @@
 
 #define DEFAULT_L2_CACHE_MAX (32u << 20)
 #define MIN_L2_CACHE_ENTRIES 16u
+#define MIN_L2_CACHE_BYTES   (1u << 20)
 #define RB_CACHE_BYTES       (4u << 20)
 
 void
@@ -161,6 +162,36 @@ last_counted_cluster (struct qcow2 *q, uint64_t file_size, uint64_t *end)
   return r;
 }
 
+/* L2 tables are cached in slices of this size: a miss reads 4 KiB, not
+ * a cluster, and a flush writes back only the slices that changed.
+ */
+#define L2_SLICE_BYTES 4096u
+
+/* Slice the L2 tables unless a write may have to copy a whole table: one
+ * shared with an internal snapshot (an L1 entry without COPIED).
+ * QNBD_L2_SLICES=0 in the environment keeps whole tables.
+ */
+static void
+choose_l2_slices (struct qcow2 *q)
+{
+  const char *env = getenv ("QNBD_L2_SLICES");
+
+  if (q->cluster_size <= L2_SLICE_BYTES || (env && strcmp (env, "0") == 0))
+    return;
+  if (!q->read_only) {
+    if (q->nb_snapshots)
+      return;
+    for (uint32_t i = 0; i < q->l1_size; i++) {
+      uint64_t e = be64toh (q->l1[i]);
+      if ((e & L1E_OFFSET_MASK) && !(e & L1E_COPIED))
+        return;
+    }
+  }
+  q->l2_slice_bytes = L2_SLICE_BYTES;
+  q->l2_bits = (uint32_t) __builtin_ctz (L2_SLICE_BYTES) - (q->extl2 ? 4 : 3);
+  q->l2_entries = 1u << q->l2_bits;
+}
+
 static unsigned
 l2_cache_entries (const struct qcow2 *q, uint64_t bytes)
 {
@@ -168,15 +199,18 @@ l2_cache_entries (const struct qcow2 *q, uint64_t bytes)
   uint64_t n;
 
   if (bytes)
-    n = bytes >> q->cluster_bits;
+    n = bytes / q->l2_slice_bytes;
   else {
     /* Enough to map the whole disk, within a memory bound. */
     n = (q->size + coverage - 1) / coverage;
-    if (n > DEFAULT_L2_CACHE_MAX >> q->cluster_bits)
-      n = DEFAULT_L2_CACHE_MAX >> q->cluster_bits;
+    if (n > DEFAULT_L2_CACHE_MAX / q->l2_slice_bytes)
+      n = DEFAULT_L2_CACHE_MAX / q->l2_slice_bytes;
   }
+  /* Every request in flight pins one entry: keep room for many. */
   if (n < MIN_L2_CACHE_ENTRIES)
     n = MIN_L2_CACHE_ENTRIES;
+  if (!bytes && n < MIN_L2_CACHE_BYTES / q->l2_slice_bytes)
+    n = MIN_L2_CACHE_BYTES / q->l2_slice_bytes;
   if (n > 1u << 20)
     n = 1u << 20;
   return (unsigned) n;
@@ -477,11 +511,13 @@ image_open (const char *path, const struct qcow2_opts *opts, unsigned depth,
   q->zero_cluster = aligned_alloc_zero (q->cluster_size);
   if (!q->zero_cluster)
     FAIL (-ENOMEM, "out of memory");
-  r = cache_init (&q->l2c, q, "L2", l2_cache_entries (q, opts->l2_cache_bytes));
+  choose_l2_slices (q);
+  r = cache_init (&q->l2c, q, "L2", l2_cache_entries (q, opts->l2_cache_bytes),
+                  q->l2_slice_bytes);
   q->l2c.entry_shift = q->extl2 ? 1 : 0;
   if (r == 0) {
     unsigned n = RB_CACHE_BYTES >> q->cluster_bits;
-    r = cache_init (&q->rbc, q, "refcount", n < 4 ? 4 : n);
+    r = cache_init (&q->rbc, q, "refcount", n < 4 ? 4 : n, q->cluster_size);
   }
   if (r == 0)
     r = flush_init (q);

@@ -73,7 +73,7 @@ walk_l1 (struct counts *k, const uint64_t *l1, uint32_t l1_size, void *l2buf)
                   "table: %s", strerror (-r));
       return r;
     }
-    for (uint32_t j = 0; j < q->l2_entries; j++) {
+    for (uint32_t j = 0; j < cs >> (q->extl2 ? 4 : 3); j++) {
       uint64_t ent = be64toh (((uint64_t *) l2buf)[(size_t) j
                                                    << (q->extl2 ? 1 : 0)]);
       if (ent & L2E_COMPRESSED) {

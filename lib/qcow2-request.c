@@ -236,10 +236,15 @@ st_segment (struct qcow2_req *req)
 }
 
 /* Allocate a fresh L2 table, optionally a copy of old, and hook it into L1.
- * Returns 1 with req->l2 pinned, 0 when blocked, or -errno.
+ * Returns 1 with req->l2 (its slice number slice) pinned, 0 when blocked,
+ * or -errno.  The other slices of a new table are not cached: the cluster
+ * comes from past everything the file ever held, so they read as zeros.
+ * A copy (old) is only made of whole tables: images that may need one are
+ * never sliced (qcow2-open.c).
  */
 static int
-new_l2_table (struct qcow2_req *req, uint64_t l1i, struct cache_entry *old)
+new_l2_table (struct qcow2_req *req, uint64_t l1i, uint64_t slice,
+              struct cache_entry *old)
 {
   struct qcow2 *q = req->q;
   struct cache_entry *e;
@@ -259,9 +264,9 @@ new_l2_table (struct qcow2_req *req, uint64_t l1i, struct cache_entry *old)
     cache_put (e);
     return -ENOMEM;
   }
-  cache_set_offset (e, off);
+  cache_set_offset (e, off + slice * q->l2_slice_bytes);
   if (old) {
-    memcpy (e->buf, old->buf, q->cluster_size);
+    memcpy (e->buf, old->buf, q->l2_slice_bytes);
     if (extent_add (&q->decs, be64toh (q->l1[l1i]) & L1E_OFFSET_MASK, 1) < 0)
       qlog (q, LOG_WARNING, "out of memory: an old L2 table will leak");
   }
@@ -278,9 +283,12 @@ static bool
 st_get_l2 (struct qcow2_req *req)
 {
   struct qcow2 *q = req->q;
-  uint64_t l1i = req->seg_off >> (q->cluster_bits + q->l2_bits);
+  uint64_t l1i = req->seg_off >> q->l1_shift;
   uint64_t l1e = be64toh (q->l1[l1i]);
   uint64_t off = l1e & L1E_OFFSET_MASK;
+  /* The slice of the table that maps this segment. */
+  uint64_t slice = (req->seg_off & (((uint64_t) 1 << q->l1_shift) - 1))
+    >> (q->cluster_bits + q->l2_bits);
   bool write = req->type == REQ_WRITE || req->type == REQ_ZERO
     || req->type == REQ_DISCARD;
   struct cache_entry *e;
@@ -308,7 +316,7 @@ st_get_l2 (struct qcow2_req *req)
       req->state = RS_PLAN;
       return true;
     }
-    r = new_l2_table (req, l1i, NULL);
+    r = new_l2_table (req, l1i, slice, NULL);
     if (r <= 0)
       goto out;
     req->state = RS_WAIT_DEPS;
@@ -318,13 +326,13 @@ st_get_l2 (struct qcow2_req *req)
   r = check_host_cluster (q, off, "L2 table");
   if (r < 0)
     goto out;
-  r = cache_get (&q->l2c, off, req, &e);
+  r = cache_get (&q->l2c, off + slice * q->l2_slice_bytes, req, &e);
   if (r != CACHE_READY)
     goto out;
 
   if (write && !(l1e & L1E_COPIED)) {
     /* The table is shared with a snapshot: never modify it in place. */
-    r = new_l2_table (req, l1i, e);
+    r = new_l2_table (req, l1i, slice, e);
     cache_put (e);
     if (r <= 0)
       goto out;

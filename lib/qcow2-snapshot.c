@@ -152,8 +152,7 @@ snapshot_load (struct qcow2 *q, const char *which, char *err, size_t errlen)
   /* The snapshot's own size, and never more than its L1 can map. */
   q->size = pick->disk_size;
   {
-    uint64_t cover = (uint64_t) pick->l1_size
-      << (q->cluster_bits + q->l2_bits);
+    uint64_t cover = (uint64_t) pick->l1_size << q->l1_shift;
     if (q->size > cover)
       q->size = cover;
   }

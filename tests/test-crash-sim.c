@@ -112,6 +112,11 @@ static const struct scenario scenarios[] = {
     false, 16 * 512, 400, 16 << 10, 2, 0 },
   { "compress-cache", PLAIN, "cluster_size=4096", 8 << 20, 4096, false,
     true, false, 0, 400, 32 << 10, 2, 0 },
+  /* 64 KiB clusters: L2 tables cached and written in 4 KiB slices, with
+   * several slices (each maps 32 MiB) of one table.
+   */
+  { "c64k-slices", PLAIN, "cluster_size=65536", 128 << 20, 65536, false,
+    false, false, 16 * 4096, 400, 128 << 10, 3, 0 },
   /* Subclusters: 512 bytes, and 1 KiB over a backing file. */
   { "extl2", PLAIN, "cluster_size=16384,extended_l2=on", 8 << 20, 16384,
     false, false, false, 0, 400, 64 << 10, 3, 512 },
