@@ -13,8 +13,13 @@
  *   --all replied--> CONN_DEAD --last engine callback--> freed
  *
  * A broken stream (bad magic, socket error, hostile client) goes straight
- * to CONN_DEAD.  A dead connection is freed only when no request of it is
- * still inside the engine: each such request holds a reference
+ * to CONN_DEAD, and so does a connection that has not reached
+ * CONN_TRANSMISSION --handshake-limit seconds after it was accepted (its
+ * handshake_timer): a client that connects and then says nothing, or
+ * stops between options, would otherwise hold a descriptor, and a place
+ * under --shared, for ever.  In transmission a connection may stay idle as
+ * long as it likes.  A dead connection is freed only when no request of it
+ * is still inside the engine: each such request holds a reference
  * (engine_refs), because its completion callback will still run.
  *
  * Completion callbacks run inside qcow2_process(); they queue replies and
@@ -47,6 +52,7 @@
 static struct conn *conns;              /* every connection; order unused */
 static unsigned nr_conns;
 static unsigned last_id;
+static unsigned handshake_limit = DEFAULT_HANDSHAKE_LIMIT; /* s, 0: none */
 
 /* Connections to run after the engine's completions.  LIFO: the order
  * does not matter, each is run once.
@@ -54,6 +60,8 @@ static unsigned last_id;
 static struct conn *pending_head;
 
 static void conn_io_cb (struct ev_loop *l, ev_io *w, int revents);
+static void handshake_timeout_cb (struct ev_loop *l, ev_timer *w,
+                                  int revents);
 static void conn_step (struct conn *c);
 static void conn_update_watchers (struct conn *c);
 
@@ -69,12 +77,18 @@ conn_new (int fd)
     close (fd);
     return -1;
   }
+  loop_heap_hold (CONN_RBUF_SIZE);
   c->id = ++last_id;
   c->fd = fd;
   c->state = CONN_GREETING;
   c->out_tail = &c->out_head;
   ev_io_init (&c->io, conn_io_cb, fd, 0);
   c->io.data = c;
+  ev_timer_init (&c->handshake_timer, handshake_timeout_cb,
+                 handshake_limit, 0.);
+  c->handshake_timer.data = c;
+  if (handshake_limit > 0)
+    ev_timer_start (loop, &c->handshake_timer);
 
   c->next = conns;
   if (conns)
@@ -97,6 +111,19 @@ conn_count (void)
   return nr_conns;
 }
 
+void
+conn_set_handshake_limit (unsigned seconds)
+{
+  handshake_limit = seconds;
+}
+
+void
+conn_handshake_done (struct conn *c)
+{
+  if (ev_is_active (&c->handshake_timer))
+    ev_timer_stop (loop, &c->handshake_timer);
+}
+
 static void
 conn_free (struct conn *c)
 {
@@ -109,6 +136,7 @@ conn_free (struct conn *c)
   assert (c->rx_done == NULL);
   assert (!c->pending);
   assert (!ev_is_active (&c->io));
+  assert (!ev_is_active (&c->handshake_timer));
 
   if (c->prev)
     c->prev->next = c->next;
@@ -120,6 +148,7 @@ conn_free (struct conn *c)
   log_debug ("client %u: freed", c->id);
   free (c->rbuf);
   free (c);
+  loop_heap_release (CONN_RBUF_SIZE);
   loop_conn_freed ();
 }
 
@@ -490,6 +519,7 @@ conn_set_dead (struct conn *c)
     finish_payload (c, false);
   c->state = CONN_DEAD;
 
+  conn_handshake_done (c);
   if (ev_is_active (&c->io))
     ev_io_stop (loop, &c->io);
   c->events = 0;
@@ -574,6 +604,28 @@ conn_io_cb (struct ev_loop *l, ev_io *w, int revents)
   if (c->state != CONN_DEAD)
     conn_step (c);
   conn_update_watchers (c);
+}
+
+/* --handshake-limit seconds since the accept, and the connection is not
+ * transmitting yet: it is closed.  Still in CONN_GREETING or
+ * CONN_HANDSHAKE, or in CONN_CLOSING after NBD_OPT_ABORT with its reply
+ * never read; the timer was stopped on the way to CONN_TRANSMISSION.
+ */
+static void
+handshake_timeout_cb (struct ev_loop *l, ev_timer *w, int revents)
+{
+  struct conn *c = w->data;
+
+  (void) l; (void) revents;
+  assert (c->state != CONN_TRANSMISSION && c->state != CONN_DEAD);
+  log_info ("client %u: handshake not finished in %u s, disconnecting",
+            c->id, handshake_limit);
+  conn_set_dead (c);
+  /* No engine request refers to it (requests start in transmission), so
+   * this frees it, unless the loop is about to run it as pending.
+   */
+  if (!c->pending)
+    conn_update_watchers (c);
 }
 
 void

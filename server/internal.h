@@ -76,6 +76,11 @@
 /* Alignment of request data buffers (O_DIRECT needs it). */
 #define BUFFER_ALIGN        4096
 
+/* Seconds a client gets by default from its connection to the end of the
+ * handshake (--handshake-limit), as with qemu-nbd.
+ */
+#define DEFAULT_HANDSHAKE_LIMIT 10
+
 /* ------------------------------------------------------------------ */
 /* main.c                                                              */
 /* ------------------------------------------------------------------ */
@@ -215,6 +220,14 @@ void loop_cleanup (void);
 /* Called by conn.c when a connection has been freed. */
 void loop_conn_freed (void);
 
+/* The heap memory held by connections: their read buffers and request
+ * data.  Called when n bytes of it are allocated (loop_heap_hold) or freed
+ * (loop_heap_release); once much of it has been freed and stays so for a
+ * moment, the heap is given back to the system (malloc_trim).
+ */
+void loop_heap_hold (size_t n);
+void loop_heap_release (size_t n);
+
 /* ------------------------------------------------------------------ */
 /* conn.c                                                              */
 /* ------------------------------------------------------------------ */
@@ -255,6 +268,8 @@ struct conn {
   unsigned id;                  /* for log messages */
   int fd;                       /* the socket, -1 once closed */
   ev_io io;                     /* on fd; io.data == this */
+  ev_timer handshake_timer;     /* --handshake-limit, from the accept to
+                                   transmission; handshake_timer.data == this */
   int events;                   /* EV_READ/EV_WRITE interest set on io */
   enum conn_state state;
 
@@ -305,6 +320,16 @@ int conn_new (int fd);
 
 /* Number of live connections (not yet freed). */
 unsigned conn_count (void);
+
+/* Seconds a new connection gets to finish its handshake before it is
+ * closed (0: no limit).  Default DEFAULT_HANDSHAKE_LIMIT.
+ */
+void conn_set_handshake_limit (unsigned seconds);
+
+/* The handshake of c is over (NBD_OPT_GO or NBD_OPT_EXPORT_NAME
+ * succeeded): the handshake limit no longer applies to it.
+ */
+void conn_handshake_done (struct conn *c);
 
 /* Whether c may take another request: under both in-flight limits. */
 bool conn_has_room (const struct conn *c);

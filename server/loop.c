@@ -7,13 +7,19 @@
  * (which flushes them).  A second signal, or SHUTDOWN_GRACE seconds,
  * closes the remaining connections without waiting for their replies to
  * be read (their engine requests still complete first).
+ *
+ * Memory: once connections have given back much of the heap memory they
+ * held, the free part of the heap is returned to the system (see "Giving
+ * the heap back" below).
  */
 #ifdef HAVE_CONFIG_H
 #include <config.h>
 #endif
 
+#include <assert.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <malloc.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -36,6 +42,13 @@
 /* Connections accepted per wakeup of a listener. */
 #define ACCEPT_BATCH 32
 
+/* The heap is trimmed once connections hold at least TRIM_MIN bytes
+ * less than at their peak since the last trim, and have not taken them
+ * back for TRIM_DELAY seconds.
+ */
+#define TRIM_MIN (16u << 20)
+#define TRIM_DELAY 1.
+
 struct ev_loop *loop;
 
 struct listener {
@@ -54,6 +67,10 @@ static ev_signal sigterm_watcher;
 static ev_signal sigint_watcher;
 static ev_timer grace_timer;            /* shutdown taking too long */
 static ev_timer pause_timer;            /* accept paused after EMFILE */
+static ev_timer trim_timer;             /* heap to give back */
+
+static size_t heap_held;                /* bytes connections hold now */
+static size_t heap_peak;                /* the most since the last trim */
 
 /* ------------------------------------------------------------------ */
 /* Listeners.                                                          */
@@ -311,6 +328,75 @@ loop_watch_export (struct export *e)
 }
 
 /* ------------------------------------------------------------------ */
+/* Giving the heap back.                                               */
+/* ------------------------------------------------------------------ */
+
+/* main.c keeps request buffers (up to 32 MiB) in the heap rather than in
+ * mappings of their own (M_MMAP_THRESHOLD), and the heap from shrinking
+ * under them (M_TRIM_THRESHOLD): a freed buffer is reused by the next
+ * request without the kernel zeroing its pages again, which is what makes
+ * large requests fast.  The price is that glibc never gives back what a
+ * burst made the heap grow to: after a client that did not read its
+ * replies (a connection buffers up to 96 MiB) has gone, the daemon stays
+ * at its peak, and as each burst finds the holes the last one left too
+ * small or in the wrong place, the heap grows with every round.  Measured
+ * after rounds of two such clients (tests/test-slow-reader.py does one):
+ * 115, 147, 211, 275, 339, then 371 MiB of RSS for good, with nothing in
+ * use; with the trim below, 2 MiB a second after each round.
+ *
+ * So connections count the heap they hold (read buffers and request
+ * data), and once they hold TRIM_MIN bytes less than at their peak and
+ * have not taken them back for TRIM_DELAY seconds, malloc_trim(0) returns
+ * the free pages to the system: the top of the heap, and the whole pages
+ * of the free chunks in its middle (MADV_DONTNEED), in every arena.  It
+ * stays off the fast path: a client that keeps its buffers busy never
+ * falls that far from its peak, one that takes them back within
+ * TRIM_DELAY stops the countdown, and connections that come and go a few
+ * at a time move 128 KiB each.  A trim costs a walk of the free lists
+ * and the madvise calls (about 15 ms for 100 MiB), then the page faults
+ * of the next burst: once per burst at most, and never more often than
+ * every TRIM_DELAY.
+ */
+
+static void
+trim_cb (struct ev_loop *lp, ev_timer *w, int revents)
+{
+  double t;
+  int released;
+
+  (void) lp; (void) w; (void) revents;
+  t = ev_time ();
+  released = malloc_trim (0);
+  log_debug ("heap trimmed in %.1f ms (%s); connections hold %zu KiB, "
+             "%zu KiB at their peak", (ev_time () - t) * 1000.,
+             released ? "memory given back" : "nothing to give back",
+             heap_held >> 10, heap_peak >> 10);
+  heap_peak = heap_held;
+}
+
+void
+loop_heap_hold (size_t n)
+{
+  heap_held += n;
+  if (heap_held > heap_peak)
+    heap_peak = heap_held;
+  /* Taken back: the countdown starts again when it is freed again. */
+  if (ev_is_active (&trim_timer) && heap_peak - heap_held < TRIM_MIN)
+    ev_timer_stop (loop, &trim_timer);
+}
+
+void
+loop_heap_release (size_t n)
+{
+  assert (heap_held >= n);
+  heap_held -= n;
+  if (heap_peak - heap_held >= TRIM_MIN && !ev_is_active (&trim_timer)) {
+    ev_timer_set (&trim_timer, TRIM_DELAY, 0.);
+    ev_timer_start (loop, &trim_timer);
+  }
+}
+
+/* ------------------------------------------------------------------ */
 /* Shutdown.                                                           */
 /* ------------------------------------------------------------------ */
 
@@ -398,6 +484,7 @@ loop_init (void)
   ev_signal_start (loop, &sigint_watcher);
   ev_timer_init (&grace_timer, grace_cb, SHUTDOWN_GRACE, 0.);
   ev_timer_init (&pause_timer, pause_cb, ACCEPT_PAUSE, 0.);
+  ev_timer_init (&trim_timer, trim_cb, TRIM_DELAY, 0.);
   return 0;
 }
 
@@ -438,6 +525,8 @@ loop_cleanup (void)
       ev_timer_stop (loop, &grace_timer);
     if (ev_is_active (&pause_timer))
       ev_timer_stop (loop, &pause_timer);
+    if (ev_is_active (&trim_timer))
+      ev_timer_stop (loop, &trim_timer);
     ev_loop_destroy (loop);
     loop = NULL;
   }

@@ -40,6 +40,7 @@ enum {
   OPT_AIO,
   OPT_COMPRESS,
   OPT_DISCARD,
+  OPT_HANDSHAKE_LIMIT,
   OPT_L2_CACHE_SIZE,
   OPT_PID_FILE,
   OPT_VERSION,
@@ -55,6 +56,7 @@ static const struct option long_options[] = {
   { "discard",        required_argument, NULL, OPT_DISCARD },
   { "export-name",    required_argument, NULL, 'x' },
   { "format",         required_argument, NULL, 'f' },
+  { "handshake-limit", required_argument, NULL, OPT_HANDSHAKE_LIMIT },
   { "help",           no_argument,       NULL, 'h' },
   { "l2-cache-size",  required_argument, NULL, OPT_L2_CACHE_SIZE },
   { "load-snapshot",  required_argument, NULL, 'l' },
@@ -81,6 +83,9 @@ usage (FILE *fp)
 "  -p, --port=N             listen on TCP port N\n"
 "  -b, --bind=ADDR          listen on the IPv4 or IPv6 address ADDR only\n"
 "  -e, --shared=N           at most N connections at once (0: no limit)\n"
+"      --handshake-limit=N  close connections that have not finished the\n"
+"                           handshake N seconds after connecting\n"
+"                           (default: %d; 0: no limit)\n"
 "  -t, --persistent         keep serving after a client disconnects\n"
 "                           (always the case; accepted for qemu-nbd users)\n"
 "      --pid-file=PATH      write the process id to PATH once listening\n"
@@ -110,7 +115,7 @@ usage (FILE *fp)
 "\n"
 "Started by systemd with socket activation (LISTEN_FDS), qnbd serves the\n"
 "sockets it is given and ignores --socket, --port and --bind.\n",
-           DEFAULT_PORT);
+           DEFAULT_PORT, DEFAULT_HANDSHAKE_LIMIT);
 }
 
 static void __attribute__ ((__noreturn__)) QNBD_PRINTF (1, 2)
@@ -323,7 +328,7 @@ main (int argc, char *argv[])
     .format = QCOW2_FORMAT_AUTO,
   };
   bool discard = true;
-  unsigned shared = 0, port_n;
+  unsigned shared = 0, port_n, handshake_limit = DEFAULT_HANDSHAKE_LIMIT;
   int c, i, activated, status = EXIT_SUCCESS;
   struct export *e;
 
@@ -331,6 +336,8 @@ main (int argc, char *argv[])
    * Left to its defaults glibc maps each large one afresh and the kernel
    * zeroes every page of it on first touch: half the CPU of a 1 MiB read.
    * Keep them in the heap, and the heap from shrinking under them.
+   * What a burst of them leaves free is given back later, once the
+   * connections have let go of it (loop.c, "Giving the heap back").
    */
   mallopt (M_MMAP_THRESHOLD, 64 << 20);
   mallopt (M_TRIM_THRESHOLD, 256 << 20);
@@ -368,6 +375,11 @@ main (int argc, char *argv[])
       break;
     case 't':
       /* qnbd always serves until it is stopped. */
+      break;
+    case OPT_HANDSHAKE_LIMIT:
+      if (parse_uint (optarg, UINT_MAX, &handshake_limit) < 0)
+        bad_usage ("--handshake-limit: '%s' is not a number of seconds",
+                   optarg);
       break;
     case 'D':
       description = optarg;
@@ -454,6 +466,7 @@ main (int argc, char *argv[])
   if (loop_init () < 0)
     goto fail;
   loop_set_max_connections (shared);
+  conn_set_handshake_limit (handshake_limit);
   if (activated > 0) {
     if (sock || addr)
       log_info ("socket activation: ignoring --socket/--port/--bind");

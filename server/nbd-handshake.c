@@ -136,6 +136,7 @@ enter_transmission (struct conn *c, struct export *e)
   /* Contexts chosen for another export do not carry over. */
   if (c->meta_exp != e)
     c->meta = 0;
+  conn_handshake_done (c);
   c->state = CONN_TRANSMISSION;
   log_info ("client %u: export '%s'%s%s%s%s", c->id, e->name,
             c->structured ? ", structured replies" : "",

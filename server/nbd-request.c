@@ -105,6 +105,8 @@ request_release (struct reply *r)
   assert (c->buffered >= req->held);
   c->in_flight--;
   c->buffered -= req->held;
+  if (req->held)
+    loop_heap_release (req->held);
   free (req->data);
   free (req->ext);
   free (req->chunks);
@@ -471,6 +473,7 @@ alloc_data (struct request *req, size_t len)
   req->data = p;
   req->held = len;
   c->buffered += req->held;
+  loop_heap_hold (len);
   return 0;
 }
 

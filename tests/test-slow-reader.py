@@ -26,8 +26,13 @@ AddressSanitizer build gets more room (qnbdtest.rss_bound_kib).
 While both are stuck, a libnbd client connects, writes, reads back and
 flushes, within a deadline.  Then the first reply of each stuck client is
 read and checked, both are closed, the daemon must give back their
-descriptors, serve the libnbd client again, exit 0 on SIGTERM, and leave
-a clean image holding exactly what was written.
+descriptors and, within TRIM_WAIT seconds, their memory: its VmRSS must
+fall under FREED_BOUND_MB (the heap is kept from shrinking while in use,
+for speed, and trimmed once connections have let go of much of it: see
+server/loop.c; without that the RSS stayed at the peak, and grew with
+each round of slow readers).  Then it must serve the libnbd client again,
+exit 0 on SIGTERM, and leave a clean image holding exactly what was
+written.
 """
 
 import socket
@@ -51,6 +56,8 @@ STALL = 3.0                     # seconds without progress: the socket is full
 MAX_REQUESTS = 50000            # per client; far more than sockets hold
 REQUEST_SIZE = 28               # bytes of a request header
 RSS_BOUND_MB = 256
+FREED_BOUND_MB = 64             # RSS once the slow readers have gone
+TRIM_WAIT = 10.0                # seconds the daemon gets to give it back
 DEADLINE = 60.0                 # seconds the libnbd client may take
 
 tmp = qt.tmpdir()
@@ -250,8 +257,24 @@ fds = qt.fd_count(srv.pid)
 assert fds <= baseline_fds, \
     "daemon holds %d descriptors, %d before the slow readers" % \
     (fds, baseline_fds)
+closed_rss = rss()
 qt.log("slow clients closed: daemon back to %d descriptors, RSS %d MiB" %
-       (fds, rss() // 1024))
+       (fds, closed_rss // 1024))
+
+# And the memory they made the daemon use goes back to the system.
+freed_bound = qt.rss_bound_kib(srv.pid, FREED_BOUND_MB)
+t1 = time.monotonic()
+while rss() > freed_bound and time.monotonic() - t1 < TRIM_WAIT:
+    time.sleep(0.1)
+freed_rss = rss()
+qt.log("daemon RSS %d MiB under the slow readers (peak), %d MiB when they "
+       "had gone, %d MiB %.1fs later (bound %d MiB)" %
+       (stuck_peak // 1024, closed_rss // 1024, freed_rss // 1024,
+        time.monotonic() - t1, freed_bound // 1024))
+assert freed_rss <= freed_bound, \
+    "daemon RSS still %d MiB %gs after the slow readers had gone (bound %d " \
+    "MiB): their memory was not given back" % \
+    (freed_rss // 1024, TRIM_WAIT, freed_bound // 1024)
 
 libnbd_round(2, [DATA_END + 40 * MiB + i * 2 * MiB for i in range(4)])
 h = srv.connect()
