@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # fuzz/make-corpus.sh DIR: seed images for fuzz-qcow2-open, made with
 # qemu-img and qemu-io (small, varied: versions, cluster sizes, refcount
-# widths, compression, backing names, snapshots, lazy refcounts).
+# widths, compression, backing names, snapshots, lazy refcounts, extended
+# L2 entries).
 set -euo pipefail
 out=${1:?usage: make-corpus.sh DIR}
 mkdir -p "$out"
@@ -19,12 +20,17 @@ mk -o cluster_size=65536
 mk -o compat=0.10,cluster_size=4096
 mk -o cluster_size=4096,refcount_bits=64
 mk -o lazy_refcounts=on,cluster_size=4096
+mk -o extended_l2=on,cluster_size=16384
 mk -o cluster_size=4096
 qemu-img snapshot -c s1 "seed-$n.qcow2"
 head -c 300k /dev/urandom > base.raw
 n=$((n + 1))
 qemu-img create -q -f qcow2 -b base.raw -F raw -o cluster_size=4096 "seed-$n.qcow2" 2M
 qemu-io -f qcow2 -c 'write -q -P 0x22 4k 8k' "seed-$n.qcow2" >/dev/null
+n=$((n + 1))
+qemu-img create -q -f qcow2 -b base.raw -F raw -o extended_l2=on,cluster_size=16384 "seed-$n.qcow2" 2M
+qemu-io -f qcow2 -c 'write -q -P 0x23 5k 3k' -c 'write -q -z 40k 2k' \
+    -c 'discard -q 64k 16k' "seed-$n.qcow2" >/dev/null
 head -c 1M /dev/zero | tr '\0' 'a' > text.raw
 n=$((n + 1))
 qemu-img convert -q -c -O qcow2 -o cluster_size=4096 text.raw "seed-$n.qcow2"
