@@ -228,6 +228,15 @@ void loop_conn_freed (void);
 void loop_heap_hold (size_t n);
 void loop_heap_release (size_t n);
 
+/* ---- buffer-pool.c: request data buffers, reused ---- */
+
+/* A BUFFER_ALIGN-aligned buffer of at least len bytes, or NULL. */
+void *buffer_get (size_t len);
+/* Give back a buffer from buffer_get (len as asked). */
+void buffer_put (void *p, size_t len);
+/* Free every pooled buffer (before a heap trim, and at exit). */
+void buffer_pool_drain (void);
+
 /* ------------------------------------------------------------------ */
 /* conn.c                                                              */
 /* ------------------------------------------------------------------ */

@@ -366,6 +366,7 @@ trim_cb (struct ev_loop *lp, ev_timer *w, int revents)
 
   (void) lp; (void) w; (void) revents;
   t = ev_time ();
+  buffer_pool_drain ();
   released = malloc_trim (0);
   log_debug ("heap trimmed in %.1f ms (%s); connections hold %zu KiB, "
              "%zu KiB at their peak", (ev_time () - t) * 1000.,
@@ -527,6 +528,7 @@ loop_cleanup (void)
       ev_timer_stop (loop, &pause_timer);
     if (ev_is_active (&trim_timer))
       ev_timer_stop (loop, &trim_timer);
+    buffer_pool_drain ();
     ev_loop_destroy (loop);
     loop = NULL;
   }

@@ -107,7 +107,7 @@ request_release (struct reply *r)
   c->buffered -= req->held;
   if (req->held)
     loop_heap_release (req->held);
-  free (req->data);
+  buffer_put (req->data, req->held);
   free (req->ext);
   free (req->chunks);
   free (req->desc);
@@ -463,9 +463,9 @@ static int
 alloc_data (struct request *req, size_t len)
 {
   struct conn *c = req->conn;
-  void *p;
+  void *p = buffer_get (len);
 
-  if (posix_memalign (&p, BUFFER_ALIGN, len) != 0) {
+  if (!p) {
     log_error ("client %u: %s of %" PRIu32 " bytes: out of memory",
                c->id, cmd_name (req->type), req->count);
     return ENOMEM;
