@@ -85,6 +85,8 @@ struct flusher {
   bool reftable_pending;        /* the refcount table is being written */
   struct aio_op *punch;         /* one hole punch per freed extent */
   size_t npunch;
+  struct extent_list reusable;  /* freed by this run, durably: reused once
+                                   the run (and its punches) ends well */
 };
 
 int
@@ -106,6 +108,7 @@ flush_free (struct qcow2 *q)
   if (q->flusher) {
     free (q->flusher->work.v);
     free (q->flusher->freed.v);
+    free (q->flusher->reusable.v);
     free (q->flusher->punch);
     free (q->flusher);
     q->flusher = NULL;
@@ -309,6 +312,11 @@ start_punches (struct qcow2 *q)
 
   if (n == 0)
     return;
+  /* Their zero refcounts are durable (FL_DECS_SYNC): once punched they
+   * can be handed out again.
+   */
+  for (size_t i = 0; i < n && !fl->err; i++)
+    extent_add (&fl->reusable, fl->freed.v[i].offset, fl->freed.v[i].count);
   free (fl->punch);
   fl->punch = calloc (n, sizeof *fl->punch);
   if (!fl->punch) {
@@ -327,6 +335,62 @@ start_punches (struct qcow2 *q)
       fl->outstanding++;
   }
   fl->freed.n = 0;
+}
+
+static int
+cmp_extent (const void *a, const void *b)
+{
+  const struct extent *x = a, *y = b;
+  return x->offset < y->offset ? -1 : x->offset > y->offset;
+}
+
+/* Whether host offset off lies in one of the n sorted extents v. */
+static bool
+in_extents (const struct qcow2 *q, const struct extent *v, size_t n,
+            uint64_t off)
+{
+  size_t lo = 0, hi = n;
+  while (lo < hi) {
+    size_t mid = lo + (hi - lo) / 2;
+    if (off < v[mid].offset)
+      hi = mid;
+    else if (off >= v[mid].offset + (v[mid].count << q->cluster_bits))
+      lo = mid + 1;
+    else
+      return true;
+  }
+  return false;
+}
+
+/* At the end of a run that went well: the clusters it freed go to the
+ * allocator.  A freed cluster that an L1 entry still names as an L2 table
+ * means the refcounts were wrong (the overlap check guards the other
+ * metadata when data is written): the image is marked corrupt instead.
+ */
+static void
+make_reusable (struct qcow2 *q)
+{
+  struct flusher *fl = q->flusher;
+  struct extent_list *r = &fl->reusable;
+
+  if (r->n == 0 || fl->err) {
+    r->n = 0;
+    return;
+  }
+  qsort (r->v, r->n, sizeof *r->v, cmp_extent);
+  for (uint32_t i = 0; i < q->l1_size; i++) {
+    uint64_t l2 = be64toh (q->l1[i]) & L1E_OFFSET_MASK;
+    if (l2 && in_extents (q, r->v, r->n, l2)) {
+      signal_corruption (q, "the L2 table at 0x%llx has a refcount of zero",
+                         (unsigned long long) l2);
+      r->n = 0;
+      return;
+    }
+  }
+  for (size_t i = 0; i < r->n; i++)
+    if (extent_add (&q->free_clusters, r->v[i].offset, r->v[i].count) < 0)
+      break;                    /* not reused: only space lost */
+  r->n = 0;
 }
 
 /* Apply fl->work to the refcount blocks.  Returns 1 when all is applied,
@@ -694,6 +758,7 @@ flush_step (struct qcow2 *q)
       break;
 
     case FL_DONE:
+      make_reusable (q);
       fl->active = false;
       waitq_wake_all (q, &fl->barrier);
       if (fl->err)

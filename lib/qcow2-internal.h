@@ -157,11 +157,15 @@ bool cache_has_dirty (const struct cache *c);
 uint64_t refblock_get (const struct qcow2 *q, const void *block, uint64_t i);
 void refblock_set (const struct qcow2 *q, void *block, uint64_t i,
                    uint64_t v);
-/* Reserve count contiguous host clusters at the end of the file; their
- * refcount increments are recorded for the next flush.  Never waits.
+/* Reserve count contiguous host clusters, reusing freed ones when it can;
+ * their refcount increments are recorded for the next flush.  Never waits.
  * Returns the host offset, or 0 when out of memory.
  */
 uint64_t alloc_clusters (struct qcow2 *q, uint64_t count);
+/* The same, always at the end of the file: clusters nothing was ever
+ * written to, which read as zeros (new L2 tables rely on it).
+ */
+uint64_t alloc_fresh_clusters (struct qcow2 *q, uint64_t count);
 int extent_add (struct extent_list *l, uint64_t offset, uint64_t count);
 
 /* ---- qcow2-flush.c: ordered metadata write-back ---- */
@@ -536,6 +540,7 @@ struct qcow2 {
   uint64_t file_end;            /* file size: grown ahead of alloc_end */
   struct extent_list incs;      /* refcount +1 owed at the next flush */
   struct extent_list decs;      /* refcount -1 owed after L2/L1 are durable */
+  struct extent_list free_clusters;  /* refcount 0 on disk: reusable */
 
   struct cache l2c;             /* L2 tables */
   struct cache rbc;             /* refcount blocks */

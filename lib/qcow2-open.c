@@ -238,6 +238,7 @@ free_image (struct qcow2 *q)
   free (q->zero_cluster);
   free (q->incs.v);
   free (q->decs.v);
+  free (q->free_clusters.v);
   free (q->path);
   free (q);
 }

@@ -1,9 +1,9 @@
 /* lib/qcow2-refcount.c: refcount entries of any width, and the cluster
  * allocator.
  *
- * Allocation never waits: host clusters are handed out from the end of the
- * file, in memory, on the loop thread, so two allocations can never receive
- * the same cluster.  The refcount increments they owe are recorded as extents
+ * Allocation never waits: host clusters are handed out in memory, on the
+ * loop thread, from the clusters earlier flushes freed or else from the end
+ * of the file, so two allocations can never receive the same cluster.  The refcount increments they owe are recorded as extents
  * and applied to the refcount blocks by the flusher, which is the only code
  * that reads or writes refcount blocks after open.  That keeps refcount I/O
  * (and the creation of new refcount blocks and tables) off the write path.
@@ -92,20 +92,57 @@ grow_file (struct qcow2 *q)
     q->file_end = q->alloc_end;     /* try again later, not every time */
 }
 
-uint64_t
-alloc_clusters (struct qcow2 *q, uint64_t count)
+/* Record the refcount increments owed by count clusters at off. */
+static int
+owe_increments (struct qcow2 *q, uint64_t off, uint64_t count)
 {
-  uint64_t off = q->alloc_end;
   struct extent_list *l = &q->incs;
 
   /* Sequential allocations are the common case: grow the last extent. */
   if (l->n > 0 && l->v[l->n - 1].offset
-      + (l->v[l->n - 1].count << q->cluster_bits) == off)
+      + (l->v[l->n - 1].count << q->cluster_bits) == off) {
     l->v[l->n - 1].count += count;
-  else if (extent_add (l, off, count) < 0)
+    return 0;
+  }
+  return extent_add (l, off, count);
+}
+
+uint64_t
+alloc_fresh_clusters (struct qcow2 *q, uint64_t count)
+{
+  uint64_t off = q->alloc_end;
+
+  if (owe_increments (q, off, count) < 0)
     return 0;                   /* never a valid cluster: the header is there */
   q->alloc_end += count << q->cluster_bits;
   if (q->alloc_end > q->file_end)
     grow_file (q);
   return off;
+}
+
+uint64_t
+alloc_clusters (struct qcow2 *q, uint64_t count)
+{
+  struct extent_list *f = &q->free_clusters;
+
+  /* First fit among the clusters freed by earlier flushes, so that an
+   * image whose guest discards does not grow for ever.
+   */
+  for (size_t i = 0; i < f->n; i++) {
+    uint64_t off = f->v[i].offset;
+    if (f->v[i].count < count)
+      continue;
+    /* Refcounts said free; make sure no metadata lives there (L2 tables
+     * were checked when the clusters were freed).
+     */
+    if (overlap_check (q, META_DATA, off, count << q->cluster_bits) < 0
+        || owe_increments (q, off, count) < 0)
+      return 0;
+    f->v[i].offset += count << q->cluster_bits;
+    f->v[i].count -= count;
+    if (f->v[i].count == 0)
+      f->v[i] = f->v[--f->n];
+    return off;
+  }
+  return alloc_fresh_clusters (q, count);
 }

@@ -258,7 +258,7 @@ new_l2_table (struct qcow2_req *req, uint64_t l1i, uint64_t slice,
   r = cache_get_empty (&q->l2c, req, &e);
   if (r != CACHE_READY)
     return r < 0 ? r : 0;
-  off = alloc_clusters (q, 1);
+  off = alloc_fresh_clusters (q, 1);
   if (!off) {
     cache_set_offset (e, 0);
     cache_put (e);
