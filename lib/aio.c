@@ -94,6 +94,11 @@ aio_inline_mode (int fd, bool direct)
   return direct ? AIO_INLINE_NONE : AIO_INLINE_NOWAIT;
 }
 
+/* The largest read or write done inline. */
+#ifndef AIO_INLINE_MAX
+#define AIO_INLINE_MAX (128u << 10)
+#endif
+
 static size_t
 iov_bytes (const struct iovec *iov, int n)
 {
@@ -111,6 +116,12 @@ try_inline (struct aio *a, struct aio_op *op)
 {
   int64_t r;
 
+  /* A large copy on this thread would hold up the loop; in a worker it
+   * overlaps with the sending of other replies.
+   */
+  if ((op->type == AIO_READ || op->type == AIO_WRITE)
+      && iov_bytes (op->iov, op->iovcnt) > AIO_INLINE_MAX)
+    return false;
   if (op->inline_mode == AIO_INLINE_ALL)
     r = aio_run_sync (op);
   else if (op->inline_mode == AIO_INLINE_NOWAIT && op->type == AIO_READ
