@@ -1,4 +1,7 @@
-/* lib/qcow2-cache.c: an LRU cache of cluster-sized metadata tables.
+/* lib/qcow2-cache.c: a cache of metadata tables (L2 slices, refcount
+ * blocks), evicted by CLOCK (second chance), an approximation of LRU that
+ * finds a victim in a few steps: a scan of every entry for the least
+ * recently used one cost 20 us a miss with 8192 slices.
  *
  * One cache type serves both L2 tables and refcount blocks.  Entries are
  * pinned while a request uses them; an unpinned entry may be evicted when it
@@ -113,7 +116,7 @@ cache_put (struct cache_entry *e)
   struct cache *c = e->cache;
   e->ref--;
   if (e->ref == 0) {
-    e->lru = ++c->clock;
+    e->used = true;
     waitq_wake_all (c->q, &c->full);
   }
 }
@@ -214,20 +217,26 @@ take_victim (struct cache *c, struct qcow2_req *req, int *err)
   struct cache_entry *clean = NULL, *dirty = NULL;
   *err = 0;
 
-  for (unsigned i = 0; i < c->n; i++) {
-    struct cache_entry *e = &c->e[i];
+  /* Two turns of the hand: the first may only clear "used" bits. */
+  for (unsigned step = 0; step < 2 * c->n; step++) {
+    struct cache_entry *e = &c->e[c->hand];
+    c->hand = c->hand + 1 == c->n ? 0 : c->hand + 1;
     if (e->offset == 0) {
       clean = e;
       break;
     }
     if (e->ref || e->loading || e->writing)
       continue;
-    if (e->dirty) {
-      if (!dirty || e->lru < dirty->lru)
-        dirty = e;
+    if (e->used) {
+      e->used = false;          /* a second chance */
+      continue;
     }
-    else if (!clean || e->lru < clean->lru)
+    if (!e->dirty) {
       clean = e;
+      break;
+    }
+    if (!dirty)
+      dirty = e;
   }
 
   if (clean) {

@@ -90,7 +90,7 @@ struct cache_entry {
   uint64_t offset;              /* host offset of the table; 0 = free slot */
   void *buf;                    /* cluster_size bytes, big-endian as on disk */
   unsigned ref;                 /* pins; pinned entries are never evicted */
-  uint64_t lru;                 /* clock value at the last unpin */
+  bool used;                    /* used since the clock hand last passed */
   bool loading;                 /* read in flight */
   bool dirty;                   /* differs from the file */
   bool writing;                 /* write-back in flight */
@@ -114,7 +114,7 @@ struct cache {
   struct cache_entry *e;
   int *buckets;                 /* hash heads (index), -1 empty */
   unsigned nbuckets;            /* power of two */
-  uint64_t clock;
+  unsigned hand;                /* CLOCK: the next entry to consider */
   struct waitq full;            /* requests waiting for an unpinned slot */
 };
 
