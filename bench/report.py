@@ -119,6 +119,11 @@ def main():
         return
 
     meta = dict(kv.split("=", 1) for kv in a.meta)
+    size = meta.get("sparse", "256G with").split(" with")[0]
+    if size != "256G":
+        # --sparse-size: name the workload after the image it used.
+        WORKLOADS["sparse"] = (f"4k random read QD32, {size} sparse",
+                               *WORKLOADS["sparse"][1:])
     runs = {}   # (workload, server) -> list of {value, cpu_us}
     with open(a.results) as f:
         for line in f:
