@@ -371,6 +371,19 @@ class Shadow:
             off += n
 
 
+def stop_and_compare(srv, img, shadow):
+    """The end of a test that wrote through srv: the server must exit 0,
+    qemu-img check must find img clean, and qemu-img compare must find
+    exactly the shadow's data in it."""
+    status = srv.stop()
+    assert status == 0, "qnbd exited with status %d" % status
+    check_image(img)
+    raw = img + ".shadow.raw"
+    shadow.save_raw(raw)
+    compare_raw(raw, img)
+    os.unlink(raw)
+
+
 def assert_same(got, want, offset):
     """Compare two byte strings read at offset; on a difference, name the
     first differing byte and show a little of both."""

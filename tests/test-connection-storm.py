@@ -338,10 +338,5 @@ assert peak < bound, "daemon RSS %d MiB over the bound" % (peak // 1024)
 h = srv.connect()
 shadow.verify(h)
 h.shutdown()
-status = srv.stop()
-assert status == 0, "qnbd exited with status %d" % status
-qt.check_image(img)
-raw = tmp + "/shadow.raw"
-shadow.save_raw(raw)
-qt.compare_raw(raw, img)
+qt.stop_and_compare(srv, img, shadow)
 qt.log("PASS (%.1fs)" % (time.monotonic() - t0))

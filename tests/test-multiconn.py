@@ -96,10 +96,5 @@ for h in handles:
 for h in handles:
     h.shutdown()
 
-status = srv.stop()
-assert status == 0, "qnbd exited with status %d" % status
-qt.check_image(img)
-raw = tmp + "/shadow.raw"
-shadow.save_raw(raw)
-qt.compare_raw(raw, img)
+qt.stop_and_compare(srv, img, shadow)
 qt.log("PASS")

@@ -17,7 +17,6 @@ without touching the data.
 """
 
 import errno
-import os
 
 import qnbdtest as qt
 
@@ -148,12 +147,7 @@ h2.shutdown()
 h.flush()
 shadow.verify(h)
 h.shutdown()
-status = srv.stop()
-assert status == 0, "qnbd exited with status %d" % status
-qt.check_image(img)
-raw = os.path.join(tmp, "shadow.raw")
-shadow.save_raw(raw)
-qt.compare_raw(raw, img)
+qt.stop_and_compare(srv, img, shadow)
 
 # --- A read-only export refuses both. ---
 ro = qt.Server(img, "-r")
@@ -180,8 +174,5 @@ h.trim(4 * CLUSTER, off)
 h.trim(4 * CLUSTER, off, nbd.CMD_FLAG_FUA)
 check(h, shadow, off, 4 * CLUSTER)
 h.shutdown()
-assert ign.stop() == 0
-
-qt.check_image(img)
-qt.compare_raw(raw, img)
+qt.stop_and_compare(ign, img, shadow)
 qt.log("PASS")

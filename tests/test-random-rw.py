@@ -10,7 +10,6 @@ is a little larger than that, sparse), and 32 KiB clusters with extended L2
 entries (1 KiB subclusters).  All sizes end in a partial cluster.
 """
 
-import os
 import random
 
 import qnbdtest as qt
@@ -99,13 +98,7 @@ def run(tmp, name, size, cluster, extended_l2=False):
     h2.shutdown()
     h.shutdown()
 
-    status = srv.stop()
-    assert status == 0, "qnbd exited with status %d" % status
-    qt.check_image(img)
-    raw = os.path.join(tmp, name + ".shadow.raw")
-    shadow.save_raw(raw)
-    qt.compare_raw(raw, img)
-    os.unlink(raw)
+    qt.stop_and_compare(srv, img, shadow)
 
 
 tmp = qt.tmpdir()

@@ -284,10 +284,5 @@ sample()
 qt.log("daemon at the end: RSS %d MiB, VmHWM %d MiB" %
        (rss() // 1024, hwm() // 1024))
 
-status = srv.stop()
-assert status == 0, "qnbd exited with status %d" % status
-qt.check_image(img)
-raw = tmp + "/shadow.raw"
-shadow.save_raw(raw)
-qt.compare_raw(raw, img)
+qt.stop_and_compare(srv, img, shadow)
 qt.log("PASS (%.1fs)" % (time.monotonic() - t0))

@@ -29,10 +29,5 @@ shadow.verify(h2)
 h1.shutdown()
 h2.shutdown()
 
-status = srv.stop()
-assert status == 0, "qnbd exited with status %d" % status
-qt.check_image(img)
-raw = tmp + "/shadow.raw"
-shadow.save_raw(raw)
-qt.compare_raw(raw, img)
+qt.stop_and_compare(srv, img, shadow)
 qt.log("PASS")
