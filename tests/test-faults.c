@@ -178,45 +178,12 @@ t_finish (struct t *t)
   free (t->path);
 }
 
-/* ---- classifying the flusher's ops ---- */
-
-enum kind { K_DATA, K_L1, K_L2, K_REFBLOCK, K_REFTABLE, K_HEADER, K_SYNC,
-            K_OTHER };
-static const char *kind_names[] = { "data", "L1", "L2", "refcount block",
-                                    "refcount table", "header", "fdatasync",
-                                    "other" };
-
-static enum kind
-classify (struct qcow2 *q, const struct aio_fake_record *r)
-{
-  uint64_t off = r->offset;
-  if (r->type == AIO_FSYNC)
-    return K_SYNC;
-  if (r->type != AIO_WRITE)
-    return K_OTHER;
-  if (off < q->cluster_size)
-    return K_HEADER;
-  if (off >= q->l1_offset && off < q->l1_offset + q->l1_size * 8ull)
-    return K_L1;
-  if (off >= q->reftable_offset
-      && off < q->reftable_offset
-      + ((uint64_t) q->reftable_clusters << q->cluster_bits))
-    return K_REFTABLE;
-  for (uint64_t i = 0; i < q->l1_size; i++)
-    if ((be64toh (q->l1[i]) & L1E_OFFSET_MASK) == off)
-      return K_L2;
-  for (uint64_t i = 0; i < q->reftable_entries; i++)
-    if ((be64toh (q->reftable[i]) & REFT_OFFSET_MASK) == off)
-      return K_REFBLOCK;
-  return K_DATA;
-}
-
 /* Flush with every op held; the nth op (from 0) of kind k fails with err,
  * the others run in order.  Returns the flush's result; *hit says whether
  * such an op came.
  */
 static int
-flush_failing (struct t *t, enum kind k, unsigned nth, int err, bool *hit)
+flush_failing (struct t *t, enum io_kind k, unsigned nth, int err, bool *hit)
 {
   int res = 1;
   unsigned seen = 0, idle = 0;
@@ -239,7 +206,7 @@ flush_failing (struct t *t, enum kind k, unsigned nth, int err, bool *hit)
     }
     idle = 0;
     aio_fake_held_info (t->a, 0, &rec);
-    if (!*hit && classify (t->q, &rec) == k && seen++ == nth) {
+    if (!*hit && classify_io (t->q, &rec) == k && seen++ == nth) {
       *hit = true;
       aio_fake_fail_held (t->a, 0, err);
     }
@@ -361,7 +328,7 @@ case_reads (int err)
  * are chosen so that the flush has such an op.
  */
 static void
-case_flush (enum kind k, unsigned nth, int err, const char *opts,
+case_flush (enum io_kind k, unsigned nth, int err, const char *opts,
             uint64_t span, size_t len)
 {
   struct t t;
@@ -369,7 +336,7 @@ case_flush (enum kind k, unsigned nth, int err, const char *opts,
   bool hit;
   int r;
 
-  snprintf (name, sizeof name, "flush-%s%u-%s", kind_names[k], nth,
+  snprintf (name, sizeof name, "flush-%s%u-%s", io_kind_names[k], nth,
             ename (err));
   for (char *p = name; *p; p++)
     if (*p == ' ')
@@ -383,7 +350,7 @@ case_flush (enum kind k, unsigned nth, int err, const char *opts,
 
   r = flush_failing (&t, k, nth, err, &hit);
   CHECK (hit, "%s: the flush issued no %s op number %u", name,
-         kind_names[k], nth);
+         io_kind_names[k], nth);
   CHECK (r == -err, "%s: the flush got %d", name, r);
 
   /* Requests go on; the next flush must write what the failed one did
@@ -449,7 +416,7 @@ case_discard (int err)
     CHECK (res == 0, "%s: discard got %d", name, res);
     memset (t.shadow, 0, 32768);
   }
-  r = flush_failing (&t, K_REFBLOCK, 0, err, &hit);
+  r = flush_failing (&t, IO_REFBLOCK, 0, err, &hit);
   CHECK (hit && r == -err, "%s: flush with a failing decrement got %d "
          "(hit %d)", name, r, hit);
   CHECK (sync_flush (t.q) == 0, "%s: the next flush", name);
@@ -573,26 +540,26 @@ main (void)
     case_data_write (e);
     case_reads (e);
     /* 4 KiB clusters, 4 MiB disk: two L2 tables, one refcount block. */
-    case_flush (K_REFBLOCK, 0, e, "cluster_size=4096", SIZE, 2048);
-    case_flush (K_L2, 0, e, "cluster_size=4096", SIZE, 2048);
-    case_flush (K_L2, 1, e, "cluster_size=4096", SIZE, 2048);
-    case_flush (K_L1, 0, e, "cluster_size=4096", SIZE, 2048);
+    case_flush (IO_REFBLOCK, 0, e, "cluster_size=4096", SIZE, 2048);
+    case_flush (IO_L2, 0, e, "cluster_size=4096", SIZE, 2048);
+    case_flush (IO_L2, 1, e, "cluster_size=4096", SIZE, 2048);
+    case_flush (IO_L1, 0, e, "cluster_size=4096", SIZE, 2048);
     /* 512-byte clusters: refcount blocks cover 128 KiB of file, so the
      * writes need new ones, and an in-place refcount table update.
      */
-    case_flush (K_REFTABLE, 0, e, "cluster_size=512", SIZE, 16384);
-    case_flush (K_REFBLOCK, 1, e, "cluster_size=512", SIZE, 16384);
+    case_flush (IO_REFTABLE, 0, e, "cluster_size=512", SIZE, 16384);
+    case_flush (IO_REFBLOCK, 1, e, "cluster_size=512", SIZE, 16384);
     /* The syncs: after refcount blocks, after L2, after L1. */
-    case_flush (K_SYNC, 0, e, "cluster_size=4096", SIZE, 2048);
-    case_flush (K_SYNC, 1, e, "cluster_size=4096", SIZE, 2048);
-    case_flush (K_SYNC, 2, e, "cluster_size=4096", SIZE, 2048);
+    case_flush (IO_SYNC, 0, e, "cluster_size=4096", SIZE, 2048);
+    case_flush (IO_SYNC, 1, e, "cluster_size=4096", SIZE, 2048);
+    case_flush (IO_SYNC, 2, e, "cluster_size=4096", SIZE, 2048);
     /* 64-bit refcounts at 512 bytes: the one-cluster refcount table
      * covers 2 MiB of file; 2.5 MiB of writes make it move, and the
      * header is rewritten to point at the new one.
      */
-    case_flush (K_REFTABLE, 0, e, "cluster_size=512,refcount_bits=64", SIZE,
+    case_flush (IO_REFTABLE, 0, e, "cluster_size=512,refcount_bits=64", SIZE,
                 160 << 10);
-    case_flush (K_HEADER, 0, e, "cluster_size=512,refcount_bits=64", SIZE,
+    case_flush (IO_HEADER, 0, e, "cluster_size=512,refcount_bits=64", SIZE,
                 160 << 10);
     case_discard (e);
     case_reopen_after_failed_alloc (e);

@@ -13,40 +13,6 @@
 #include "qcow2-internal.h"
 #include "testlib.h"
 
-enum kind { K_DATA, K_L1, K_L2, K_REFBLOCK, K_REFTABLE, K_HEADER, K_SYNC,
-            K_READ };
-
-static const char *names[] = { "data", "L1", "L2", "refblock", "reftable",
-                               "header", "sync", "read" };
-
-static enum kind
-classify (struct qcow2 *q, const struct aio_fake_record *r)
-{
-  uint64_t off = r->offset;
-  if (r->type == AIO_FSYNC)
-    return K_SYNC;
-  if (r->type == AIO_READ)
-    return K_READ;              /* e.g. an L2 slice being loaded */
-  if (off < q->cluster_size)
-    return K_HEADER;
-  if (off >= q->l1_offset && off < q->l1_offset + q->l1_size * 8ull)
-    return K_L1;
-  if (off >= q->reftable_offset
-      && off < q->reftable_offset
-      + ((uint64_t) q->reftable_clusters << q->cluster_bits))
-    return K_REFTABLE;
-  /* Any slice of an L2 table (they are written back in 4 KiB slices). */
-  for (uint64_t i = 0; i < q->l1_size; i++) {
-    uint64_t l2 = be64toh (q->l1[i]) & L1E_OFFSET_MASK;
-    if (l2 && off >= l2 && off < l2 + q->cluster_size)
-      return K_L2;
-  }
-  for (uint64_t i = 0; i < q->reftable_entries; i++)
-    if ((be64toh (q->reftable[i]) & REFT_OFFSET_MASK) == off)
-      return K_REFBLOCK;
-  return K_DATA;
-}
-
 int
 main (void)
 {
@@ -57,7 +23,7 @@ main (void)
   char *path;
   size_t n;
   const struct aio_fake_record *log;
-  enum kind k[4096];
+  enum io_kind k[4096];
   int first_sync = -1, last_rb = -1, first_l2 = -1, last_l2 = -1, l1 = -1;
   int sync_between_l2_l1 = 0, last = -1;
 
@@ -74,36 +40,37 @@ main (void)
 
   log = aio_fake_log (a, &n);
   for (size_t i = 0; i < n; i++)
-    CHECK (classify (q, &log[i]) == K_DATA || classify (q, &log[i]) == K_READ,
+    CHECK (classify_io (q, &log[i]) == IO_DATA
+           || classify_io (q, &log[i]) == IO_OTHER,
            "op %zu before the flush is %s, "
            "not data: metadata must wait for a flush", i,
-           names[classify (q, &log[i])]);
+           io_kind_names[classify_io (q, &log[i])]);
 
   aio_fake_clear_log (a);
   CHECK (sync_flush (q) == 0, "flush");
   log = aio_fake_log (a, &n);
   CHECK (n < 4096, "log size");
   for (size_t i = 0; i < n && i < 4096; i++) {
-    k[i] = classify (q, &log[i]);
+    k[i] = classify_io (q, &log[i]);
     if (getenv ("TEST_VERBOSE"))
-      fprintf (stderr, "%zu: %s 0x%llx+%llu\n", i, names[k[i]],
+      fprintf (stderr, "%zu: %s 0x%llx+%llu\n", i, io_kind_names[k[i]],
                (unsigned long long) log[i].offset,
                (unsigned long long) log[i].length);
     switch (k[i]) {
-    case K_SYNC:
+    case IO_SYNC:
       if (first_sync < 0)
         first_sync = (int) i;
       if (last_l2 >= 0 && l1 < 0)
         sync_between_l2_l1 = 1;
       break;
-    case K_REFBLOCK: last_rb = (int) i; break;
-    case K_L2:
+    case IO_REFBLOCK: last_rb = (int) i; break;
+    case IO_L2:
       if (first_l2 < 0)
         first_l2 = (int) i;
       last_l2 = (int) i;
       break;
-    case K_L1: l1 = (int) i; break;
-    case K_DATA:
+    case IO_L1: l1 = (int) i; break;
+    case IO_DATA:
       CHECK (0, "data write during flush at op %zu", i);
       break;
     default: break;
@@ -116,7 +83,7 @@ main (void)
          "refcount blocks, then sync, then L2 (%d %d %d)", last_rb,
          first_sync, first_l2);
   CHECK (sync_between_l2_l1 && last_l2 < l1, "L2, sync, then L1");
-  CHECK (last >= 0 && k[last] == K_SYNC, "ends with a sync");
+  CHECK (last >= 0 && k[last] == IO_SYNC, "ends with a sync");
 
   /* A second flush with nothing new is a single fdatasync. */
   aio_fake_clear_log (a);

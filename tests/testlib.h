@@ -61,6 +61,17 @@ bool qemu_img_compare (const char *path, const uint8_t *shadow,
 uint64_t rnd (void);
 void fill_pattern (uint8_t *buf, size_t len, uint64_t seed);
 
+/* What an op recorded by the fake backend touched, for the tests of write
+ * ordering and of faults in the flusher.
+ */
+struct aio_fake_record;
+enum io_kind {
+  IO_DATA, IO_L1, IO_L2, IO_REFBLOCK, IO_REFTABLE, IO_HEADER, IO_SYNC,
+  IO_OTHER,                     /* reads (L2 slices, refcount blocks), punches */
+};
+extern const char *const io_kind_names[];
+enum io_kind classify_io (struct qcow2 *q, const struct aio_fake_record *r);
+
 int test_exit (void);
 
 #endif
