@@ -84,7 +84,14 @@ struct alloc {
   struct waitq waiters;         /* writes that overlap and wait for us */
 };
 
-/* ---- qcow2-cache.c: LRU cache of cluster-sized metadata tables ---- */
+/* Reserve L2 indexes [first, first + count) of e (qcow2-request.c):
+ * overlapping writes wait until alloc_release.
+ */
+void alloc_hold (struct cache_entry *e, struct alloc *a, uint32_t first,
+                 uint32_t count);
+void alloc_release (struct qcow2 *q, struct cache_entry *e, struct alloc *a);
+
+/* ---- qcow2-cache.c: cache of L2 slices and refcount blocks ---- */
 
 struct cache_entry {
   uint64_t offset;              /* host offset of the table; 0 = free slot */

@@ -179,6 +179,28 @@ sc_mask (const struct qcow2 *q, uint64_t lo, uint64_t hi)
   return (SC_ALLOC_ALL >> (SUBCLUSTERS - (b - a))) << a;
 }
 
+void
+alloc_hold (struct cache_entry *e, struct alloc *a, uint32_t first,
+            uint32_t count)
+{
+  a->first = first;
+  a->count = count;
+  a->waiters.head = a->waiters.tail = NULL;
+  a->next = e->allocs;
+  e->allocs = a;
+}
+
+void
+alloc_release (struct qcow2 *q, struct cache_entry *e, struct alloc *a)
+{
+  struct alloc **p = &e->allocs;
+  while (*p && *p != a)
+    p = &(*p)->next;
+  if (*p)
+    *p = a->next;
+  waitq_wake_all (q, &a->waiters);
+}
+
 int
 release_entry (struct qcow2 *q, uint64_t ent)
 {

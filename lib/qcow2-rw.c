@@ -94,14 +94,8 @@ seg_release (struct qcow2_req *req)
   struct qcow2 *q = req->q;
   for (unsigned i = 0; i < req->nios; i++) {
     struct req_io *io = &req->ios[i];
-    if (io->alloc && req->l2) {
-      struct alloc **p = &req->l2->allocs;
-      while (*p && *p != &io->a)
-        p = &(*p)->next;
-      if (*p)
-        *p = io->a.next;
-      waitq_wake_all (q, &io->a.waiters);
-    }
+    if (io->alloc && req->l2)
+      alloc_release (q, req->l2, &io->a);
     free (io->cow_buf[0]);
     free (io->cow_buf[1]);
     free (io->cbuf);
@@ -109,14 +103,8 @@ seg_release (struct qcow2_req *req)
   free (req->ios);
   req->ios = NULL;
   req->nios = 0;
-  if (req->zres_on && req->l2) {
-    struct alloc **p = &req->l2->allocs;
-    while (*p && *p != &req->zres)
-      p = &(*p)->next;
-    if (*p)
-      *p = req->zres.next;
-    waitq_wake_all (q, &req->zres.waiters);
-  }
+  if (req->zres_on && req->l2)
+    alloc_release (q, req->l2, &req->zres);
   req->zres_on = false;
   if (req->l2) {
     cache_put (req->l2);
@@ -657,8 +645,6 @@ plan_write (struct qcow2_req *req)
       io->iov[0].iov_len = io->len;
       continue;
     }
-    io->a.first = io->first;
-    io->a.count = io->count;
     if (io->compressed) {
       int r = cw_store (q, data, &io->cdesc);
       if (r < 0) {
@@ -668,8 +654,7 @@ plan_write (struct qcow2_req *req)
       if (r == 1) {
         /* In the cache: nothing to write now; linked like any other. */
         io->started = true;
-        io->a.next = req->l2->allocs;
-        req->l2->allocs = &io->a;
+        alloc_hold (req->l2, &io->a, io->first, io->count);
         continue;
       }
       io->compressed = false;   /* incompressible: an ordinary cluster */
@@ -693,8 +678,7 @@ plan_write (struct qcow2_req *req)
         break;
       }
     }
-    io->a.next = req->l2->allocs;
-    req->l2->allocs = &io->a;
+    alloc_hold (req->l2, &io->a, io->first, io->count);
 
     if (q->extl2 && head && tail && io->count == 1) {
       /* One read serves both ends. */

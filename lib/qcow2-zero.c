@@ -176,12 +176,9 @@ zero_segment (struct qcow2_req *req)
   }
   if (!req->zres_on) {
     uint32_t mask = q->l2_entries - 1;
-    req->zres.first = (uint32_t) (pos >> q->cluster_bits) & mask;
-    req->zres.count = (uint32_t) (((end - 1) >> q->cluster_bits) & mask)
-      - req->zres.first + 1;
-    req->zres.waiters.head = req->zres.waiters.tail = NULL;
-    req->zres.next = e->allocs;
-    e->allocs = &req->zres;
+    uint32_t first = (uint32_t) (pos >> q->cluster_bits) & mask;
+    alloc_hold (e, &req->zres, first,
+                (uint32_t) (((end - 1) >> q->cluster_bits) & mask) - first + 1);
     req->zres_on = true;
   }
   if (flush_active (q)) {
