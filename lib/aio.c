@@ -91,7 +91,16 @@ aio_inline_mode (int fd, bool direct)
     return AIO_INLINE_NONE;
   if (fstatfs (fd, &sf) == 0 && sf.f_type == TMPFS_MAGIC)
     return AIO_INLINE_ALL;
-  return direct ? AIO_INLINE_NONE : AIO_INLINE_NOWAIT;
+  if (direct)
+    return AIO_INLINE_NONE;
+  {
+    /* A file system without RWF_NOWAIT would fail every try: ask once. */
+    char b;
+    struct iovec v = { .iov_base = &b, .iov_len = 1 };
+    if (preadv2 (fd, &v, 1, 0, RWF_NOWAIT) < 0 && errno == EOPNOTSUPP)
+      return AIO_INLINE_NONE;
+  }
+  return AIO_INLINE_NOWAIT;
 }
 
 /* The largest read or write done inline. */
@@ -115,12 +124,13 @@ static bool
 try_inline (struct aio *a, struct aio_op *op)
 {
   int64_t r;
+  size_t len = op->type == AIO_READ || op->type == AIO_WRITE
+    ? iov_bytes (op->iov, op->iovcnt) : 0;
 
   /* A large copy on this thread would hold up the loop; in a worker it
    * overlaps with the sending of other replies.
    */
-  if ((op->type == AIO_READ || op->type == AIO_WRITE)
-      && iov_bytes (op->iov, op->iovcnt) > AIO_INLINE_MAX)
+  if (len > AIO_INLINE_MAX)
     return false;
   if (op->inline_mode == AIO_INLINE_ALL)
     r = aio_run_sync (op);
@@ -131,7 +141,7 @@ try_inline (struct aio *a, struct aio_op *op)
      */
     ssize_t n = preadv2 (op->fd, op->iov, op->iovcnt, (off_t) op->offset,
                          RWF_NOWAIT);
-    if (n < 0 || (size_t) n != iov_bytes (op->iov, op->iovcnt))
+    if (n < 0 || (size_t) n != len)
       return false;
     r = n;
   }

@@ -124,8 +124,8 @@ void aio_kick_once (struct aio *a);
 /* How ops on fd may be done inline: AIO_INLINE_ALL for tmpfs, whose reads
  * and writes are memory copies (io_uring would hand each to a worker
  * thread, as tmpfs refuses RWF_NOWAIT); AIO_INLINE_NOWAIT for other files
- * opened without O_DIRECT; AIO_INLINE_NONE with O_DIRECT, or when
- * QNBD_AIO_INLINE=0 is set in the environment.
+ * opened without O_DIRECT whose file system takes RWF_NOWAIT;
+ * AIO_INLINE_NONE otherwise, or when QNBD_AIO_INLINE=0 is set.
  */
 enum aio_inline aio_inline_mode (int fd, bool direct);
 
