@@ -119,7 +119,7 @@ def main():
         return
 
     meta = dict(kv.split("=", 1) for kv in a.meta)
-    size = meta.get("sparse", "256G with").split(" with")[0]
+    size = meta.get("sparse_size", "256G")
     if size != "256G":
         # --sparse-size: name the workload after the image it used.
         WORKLOADS["sparse"] = (f"4k random read QD32, {size} sparse",
