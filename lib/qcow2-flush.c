@@ -387,9 +387,12 @@ make_reusable (struct qcow2 *q)
       return;
     }
   }
-  for (size_t i = 0; i < r->n; i++)
+  for (size_t i = 0; i < r->n; i++) {
     if (extent_add (&q->free_clusters, r->v[i].offset, r->v[i].count) < 0)
       break;                    /* not reused: only space lost */
+    if (r->v[i].count > q->free_largest)
+      q->free_largest = r->v[i].count;
+  }
   r->n = 0;
 }
 

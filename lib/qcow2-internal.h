@@ -548,6 +548,7 @@ struct qcow2 {
   struct extent_list incs;      /* refcount +1 owed at the next flush */
   struct extent_list decs;      /* refcount -1 owed after L2/L1 are durable */
   struct extent_list free_clusters;  /* refcount 0 on disk: reusable */
+  uint64_t free_largest;        /* no free extent is longer than this */
 
   struct cache l2c;             /* L2 tables */
   struct cache rbc;             /* refcount blocks */

@@ -124,14 +124,21 @@ uint64_t
 alloc_clusters (struct qcow2 *q, uint64_t count)
 {
   struct extent_list *f = &q->free_clusters;
+  uint64_t largest = 0;
 
   /* First fit among the clusters freed by earlier flushes, so that an
-   * image whose guest discards does not grow for ever.
+   * image whose guest discards does not grow for ever.  free_largest
+   * spares a walk of a long list of short extents that cannot fit.
    */
-  for (size_t i = 0; i < f->n; i++) {
+  for (size_t i = 0; i < f->n && count <= q->free_largest; i++) {
     uint64_t off = f->v[i].offset;
-    if (f->v[i].count < count)
+    if (f->v[i].count < count) {
+      if (f->v[i].count > largest)
+        largest = f->v[i].count;
+      if (i + 1 == f->n)
+        q->free_largest = largest;      /* nothing fits: now exact */
       continue;
+    }
     /* Refcounts said free; make sure no metadata lives there (L2 tables
      * were checked when the clusters were freed).
      */
