@@ -5,7 +5,14 @@
  * into one host cluster held in memory; the file only sees that cluster
  * written whole, when it is full (sealed) or when a flush needs it on disk.
  * Each compressed cluster adds one reference to the host cluster that holds
- * it, as qcow2 counts them.
+ * it, as qcow2 counts them.  The buffer holds one reference of its own
+ * while clusters may still be packed into it or its write is in flight:
+ * otherwise trimming every cluster packed so far would free the host
+ * cluster (punch it, hand it to the allocator) under later appends.  That
+ * reference is dropped (cw_retire) once the buffer is sealed and written,
+ * or at close; it is queued as a decrement only when the next flush run
+ * starts, so the increment recorded when the buffer was made is always
+ * applied first.
  *
  * The L2 entry of a compressed cluster is linked as soon as its data is in
  * the cache, so: reads look in the cache first (cw_lookup), and the flusher
@@ -14,6 +21,7 @@
  */
 #include <config.h>
 
+#include <assert.h>
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
@@ -89,6 +97,18 @@ maybe_free (struct qcow2 *q, struct cw_buf *b)
     waitq_wake_all (q, &q->cw_waiters);
 }
 
+/* The buffer's own reference on its host cluster is no longer needed. */
+static void
+retire_ref (struct qcow2 *q, uint64_t host)
+{
+  if (extent_add (&q->cw_retired, host, 1) < 0)
+    /* The reference stays: the cluster leaks (qemu-img check -r finds
+     * it), nothing is lost.
+     */
+    qlog (q, LOG_WARNING, "out of memory: cluster 0x%llx of compressed data "
+          "keeps one reference too many", (unsigned long long) host);
+}
+
 static void
 sealed_done (struct aio_op *op, int64_t ret)
 {
@@ -99,6 +119,8 @@ sealed_done (struct aio_op *op, int64_t ret)
     signal_corruption (q, "writing a cluster of compressed data at 0x%llx: "
                        "%s", (unsigned long long) b->host,
                        strerror ((int) -ret));
+  else
+    retire_ref (q, b->host);
   b->writes--;
   maybe_free (q, b);
 }
@@ -188,6 +210,7 @@ cw_store (struct qcow2 *q, const void *data, uint64_t *desc)
     }
   }
   if (!q->cw_cur) {
+    /* alloc_clusters records the buffer's own reference. */
     struct cw_buf *b = calloc (1, sizeof *b);
     if (b)
       b->buf = aligned_alloc_zero (cs);
@@ -201,7 +224,9 @@ cw_store (struct qcow2 *q, const void *data, uint64_t *desc)
     b->q = q;
     q->cw_cur = b;
   }
-  else if (extent_add (&q->incs, q->cw_cur->host, 1) < 0) {
+  assert (!q->cw_closed);
+  /* The reference of the compressed cluster stored here. */
+  if (extent_add (&q->incs, q->cw_cur->host, 1) < 0) {
     free (tmp);
     return -ENOMEM;
   }
@@ -251,6 +276,45 @@ cw_flush_start (struct qcow2 *q)
 }
 
 void
+cw_retire (struct qcow2 *q)
+{
+  struct extent_list *l = &q->cw_retired;
+  size_t moved = 0;
+
+  while (moved < l->n
+         && extent_add (&q->decs, l->v[moved].offset, l->v[moved].count) == 0)
+    moved++;
+  /* What did not fit is retried at the next run. */
+  memmove (l->v, l->v + moved, (l->n - moved) * sizeof *l->v);
+  l->n -= moved;
+}
+
+void
+cw_close (struct qcow2 *q)
+{
+  /* The final flush writes the buffer, then drops its reference: a host
+   * cluster whose compressed clusters were all trimmed is freed then.
+   */
+  if (q->cw_cur && !q->cw_closed)
+    retire_ref (q, q->cw_cur->host);
+  q->cw_closed = true;
+}
+
+bool
+cw_holds (const struct qcow2 *q, uint64_t offset, uint64_t count)
+{
+  uint64_t end = offset + (count << q->cluster_bits);
+  const struct cw_buf *b = q->cw_cur;
+
+  if (b && !q->cw_closed && b->host >= offset && b->host < end)
+    return true;
+  for (b = q->cw_sealed; b; b = b->next)
+    if (b->host >= offset && b->host < end)
+      return true;
+  return false;
+}
+
+void
 cw_free (struct qcow2 *q)
 {
   /* Called after the final flush: nothing is in flight. */
@@ -259,4 +323,7 @@ cw_free (struct qcow2 *q)
     free (q->cw_cur);
     q->cw_cur = NULL;
   }
+  free (q->cw_retired.v);
+  q->cw_retired.v = NULL;
+  q->cw_retired.n = q->cw_retired.cap = 0;
 }

@@ -30,6 +30,7 @@
  */
 #include <config.h>
 
+#include <assert.h>
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
@@ -388,6 +389,8 @@ make_reusable (struct qcow2 *q)
     }
   }
   for (size_t i = 0; i < r->n; i++) {
+    /* A packing buffer holds a reference until it is retired. */
+    assert (!cw_holds (q, r->v[i].offset, r->v[i].count));
     if (extent_add (&q->free_clusters, r->v[i].offset, r->v[i].count) < 0)
       break;                    /* not reused: only space lost */
     if (r->v[i].count > q->free_largest)
@@ -601,6 +604,10 @@ flush_step (struct qcow2 *q)
        */
       if (!q->lazy || fl->full)
         swap_lists (&fl->work, &q->incs);
+      /* After the swap: the increments of these buffers' clusters were
+       * recorded before, so they are applied before these decrements.
+       */
+      cw_retire (q);
       fl->meta = fl->work.n || cache_has_dirty (&q->rbc)
         || cache_has_dirty (&q->l2c) || l1_dirty (q) || q->reftable_dirty
         || q->reftable_moved || (q->decs.n && (!q->lazy || fl->full));

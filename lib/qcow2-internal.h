@@ -426,6 +426,18 @@ bool cw_lookup (struct qcow2 *q, uint64_t start, uint64_t len, void *dst);
  * (counted with flush_note_io), 0 when none is needed, -errno.
  */
 int cw_flush_start (struct qcow2 *q);
+/* Flusher, when a run starts: queue the decrements of the packing buffers'
+ * own references that are no longer needed.
+ */
+void cw_retire (struct qcow2 *q);
+/* Close, before the final flush: nothing more is packed; that flush drops
+ * the open buffer's own reference.
+ */
+void cw_close (struct qcow2 *q);
+/* Whether clusters [offset, offset + count clusters) include one that a
+ * packing buffer still holds (which must never be freed).
+ */
+bool cw_holds (const struct qcow2 *q, uint64_t offset, uint64_t count);
 void cw_free (struct qcow2 *q);
 
 /* ---- qcow2-header.c: header parse/validate and header field writes ---- */
@@ -512,6 +524,8 @@ struct qcow2 {
   struct cw_buf *cw_cur;        /* cluster being packed */
   struct cw_buf *cw_sealed;     /* full clusters being written */
   unsigned cw_inflight;         /* sealed clusters not yet written */
+  struct extent_list cw_retired; /* buffers' own references to drop */
+  bool cw_closed;               /* closing: nothing more is packed */
   struct waitq cw_waiters;      /* the flusher, waiting for those */
   uint64_t backing_offset;
   uint32_t backing_size;

@@ -633,6 +633,7 @@ qcow2_close (struct qcow2 *q)
     /* At close even lazy refcounts are written, then the image is clean. */
     if (q->lazy)
       flush_set_full (q);
+    cw_close (q);
     if (qcow2_flush (q, close_flush_done, &res) == 0) {
       drain (q, &res);
       ret = res == 1 ? -EIO : res;
