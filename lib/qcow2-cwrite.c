@@ -212,14 +212,15 @@ cw_store (struct qcow2 *q, const void *data, uint64_t *desc)
   if (!q->cw_cur) {
     /* alloc_clusters records the buffer's own reference. */
     struct cw_buf *b = calloc (1, sizeof *b);
+    r = -ENOMEM;
     if (b)
       b->buf = aligned_alloc_zero (cs);
-    if (!b || !b->buf || !(b->host = alloc_clusters (q, 1))) {
+    if (!b || !b->buf || (r = alloc_clusters (q, 1, &b->host)) < 0) {
       if (b)
         free (b->buf);
       free (b);
       free (tmp);
-      return -ENOMEM;
+      return r;
     }
     b->q = q;
     q->cw_cur = b;

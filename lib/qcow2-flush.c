@@ -212,7 +212,10 @@ submit_op (struct qcow2 *q, enum aio_op_type type, void *buf, size_t len,
 }
 
 /* Clusters for the flusher's own metadata: their increments belong to the
- * run in progress, not to the next one.
+ * run in progress, not to the next one.  They come out of the space that
+ * every allocation reserved for them (qcow2-space.c), so a flush never runs
+ * out of space for the metadata of writes already acknowledged.  Returns 0
+ * when out of memory (never a valid cluster: the header is there).
  */
 static uint64_t
 own_alloc (struct qcow2 *q, uint64_t count)
@@ -220,7 +223,7 @@ own_alloc (struct qcow2 *q, uint64_t count)
   uint64_t off = q->alloc_end;
   if (extent_add (&q->flusher->work, off, count) < 0)
     return 0;
-  q->alloc_end += count << q->cluster_bits;
+  space_consume (q, count);
   return off;
 }
 
@@ -447,6 +450,7 @@ apply_work (struct qcow2 *q)
       }
       cache_set_offset (e, rboff);
       q->reftable[rbi] = htobe64 (rboff);
+      space_block_created (q, rbi);
       if (rbi + 1 > q->reftable_used)
         q->reftable_used = rbi + 1;
       q->reftable_dirty = true;

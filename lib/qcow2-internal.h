@@ -166,14 +166,33 @@ void refblock_set (const struct qcow2 *q, void *block, uint64_t i,
                    uint64_t v);
 /* Reserve count contiguous host clusters, reusing freed ones when it can;
  * their refcount increments are recorded for the next flush.  Never waits.
- * Returns the host offset, or 0 when out of memory.
+ * Returns 0 with the host offset in *out, or -errno: -ENOSPC when the file
+ * system cannot hold them and the metadata they will need, -EIO when the
+ * image is found corrupt, -ENOMEM.
  */
-uint64_t alloc_clusters (struct qcow2 *q, uint64_t count);
+int alloc_clusters (struct qcow2 *q, uint64_t count, uint64_t *out);
 /* The same, always at the end of the file: clusters nothing was ever
  * written to, which read as zeros (new L2 tables rely on it).
  */
-uint64_t alloc_fresh_clusters (struct qcow2 *q, uint64_t count);
+int alloc_fresh_clusters (struct qcow2 *q, uint64_t count, uint64_t *out);
 int extent_add (struct extent_list *l, uint64_t offset, uint64_t count);
+
+/* ---- qcow2-space.c: file space reserved ahead of the allocator ---- */
+
+/* Make sure the file's reserved space reaches new_alloc_end plus the
+ * metadata the flusher may need then.  0 or -errno (-ENOSPC).
+ */
+int space_reserve_end (struct qcow2 *q, uint64_t new_alloc_end);
+/* Reserve the space of clusters being reused (they were punched). */
+int space_reserve_range (struct qcow2 *q, uint64_t offset, uint64_t len);
+/* Move alloc_end over count clusters already reserved. */
+void space_consume (struct qcow2 *q, uint64_t count);
+/* The flusher made the refcount block of this reftable index. */
+void space_block_created (struct qcow2 *q, uint64_t index);
+/* Open (read-write): reserve the L1 and refcount tables' own space. */
+void space_reserve_tables (struct qcow2 *q);
+/* Close: give back the space reserved past alloc_end. */
+int space_trim (struct qcow2 *q);
 
 /* ---- qcow2-flush.c: ordered metadata write-back ---- */
 
@@ -558,7 +577,11 @@ struct qcow2 {
   uint32_t old_reftable_clusters;
 
   uint64_t alloc_end;           /* next free host offset (cluster aligned) */
-  uint64_t file_end;            /* file size: grown ahead of alloc_end */
+  uint64_t file_end;            /* reserved up to here (qcow2-space.c) */
+  uint64_t rb_scanned;          /* refcount blocks looked at for headroom */
+  uint64_t rb_missing;          /* ... and how many of them were missing */
+  unsigned exact_grows;         /* grow by exactly what is needed */
+  bool no_fallocate;            /* nothing can be reserved here */
   struct extent_list incs;      /* refcount +1 owed at the next flush */
   struct extent_list decs;      /* refcount -1 owed after L2/L1 are durable */
   struct extent_list free_clusters;  /* refcount 0 on disk: reusable */

@@ -508,6 +508,8 @@ image_open (const char *path, const struct qcow2_opts *opts, unsigned depth,
   end = round_up (q->l1_offset + l1_bytes, q->cluster_size);
   if (end > q->alloc_end)
     q->alloc_end = end;
+  if (!q->read_only)
+    space_reserve_tables (q);
 
   q->zero_cluster = aligned_alloc_zero (q->cluster_size);
   if (!q->zero_cluster)
@@ -640,16 +642,17 @@ qcow2_close (struct qcow2 *q)
     }
     if (ret == 0 && q->lazy)
       ret = set_dirty (q, false);
-    /* Give back what was grown ahead and not used: nothing past
-     * alloc_end is referenced.
-     */
-    if (ret == 0 && q->file_end > q->alloc_end
-        && ftruncate (q->fd, (off_t) q->alloc_end) < 0)
-      qlog (q, LOG_WARNING, "%s: trimming the file at close: %s", q->path,
-            strerror (errno));
+    /* Give back what was reserved ahead and not used. */
+    if (ret == 0) {
+      int r = space_trim (q);
+      if (r < 0)
+        qlog (q, LOG_WARNING, "%s: trimming the file at close: %s", q->path,
+              strerror (-r));
+    }
   }
   if (ret < 0)
-    qlog (q, LOG_ERR, "%s: writing back metadata at close: %s", q->path,
+    qlog (q, LOG_ERR, "%s: writing back metadata at close failed (%s): "
+          "writes since the last successful flush may be lost", q->path,
           strerror (-ret));
   free_image (q);
   return ret;

@@ -14,8 +14,6 @@
 #include <stdlib.h>
 #include <unistd.h>
 
-#define GROW_STEP_MIN (64ull << 20)
-
 #include "qcow2-internal.h"
 
 uint64_t
@@ -71,27 +69,6 @@ extent_add (struct extent_list *l, uint64_t offset, uint64_t count)
   return 0;
 }
 
-/* Writes past the end of a file extend it, and file systems serialise
- * that (ext4 takes the inode lock exclusively, so parallel O_DIRECT writes
- * queue up).  Keep the file a step ahead of the allocations instead, so
- * that new clusters are written inside it; close trims it back.  A failure
- * only costs that speed.
- */
-static void
-grow_file (struct qcow2 *q)
-{
-  uint64_t step = q->alloc_end / 8;
-  uint64_t end;
-
-  if (step < GROW_STEP_MIN)
-    step = GROW_STEP_MIN;
-  end = round_up (q->alloc_end + step, q->cluster_size);
-  if (ftruncate (q->fd, (off_t) end) == 0)
-    q->file_end = end;
-  else
-    q->file_end = q->alloc_end;     /* try again later, not every time */
-}
-
 /* Record the refcount increments owed by count clusters at off. */
 static int
 owe_increments (struct qcow2 *q, uint64_t off, uint64_t count)
@@ -107,24 +84,28 @@ owe_increments (struct qcow2 *q, uint64_t off, uint64_t count)
   return extent_add (l, off, count);
 }
 
-uint64_t
-alloc_fresh_clusters (struct qcow2 *q, uint64_t count)
+int
+alloc_fresh_clusters (struct qcow2 *q, uint64_t count, uint64_t *out)
 {
   uint64_t off = q->alloc_end;
+  int r = space_reserve_end (q, off + (count << q->cluster_bits));
 
-  if (owe_increments (q, off, count) < 0)
-    return 0;                   /* never a valid cluster: the header is there */
-  q->alloc_end += count << q->cluster_bits;
-  if (q->alloc_end > q->file_end)
-    grow_file (q);
-  return off;
+  if (r < 0)
+    return r;
+  r = owe_increments (q, off, count);
+  if (r < 0)
+    return r;
+  space_consume (q, count);
+  *out = off;
+  return 0;
 }
 
-uint64_t
-alloc_clusters (struct qcow2 *q, uint64_t count)
+int
+alloc_clusters (struct qcow2 *q, uint64_t count, uint64_t *out)
 {
   struct extent_list *f = &q->free_clusters;
   uint64_t largest = 0;
+  int r;
 
   /* First fit among the clusters freed by earlier flushes, so that an
    * image whose guest discards does not grow for ever.  free_largest
@@ -140,16 +121,22 @@ alloc_clusters (struct qcow2 *q, uint64_t count)
       continue;
     }
     /* Refcounts said free; make sure no metadata lives there (L2 tables
-     * were checked when the clusters were freed).
+     * were checked when the clusters were freed).  They were punched:
+     * their space is reserved again before anything is written there.
      */
-    if (overlap_check (q, META_DATA, off, count << q->cluster_bits) < 0
-        || owe_increments (q, off, count) < 0)
-      return 0;
+    r = overlap_check (q, META_DATA, off, count << q->cluster_bits);
+    if (r == 0)
+      r = space_reserve_range (q, off, count << q->cluster_bits);
+    if (r == 0)
+      r = owe_increments (q, off, count);
+    if (r < 0)
+      return r;
     f->v[i].offset += count << q->cluster_bits;
     f->v[i].count -= count;
     if (f->v[i].count == 0)
       f->v[i] = f->v[--f->n];
-    return off;
+    *out = off;
+    return 0;
   }
-  return alloc_fresh_clusters (q, count);
+  return alloc_fresh_clusters (q, count, out);
 }

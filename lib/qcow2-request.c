@@ -280,11 +280,11 @@ new_l2_table (struct qcow2_req *req, uint64_t l1i, uint64_t slice,
   r = cache_get_empty (&q->l2c, req, &e);
   if (r != CACHE_READY)
     return r < 0 ? r : 0;
-  off = alloc_fresh_clusters (q, 1);
-  if (!off) {
+  r = alloc_fresh_clusters (q, 1, &off);
+  if (r < 0) {
     cache_set_offset (e, 0);
     cache_put (e);
-    return -ENOMEM;
+    return r;
   }
   cache_set_offset (e, off + slice * q->l2_slice_bytes);
   if (old) {

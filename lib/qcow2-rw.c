@@ -671,11 +671,14 @@ plan_write (struct qcow2_req *req)
     }
     else {
       /* An external data file has a fixed mapping and no refcounts. */
-      io->host = q->data_file ? io->guest & ~(cs - 1)
-        : alloc_clusters (q, io->count);
-      if (!io->host && !q->data_file) {
-        req->err = -ENOMEM;
-        break;
+      if (q->data_file)
+        io->host = io->guest & ~(cs - 1);
+      else {
+        int r = alloc_clusters (q, io->count, &io->host);
+        if (r < 0) {
+          req->err = r;
+          break;
+        }
       }
     }
     alloc_hold (req->l2, &io->a, io->first, io->count);

@@ -481,9 +481,10 @@ int_done (void *opaque, int ret)
  * data cluster ... refcount=2".
  *
  * The engine keeps the file grown well ahead of its allocations
- * (grow_file, ftruncate), which hides this as long as that ftruncate
- * works; here it fails (EFBIG under a file size limit, SIGXFSZ ignored),
- * as it may on any file system that refuses it.
+ * (qcow2-space.c), which hides this as long as the step it grows by fits;
+ * here it does not (EFBIG under a file size limit, SIGXFSZ ignored), as on
+ * a file system nearly full, and the file grows by just what the
+ * allocation reserves.
  */
 static void
 repro_refcount_past_eof (void)
@@ -511,12 +512,15 @@ repro_refcount_past_eof (void)
   }
   memset (buf, 0xab, cs);
 
-  /* The file may grow by one cluster (the new L2 table), no more. */
+  /* The file may grow by what one allocation reserves (the data cluster,
+   * the new L2 table, and room for refcount blocks and a larger refcount
+   * table), but not by a whole step.
+   */
   signal (SIGXFSZ, SIG_IGN);
   if (stat (path, &st) < 0 || getrlimit (RLIMIT_FSIZE, &old_lim) < 0)
     exit (1);
   lim = old_lim;
-  lim.rlim_cur = (rlim_t) round_up ((uint64_t) st.st_size, cs) + cs;
+  lim.rlim_cur = (rlim_t) round_up ((uint64_t) st.st_size, cs) + 16 * cs;
   if (setrlimit (RLIMIT_FSIZE, &lim) < 0)
     exit (1);
 
