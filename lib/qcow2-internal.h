@@ -405,6 +405,18 @@ enum meta_kind {
  */
 int overlap_check (struct qcow2 *q, enum meta_kind kind, uint64_t off,
                    uint64_t len);
+/* The sorted offsets of the active L2 tables, as L1 names them. */
+struct overlap_l2_set {
+  uint64_t *v;
+  size_t n, cap;
+};
+/* Build the set from L1 (open).  0 or -ENOMEM. */
+int overlap_l2_rebuild (struct qcow2 *q);
+/* Room for one more table, so that overlap_l2_replace cannot fail. */
+int overlap_l2_reserve (struct qcow2 *q);
+/* L1 now names table new where it named old (0: none). */
+void overlap_l2_replace (struct qcow2 *q, uint64_t old, uint64_t new);
+void overlap_free (struct qcow2 *q);
 
 /* ---- qcow2-snapshot.c: the internal snapshot table ---- */
 
@@ -564,6 +576,7 @@ struct qcow2 {
 
   /* L1 table, big-endian, in an aligned buffer. */
   uint64_t *l1;
+  struct overlap_l2_set l2_tables;  /* the tables L1 names, sorted */
   size_t l1_buf_bytes;
   int64_t l1_dirty_lo, l1_dirty_hi;  /* dirty index range, -1 if clean */
 

@@ -239,6 +239,7 @@ free_image (struct qcow2 *q)
   free (q->incs.v);
   free (q->decs.v);
   free (q->free_clusters.v);
+  overlap_free (q);
   free (q->path);
   free (q);
 }
@@ -508,8 +509,12 @@ image_open (const char *path, const struct qcow2_opts *opts, unsigned depth,
   end = round_up (q->l1_offset + l1_bytes, q->cluster_size);
   if (end > q->alloc_end)
     q->alloc_end = end;
-  if (!q->read_only)
+  if (!q->read_only) {
     space_reserve_tables (q);
+    r = overlap_l2_rebuild (q);
+    if (r < 0)
+      FAIL (r, "out of memory for the L2 table set");
+  }
 
   q->zero_cluster = aligned_alloc_zero (q->cluster_size);
   if (!q->zero_cluster)

@@ -277,6 +277,9 @@ new_l2_table (struct qcow2_req *req, uint64_t l1i, uint64_t slice,
     flush_barrier_wait (q, req);
     return 0;
   }
+  r = overlap_l2_reserve (q);
+  if (r < 0)
+    return r;
   r = cache_get_empty (&q->l2c, req, &e);
   if (r != CACHE_READY)
     return r < 0 ? r : 0;
@@ -292,6 +295,7 @@ new_l2_table (struct qcow2_req *req, uint64_t l1i, uint64_t slice,
     if (extent_add (&q->decs, be64toh (q->l1[l1i]) & L1E_OFFSET_MASK, 1) < 0)
       qlog (q, LOG_WARNING, "out of memory: an old L2 table will leak");
   }
+  overlap_l2_replace (q, be64toh (q->l1[l1i]) & L1E_OFFSET_MASK, off);
   q->l1[l1i] = htobe64 (off | L1E_COPIED);
   if (q->l1_dirty_lo < 0 || (int64_t) l1i < q->l1_dirty_lo)
     q->l1_dirty_lo = (int64_t) l1i;

@@ -30,7 +30,8 @@ put64 (FILE *f, uint64_t off, uint64_t v)
 }
 
 /* Make an image with data at 0 and at 1 MiB, then point an entry of the
- * first L2 table (index idx) at target.
+ * first L2 table (index idx) at target: 0 the L1 table, 1 a refcount
+ * block, 2 inside the header, 3 that L2 table itself.
  */
 static char *
 broken_image (const char *name, unsigned idx, int target_kind)
@@ -49,7 +50,8 @@ broken_image (const char *name, unsigned idx, int target_kind)
   reft = get64 (f, 48);
   l2 = get64 (f, l1) & 0x00fffffffffffe00ull;
   rb = get64 (f, reft) & ~511ull;
-  target = target_kind == 0 ? l1 : target_kind == 1 ? rb : 512;
+  target = target_kind == 0 ? l1 : target_kind == 1 ? rb
+    : target_kind == 3 ? l2 : 512;
   put64 (f, l2 + 8 * idx, target | (1ull << 63));
   fclose (f);
   return path;
@@ -107,6 +109,27 @@ main (void)
   q = open_image (path, NULL, true);
   CHECK (sync_read (q, 0, buf, 4096) == 0 && buf[0] == 0x61,
          "still served read-only");
+  qcow2_close (q);
+  free (path);
+
+  /* Cluster 2 mapped onto its own L2 table: a client write there would
+   * overwrite the table (and with it the mapping of every cluster it
+   * holds), so the image is marked corrupt instead.
+   */
+  path = broken_image ("l2-to-itself.qcow2", 2, 3);
+  q = open_image (path, NULL, false);
+  memset (buf, 0xee, 4096);
+  CHECK (sync_write (q, 2 * 65536, buf, 4096, 0) == -EIO,
+         "write onto the L2 table refused");
+  CHECK (sync_read (q, 0, buf, 4096) == 0 && buf[0] == 0x61,
+         "the table still maps cluster 0");
+  CHECK (sync_read (q, 1 << 20, buf, 4096) == 0 && buf[0] == 0x62,
+         "reads go on");
+  qcow2_close (q);
+  CHECK (corrupt_bit (path), "marked corrupt on disk");
+  q = open_image (path, NULL, true);
+  CHECK (sync_read (q, 65536, buf, 4096) == 0 && buf[0] == 0x61,
+         "the table is intact on disk");
   qcow2_close (q);
   free (path);
 
