@@ -282,6 +282,8 @@ cw_retire (struct qcow2 *q)
   struct extent_list *l = &q->cw_retired;
   size_t moved = 0;
 
+  if (l->n == 0)
+    return;
   while (moved < l->n
          && extent_add (&q->decs, l->v[moved].offset, l->v[moved].count) == 0)
     moved++;
