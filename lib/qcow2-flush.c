@@ -449,8 +449,9 @@ apply_work (struct qcow2 *q)
         return -ENOMEM;
       }
       cache_set_offset (e, rboff);
-      q->reftable[rbi] = htobe64 (rboff);
+      /* Before the entry is set: it is counted as missing until then. */
       space_block_created (q, rbi);
+      q->reftable[rbi] = htobe64 (rboff);
       if (rbi + 1 > q->reftable_used)
         q->reftable_used = rbi + 1;
       q->reftable_dirty = true;

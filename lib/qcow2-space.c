@@ -49,7 +49,9 @@ blocks_missing (struct qcow2 *q, uint64_t last)
 {
   while (q->rb_scanned <= last) {
     uint64_t i = q->rb_scanned++;
-    if (i >= q->reftable_entries || q->reftable[i] == 0)
+    /* As the flusher reads it: reserved low bits alone mean no block. */
+    if (i >= q->reftable_entries
+        || (be64toh (q->reftable[i]) & REFT_OFFSET_MASK) == 0)
       q->rb_missing++;
   }
   return q->rb_missing;
