@@ -27,6 +27,8 @@
 #define INCOMPAT_COMPRESSION   (1ull << 3)
 #define INCOMPAT_EXTL2         (1ull << 4)
 #define COMPAT_LAZY_REFCOUNTS  (1ull << 0)
+/* The external data file is a raw image of the disk: kept up to date. */
+#define AUTOCLEAR_DATA_FILE_RAW (1ull << 1)
 
 #define L1E_OFFSET_MASK        0x00fffffffffffe00ull
 #define L2E_OFFSET_MASK        0x00fffffffffffe00ull
@@ -476,6 +478,8 @@ struct qcow2 {
   int dfd;                      /* data clusters: fd, or an external data
                                    file (guest offset = its offset) */
   char *data_file;              /* external data file name, or NULL */
+  bool data_file_raw;           /* the data file reads as the disk: zeroes
+                                   and discards zero it too */
   struct qcow2 *backing;        /* read-only, shares aio; NULL if none */
   struct qcow2 *top;            /* the image the caller opened */
   unsigned depth;               /* 0 for the top image */

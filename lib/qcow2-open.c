@@ -567,16 +567,22 @@ image_open (const char *path, const struct qcow2_opts *opts, unsigned depth,
     q->lazy = true;
   }
 
-  /* Bits for features we do not maintain must be cleared before writing. */
-  if (!q->read_only && q->autoclear) {
-    uint64_t zero = 0;
-    memcpy ((char *) q->header_sector + 88, &zero, 8);
+  /* Bits for features we do not maintain must be cleared before writing.
+   * A raw data file we keep raw (qcow2-zero.c), so that bit stays.
+   */
+  q->data_file_raw = q->data_file
+    && (q->autoclear & AUTOCLEAR_DATA_FILE_RAW);
+  if (!q->read_only
+      && (q->autoclear & ~(q->data_file_raw ? AUTOCLEAR_DATA_FILE_RAW : 0))) {
+    uint64_t keep = htobe64 (q->autoclear & AUTOCLEAR_DATA_FILE_RAW
+                             & (q->data_file_raw ? ~0ull : 0));
+    memcpy ((char *) q->header_sector + 88, &keep, 8);
     r = blocking_pwrite (q->fd, q->header_sector, SECTOR, 0);
     if (r == 0 && fdatasync (q->fd) < 0)
       r = -errno;
     if (r < 0)
       FAIL (r, "clearing autoclear feature bits: %s", strerror (-r));
-    q->autoclear = 0;
+    q->autoclear = be64toh (keep);
   }
 
   if (q->backing_offset) {
