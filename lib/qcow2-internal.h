@@ -438,6 +438,16 @@ void cw_free (struct qcow2 *q);
  */
 int header_parse (struct qcow2 *q, const void *buf, size_t len,
                   uint64_t file_size, char *err, size_t errlen);
+/* Open-time bounds: what is read at open must lie in the file, so that a
+ * small file cannot make open read, allocate or write much.  Each returns
+ * 0, or -EINVAL with "WHAT offset 0x... is past the end of the file (size
+ * N)" in err.  in_file: all of [off, off+len); l1_in_file: every L2 table
+ * an L1 table names starts inside the file.
+ */
+int in_file (const char *what, uint64_t off, uint64_t len,
+             uint64_t file_size, char *err, size_t errlen);
+int l1_in_file (const char *what, const uint64_t *l1, uint32_t n,
+                uint64_t file_size, char *err, size_t errlen);
 
 /* ---- qcow2-raw.c: raw images ---- */
 
