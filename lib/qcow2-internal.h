@@ -449,6 +449,24 @@ int in_file (const char *what, uint64_t off, uint64_t len,
 int l1_in_file (const char *what, const uint64_t *l1, uint32_t n,
                 uint64_t file_size, char *err, size_t errlen);
 
+/* ---- qcow2-lock.c: image locks shared with QEMU ---- */
+
+enum image_lock_mode {
+  IMAGE_LOCK_READ,              /* reading; refuse writers */
+  IMAGE_LOCK_WRITE,             /* writing; refuse writers and readers
+                                   that refuse writers */
+  IMAGE_LOCK_SHARE_ALL,         /* reading; refuse nobody (force-share) */
+};
+
+/* Lock fd (the file what names, for messages) as QEMU does for such an
+ * open.  Returns 0; -EBUSY when another process's locks conflict, with
+ * "WHAT is in use by another process (... lock)" in err; or -errno.  A
+ * file system without locks is served with a warning.  The locks go away
+ * with the descriptor.
+ */
+int image_lock (struct qcow2 *q, int fd, enum image_lock_mode mode,
+                const char *what, char *err, size_t errlen);
+
 /* ---- qcow2-raw.c: raw images ---- */
 
 /* Run a request on a raw image until it blocks or finishes. */
@@ -495,6 +513,7 @@ struct qcow2 {
   unsigned depth;               /* 0 for the top image */
   char backing_fmt[16];         /* from the header extension, or "" */
   bool read_only;
+  unsigned char lock_mode;      /* enum image_lock_mode of fd and dfd */
   bool direct;
   unsigned char fd_inline;      /* enum aio_inline for fd ... */
   unsigned char dfd_inline;     /* ... and for dfd */

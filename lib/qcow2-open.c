@@ -429,6 +429,14 @@ image_open (const char *path, const struct qcow2_opts *opts, unsigned depth,
   if (!S_ISREG (st.st_mode))
     FAIL (-EINVAL, "not a regular file");
   file_size = (uint64_t) st.st_size;
+  /* Before reading anything: a writer elsewhere may be changing it. */
+  if (opts->force_share && !q->read_only)
+    FAIL (-EINVAL, "force-share is only possible read-only");
+  q->lock_mode = q->read_only ? (opts->force_share ? IMAGE_LOCK_SHARE_ALL
+                                 : IMAGE_LOCK_READ) : IMAGE_LOCK_WRITE;
+  r = image_lock (q, q->fd, q->lock_mode, "image", err, errlen);
+  if (r < 0)
+    goto fail;
 
   /* The first sector tells the cluster size; the header cluster holds the
    * extensions.
@@ -471,6 +479,13 @@ image_open (const char *path, const struct qcow2_opts *opts, unsigned depth,
     r = open_data_file (q, flags, err, errlen);
     if (r < 0)
       goto fail;
+    if (q->dfd != q->fd) {
+      char what[300];
+      snprintf (what, sizeof what, "external data file %s", q->data_file);
+      r = image_lock (q, q->dfd, q->lock_mode, what, err, errlen);
+      if (r < 0)
+        goto fail;
+    }
   }
 
   l1_bytes = (uint64_t) q->l1_size * 8;
