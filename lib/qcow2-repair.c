@@ -119,6 +119,8 @@ count_l2_tables (struct counts *k, void *l2buf)
   uint32_t per = cs >> (q->extl2 ? 4 : 3);
   int r = 0;
 
+  if (k->nl2 == 0)
+    return 0;
   qsort (k->l2, k->nl2, sizeof *k->l2, cmp_l2ref);
   for (size_t i = 0, j; r == 0 && i < k->nl2; i = j) {
     uint64_t l2off = k->l2[i].offset;
