@@ -68,6 +68,35 @@ feature_name (const uint8_t *buf, size_t len, size_t ext_start, unsigned bit,
 }
 
 int
+in_file (const char *what, uint64_t off, uint64_t len, uint64_t file_size,
+         char *err, size_t errlen)
+{
+  if (off < file_size && len <= file_size - off)
+    return 0;
+  return fail (err, errlen, -EINVAL, "%s offset 0x%" PRIx64 " is past the "
+               "end of the file (size %" PRIu64 ")", what, off, file_size);
+}
+
+int
+l1_in_file (const char *what, const uint64_t *l1, uint32_t n,
+            uint64_t file_size, char *err, size_t errlen)
+{
+  char name[80];
+
+  for (uint32_t i = 0; i < n; i++) {
+    uint64_t off = be64toh (l1[i]) & L1E_OFFSET_MASK;
+    /* Only the start: slices of a new table nobody wrote are not in the
+     * file yet (qcow2-request.c), and read as zeros.
+     */
+    if (off && off >= file_size) {
+      snprintf (name, sizeof name, "%sL2 table", what);
+      return in_file (name, off, 1, file_size, err, errlen);
+    }
+  }
+  return 0;
+}
+
+int
 header_parse (struct qcow2 *q, const void *vbuf, size_t len,
               uint64_t file_size, char *err, size_t errlen)
 {
@@ -184,22 +213,29 @@ header_parse (struct qcow2 *q, const void *vbuf, size_t len,
   if (l1_need > q->l1_size)
     return fail (err, errlen, -EINVAL, "L1 table (%" PRIu32 " entries) too "
                  "small for a %" PRIu64 "-byte disk", q->l1_size, q->size);
-  if (q->l1_size && ((q->l1_offset & (cs - 1)) || q->l1_offset == 0
-                     || q->l1_offset > file_size
-                     || l1_bytes > file_size - q->l1_offset))
-    return fail (err, errlen, -EINVAL, "L1 table at 0x%" PRIx64 " lies "
-                 "outside the file or is unaligned", q->l1_offset);
+  if (q->l1_size && ((q->l1_offset & (cs - 1)) || q->l1_offset == 0))
+    return fail (err, errlen, -EINVAL, "L1 table at 0x%" PRIx64 " is "
+                 "unaligned", q->l1_offset);
+  if (q->l1_size && in_file ("L1 table", q->l1_offset, l1_bytes, file_size,
+                             err, errlen) < 0)
+    return -EINVAL;
   reft_bytes = (uint64_t) q->reftable_clusters * cs;
   if (q->reftable_clusters == 0 || reft_bytes > MAX_REFTABLE_BYTES)
     return fail (err, errlen, -EINVAL, "invalid refcount table size (%"
                  PRIu32 " clusters)", q->reftable_clusters);
-  if ((q->reftable_offset & (cs - 1)) || q->reftable_offset == 0
-      || q->reftable_offset > file_size
-      || reft_bytes > file_size - q->reftable_offset)
+  if ((q->reftable_offset & (cs - 1)) || q->reftable_offset == 0)
     return fail (err, errlen, -EINVAL, "refcount table at 0x%" PRIx64
-                 " lies outside the file or is unaligned", q->reftable_offset);
+                 " is unaligned", q->reftable_offset);
+  if (in_file ("refcount table", q->reftable_offset, reft_bytes, file_size,
+               err, errlen) < 0)
+    return -EINVAL;
   if (q->nb_snapshots && (q->snapshots_offset & (cs - 1)))
     return fail (err, errlen, -EINVAL, "snapshot table offset is unaligned");
+  /* Each entry takes at least 40 bytes. */
+  if (q->nb_snapshots
+      && in_file ("snapshot table", q->snapshots_offset,
+                  (uint64_t) q->nb_snapshots * 40, file_size, err, errlen) < 0)
+    return -EINVAL;
 
   /* Walk the extensions so that a malformed list is caught at open. */
   p = ext_start;

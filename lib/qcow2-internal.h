@@ -27,6 +27,8 @@
 #define INCOMPAT_COMPRESSION   (1ull << 3)
 #define INCOMPAT_EXTL2         (1ull << 4)
 #define COMPAT_LAZY_REFCOUNTS  (1ull << 0)
+/* The external data file is a raw image of the disk: kept up to date. */
+#define AUTOCLEAR_DATA_FILE_RAW (1ull << 1)
 
 #define L1E_OFFSET_MASK        0x00fffffffffffe00ull
 #define L2E_OFFSET_MASK        0x00fffffffffffe00ull
@@ -479,6 +481,34 @@ void cw_free (struct qcow2 *q);
  */
 int header_parse (struct qcow2 *q, const void *buf, size_t len,
                   uint64_t file_size, char *err, size_t errlen);
+/* Open-time bounds: what is read at open must lie in the file, so that a
+ * small file cannot make open read, allocate or write much.  Each returns
+ * 0, or -EINVAL with "WHAT offset 0x... is past the end of the file (size
+ * N)" in err.  in_file: all of [off, off+len); l1_in_file: every L2 table
+ * an L1 table names starts inside the file.
+ */
+int in_file (const char *what, uint64_t off, uint64_t len,
+             uint64_t file_size, char *err, size_t errlen);
+int l1_in_file (const char *what, const uint64_t *l1, uint32_t n,
+                uint64_t file_size, char *err, size_t errlen);
+
+/* ---- qcow2-lock.c: image locks shared with QEMU ---- */
+
+enum image_lock_mode {
+  IMAGE_LOCK_READ,              /* reading; refuse writers */
+  IMAGE_LOCK_WRITE,             /* writing; refuse writers and readers
+                                   that refuse writers */
+  IMAGE_LOCK_SHARE_ALL,         /* reading; refuse nobody (force-share) */
+};
+
+/* Lock fd (the file what names, for messages) as QEMU does for such an
+ * open.  Returns 0; -EBUSY when another process's locks conflict, with
+ * "WHAT is in use by another process (... lock)" in err; or -errno.  A
+ * file system without locks is served with a warning.  The locks go away
+ * with the descriptor.
+ */
+int image_lock (struct qcow2 *q, int fd, enum image_lock_mode mode,
+                const char *what, char *err, size_t errlen);
 
 /* ---- qcow2-raw.c: raw images ---- */
 
@@ -519,11 +549,14 @@ struct qcow2 {
   int dfd;                      /* data clusters: fd, or an external data
                                    file (guest offset = its offset) */
   char *data_file;              /* external data file name, or NULL */
+  bool data_file_raw;           /* the data file reads as the disk: zeroes
+                                   and discards zero it too */
   struct qcow2 *backing;        /* read-only, shares aio; NULL if none */
   struct qcow2 *top;            /* the image the caller opened */
   unsigned depth;               /* 0 for the top image */
   char backing_fmt[16];         /* from the header extension, or "" */
   bool read_only;
+  unsigned char lock_mode;      /* enum image_lock_mode of fd and dfd */
   bool direct;
   unsigned char fd_inline;      /* enum aio_inline for fd ... */
   unsigned char dfd_inline;     /* ... and for dfd */

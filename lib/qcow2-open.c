@@ -132,22 +132,33 @@ set_dirty (struct qcow2 *q, bool dirty)
 
 /* The end of the last cluster that has a non-zero refcount: the last
  * refcount block in use is read (and the one before it, while empty).
+ * Every refcount block must start inside the file: refcount blocks are
+ * durable before the table names them.
  */
 static int
-last_counted_cluster (struct qcow2 *q, uint64_t file_size, uint64_t *end)
+last_counted_cluster (struct qcow2 *q, uint64_t file_size, uint64_t *end,
+                      char *err, size_t errlen)
 {
   uint64_t per = (uint64_t) 1 << q->rb_bits;
-  void *block = aligned_alloc_zero (q->cluster_size);
+  void *block;
   int r = 0;
 
   *end = 0;
-  if (!block)
+  for (uint64_t i = 0; i < q->reftable_used; i++) {
+    uint64_t rb = be64toh (q->reftable[i]) & REFT_OFFSET_MASK;
+    if (rb && in_file ("refcount block", rb, 1, file_size, err, errlen) < 0)
+      return -EINVAL;
+  }
+  block = aligned_alloc_zero (q->cluster_size);
+  if (!block) {
+    snprintf (err, errlen, "out of memory");
     return -ENOMEM;
+  }
   for (uint64_t i = q->reftable_used; i > 0 && *end == 0; i--) {
     uint64_t rb = be64toh (q->reftable[i - 1]) & REFT_OFFSET_MASK;
     if (!rb)
       continue;
-    if ((rb & (q->cluster_size - 1)) || rb >= file_size)
+    if (rb & (q->cluster_size - 1))
       continue;                 /* corrupt; the flusher will say so */
     r = blocking_pread (q->fd, block, q->cluster_size, rb, true);
     if (r < 0)
@@ -159,6 +170,8 @@ last_counted_cluster (struct qcow2 *q, uint64_t file_size, uint64_t *end)
       }
   }
   free (block);
+  if (r < 0)
+    snprintf (err, errlen, "reading the refcounts: %s", strerror (-r));
   return r;
 }
 
@@ -417,6 +430,14 @@ image_open (const char *path, const struct qcow2_opts *opts, unsigned depth,
   if (!S_ISREG (st.st_mode))
     FAIL (-EINVAL, "not a regular file");
   file_size = (uint64_t) st.st_size;
+  /* Before reading anything: a writer elsewhere may be changing it. */
+  if (opts->force_share && !q->read_only)
+    FAIL (-EINVAL, "force-share is only possible read-only");
+  q->lock_mode = q->read_only ? (opts->force_share ? IMAGE_LOCK_SHARE_ALL
+                                 : IMAGE_LOCK_READ) : IMAGE_LOCK_WRITE;
+  r = image_lock (q, q->fd, q->lock_mode, "image", err, errlen);
+  if (r < 0)
+    goto fail;
 
   /* The first sector tells the cluster size; the header cluster holds the
    * extensions.
@@ -459,6 +480,13 @@ image_open (const char *path, const struct qcow2_opts *opts, unsigned depth,
     r = open_data_file (q, flags, err, errlen);
     if (r < 0)
       goto fail;
+    if (q->dfd != q->fd) {
+      char what[300];
+      snprintf (what, sizeof what, "external data file %s", q->data_file);
+      r = image_lock (q, q->dfd, q->lock_mode, what, err, errlen);
+      if (r < 0)
+        goto fail;
+    }
   }
 
   l1_bytes = (uint64_t) q->l1_size * 8;
@@ -470,6 +498,9 @@ image_open (const char *path, const struct qcow2_opts *opts, unsigned depth,
                  true);
   if (r < 0)
     FAIL (r, "reading the L1 table: %s", strerror (-r));
+  r = l1_in_file ("", q->l1, q->l1_size, file_size, err, errlen);
+  if (r < 0)
+    goto fail;
   /* The tail of the last sector may hold other data; keep it zero here so
    * a write-back of that sector never invents entries.  (The L1 table
    * occupies whole clusters, so the sector is ours.)
@@ -499,10 +530,11 @@ image_open (const char *path, const struct qcow2_opts *opts, unsigned depth,
    */
   q->file_end = file_size;
   q->alloc_end = round_up (file_size, q->cluster_size);
-  if (!q->read_only) {
-    r = last_counted_cluster (q, file_size, &end);
+  /* A dirty image's refcounts are rebuilt below, not trusted here. */
+  if (!q->read_only && !(q->incompat & INCOMPAT_DIRTY)) {
+    r = last_counted_cluster (q, file_size, &end, err, errlen);
     if (r < 0)
-      FAIL (r, "reading the refcounts: %s", strerror (-r));
+      goto fail;
     if (end > q->alloc_end)
       q->alloc_end = end;
   }
@@ -574,16 +606,22 @@ image_open (const char *path, const struct qcow2_opts *opts, unsigned depth,
     q->lazy = true;
   }
 
-  /* Bits for features we do not maintain must be cleared before writing. */
-  if (!q->read_only && q->autoclear) {
-    uint64_t zero = 0;
-    memcpy ((char *) q->header_sector + 88, &zero, 8);
+  /* Bits for features we do not maintain must be cleared before writing.
+   * A raw data file we keep raw (qcow2-zero.c), so that bit stays.
+   */
+  q->data_file_raw = q->data_file
+    && (q->autoclear & AUTOCLEAR_DATA_FILE_RAW);
+  if (!q->read_only
+      && (q->autoclear & ~(q->data_file_raw ? AUTOCLEAR_DATA_FILE_RAW : 0))) {
+    uint64_t keep = htobe64 (q->autoclear & AUTOCLEAR_DATA_FILE_RAW
+                             & (q->data_file_raw ? ~0ull : 0));
+    memcpy ((char *) q->header_sector + 88, &keep, 8);
     r = blocking_pwrite (q->fd, q->header_sector, SECTOR, 0);
     if (r == 0 && fdatasync (q->fd) < 0)
       r = -errno;
     if (r < 0)
       FAIL (r, "clearing autoclear feature bits: %s", strerror (-r));
-    q->autoclear = 0;
+    q->autoclear = be64toh (keep);
   }
 
   if (q->backing_offset) {

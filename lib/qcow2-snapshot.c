@@ -7,6 +7,7 @@
  */
 #include <config.h>
 
+#include <assert.h>
 #include <errno.h>
 #include <inttypes.h>
 #include <stdio.h>
@@ -36,6 +37,7 @@ snapshots_read (struct qcow2 *q, struct snapshot **out, unsigned *nout,
   struct snapshot *s = NULL;
   uint8_t *buf = NULL;
   size_t pos = 0, len;
+  uint64_t l1_total = 0;
   unsigned n = q->nb_snapshots;
   int r;
 
@@ -53,9 +55,10 @@ snapshots_read (struct qcow2 *q, struct snapshot **out, unsigned *nout,
   len = (size_t) n * 1024 + 65536;
   if (len > MAX_SNAPSHOT_TABLE)
     len = MAX_SNAPSHOT_TABLE;
-  if (q->snapshots_offset < q->alloc_end
-      && len > q->alloc_end - q->snapshots_offset)
-    len = q->alloc_end - q->snapshots_offset;
+  /* Never past the end of the file (header_parse checked the start). */
+  assert (q->snapshots_offset < q->file_end);
+  if (len > q->file_end - q->snapshots_offset)
+    len = q->file_end - q->snapshots_offset;
   buf = malloc (len);
   s = calloc (n, sizeof *s);
   if (!buf || !s) {
@@ -94,6 +97,24 @@ snapshots_read (struct qcow2 *q, struct snapshot **out, unsigned *nout,
     if ((s[i].l1_offset & (q->cluster_size - 1))
         || (uint64_t) s[i].l1_size * 8 > MAX_L1_BYTES)
       goto bad;
+    if (s[i].l1_size) {
+      char what[80];
+      snprintf (what, sizeof what, "snapshot %u L1 table", i + 1);
+      r = in_file (what, s[i].l1_offset, (uint64_t) s[i].l1_size * 8,
+                   q->file_end, err, errlen);
+      if (r < 0)
+        goto fail;
+    }
+    /* Tables of their own: together they fit in the file, which bounds
+     * what reading all of them (the repair) costs.
+     */
+    l1_total += (uint64_t) s[i].l1_size * 8;
+    if (l1_total > q->file_end) {
+      r = -EINVAL;
+      snprintf (err, errlen, "the snapshots' L1 tables add up to more than "
+                "the file (%" PRIu64 " bytes)", q->file_end);
+      goto fail;
+    }
     pos += round_up (entry, 8);
   }
   q->snapshots_bytes = pos;
@@ -147,6 +168,12 @@ snapshot_load (struct qcow2 *q, const char *which, char *err, size_t errlen)
     snapshots_free (s, n);
     snprintf (err, errlen, "reading the L1 table of snapshot '%s': %s",
               which, strerror (-r));
+    return r;
+  }
+  r = l1_in_file ("snapshot's ", l1, pick->l1_size, q->file_end, err, errlen);
+  if (r < 0) {
+    free (l1);
+    snapshots_free (s, n);
     return r;
   }
   /* The snapshot's own size, and never more than its L1 can map. */

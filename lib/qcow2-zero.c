@@ -10,9 +10,13 @@
  * Partial clusters of a write-zeroes that do not already read as zeros are
  * written with zeros by child write requests, which take the ordinary
  * write path (in place, or copy-on-write for shared/compressed clusters).
+ *
+ * With a raw external data file (data_file_raw) the data file must read as
+ * the disk, so each segment's range is also punched out of it.
  */
 #include <config.h>
 
+#include <assert.h>
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
@@ -142,8 +146,9 @@ zero_cluster_sc (struct qcow2_req *req, uint64_t pos, uint64_t end)
   return true;
 }
 
-bool
-zero_segment (struct qcow2_req *req)
+/* Change the segment's L2 entries.  Returns false when blocked. */
+static bool
+zero_entries (struct qcow2_req *req)
 {
   struct qcow2 *q = req->q;
   struct cache_entry *e = req->l2;
@@ -252,6 +257,62 @@ zero_segment (struct qcow2_req *req)
   if (changed)
     cache_mark_dirty (e);
   return true;
+}
+
+static void
+punch_done (struct aio_op *op, int64_t ret)
+{
+  struct qcow2_req *req = op->opaque;
+
+  if (ret < 0) {
+    qlog (req->q, LOG_ERR, "%s: zeroing the raw data file at 0x%llx: %s",
+          req->q->path, (unsigned long long) op->offset,
+          strerror ((int) -ret));
+    if (!req->err)
+      req->err = (int) ret;
+  }
+  req->outstanding--;
+  req_wake (req);
+}
+
+/* A raw data file must read as the disk does: the range zeroed or
+ * discarded in L2 is punched out of it too (guest offset = file offset).
+ * The segment keeps its clusters held until the punch is done, so a write
+ * into them cannot land before it.
+ */
+static void
+punch_data_file (struct qcow2_req *req)
+{
+  struct qcow2 *q = req->q;
+  int r;
+
+  assert (q->data_file_raw && req->outstanding == 0);
+  memset (&req->op, 0, sizeof req->op);
+  req->op.type = AIO_PUNCH;
+  req->op.fd = q->dfd;
+  req->op.inline_mode = q->dfd_inline;
+  req->op.offset = req->seg_off;
+  req->op.length = req->seg_len;
+  req->op.done = punch_done;
+  req->op.opaque = req;
+  r = aio_submit (q->aio, &req->op);
+  if (r < 0) {
+    req->err = r;
+    return;
+  }
+  req->outstanding++;
+  req->state = RS_IO;
+}
+
+bool
+zero_segment (struct qcow2_req *req)
+{
+  if (!zero_entries (req))
+    return false;
+  if (!req->q->data_file_raw || req->err || req->seg_len == 0)
+    return true;
+  punch_data_file (req);
+  return req->err != 0;
 }
 
 /* Append an extent starting at guest offset pos, merging with the last

@@ -42,6 +42,8 @@ enum qcow2_format {
 struct qcow2_opts {
   enum qcow2_format format;
   bool read_only;
+  bool force_share;             /* read-only: take no lock that refuses
+                                   writers (QEMU's force-share) */
   bool direct;                  /* O_DIRECT (--cache=none) */
   enum qcow2_aio_mode aio_mode;
   struct aio *aio;              /* use this backend (tests); NULL: create */

@@ -46,7 +46,7 @@ enum {
   OPT_VERSION,
 };
 
-static const char short_options[] = "b:D:e:f:hk:l:p:rtvx:";
+static const char short_options[] = "b:D:e:f:hk:l:p:rtUvx:";
 static const struct option long_options[] = {
   { "aio",            required_argument, NULL, OPT_AIO },
   { "bind",           required_argument, NULL, 'b' },
@@ -55,6 +55,7 @@ static const struct option long_options[] = {
   { "description",    required_argument, NULL, 'D' },
   { "discard",        required_argument, NULL, OPT_DISCARD },
   { "export-name",    required_argument, NULL, 'x' },
+  { "force-share",    no_argument,       NULL, 'U' },
   { "format",         required_argument, NULL, 'f' },
   { "handshake-limit", required_argument, NULL, OPT_HANDSHAKE_LIMIT },
   { "help",           no_argument,       NULL, 'h' },
@@ -94,6 +95,8 @@ usage (FILE *fp)
 "  -x, --export-name=NAME   export name (default: \"\")\n"
 "  -D, --description=TEXT   description shown to clients\n"
 "  -r, --read-only          refuse writes\n"
+"  -U, --force-share        with -r: serve even while another process\n"
+"                           writes the image (no lock refusing writers)\n"
 "  -l, --load-snapshot=SNAPSHOT  serve the internal snapshot SNAPSHOT (its\n"
 "                           name or id), read-only\n"
 "      --compress               store whole-cluster writes compressed\n"
@@ -369,6 +372,9 @@ main (int argc, char *argv[])
     case 'r':
       opts.read_only = true;
       break;
+    case 'U':
+      opts.force_share = true;
+      break;
     case 'e':
       if (parse_uint (optarg, UINT_MAX, &shared) < 0)
         bad_usage ("--shared: '%s' is not a number", optarg);
@@ -454,6 +460,8 @@ main (int argc, char *argv[])
   image = argv[optind];
   if (sock && (addr || port))
     bad_usage ("%s", "--socket cannot be used with --port or --bind");
+  if (opts.force_share && !opts.read_only)
+    bad_usage ("%s", "--force-share needs --read-only (or --load-snapshot)");
   if (port == NULL)
     port = DEFAULT_PORT;
 

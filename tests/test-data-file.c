@@ -2,7 +2,8 @@
  * and data_file_raw=on): guest data lives in the data file at the guest
  * offset, metadata in the image; reads, writes, partial clusters, zeroes
  * and discards match a shadow copy, the data file of a data_file_raw image
- * equals the disk byte for byte, and qemu-img check and compare agree.
+ * equals the disk byte for byte (after zeroes and discards too, with the
+ * data_file_raw bit kept), and qemu-img check and compare agree.
  */
 #include <config.h>
 
@@ -74,9 +75,52 @@ run (const char *name, bool raw)
     run_until (q, &res);
     CHECK (res == 0, "discard: %d", res);
     memset (shadow + (8u << 20), 0, 1 << 20);
+    /* Partial clusters, and zeroes that keep the clusters allocated. */
+    res = 1;
+    CHECK (qcow2_write_zeroes (q, 100000, 70000, 0, done_cb, &res) == 0,
+           "partial zeroes");
+    run_until (q, &res);
+    CHECK (res == 0, "partial zeroes: %d", res);
+    memset (shadow + 100000, 0, 70000);
+    res = 1;
+    CHECK (qcow2_write_zeroes (q, 2u << 20, 256 << 10, QCOW2_ZERO_NO_HOLE,
+                               done_cb, &res) == 0, "zeroes, no hole");
+    run_until (q, &res);
+    CHECK (res == 0, "zeroes, no hole: %d", res);
+    memset (shadow + (2u << 20), 0, 256 << 10);
+    res = 1;
+    CHECK (qcow2_discard (q, 6u << 20, 128 << 10, done_cb, &res) == 0,
+           "discard 2");
+    run_until (q, &res);
+    CHECK (res == 0, "discard 2: %d", res);
+    memset (shadow + (6u << 20), 0, 128 << 10);
+    /* Written again after the zeroes: it lands at the guest offset. */
+    fill_pattern (buf, 65536, 99);
+    CHECK (sync_write (q, 4u << 20, buf, 65536, 0) == 0, "rewrite");
+    memcpy (shadow + (4u << 20), buf, 65536);
   }
   CHECK (engine_equals (q, shadow, SIZE), "after zeroes (%s)", name);
   CHECK (qcow2_close (q) == 0, "close");
+  if (raw) {
+    /* The data file stays a raw image of the disk, and says so. */
+    f = fopen (dpath, "r");
+    memset (data, 0, SIZE);
+    CHECK (f && fread (data, 1, SIZE, f) > 0, "read data file");
+    if (f)
+      fclose (f);
+    CHECK (memcmp (data, shadow, SIZE) == 0,
+           "data file is the raw disk after zeroes and discards");
+    snprintf (dpath, sizeof dpath, "%s/expected.raw", d);
+    f = fopen (dpath, "w");
+    CHECK (f && fwrite (shadow, 1, SIZE, f) == SIZE && fclose (f) == 0,
+           "write expected.raw");
+    CHECK (shell ("cd %s && qemu-img compare -q -f raw -F raw %s.data "
+                  "expected.raw", d, name) == 0,
+           "qemu-img compare of the data file");
+    CHECK (shell ("cd %s && qemu-img info -U %s.qcow2 | "
+                  "grep -q 'data file raw: true'", d, name) == 0,
+           "qemu-img info still shows data file raw");
+  }
   /* qemu resolves a relative data file name from its working directory. */
   CHECK (chdir (d) == 0, "chdir");
   CHECK (qemu_img_check_clean (path), "check (%s)", name);

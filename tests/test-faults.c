@@ -373,6 +373,7 @@ case_flush (enum io_kind k, unsigned nth, int err, const char *opts,
       exit (1);
     o.aio = a2;
     o.read_only = true;
+    o.force_share = true;       /* the first open still holds it */
     if (qcow2_open (t.path, &o, &q2, e2, sizeof e2) < 0) {
       CHECK (0, "%s: open after the flush: %s", name, e2);
     }

@@ -119,7 +119,7 @@ main (void)
   expect_refused ("huge l1_size", 4 * 4096, "too large");
   good_image ();
   put64 (40, 1ull << 50);
-  expect_refused ("L1 past the end", 4 * 4096, "outside the file");
+  expect_refused ("L1 past the end", 4 * 4096, "past the end of the file");
   good_image ();
   put64 (40, 3 * 4096 + 8);
   expect_refused ("L1 unaligned", 4 * 4096, "unaligned");
