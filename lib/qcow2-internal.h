@@ -191,8 +191,10 @@ int space_reserve_range (struct qcow2 *q, uint64_t offset, uint64_t len);
 void space_consume (struct qcow2 *q, uint64_t count);
 /* The flusher made the refcount block of this reftable index. */
 void space_block_created (struct qcow2 *q, uint64_t index);
-/* Open (read-write): reserve the L1 and refcount tables' own space. */
-void space_reserve_tables (struct qcow2 *q);
+/* Open (read-write), once alloc_end is known: reserve the L1 and refcount
+ * tables' own space, and start counting missing refcount blocks there.
+ */
+void space_open (struct qcow2 *q);
 /* Close: give back the space reserved past alloc_end. */
 int space_trim (struct qcow2 *q);
 

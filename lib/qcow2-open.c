@@ -541,12 +541,6 @@ image_open (const char *path, const struct qcow2_opts *opts, unsigned depth,
   end = round_up (q->l1_offset + l1_bytes, q->cluster_size);
   if (end > q->alloc_end)
     q->alloc_end = end;
-  if (!q->read_only) {
-    space_reserve_tables (q);
-    r = overlap_l2_rebuild (q);
-    if (r < 0)
-      FAIL (r, "out of memory for the L2 table set");
-  }
 
   q->zero_cluster = aligned_alloc_zero (q->cluster_size);
   if (!q->zero_cluster)
@@ -595,6 +589,13 @@ image_open (const char *path, const struct qcow2_opts *opts, unsigned depth,
     if (r < 0)
       goto fail;
     q->incompat &= ~INCOMPAT_DIRTY;
+  }
+  /* After the repair, which may move the refcount table and alloc_end. */
+  if (!q->read_only) {
+    space_open (q);
+    r = overlap_l2_rebuild (q);
+    if (r < 0)
+      FAIL (r, "out of memory for the L2 table set");
   }
   /* Lazy refcounts: mark the image dirty while open, so refcount updates
    * can wait until close; a crash leaves the bit set for the repair above.

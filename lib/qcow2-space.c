@@ -47,12 +47,17 @@
 static uint64_t
 blocks_missing (struct qcow2 *q, uint64_t last)
 {
-  while (q->rb_scanned <= last) {
+  while (q->rb_scanned <= last && q->rb_scanned < q->reftable_entries) {
     uint64_t i = q->rb_scanned++;
     /* As the flusher reads it: reserved low bits alone mean no block. */
     if (i >= q->reftable_entries
         || (be64toh (q->reftable[i]) & REFT_OFFSET_MASK) == 0)
       q->rb_missing++;
+  }
+  /* Past the table: all missing, counted at once. */
+  if (q->rb_scanned <= last) {
+    q->rb_missing += last + 1 - q->rb_scanned;
+    q->rb_scanned = last + 1;
   }
   return q->rb_missing;
 }
@@ -173,8 +178,15 @@ space_block_created (struct qcow2 *q, uint64_t index)
 }
 
 void
-space_reserve_tables (struct qcow2 *q)
+space_open (struct qcow2 *q)
 {
+  /* Clusters below alloc_end are only ever handed out again from the free
+   * list, and those had refcounts: their blocks exist.  (An image whose
+   * refcounts claim a cluster far past its end must not make the first
+   * write reserve blocks for the whole gap.)
+   */
+  q->rb_scanned = (q->alloc_end >> q->cluster_bits) >> q->rb_bits;
+  q->rb_missing = 0;
   /* Tables written in place must have their space: a sparse copy of an
    * image may have holes there.  A failure only loses that guarantee.
    */
