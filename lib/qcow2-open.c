@@ -378,6 +378,7 @@ image_open (const char *path, const struct qcow2_opts *opts, unsigned depth,
   void *hdr = NULL;
   uint64_t file_size, hdr_len, l1_bytes, end;
   int r, flags;
+  bool magic_ok;
 
   if (!opts)
     opts = &defaults;
@@ -426,14 +427,21 @@ image_open (const char *path, const struct qcow2_opts *opts, unsigned depth,
   r = blocking_pread (q->fd, q->header_sector, SECTOR, 0, true);
   if (r < 0)
     FAIL (r, "reading the header: %s", strerror (-r));
+  magic_ok = file_size >= 4 && memcmp (q->header_sector, "QFI\xfb", 4) == 0;
   if (opts->format == QCOW2_FORMAT_RAW
-      || (opts->format == QCOW2_FORMAT_AUTO
-          && (file_size < 4 || memcmp (q->header_sector, "QFI\xfb", 4)))) {
+      || (opts->format == QCOW2_FORMAT_AUTO && !magic_ok)) {
     r = open_raw (q, file_size, err, errlen);
     if (r < 0)
       goto fail;
     goto aio;
   }
+  /* The format the caller asked for, not one a backing image names: a
+   * damaged qcow2 must never be taken for raw, so say how to serve a file
+   * that really is raw.
+   */
+  if (!magic_ok && depth == 0)
+    FAIL (-EINVAL, "not a qcow2 image (use -f raw to serve it as a raw "
+          "file)");
   if (file_size < QCOW2_V2_HEADER_LEN)
     FAIL (-EINVAL, "file is too short to be a qcow2 image");
   {

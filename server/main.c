@@ -102,8 +102,9 @@ usage (FILE *fp)
 "                               ignore: TRIM succeeds and does nothing\n"
 "\n"
 "The image:\n"
-"  -f, --format=auto|qcow2|raw  the image format (default: auto, which\n"
-"                               probes: qcow2 by its magic, else raw)\n"
+"  -f, --format=qcow2|raw|auto  the image format (default: qcow2; a file\n"
+"                               that is not qcow2 is refused); auto probes:\n"
+"                               qcow2 by its magic, else raw\n"
 "      --cache=writeback|none   none: bypass the host page cache (O_DIRECT)\n"
 "      --aio=io_uring|threads   the I/O backend (default: io_uring, threads\n"
 "                               when the kernel refuses io_uring)\n"
@@ -325,7 +326,7 @@ main (int argc, char *argv[])
   const char *image;
   struct qcow2_opts opts = {
     .aio_mode = QCOW2_AIO_AUTO,
-    .format = QCOW2_FORMAT_AUTO,
+    .format = QCOW2_FORMAT_QCOW2,
   };
   bool discard = true;
   unsigned shared = 0, port_n, handshake_limit = DEFAULT_HANDSHAKE_LIMIT;
