@@ -439,7 +439,7 @@ image_open (const char *path, const struct qcow2_opts *opts, unsigned depth,
    * damaged qcow2 must never be taken for raw, so say how to serve a file
    * that really is raw.
    */
-  if (!magic_ok && depth == 0)
+  if (!magic_ok && depth == 0 && file_size >= 4)
     FAIL (-EINVAL, "not a qcow2 image (use -f raw to serve it as a raw "
           "file)");
   if (file_size < QCOW2_V2_HEADER_LEN)
