@@ -221,6 +221,7 @@ free_image (struct qcow2 *q)
 {
   if (q->backing)
     free_image (q->backing);
+  hostfile_free (q);
   cw_free (q);
   cache_free (&q->l2c);
   cache_free (&q->rbc);
@@ -318,8 +319,8 @@ static int
 open_data_file (struct qcow2 *q, int flags, char *err, size_t errlen)
 {
   const char *slash = strrchr (q->path, '/');
-  char *path = NULL;
-  int r = 0;
+  char *path = NULL, derr[300];
+  int r;
 
   if (q->data_file[0] == '/' || !slash)
     path = strdup (q->data_file);
@@ -330,19 +331,20 @@ open_data_file (struct qcow2 *q, int flags, char *err, size_t errlen)
     snprintf (err, errlen, "out of memory");
     return -ENOMEM;
   }
-  q->dfd = open (path, flags);
+  r = hostfile_open (q->top, NULL, HOSTFILE_DATA, path, flags, derr,
+                     sizeof derr);
   /* QEMU resolves it from the working directory: accept that too. */
-  if (q->dfd < 0 && errno == ENOENT && q->data_file[0] != '/')
-    q->dfd = open (q->data_file, flags);
-  if (q->dfd < 0) {
-    r = -errno;
-    snprintf (err, errlen, "external data file %s: %s", path, strerror (-r));
-    q->dfd = q->fd;
-  }
+  if (r == -ENOENT && q->data_file[0] != '/')
+    r = hostfile_open (q->top, NULL, HOSTFILE_DATA, q->data_file, flags,
+                       derr, sizeof derr);
+  if (r < 0)
+    snprintf (err, errlen, "external data file %s: %s", path, derr);
+  else
+    q->dfd = r;
   free (path);
   /* Compressed clusters cannot live in a data file. */
   q->compress = false;
-  return r;
+  return r < 0 ? r : 0;
 }
 
 /* A raw file: its size is the disk size and nothing needs reading. */
@@ -404,18 +406,13 @@ image_open (const char *path, const struct qcow2_opts *opts, unsigned depth,
   flags = (q->read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC;
   if (q->direct)
     flags |= O_DIRECT;
-  q->fd = open (path, flags);
-  if (q->fd < 0) {
-    r = -errno;
-    if (r == -EINVAL && q->direct)
-      FAIL (r, "the file system does not support O_DIRECT (--cache=none)");
-    FAIL (r, "%s", strerror (-r));
-  }
-  q->dfd = q->fd;
+  r = hostfile_open (q->top, opts, depth ? HOSTFILE_BACKING : HOSTFILE_IMAGE,
+                     path, flags, err, errlen);
+  if (r < 0)
+    goto fail;
+  q->fd = q->dfd = r;
   if (fstat (q->fd, &st) < 0)
     FAIL (-errno, "%s", strerror (errno));
-  if (!S_ISREG (st.st_mode))
-    FAIL (-EINVAL, "not a regular file");
   file_size = (uint64_t) st.st_size;
 
   /* The first sector tells the cluster size; the header cluster holds the
