@@ -542,6 +542,27 @@ int signal_corruption (struct qcow2 *q, const char *fmt, ...)
   __attribute__ ((format (printf, 2, 3)));
 void *aligned_alloc_zero (size_t size);
 
+/* ---- qcow2-hostfile.c: the host files a chain opens ---- */
+
+/* What a file is to the chain: it decides which checks apply. */
+enum hostfile_kind {
+  HOSTFILE_IMAGE,               /* the image the caller named */
+  HOSTFILE_BACKING,             /* a backing file the header names */
+  HOSTFILE_DATA,                /* an external data file the header names */
+};
+
+/* Open path for the chain of top (flags as for open(2)): refuse what the
+ * backing policy forbids, anything but a regular file (without blocking on
+ * a FIFO), and a file already open in the chain.  At depth 0 (top itself,
+ * HOSTFILE_IMAGE) this also sets up the chain's policy from opts.
+ * Returns the descriptor, or -errno with a reason (without path) in err.
+ */
+int hostfile_open (struct qcow2 *top, const struct qcow2_opts *opts,
+                   enum hostfile_kind kind, const char *path, int flags,
+                   char *err, size_t errlen);
+/* Free what hostfile_open kept in top. */
+void hostfile_free (struct qcow2 *top);
+
 /* ---- the image ---- */
 
 struct qcow2 {
@@ -555,6 +576,8 @@ struct qcow2 {
                                    and discards zero it too */
   struct qcow2 *backing;        /* read-only, shares aio; NULL if none */
   struct qcow2 *top;            /* the image the caller opened */
+  struct hostfiles *hostfiles;  /* top only: the chain's policy and files
+                                   (qcow2-hostfile.c) */
   unsigned depth;               /* 0 for the top image */
   char backing_fmt[16];         /* from the header extension, or "" */
   bool read_only;

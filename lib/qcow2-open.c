@@ -234,6 +234,7 @@ free_image (struct qcow2 *q)
 {
   if (q->backing)
     free_image (q->backing);
+  hostfile_free (q);
   cw_free (q);
   cache_free (&q->l2c);
   cache_free (&q->rbc);
@@ -332,8 +333,8 @@ static int
 open_data_file (struct qcow2 *q, int flags, char *err, size_t errlen)
 {
   const char *slash = strrchr (q->path, '/');
-  char *path = NULL;
-  int r = 0;
+  char *path = NULL, derr[300];
+  int r;
 
   if (q->data_file[0] == '/' || !slash)
     path = strdup (q->data_file);
@@ -344,19 +345,20 @@ open_data_file (struct qcow2 *q, int flags, char *err, size_t errlen)
     snprintf (err, errlen, "out of memory");
     return -ENOMEM;
   }
-  q->dfd = open (path, flags);
+  r = hostfile_open (q->top, NULL, HOSTFILE_DATA, path, flags, derr,
+                     sizeof derr);
   /* QEMU resolves it from the working directory: accept that too. */
-  if (q->dfd < 0 && errno == ENOENT && q->data_file[0] != '/')
-    q->dfd = open (q->data_file, flags);
-  if (q->dfd < 0) {
-    r = -errno;
-    snprintf (err, errlen, "external data file %s: %s", path, strerror (-r));
-    q->dfd = q->fd;
-  }
+  if (r == -ENOENT && q->data_file[0] != '/')
+    r = hostfile_open (q->top, NULL, HOSTFILE_DATA, q->data_file, flags,
+                       derr, sizeof derr);
+  if (r < 0)
+    snprintf (err, errlen, "external data file %s: %s", path, derr);
+  else
+    q->dfd = r;
   free (path);
   /* Compressed clusters cannot live in a data file. */
   q->compress = false;
-  return r;
+  return r < 0 ? r : 0;
 }
 
 /* A raw file: its size is the disk size and nothing needs reading. */
@@ -392,6 +394,7 @@ image_open (const char *path, const struct qcow2_opts *opts, unsigned depth,
   void *hdr = NULL;
   uint64_t file_size, hdr_len, l1_bytes, end;
   int r, flags;
+  bool magic_ok;
 
   if (!opts)
     opts = &defaults;
@@ -417,18 +420,13 @@ image_open (const char *path, const struct qcow2_opts *opts, unsigned depth,
   flags = (q->read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC;
   if (q->direct)
     flags |= O_DIRECT;
-  q->fd = open (path, flags);
-  if (q->fd < 0) {
-    r = -errno;
-    if (r == -EINVAL && q->direct)
-      FAIL (r, "the file system does not support O_DIRECT (--cache=none)");
-    FAIL (r, "%s", strerror (-r));
-  }
-  q->dfd = q->fd;
+  r = hostfile_open (q->top, opts, depth ? HOSTFILE_BACKING : HOSTFILE_IMAGE,
+                     path, flags, err, errlen);
+  if (r < 0)
+    goto fail;
+  q->fd = q->dfd = r;
   if (fstat (q->fd, &st) < 0)
     FAIL (-errno, "%s", strerror (errno));
-  if (!S_ISREG (st.st_mode))
-    FAIL (-EINVAL, "not a regular file");
   file_size = (uint64_t) st.st_size;
   /* Before reading anything: a writer elsewhere may be changing it. */
   if (opts->force_share && !q->read_only)
@@ -448,14 +446,21 @@ image_open (const char *path, const struct qcow2_opts *opts, unsigned depth,
   r = blocking_pread (q->fd, q->header_sector, SECTOR, 0, true);
   if (r < 0)
     FAIL (r, "reading the header: %s", strerror (-r));
+  magic_ok = file_size >= 4 && memcmp (q->header_sector, "QFI\xfb", 4) == 0;
   if (opts->format == QCOW2_FORMAT_RAW
-      || (opts->format == QCOW2_FORMAT_AUTO
-          && (file_size < 4 || memcmp (q->header_sector, "QFI\xfb", 4)))) {
+      || (opts->format == QCOW2_FORMAT_AUTO && !magic_ok)) {
     r = open_raw (q, file_size, err, errlen);
     if (r < 0)
       goto fail;
     goto aio;
   }
+  /* The format the caller asked for, not one a backing image names: a
+   * damaged qcow2 must never be taken for raw, so say how to serve a file
+   * that really is raw.
+   */
+  if (!magic_ok && depth == 0 && file_size >= 4)
+    FAIL (-EINVAL, "not a qcow2 image (use -f raw to serve it as a raw "
+          "file)");
   if (file_size < QCOW2_V2_HEADER_LEN)
     FAIL (-EINVAL, "file is too short to be a qcow2 image");
   {

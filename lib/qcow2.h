@@ -39,8 +39,22 @@ enum qcow2_format {
   QCOW2_FORMAT_AUTO,            /* qcow2 by its magic, else raw */
 };
 
+/* Which host files an image may reach through the names in its header
+ * (backing file, external data file).  Whatever the policy they must be
+ * regular files, and no file may appear twice in a chain.
+ */
+enum qcow2_backing_policy {
+  QCOW2_BACKING_CONFINE,        /* the default: they must resolve (after
+                                   symlinks) inside the opened image's
+                                   directory or one of allow_dirs */
+  QCOW2_BACKING_FOLLOW,         /* any regular file the names reach */
+  QCOW2_BACKING_NONE,           /* refuse images that name either */
+};
+
 struct qcow2_opts {
   enum qcow2_format format;
+  enum qcow2_backing_policy backing;
+  const char *const *allow_dirs; /* NULL-terminated; with CONFINE */
   bool read_only;
   bool force_share;             /* read-only: take no lock that refuses
                                    writers (QEMU's force-share) */

@@ -77,8 +77,8 @@ export_add (const char *name, const char *description, const char *path,
   if (opts->format == QCOW2_FORMAT_AUTO &&
       strcmp (qcow2_format_name (e->q), "raw") == 0) {
     e->probed_raw = true;
-    log_warning ("%s: not a qcow2 image: serving it as raw (probed; use "
-                 "-f raw to say so, -f qcow2 to refuse it)", path);
+    log_warning ("%s: not a qcow2 image: serving it as raw (probed by "
+                 "-f auto; use -f raw to say so)", path);
   }
 
   log_debug ("export '%s': %s, %" PRIu64 " bytes, cluster size %" PRIu32

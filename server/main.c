@@ -38,6 +38,8 @@
 enum {
   OPT_CACHE = 256,
   OPT_AIO,
+  OPT_ALLOW_DIR,
+  OPT_BACKING,
   OPT_COMPRESS,
   OPT_DISCARD,
   OPT_HANDSHAKE_LIMIT,
@@ -49,6 +51,8 @@ enum {
 static const char short_options[] = "b:D:e:f:hk:l:p:rtUvx:";
 static const struct option long_options[] = {
   { "aio",            required_argument, NULL, OPT_AIO },
+  { "allow-dir",      required_argument, NULL, OPT_ALLOW_DIR },
+  { "backing",        required_argument, NULL, OPT_BACKING },
   { "bind",           required_argument, NULL, 'b' },
   { "cache",          required_argument, NULL, OPT_CACHE },
   { "compress",       no_argument,       NULL, OPT_COMPRESS },
@@ -105,8 +109,15 @@ usage (FILE *fp)
 "                               ignore: TRIM succeeds and does nothing\n"
 "\n"
 "The image:\n"
-"  -f, --format=auto|qcow2|raw  the image format (default: auto, which\n"
-"                               probes: qcow2 by its magic, else raw)\n"
+"  -f, --format=qcow2|raw|auto  the image format (default: qcow2; a file\n"
+"                               that is not qcow2 is refused); auto probes:\n"
+"                               qcow2 by its magic, else raw\n"
+"      --backing=confine|follow|none  the backing and data files the image\n"
+"                               names: confine (default): only inside the\n"
+"                               image's directory or an --allow-dir;\n"
+"                               follow: anywhere; none: refuse them\n"
+"      --allow-dir=DIR          confine: allow files inside DIR too\n"
+"                               (repeatable)\n"
 "      --cache=writeback|none   none: bypass the host page cache (O_DIRECT)\n"
 "      --aio=io_uring|threads   the I/O backend (default: io_uring, threads\n"
 "                               when the kernel refuses io_uring)\n"
@@ -328,11 +339,14 @@ main (int argc, char *argv[])
   const char *image;
   struct qcow2_opts opts = {
     .aio_mode = QCOW2_AIO_AUTO,
-    .format = QCOW2_FORMAT_AUTO,
+    .format = QCOW2_FORMAT_QCOW2,
+    .backing = QCOW2_BACKING_CONFINE,
   };
+  const char **allow_dirs;
+  size_t n_allow_dirs = 0;
   bool discard = true;
   unsigned shared = 0, port_n, handshake_limit = DEFAULT_HANDSHAKE_LIMIT;
-  int c, i, activated, status = EXIT_SUCCESS;
+  int c, i, r, activated, status = EXIT_SUCCESS;
   struct export *e;
 
   /* Request buffers (up to 32 MiB) are allocated and freed per request.
@@ -349,6 +363,14 @@ main (int argc, char *argv[])
    * refcount repair at open must fail with EFBIG, not kill the daemon.
    */
   signal (SIGXFSZ, SIG_IGN);
+
+  /* --allow-dir can be given at most once per argument. */
+  allow_dirs = calloc ((size_t) argc + 1, sizeof *allow_dirs);
+  if (allow_dirs == NULL) {
+    log_error ("%m");
+    exit (EXIT_FAILURE);
+  }
+  opts.allow_dirs = allow_dirs;
 
   for (;;) {
     c = getopt_long (argc, argv, short_options, long_options, NULL);
@@ -416,6 +438,19 @@ main (int argc, char *argv[])
       else
         bad_usage ("--discard: '%s': use unmap or ignore", optarg);
       break;
+    case OPT_BACKING:
+      if (strcmp (optarg, "confine") == 0)
+        opts.backing = QCOW2_BACKING_CONFINE;
+      else if (strcmp (optarg, "follow") == 0)
+        opts.backing = QCOW2_BACKING_FOLLOW;
+      else if (strcmp (optarg, "none") == 0)
+        opts.backing = QCOW2_BACKING_NONE;
+      else
+        bad_usage ("--backing: '%s': use confine, follow or none", optarg);
+      break;
+    case OPT_ALLOW_DIR:
+      allow_dirs[n_allow_dirs++] = optarg;
+      break;
     case OPT_CACHE:
       if (strcmp (optarg, "writeback") == 0)
         opts.direct = false;
@@ -467,8 +502,15 @@ main (int argc, char *argv[])
 
   activated = socket_activation ();
 
+  if (n_allow_dirs && opts.backing != QCOW2_BACKING_CONFINE)
+    bad_usage ("%s", "--allow-dir only applies to --backing=confine");
+
   /* The image first: a bad one must fail before any socket exists. */
-  if (export_add (name, description, image, &opts, discard) < 0)
+  r = export_add (name, description, image, &opts, discard);
+  /* Only the open needed them: the engine keeps their real paths. */
+  free (allow_dirs);
+  opts.allow_dirs = NULL;
+  if (r < 0)
     exit (EXIT_FAILURE);
 
   if (loop_init () < 0)

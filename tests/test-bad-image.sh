@@ -4,9 +4,7 @@
 # that is not qcow2, a truncated header, and a qcow2 v3 image with an
 # incompatible feature bit qnbd does not know (bit 63).
 #
-# qnbd probes the format by default and would serve a file that is not
-# qcow2 as raw (test-nbd-raw-and-snapshot.sh): here -f qcow2 says that
-# only qcow2 will do.
+# No -f: the default format is qcow2 (test-format-default.sh).
 
 source "${srcdir:-.}/functions.sh"
 set -e
@@ -18,7 +16,7 @@ requires qemu-img head dd timeout
 refused ()
 {
     local file=$1 st=0 err=$tmpdir/stderr lines
-    timeout -k 5 20 "$QNBD" -k "$tmpdir/sock" -f qcow2 "$file" \
+    timeout -k 5 20 "$QNBD" -k "$tmpdir/sock" "$file" \
         </dev/null >/dev/null 2>"$err" || st=$?
     cat "$err"
     if [ "$st" -ne 1 ]; then

@@ -89,7 +89,7 @@ main (void)
   expect_refused ("empty file", 0, "too short");
   good_image ();
   put32 (0, 0x12345678);
-  expect_refused ("bad magic", 4 * 4096, "bad magic");
+  expect_refused ("bad magic", 4 * 4096, "not a qcow2 image (use -f raw");
   good_image ();
   put32 (4, 4);
   expect_refused ("version 4", 4 * 4096, "version 4");

@@ -3,10 +3,10 @@
 #
 # - a raw file served with -f raw: nbdcopy into it and out of it, the file
 #   then holds exactly what was copied in; no warning;
-# - the same file served without -f: probed as raw, with exactly one
+# - the same file served with -f auto: probed as raw, with exactly one
 #   warning line on stderr, and served the same; a write that would give
 #   it a qcow2 magic is refused (EPERM), which -f raw allows;
-# - a qcow2 image served without -f: probed as qcow2, no warning;
+# - a qcow2 image served with -f auto: probed as qcow2, no warning;
 # - -l NAME and -l ID serve an internal snapshot, read-only, with the data
 #   qemu-img convert -l gives; an unknown snapshot makes qnbd exit 1;
 # - an image written compressed (qemu-img convert -c) reads back exactly.
@@ -67,7 +67,7 @@ test "$(warnings "$(errfile)")" = 0
 
 # ------------------------------------------------------------------
 # The same file probed: served as raw, one warning line naming it.
-start_qnbd "$raw"
+start_qnbd -f auto "$raw"
 nbdcopy "$uri" "$tmpdir/got.raw"
 cmp "$src" "$tmpdir/got.raw"
 cat "$(errfile)"
@@ -113,7 +113,7 @@ head -c 4 "$raw" | cmp - <(printf 'QFI\xfb')
 # A qcow2 image probed: no warning.
 img=$tmpdir/disk.qcow2
 qemu-img convert -f raw -O qcow2 "$src" "$img"
-start_qnbd "$img"
+start_qnbd -f auto "$img"
 nbdcopy "$uri" "$tmpdir/got.raw"
 cmp "$src" "$tmpdir/got.raw"
 stop_qnbd
