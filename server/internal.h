@@ -31,10 +31,12 @@
  */
 #define MAX_PAYLOAD         (32u * 1024 * 1024)
 
-/* NBD_CMD_CACHE reads its range into a scratch buffer of at most this
- * many bytes, one engine read after the other.
+/* NBD_CMD_CACHE reads the data of its range into a scratch buffer of at
+ * most this many bytes, one engine read after the other, finding it with
+ * block status calls of at most CACHE_EXTENTS extents.
  */
 #define CACHE_CHUNK         (8u * 1024 * 1024)
+#define CACHE_EXTENTS       64
 
 /* Most extents asked of the engine for one NBD_CMD_BLOCK_STATUS (fewer
  * with NBD_CMD_FLAG_REQ_ONE, which sends only the first).  The answer may

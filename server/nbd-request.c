@@ -17,8 +17,8 @@
  *   request_release       reply written or dropped      (in_flight - 1)
  *
  * Some requests take more than one engine call, one after the other:
- * CACHE reads its range CACHE_CHUNK bytes at a time (cache_done), and a
- * TRIM with FUA is followed by a flush (trim_done).
+ * CACHE asks where data is and reads it CACHE_CHUNK bytes at a time
+ * (cache_step), and a TRIM with FUA is followed by a flush (trim_done).
  *
  * A structured reply of several chunks (a sparse READ, a BLOCK_STATUS for
  * two metadata contexts) queues one struct reply per chunk: the last is
@@ -65,6 +65,9 @@ struct request {
   struct reply *chunks;         /* the chunks before the last, or NULL */
   struct nbd_block_descriptor *desc; /* BLOCK_STATUS payloads, or NULL */
   uint64_t cache_next;          /* CACHE: end of the part being read */
+  unsigned cache_ext;           /* CACHE: the extent of ext being read */
+  uint64_t cache_ext_off;       /* CACHE: bytes of it done */
+  bool cache_asked;             /* CACHE: ext is a fresh answer */
 };
 
 /* A run of a READ's data sent as one chunk: [off, off + len) from the
@@ -415,30 +418,92 @@ note_submitted (struct request *req, int r)
   send_error (req, -r, NULL);
 }
 
-/* A CACHE read has finished: read the next part, or answer.  A
- * connection going away or a server shutting down ends it early, with
- * success (the protocol lets a reply come before everything is cached).
+static void cache_step (struct request *req);
+static int alloc_data (struct request *req, size_t len);
+
+/* A part of a CACHE has finished (a block status or a read): go on, or
+ * answer.  A connection going away or a server shutting down ends it
+ * early, with success (the protocol lets a reply come before everything
+ * is cached).
  */
 static void
 cache_done (void *opaque, int ret)
 {
   struct request *req = opaque;
   struct conn *c = req->conn;
-  uint64_t end = req->offset + req->count;
-  uint64_t pos = req->cache_next;
-  size_t len;
 
   assert (c->engine_refs > 0);
   c->engine_refs--;
-  if (ret < 0 || pos >= end || c->state == CONN_DEAD || c->shutdown) {
+  if (ret < 0 || req->cache_next >= req->offset + req->count
+      || c->state == CONN_DEAD || c->shutdown) {
     request_finish (req, ret);
     return;
   }
-  len = end - pos < CACHE_CHUNK ? end - pos : CACHE_CHUNK;
-  req->cache_next = pos + len;
-  note_submitted (req, qcow2_read (c->exp->q, pos, req->data, len,
-                                   cache_done, req));
+  cache_step (req);
   conn_mark_pending (c);
+}
+
+/* The next engine call of a CACHE: only data is read (CACHE_CHUNK bytes
+ * at a time), so the engine is first asked where it is; runs of zeros
+ * and holes are done without reading them (a 4 GiB CACHE of a sparse
+ * disk once meant 4 GiB of zeros made in memory while other clients
+ * waited).  Extents of the block status answer are used up in order
+ * (req->ext[req->cache_ext], req->cache_ext_off bytes of it done).
+ */
+static void
+cache_step (struct request *req)
+{
+  struct conn *c = req->conn;
+  struct qcow2 *q = c->exp->q;
+  uint64_t end = req->offset + req->count;
+  uint64_t pos = req->cache_next;
+
+  if (req->cache_asked && req->ext_n == 0) {
+    /* The engine describes at least a prefix: this is not expected. */
+    request_finish (req, -EIO);
+    return;
+  }
+  req->cache_asked = false;
+  while (req->cache_ext < req->ext_n) {
+    const struct qcow2_extent *e = &req->ext[req->cache_ext];
+    uint64_t left = e->length - req->cache_ext_off;
+    uint64_t len = left < CACHE_CHUNK ? left : CACHE_CHUNK;
+    int err;
+
+    if (len > end - pos)
+      len = end - pos;
+    if (e->flags & QCOW2_EXTENT_ZERO)
+      len = left < end - pos ? left : end - pos;
+    else if (req->data == NULL) {
+      err = alloc_data (req, CACHE_CHUNK);
+      if (err) {
+        send_error (req, err, NULL);
+        return;
+      }
+    }
+    req->cache_ext_off += len;
+    if (req->cache_ext_off == e->length) {
+      req->cache_ext++;
+      req->cache_ext_off = 0;
+    }
+    req->cache_next = pos + len;
+    if (!(e->flags & QCOW2_EXTENT_ZERO)) {
+      note_submitted (req, qcow2_read (q, pos, req->data, len, cache_done,
+                                       req));
+      return;
+    }
+    pos += len;
+    if (pos >= end) {
+      request_finish (req, 0);
+      return;
+    }
+  }
+  req->cache_ext = 0;
+  req->cache_ext_off = 0;
+  req->cache_asked = true;
+  note_submitted (req, qcow2_block_status (q, pos, end - pos, req->ext,
+                                           CACHE_EXTENTS, &req->ext_n,
+                                           cache_done, req));
 }
 
 /* A TRIM has finished: with FUA, make it durable before answering. */
@@ -716,18 +781,17 @@ handle_request (struct conn *c, struct request *req)
       send_reply (req);
       return;
     }
-    /* Read the range into a scratch buffer that is then dropped: that
-     * loads the L2 tables and fills the page cache.
+    /* The data of the range is read into a scratch buffer that is then
+     * dropped: that loads the L2 tables and fills the page cache.
      */
-    max = req->count < CACHE_CHUNK ? req->count : CACHE_CHUNK;
-    err = alloc_data (req, max);
-    if (err) {
-      send_error (req, err, NULL);
+    req->ext = calloc (CACHE_EXTENTS, sizeof *req->ext);
+    if (req->ext == NULL) {
+      log_error ("client %u: CACHE: out of memory", c->id);
+      send_error (req, ENOMEM, NULL);
       return;
     }
-    req->cache_next = req->offset + max;
-    note_submitted (req, qcow2_read (q, req->offset, req->data, max,
-                                     cache_done, req));
+    req->cache_next = req->offset;
+    cache_step (req);
     return;
 
   case NBD_CMD_BLOCK_STATUS:
