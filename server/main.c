@@ -10,6 +10,7 @@
 #endif
 
 #include <errno.h>
+#include <fcntl.h>
 #include <getopt.h>
 #include <inttypes.h>
 #include <limits.h>
@@ -234,27 +235,60 @@ notify_ready (void)
   close (fd);
 }
 
-/* Write our pid to path, whole: a reader never sees a partial file. */
+/* Create a fresh temporary file beside path for writing: never through a
+ * symlink or into a file that exists (someone who can write the directory
+ * could plant one at a name we use, pointing at a file of their choice).
+ * Returns the descriptor and the name in *tmp, or -1 after logging.
+ */
+static int
+create_beside (const char *path, char **tmp)
+{
+  for (unsigned i = 0; i < 100; i++) {
+    int fd, r;
+
+    r = i == 0 ? asprintf (tmp, "%s.tmp", path)
+      : asprintf (tmp, "%s.tmp.%ld.%u", path, (long) getpid (), i);
+    if (r < 0) {
+      log_error ("%s: %m", path);
+      return -1;
+    }
+    fd = open (*tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC,
+               0644);
+    if (fd >= 0)
+      return fd;
+    if (errno != EEXIST) {
+      log_error ("%s: %m", *tmp);
+      free (*tmp);
+      return -1;
+    }
+    free (*tmp);
+  }
+  log_error ("%s: no free temporary name beside it", path);
+  return -1;
+}
+
+/* Write our pid to path, whole: a reader never sees a partial file.  The
+ * rename replaces whatever path is (a symlink included) without following
+ * it.
+ */
 static int
 write_pid_file (const char *path)
 {
-  char *tmp;
-  FILE *fp;
-  int r;
+  char *tmp, text[32];
+  int fd, n;
+  ssize_t r;
 
-  if (asprintf (&tmp, "%s.tmp", path) < 0) {
-    log_error ("%s: %m", path);
+  fd = create_beside (path, &tmp);
+  if (fd < 0)
     return -1;
-  }
-  fp = fopen (tmp, "w");
-  if (fp == NULL) {
+  n = snprintf (text, sizeof text, "%ld\n", (long) getpid ());
+  r = write (fd, text, n);
+  if (r != n || close (fd) != 0) {
+    if (r >= 0 && r != n)
+      errno = EIO;              /* a short write to a new file */
     log_error ("%s: %m", tmp);
-    free (tmp);
-    return -1;
-  }
-  r = fprintf (fp, "%ld\n", (long) getpid ());
-  if (fclose (fp) != 0 || r < 0) {
-    log_error ("%s: %m", tmp);
+    if (r != n)
+      close (fd);
     unlink (tmp);
     free (tmp);
     return -1;
