@@ -68,6 +68,15 @@
  * bytes they hold.  Past either, the socket is not read.
  */
 #define CONN_MAX_IN_FLIGHT  64
+
+/* The default of --max-memory: past it no connection starts a request
+ * (except as loop_mem_admit says) until replies drain.
+ */
+#define DEFAULT_MAX_MEMORY  (512u * 1024 * 1024)
+/* A request of at most this many bytes may always start on a connection
+ * that has nothing else in flight.
+ */
+#define SMALL_REQUEST       (256u * 1024)
 #define CONN_MAX_BUFFERED   (64u * 1024 * 1024)
 
 /* Size of a connection's read buffer: holds the largest option with its
@@ -230,6 +239,15 @@ void loop_conn_freed (void);
 void loop_heap_hold (size_t n);
 void loop_heap_release (size_t n);
 
+/* The daemon-wide memory budget (--max-memory), in bytes. */
+void loop_set_max_memory (size_t bytes);
+/* Whether a connection may start a request that will hold need bytes:
+ * everything held stays within the budget, or the request is small
+ * (SMALL_REQUEST) and its connection holds no other (so every client goes
+ * on, one small request at a time, however much others hold).
+ */
+bool loop_mem_admit (size_t need, bool conn_idle);
+
 /* ---- buffer-pool.c: request data buffers, reused ---- */
 
 /* A BUFFER_ALIGN-aligned buffer of at least len bytes, or NULL. */
@@ -316,7 +334,10 @@ struct conn {
    */
   unsigned in_flight;
   unsigned engine_refs;
-  size_t buffered;              /* data bytes held by in-flight requests */
+  size_t buffered;              /* bytes held by in-flight requests (their
+                                   structs, data, extent arrays) */
+  bool mem_paused;              /* waits for memory: on the paused list */
+  struct conn *paused_next;
 
   /* Output queue. */
   struct reply *out_head;
@@ -381,6 +402,15 @@ void conn_mark_pending (struct conn *c);
 
 /* Run every connection marked pending. */
 void conn_run_pending (void);
+
+/* c stops parsing requests until conn_resume_paused: its next request
+ * does not fit in the memory budget.
+ */
+void conn_pause_for_memory (struct conn *c);
+/* Whether a connection waits for memory. */
+bool conn_any_paused (void);
+/* Give every paused connection another try, oldest first. */
+void conn_resume_paused (void);
 
 /* Server shutdown: connections still in the handshake are closed; the
  * others finish what is in flight, answer new requests with ESHUTDOWN

@@ -43,6 +43,7 @@ enum {
   OPT_DISCARD,
   OPT_HANDSHAKE_LIMIT,
   OPT_L2_CACHE_SIZE,
+  OPT_MAX_MEMORY,
   OPT_PID_FILE,
   OPT_VERSION,
 };
@@ -60,6 +61,7 @@ static const struct option long_options[] = {
   { "handshake-limit", required_argument, NULL, OPT_HANDSHAKE_LIMIT },
   { "help",           no_argument,       NULL, 'h' },
   { "l2-cache-size",  required_argument, NULL, OPT_L2_CACHE_SIZE },
+  { "max-memory",     required_argument, NULL, OPT_MAX_MEMORY },
   { "load-snapshot",  required_argument, NULL, 'l' },
   { "persistent",     no_argument,       NULL, 't' },
   { "pid-file",       required_argument, NULL, OPT_PID_FILE },
@@ -90,6 +92,8 @@ usage (FILE *fp)
 "  -t, --persistent         keep serving after a client disconnects\n"
 "                           (always the case; accepted for qemu-nbd users)\n"
 "      --pid-file=PATH      write the process id to PATH once listening\n"
+"      --max-memory=SIZE    stop taking requests while they hold SIZE\n"
+"                           bytes (suffixes K, M, G; default: 512M)\n"
 "\n"
 "The export:\n"
 "  -x, --export-name=NAME   export name (default: \"\")\n"
@@ -363,6 +367,7 @@ main (int argc, char *argv[])
   };
   bool discard = true;
   unsigned shared = 0, port_n, handshake_limit = DEFAULT_HANDSHAKE_LIMIT;
+  uint64_t max_memory;
   int c, i, activated, status = EXIT_SUCCESS;
   struct export *e;
 
@@ -465,6 +470,12 @@ main (int argc, char *argv[])
     case OPT_L2_CACHE_SIZE:
       if (parse_size (optarg, &opts.l2_cache_bytes) < 0)
         bad_usage ("--l2-cache-size: '%s' is not a size", optarg);
+      break;
+    case OPT_MAX_MEMORY:
+      if (parse_size (optarg, &max_memory) < 0 || max_memory == 0
+          || max_memory > SIZE_MAX)
+        bad_usage ("--max-memory: '%s' is not a size", optarg);
+      loop_set_max_memory ((size_t) max_memory);
       break;
     case OPT_PID_FILE:
       pid_file = optarg;

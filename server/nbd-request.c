@@ -52,7 +52,10 @@ struct request {
   uint16_t flags;               /* NBD_CMD_FLAG_* */
   void *data;                   /* READ/WRITE data (count bytes), CACHE
                                    scratch buffer, or NULL */
-  size_t held;                  /* bytes counted in conn->buffered */
+  size_t data_len;              /* bytes of data (a pool buffer's size) */
+  size_t held;                  /* bytes counted in conn->buffered and the
+                                   memory budget: this struct, data, ext,
+                                   chunks, desc */
   int err;                      /* positive errno of the result, 0: success */
   const char *why;              /* message for a structured error, or NULL */
 
@@ -95,6 +98,15 @@ cmd_name (uint16_t type)
   }
 }
 
+/* Count n more bytes that req holds (freed with it). */
+static void
+charge (struct request *req, size_t n)
+{
+  req->held += n;
+  req->conn->buffered += n;
+  loop_heap_hold (n);
+}
+
 /* Free a request whose reply has been written, dropped, or will never be
  * sent.  It is the release function of its (last) reply.
  */
@@ -110,7 +122,7 @@ request_release (struct reply *r)
   c->buffered -= req->held;
   if (req->held)
     loop_heap_release (req->held);
-  buffer_put (req->data, req->held);
+  buffer_put (req->data, req->data_len);
   free (req->ext);
   free (req->chunks);
   free (req->desc);
@@ -192,6 +204,8 @@ send_read (struct request *req)
     return;
   }
 
+  if (req->ext_n > 1)
+    charge (req, (req->ext_n - 1) * sizeof *req->chunks);
   /* Each extent after the first starts at most one new span, so there
    * are at most ext_n - 1 spans before the last.
    */
@@ -290,6 +304,8 @@ send_block_status (struct request *req)
   req->chunks = calloc (1, sizeof *req->chunks);
   if (req->desc == NULL || req->chunks == NULL)
     return ENOMEM;
+  charge (req, 2 * (size_t) req->ext_n * sizeof *req->desc
+          + sizeof *req->chunks);
 
   /* Work out every chunk before queueing any: an error is still possible. */
   for (i = 0; i < 2; i++) {
@@ -536,9 +552,8 @@ alloc_data (struct request *req, size_t len)
     return ENOMEM;
   }
   req->data = p;
-  req->held = len;
-  c->buffered += req->held;
-  loop_heap_hold (len);
+  req->data_len = len;
+  charge (req, len);
   return 0;
 }
 
@@ -693,6 +708,7 @@ start_read_map (struct conn *c, struct request *req)
                                      req->count, request_done, req));
     return;
   }
+  charge (req, max * sizeof *req->ext);
   note_submitted (req, qcow2_read_map (c->exp->q, req->offset, req->data,
                                        req->count, req->ext, max,
                                        &req->ext_n, request_done, req));
@@ -790,6 +806,7 @@ handle_request (struct conn *c, struct request *req)
       send_error (req, ENOMEM, NULL);
       return;
     }
+    charge (req, CACHE_EXTENTS * sizeof *req->ext);
     req->cache_next = req->offset;
     cache_step (req);
     return;
@@ -807,6 +824,7 @@ handle_request (struct conn *c, struct request *req)
       send_error (req, ENOMEM, NULL);
       return;
     }
+    charge (req, max * sizeof *req->ext);
     note_submitted (req, qcow2_block_status (q, req->offset, req->count,
                                              req->ext, max, &req->ext_n,
                                              request_done, req));
@@ -815,6 +833,42 @@ handle_request (struct conn *c, struct request *req)
   default:
     abort ();                   /* validate_request let it through */
   }
+}
+
+/* The most a request will hold, from its header (loop_mem_admit): a
+ * bad one may be counted too high, never too low.
+ */
+static size_t
+request_need (const struct conn *c, const struct nbd_request *hdr)
+{
+  size_t need = sizeof (struct request);
+  size_t count = be32toh (hdr->length);
+  size_t n;
+
+  if (count > MAX_PAYLOAD)
+    count = MAX_PAYLOAD;        /* refused without data */
+  switch (be16toh (hdr->type)) {
+  case NBD_CMD_READ:
+    n = 2 * (count / SPARSE_MIN_HOLE) + 2;
+    if (n > SPARSE_MAX_EXTENTS)
+      n = SPARSE_MAX_EXTENTS;
+    need += count;
+    if (c->structured)
+      need += n * (sizeof (struct qcow2_extent) + sizeof (struct reply));
+    break;
+  case NBD_CMD_WRITE:
+    need += count;
+    break;
+  case NBD_CMD_CACHE:
+    need += CACHE_CHUNK + CACHE_EXTENTS * sizeof (struct qcow2_extent);
+    break;
+  case NBD_CMD_BLOCK_STATUS:
+    need += STATUS_MAX_EXTENTS * (sizeof (struct qcow2_extent)
+                                  + 2 * sizeof (struct nbd_block_descriptor))
+      + sizeof (struct reply);
+    break;
+  }
+  return need;
 }
 
 bool
@@ -827,12 +881,17 @@ request_step (struct conn *c)
   const char *why = NULL;
   int err;
 
-  if (c->state != CONN_TRANSMISSION || !conn_has_room (c))
+  if (c->state != CONN_TRANSMISSION || !conn_has_room (c) || c->mem_paused)
     return false;
   p = conn_input (c, &avail);
   if (avail < sizeof hdr)
     return false;
   memcpy (&hdr, p, sizeof hdr);
+  if (!loop_mem_admit (request_need (c, &hdr), c->in_flight == 0)) {
+    /* Left unparsed until memory is freed. */
+    conn_pause_for_memory (c);
+    return false;
+  }
   conn_consume (c, sizeof hdr);
 
   if (be32toh (hdr.magic) != NBD_REQUEST_MAGIC) {
@@ -862,6 +921,7 @@ request_step (struct conn *c)
   req->type = be16toh (hdr.type);
   req->flags = be16toh (hdr.flags);
   c->in_flight++;
+  charge (req, sizeof *req);
 
   err = validate_request (c, req, &why);
   if (err == 0 && c->shutdown) {
