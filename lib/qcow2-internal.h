@@ -570,6 +570,7 @@ struct qcow2 {
    */
   unsigned run_budget;
   bool in_process;
+  size_t mem_held;              /* top image only: qcow2_mem_held */
 };
 
 static inline uint64_t

@@ -707,6 +707,12 @@ qcow2_flush (struct qcow2 *q, qcow2_done_fn *done, void *opaque)
   return submit (q, REQ_FLUSH, 0, NULL, 0, 0, done, opaque);
 }
 
+size_t
+qcow2_mem_held (const struct qcow2 *q)
+{
+  return q->top->mem_held;
+}
+
 void
 qcow2_process (struct qcow2 *q)
 {

@@ -157,6 +157,11 @@ int export_add (const char *name, const char *description,
 /* The first export (the default one), or NULL when there is none. */
 struct export *export_first (void);
 
+/* What the engines hold for requests in flight (counted in the memory
+ * budget beside the connections' own).
+ */
+size_t export_mem_held (void);
+
 /* The export called name (len bytes, not NUL-terminated), or NULL.  The
  * empty name finds the default export when no export is called "".
  */

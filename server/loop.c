@@ -395,19 +395,20 @@ loop_set_max_memory (size_t bytes)
 }
 
 /* The memory budget.  Connections count what they hold (read buffers,
- * requests and their data and extent arrays), and a request is parsed
- * only when what it will hold fits (loop_mem_admit); otherwise its
- * connection stops reading and waits on conn.c's paused list until
- * enough is freed.  One small request per connection always goes, so
- * that clients that do not read their replies, having filled the budget,
- * cannot starve the others: what the daemon holds stays under the budget
- * plus SMALL_REQUEST and a read buffer per connection (--shared bounds
- * them).
+ * requests and their data and extent arrays), the engines what they hold
+ * for requests (compressed data being decompressed), and a request is
+ * parsed only when what it will hold fits beside them (loop_mem_admit);
+ * otherwise its connection stops reading and waits on conn.c's paused
+ * list until enough is freed.  One small request per connection always
+ * goes, so that clients that do not read their replies, having filled the
+ * budget, cannot starve the others: what the daemon holds stays under the
+ * budget plus SMALL_REQUEST and a read buffer per connection (--shared
+ * bounds them).
  */
 bool
 loop_mem_admit (size_t need, bool conn_idle)
 {
-  if (heap_held + need <= max_memory)
+  if (heap_held + export_mem_held () + need <= max_memory)
     return true;
   return conn_idle && need <= SMALL_REQUEST;
 }
