@@ -230,6 +230,20 @@ l2_coverage (const struct qcow2 *q)
   return (uint64_t) 1 << (q->cluster_bits + q->l2_bits);
 }
 
+/* The end of the run of guest bytes from pos (before end) whose L1
+ * entries name no L2 table; pos itself when its entry names one.
+ */
+static uint64_t
+unallocated_run_end (const struct qcow2 *q, uint64_t pos, uint64_t end)
+{
+  uint64_t l1cov = (uint64_t) 1 << q->l1_shift;
+
+  while (pos < end && (pos >> q->l1_shift) < q->l1_size
+         && (be64toh (q->l1[pos >> q->l1_shift]) & L1E_OFFSET_MASK) == 0)
+    pos = (pos | (l1cov - 1)) + 1;
+  return pos < end ? pos : end;
+}
+
 /* ---- states ---- */
 
 /* Returns true to go on with the next state, false when blocked. */
@@ -265,6 +279,14 @@ st_segment (struct qcow2_req *req)
   req->seg_len = end - pos;
   if (req->seg_len > cov - (pos & (cov - 1)))
     req->seg_len = cov - (pos & (cov - 1));
+  if (req->type == REQ_STATUS || (req->type == REQ_READ && !q->backing)) {
+    /* A run of L1 entries without a table is one segment (no slice to
+     * look at, and one extent), however many slices it spans.
+     */
+    uint64_t p = unallocated_run_end (q, pos, end);
+    if (p - pos > req->seg_len)
+      req->seg_len = p - pos;
+  }
   req->state = RS_GET_L2;
   return true;
 }
