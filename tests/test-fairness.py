@@ -11,7 +11,11 @@ reads took up to 4.9 s behind a 4 GiB CACHE.
 Meanwhile a probing client reads 4 KiB of allocated data at random
 offsets, one at a time, for PROBE_SECONDS; its 99th percentile latency
 must stay under P99_BOUND (generous, so that an AddressSanitizer build on
-a shared machine passes; a stalled loop costs seconds).  The flood must
+a shared machine passes; a stalled loop costs seconds), or four times
+what it is without the flood when the machine is that loaded, and its
+median under MEDIAN_BOUND (qnbdtest.judge_latency; up to three tries, as
+a moment of overload on the shared machine must not fail the test).  Before the fix:
+p50 84 ms, p99 600 ms; after: p50 0.03 ms, p99 about 3.5 ms.  The flood must
 also have made progress (it is served, not starved), and the daemon must
 exit 0.
 """
@@ -31,6 +35,7 @@ DATA = 16 * MiB                 # [0, DATA) holds data
 FLOOD_DEPTH = 4                 # flood requests in flight
 PROBE_SECONDS = 6.0
 P99_BOUND = 0.050               # seconds
+MEDIAN_BOUND = 0.010
 
 
 def flood(uri, seconds):
@@ -100,31 +105,28 @@ def probe(h, seconds):
     return sorted(lat)
 
 
-def pct(lat, p):
-    return lat[min(len(lat) - 1, int(len(lat) * p))]
-
-
 h = srv.connect()
 # CACHE of data, of data and holes, and of holes only: all succeed.
 h.cache(DATA, 0)
 h.cache(4 * DATA, 0)
 h.cache(4 * DATA, 2 * GiB)
-quiet = probe(h, 1.0)
-qt.log("alone: %d reads, p50 %.2f ms, p99 %.2f ms" %
-       (len(quiet), pct(quiet, 0.5) * 1e3, pct(quiet, 0.99) * 1e3))
 
-flooder = subprocess.Popen([sys.executable, os.path.abspath(__file__),
-                            "--flood", srv.uri, str(PROBE_SECONDS + 2)])
-try:
-    time.sleep(1.0)             # let the flood fill the server
-    lat = probe(h, PROBE_SECONDS)
-finally:
-    status = flooder.wait(120)
-qt.log("under the flood: %d reads, p50 %.2f ms, p99 %.2f ms, max %.2f ms" %
-       (len(lat), pct(lat, 0.5) * 1e3, pct(lat, 0.99) * 1e3, lat[-1] * 1e3))
-assert status == 0, "the flooding client failed (status %d)" % status
-assert pct(lat, 0.99) < P99_BOUND, \
-    "p99 latency %.1f ms of 4 KiB reads beside the flood (bound %.0f ms)" % \
-    (pct(lat, 0.99) * 1e3, P99_BOUND * 1e3)
+
+def measure():
+    quiet = probe(h, 1.0)
+    flooder = subprocess.Popen([sys.executable, os.path.abspath(__file__),
+                                "--flood", srv.uri, str(PROBE_SECONDS + 2)])
+    try:
+        time.sleep(1.0)         # let the flood fill the server
+        lat = probe(h, PROBE_SECONDS)
+    finally:
+        status = flooder.wait(120)
+    assert status == 0, "the flooding client failed (status %d)" % status
+    quiet += probe(h, 1.0)
+    return qt.judge_latency(lat, sorted(quiet), P99_BOUND, MEDIAN_BOUND,
+                            "4 KiB reads beside the flood")
+
+
+qt.assert_latency_in_tries(measure)
 h.shutdown()
 assert srv.stop() == 0
