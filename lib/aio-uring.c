@@ -119,6 +119,8 @@ uring_push (struct uring *u, struct aio_op *op)
                              FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                              op->offset, op->length);
     break;
+  case AIO_CALL:
+    abort ();                   /* uring_submit gave it to aio-calls.c */
   }
   io_uring_sqe_set_data (sqe, op);
   u->inflight++;
@@ -204,6 +206,8 @@ uring_submit (struct aio *a, struct aio_op *op)
 {
   struct uring *u = (struct uring *) a;
 
+  if (op->type == AIO_CALL)
+    return aio_calls_submit (a, op);
   op->next = NULL;
   op->result = 0;
   op->transferred = 0;
@@ -230,6 +234,7 @@ uring_reap (struct aio *a)
    * so the loop cannot miss it even if the drain below stops just before.
    */
   aio_clear_kick (a);
+  count += aio_calls_reap (a);
   while (io_uring_peek_cqe (&u->ring, &cqe) == 0 && cqe) {
     struct aio_op *op = io_uring_cqe_get_data (cqe);
     int res = cqe->res;
@@ -254,9 +259,11 @@ uring_wait (struct aio *a)
   if (a->pending == 0)
     return;
   uring_flush (u);
-  /* Nothing in the kernel means nothing can complete: do not sleep. */
-  if (u->inflight == 0)
+  /* Nothing in the kernel: only calls can complete, if any is running. */
+  if (u->inflight == 0) {
+    aio_calls_wait (a);
     return;
+  }
   while (io_uring_wait_cqe (&u->ring, &cqe) == -EINTR)
     ;
 }
@@ -288,6 +295,7 @@ uring_destroy (struct aio *a)
     free (op->priv_iov);
     op->priv_iov = NULL;
   }
+  aio_calls_destroy (a);
   io_uring_unregister_eventfd (&u->ring);
   io_uring_queue_exit (&u->ring);
   close (a->event_fd);

@@ -77,6 +77,8 @@ validate_op (const struct aio_op *op)
   case AIO_FSYNC:
   case AIO_PUNCH:
     return 0;
+  case AIO_CALL:
+    return op->call ? 0 : -EINVAL;
   }
   return -EINVAL;
 }
@@ -184,7 +186,8 @@ aio_submit (struct aio *a, struct aio_op *op)
   int r = validate_op (op);
   if (r < 0)
     return r;
-  if (op->inline_mode && a->inline_ok && try_inline (a, op)) {
+  if (op->inline_mode && a->inline_ok && op->type != AIO_CALL
+      && try_inline (a, op)) {
     a->pending++;
     return 0;
   }
@@ -278,6 +281,8 @@ aio_run_sync (const struct aio_op *op)
   int i = 0;                    /* first element not finished */
   size_t skip = 0;              /* bytes of op->iov[i] already done */
 
+  if (op->type == AIO_CALL)
+    return op->call ((struct aio_op *) op);
   if (op->type == AIO_FSYNC) {
     while (fdatasync (op->fd) == -1)
       if (errno != EINTR)

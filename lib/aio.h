@@ -20,6 +20,9 @@ enum aio_op_type {
   AIO_FSYNC,                    /* fdatasync of fd */
   AIO_PUNCH,                    /* deallocate [offset, offset+length): a hole
                                    punched, file size kept */
+  AIO_CALL,                     /* run call (op) on a worker thread (CPU
+                                   work that would hold up the loop); its
+                                   return value is the result */
 };
 
 struct aio_op;
@@ -50,6 +53,11 @@ struct aio_op {
   int iovcnt;
   uint64_t offset;
   uint64_t length;              /* AIO_PUNCH only */
+  /* AIO_CALL only.  Runs on another thread: it may touch only what the
+   * op's owner handed over with it (no engine state), and must not block
+   * for long.
+   */
+  int64_t (*call) (struct aio_op *op);
   aio_done_fn *done;
   void *opaque;                 /* for the caller */
   unsigned char inline_mode;    /* enum aio_inline (0: never inline) */
@@ -85,6 +93,8 @@ struct aio {
   bool inline_ok;               /* real I/O backends: inline ops allowed */
   bool owner_kicked;            /* aio_kick_once since the last clear */
   struct aio_op *inline_head, *inline_tail;  /* done inline, not reaped */
+  struct aio_calls *calls;      /* io_uring: workers for AIO_CALL, or NULL
+                                   until the first one (aio-calls.c) */
 };
 
 enum aio_kind {
@@ -135,8 +145,22 @@ void aio_clear_kick (struct aio *a);
 /* For backends (threads, fake): perform op now, on the calling thread, with
  * the full-transfer semantics promised to aio_done_fn: short transfers are
  * continued, EINTR is retried, and a read stops at end of file.  Touches no
- * field of op.  Returns the bytes transferred (0 for AIO_FSYNC) or -errno.
+ * field of op (but op->call may).  Returns the bytes transferred (0 for
+ * AIO_FSYNC), what op->call returned (AIO_CALL), or -errno.
  */
 int64_t aio_run_sync (const struct aio_op *op);
+
+/* A backend without threads of its own (io_uring) hands AIO_CALL ops to a
+ * small pool of workers (aio-calls.c), started at the first one.  submit
+ * returns 0 or -errno; reap runs the done callbacks of the finished ones
+ * (call it after aio_clear_kick: workers kick the eventfd) and returns
+ * their count; wait blocks until one has finished and returns false at
+ * once when none is in flight; destroy stops the workers (the owner has
+ * drained).
+ */
+int aio_calls_submit (struct aio *a, struct aio_op *op);
+int aio_calls_reap (struct aio *a);
+bool aio_calls_wait (struct aio *a);
+void aio_calls_destroy (struct aio *a);
 
 #endif /* QNBD_AIO_H */

@@ -307,8 +307,14 @@ void waitq_wake_all (struct qcow2 *q, struct waitq *w);
 void waitq_fail_all (struct qcow2 *q, struct waitq *w, int err);
 /* Make req runnable (it must not be waiting on a list). */
 void req_wake (struct qcow2_req *req);
-/* Advance runnable requests and deliver completions until nothing moves. */
+/* Advance runnable requests and deliver completions until nothing moves
+ * or RUN_BUDGET steps are done; then kick the eventfd if work is left.
+ */
 void req_run_all (struct qcow2 *q);
+/* Whether a request of q's chain is runnable or has a callback to run
+ * (qcow2_process stops with work left when its budget is spent).
+ */
+bool req_chain_has_work (const struct qcow2 *q);
 /* Advance runnable requests but leave completions for qcow2_process. */
 void req_run_all_pending (struct qcow2 *q);
 /* Validate and create a request (not started).  NULL with *err set when
@@ -667,6 +673,12 @@ struct qcow2 {
   struct waitq runnable;        /* ready to advance */
   struct waitq completed;       /* finished; callbacks not yet run */
   struct flusher *flusher;
+  /* Top image only: steps (segments run, callbacks delivered) left to the
+   * current qcow2_process call, and whether one is running.
+   */
+  unsigned run_budget;
+  bool in_process;
+  size_t mem_held;              /* top image only: qcow2_mem_held */
 };
 
 static inline uint64_t

@@ -33,12 +33,24 @@
  */
 #include <config.h>
 
+#include <assert.h>
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 #include <syslog.h>
 
 #include "qcow2-internal.h"
+
+/* Work done per qcow2_process call, so that one client's large request
+ * cannot hold up the loop (a 4 GiB CACHE of holes needs no I/O, so its
+ * segments and chained callbacks would otherwise all run in one call):
+ * at most RUN_BUDGET steps (a request run, a segment started, a callback
+ * delivered), then the eventfd is kicked and the loop serves its other
+ * watchers before coming back.  One run of a request does at most
+ * RUN_SLICE segments before going to the back of the runnable list.
+ */
+#define RUN_BUDGET 512u
+#define RUN_SLICE 4u
 
 
 /* ---- wait lists ---- */
@@ -218,6 +230,20 @@ l2_coverage (const struct qcow2 *q)
   return (uint64_t) 1 << (q->cluster_bits + q->l2_bits);
 }
 
+/* The end of the run of guest bytes from pos (before end) whose L1
+ * entries name no L2 table; pos itself when its entry names one.
+ */
+static uint64_t
+unallocated_run_end (const struct qcow2 *q, uint64_t pos, uint64_t end)
+{
+  uint64_t l1cov = (uint64_t) 1 << q->l1_shift;
+
+  while (pos < end && (pos >> q->l1_shift) < q->l1_size
+         && (be64toh (q->l1[pos >> q->l1_shift]) & L1E_OFFSET_MASK) == 0)
+    pos = (pos | (l1cov - 1)) + 1;
+  return pos < end ? pos : end;
+}
+
 /* ---- states ---- */
 
 /* Returns true to go on with the next state, false when blocked. */
@@ -253,6 +279,14 @@ st_segment (struct qcow2_req *req)
   req->seg_len = end - pos;
   if (req->seg_len > cov - (pos & (cov - 1)))
     req->seg_len = cov - (pos & (cov - 1));
+  if (req->type == REQ_STATUS || (req->type == REQ_READ && !q->backing)) {
+    /* A run of L1 entries without a table is one segment (no slice to
+     * look at, and one extent), however many slices it spans.
+     */
+    uint64_t p = unallocated_run_end (q, pos, end);
+    if (p - pos > req->seg_len)
+      req->seg_len = p - pos;
+  }
   req->state = RS_GET_L2;
   return true;
 }
@@ -394,12 +428,31 @@ st_wait_deps (struct qcow2_req *req)
   return true;
 }
 
-/* Run req until it blocks or finishes. */
+static void
+spend (struct qcow2 *q)
+{
+  if (q->top->run_budget > 0)
+    q->top->run_budget--;
+}
+
+/* Whether req, about to start another segment, should yield first: it
+ * has used its slice, or the call's budget is spent.  The first segment
+ * of a run always goes on, so every run makes progress.
+ */
+static bool
+should_yield (const struct qcow2_req *req, unsigned segs)
+{
+  return segs > 0 && (segs >= RUN_SLICE || req->q->top->run_budget == 0)
+    && !req->err && req->seg_off + req->seg_len < req->offset + req->len;
+}
+
+/* Run req until it blocks, finishes or yields its turn. */
 static void
 req_run (struct qcow2_req *req)
 {
   struct qcow2 *q = req->q;
   bool go = true;
+  unsigned segs = 0;
 
   if (req->type == REQ_FLUSHER) {
     flush_step (q);
@@ -420,7 +473,17 @@ req_run (struct qcow2_req *req)
       req->state = RS_DONE;
     }
     switch ((enum req_state) req->state) {
-    case RS_SEGMENT: go = st_segment (req); break;
+    case RS_SEGMENT:
+      if (should_yield (req, segs)) {
+        waitq_push (&q->runnable, req);
+        return;
+      }
+      go = st_segment (req);
+      if (req->state == RS_GET_L2) {
+        segs++;
+        spend (q);
+      }
+      break;
     case RS_GET_L2: go = st_get_l2 (req); break;
     case RS_WAIT_DEPS: go = st_wait_deps (req); break;
     case RS_PLAN:
@@ -491,11 +554,14 @@ chain_step (struct qcow2 *top, bool deliver)
   bool moved = false;
   for (struct qcow2 *b = top; b; b = b->backing) {
     struct qcow2_req *r;
-    while ((r = waitq_pop (&b->runnable))) {
+    while (top->run_budget > 0 && (r = waitq_pop (&b->runnable))) {
+      spend (top);
       req_run (r);
       moved = true;
     }
-    while (deliver && (r = waitq_pop (&b->completed))) {
+    while (deliver && top->run_budget > 0
+           && (r = waitq_pop (&b->completed))) {
+      spend (top);
       b->in_flight--;
       r->done (r->opaque, r->err);
       free (r);
@@ -505,11 +571,25 @@ chain_step (struct qcow2 *top, bool deliver)
   return moved;
 }
 
+bool
+req_chain_has_work (const struct qcow2 *q)
+{
+  for (const struct qcow2 *b = q->top; b; b = b->backing)
+    if (b->runnable.head || b->completed.head)
+      return true;
+  return false;
+}
+
 void
 req_run_all (struct qcow2 *q)
 {
-  while (chain_step (q->top, true))
+  struct qcow2 *top = q->top;
+
+  top->run_budget = RUN_BUDGET;
+  while (chain_step (top, true))
     ;
+  if (req_chain_has_work (top))
+    aio_kick_once (top->aio);
 }
 
 struct qcow2_req *
@@ -581,14 +661,18 @@ void
 req_run_all_pending (struct qcow2 *q)
 {
   struct qcow2 *top = q->top;
+
+  /* Inside qcow2_process (a callback submitting more), the outer loop
+   * runs what became ready, within its budget.
+   */
+  if (top->in_process)
+    return;
+  top->run_budget = RUN_BUDGET;
   while (chain_step (top, false))
     ;
   aio_commit (top->aio);
-  for (struct qcow2 *b = top; b; b = b->backing)
-    if (b->completed.head) {
-      aio_kick_once (top->aio);
-      break;
-    }
+  if (req_chain_has_work (top))
+    aio_kick_once (top->aio);
 }
 
 int
@@ -649,10 +733,21 @@ qcow2_flush (struct qcow2 *q, qcow2_done_fn *done, void *opaque)
   return submit (q, REQ_FLUSH, 0, NULL, 0, 0, done, opaque);
 }
 
+size_t
+qcow2_mem_held (const struct qcow2 *q)
+{
+  return q->top->mem_held;
+}
+
 void
 qcow2_process (struct qcow2 *q)
 {
+  struct qcow2 *top = q->top;
+
+  assert (!top->in_process);
+  top->in_process = true;
   aio_reap (q->aio);
   req_run_all (q);
   aio_commit (q->aio);
+  top->in_process = false;
 }

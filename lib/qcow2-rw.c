@@ -10,6 +10,7 @@
  */
 #include <config.h>
 
+#include <assert.h>
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
@@ -43,6 +44,7 @@ struct req_io {
 
   /* Reads of compressed data: decompressed on completion into dst. */
   void *cbuf;                   /* the sectors holding the data */
+  size_t cbuf_len;              /* its size, counted in mem_held */
   size_t cskip;                 /* where the data starts in cbuf */
   size_t csize;
   char *dst;                    /* where the cluster's bytes go */
@@ -99,6 +101,8 @@ seg_release (struct qcow2_req *req)
     free (io->cow_buf[0]);
     free (io->cow_buf[1]);
     free (io->cbuf);
+    assert (q->top->mem_held >= io->cbuf_len);
+    q->top->mem_held -= io->cbuf_len;
   }
   free (req->ios);
   req->ios = NULL;
@@ -112,9 +116,19 @@ seg_release (struct qcow2_req *req)
   }
 }
 
-static int
-decompress (struct qcow2 *q, struct req_io *io)
+/* Decompress io's cluster (read into io->cbuf) and copy the part wanted
+ * to io->dst.  An AIO_CALL: runs on a worker thread, so that the loop goes
+ * on serving other clients (4 readers of compressed clusters pushed
+ * another client's p99 latency to 145 ms when this ran on the loop).  It
+ * touches only io's buffers, which nothing else uses until the call is
+ * done, and the image's geometry, which never changes; it logs nothing.
+ * Returns 0, -ENOMEM, or -EIO for data that does not decompress.
+ */
+static int64_t
+decompress_call (struct aio_op *op)
 {
+  struct req_io *io = op->opaque;
+  const struct qcow2 *q = io->req->q;
   char *tmp = io->dst;
   int r;
 
@@ -124,14 +138,46 @@ decompress (struct qcow2 *q, struct req_io *io)
       return -ENOMEM;
   }
   r = decompress_cluster (q, (char *) io->cbuf + io->cskip, io->csize, tmp);
-  if (r < 0)
-    qlog (q, LOG_ERR, "compressed cluster at host offset 0x%llx cannot be "
-          "decompressed", (unsigned long long) (io->host + io->cskip));
-  else if (tmp != io->dst)
+  if (r >= 0 && tmp != io->dst)
     memcpy (io->dst, tmp + io->dst_off, io->dst_len);
   if (tmp != io->dst)
     free (tmp);
   return r < 0 ? -EIO : 0;
+}
+
+static void
+decompress_done (struct aio_op *op, int64_t ret)
+{
+  struct req_io *io = op->opaque;
+  struct qcow2_req *req = io->req;
+
+  if (ret == -EIO)
+    qlog (req->q, LOG_ERR, "compressed cluster at host offset 0x%llx cannot "
+          "be decompressed", (unsigned long long) (io->host + io->cskip));
+  if (ret < 0 && !req->err)
+    req->err = (int) ret;
+  if (--req->outstanding == 0)
+    req_wake (req);
+}
+
+/* Hand the decompression of io's cluster to the I/O backend's workers; it
+ * counts in req->outstanding like an I/O.  Returns 0 or -errno.
+ */
+static int
+start_decompress (struct qcow2_req *req, struct req_io *io)
+{
+  int r;
+
+  memset (&io->op, 0, sizeof io->op);
+  io->op.type = AIO_CALL;
+  io->op.call = decompress_call;
+  io->op.done = decompress_done;
+  io->op.opaque = io;
+  r = aio_submit (req->q->aio, &io->op);
+  if (r < 0)
+    return r;
+  req->outstanding++;
+  return 0;
 }
 
 /* Set io up to read the compressed cluster ent and deliver bytes
@@ -155,6 +201,8 @@ plan_compressed (struct qcow2_req *req, struct req_io *io, uint64_t ent,
   io->cbuf = aligned_alloc_zero (len);
   if (!io->cbuf)
     return -ENOMEM;
+  io->cbuf_len = len;
+  q->top->mem_held += len;
   io->req = req;
   io->host = start;
   io->cskip = coff - start;
@@ -165,9 +213,9 @@ plan_compressed (struct qcow2_req *req, struct req_io *io, uint64_t ent,
   io->dst_off = dst_off;
   io->dst_len = dst_len;
   if (cw_lookup (q, start, len, io->cbuf)) {
-    /* Still in the compressed write cache: no I/O. */
+    /* Still in the compressed write cache: no read. */
     io->started = true;
-    return decompress (q, io);
+    return start_decompress (req, io);
   }
   return 0;
 }
@@ -190,9 +238,10 @@ io_done (struct aio_op *op, int64_t ret)
     size_t want = io->iov[0].iov_len;
     if ((size_t) ret < want)
       memset ((char *) io->iov[0].iov_base + ret, 0, want - ret);
-    if (io->cbuf) {
-      int r = decompress (req->q, io);
-      if (r < 0 && !req->err)
+    if (io->cbuf && !req->err) {
+      /* The call takes over the read's place in outstanding. */
+      int r = start_decompress (req, io);
+      if (r < 0)
         req->err = r;
     }
   }

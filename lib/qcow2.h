@@ -118,6 +118,11 @@ void qcow2_process (struct qcow2 *q);
 /* Number of requests submitted whose callback has not run yet. */
 unsigned qcow2_in_flight (const struct qcow2 *q);
 
+/* Bytes the engine holds for requests in flight beyond their callers'
+ * buffers (compressed data read for decompression), over the whole chain.
+ */
+size_t qcow2_mem_held (const struct qcow2 *q);
+
 /* Requests.  Each returns 0 when accepted (done will be called later from
  * qcow2_process) or -errno when refused at once (done is never called):
  * -EINVAL past the end or misaligned, -EROFS on a read-only image, -EIO once

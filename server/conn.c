@@ -59,6 +59,11 @@ static unsigned handshake_limit = DEFAULT_HANDSHAKE_LIMIT; /* s, 0: none */
  */
 static struct conn *pending_head;
 
+/* Connections that wait for memory (a request of theirs did not fit in
+ * the daemon's budget), oldest first, so that they get it in turn.
+ */
+static struct conn *paused_head, **paused_tail = &paused_head;
+
 static void conn_io_cb (struct ev_loop *l, ev_io *w, int revents);
 static void handshake_timeout_cb (struct ev_loop *l, ev_timer *w,
                                   int revents);
@@ -135,6 +140,7 @@ conn_free (struct conn *c)
   assert (c->out_head == NULL);
   assert (c->rx_done == NULL);
   assert (!c->pending);
+  assert (!c->mem_paused);
   assert (!ev_is_active (&c->io));
   assert (!ev_is_active (&c->handshake_timer));
 
@@ -218,7 +224,7 @@ want_read (const struct conn *c)
     /* A payload in progress is always read: it is already paid for. */
     if (c->rx_want > 0)
       return true;
-    return conn_has_room (c) &&
+    return conn_has_room (c) && !c->mem_paused &&
       (c->rend < CONN_RBUF_SIZE || c->rstart > 0);
   case CONN_CLOSING:
   case CONN_DEAD:
@@ -510,6 +516,58 @@ conn_closing (struct conn *c)
              c->id, c->in_flight, c->in_flight == 1 ? "" : "s");
 }
 
+static void
+unpause (struct conn *c)
+{
+  struct conn **pp = &paused_head;
+
+  assert (c->mem_paused);
+  while (*pp != c)
+    pp = &(*pp)->paused_next;
+  *pp = c->paused_next;
+  if (paused_tail == &c->paused_next)
+    paused_tail = pp;
+  c->paused_next = NULL;
+  c->mem_paused = false;
+}
+
+void
+conn_pause_for_memory (struct conn *c)
+{
+  assert (!c->mem_paused);
+  c->mem_paused = true;
+  c->paused_next = NULL;
+  *paused_tail = c;
+  paused_tail = &c->paused_next;
+}
+
+bool
+conn_any_paused (void)
+{
+  return paused_head != NULL;
+}
+
+void
+conn_resume_paused (void)
+{
+  struct conn *list = paused_head;
+
+  /* Each gets one try, in turn; one that still does not fit goes to the
+   * back of the (new) list.
+   */
+  paused_head = NULL;
+  paused_tail = &paused_head;
+  while (list) {
+    struct conn *c = list;
+
+    list = c->paused_next;
+    c->paused_next = NULL;
+    c->mem_paused = false;
+    conn_step (c);
+    conn_update_watchers (c);
+  }
+}
+
 void
 conn_set_dead (struct conn *c)
 {
@@ -518,6 +576,8 @@ conn_set_dead (struct conn *c)
   if (c->rx_done)
     finish_payload (c, false);
   c->state = CONN_DEAD;
+  if (c->mem_paused)
+    unpause (c);
 
   conn_handshake_done (c);
   if (ev_is_active (&c->io))
@@ -574,10 +634,10 @@ conn_update_watchers (struct conn *c)
     c->events = events;
   }
 
-  /* A live connection always waits for something: its socket or the
-   * engine.  Otherwise nothing would ever wake it again.
+  /* A live connection always waits for something: its socket, the
+   * engine, or memory.  Otherwise nothing would ever wake it again.
    */
-  assert (events != 0 || c->engine_refs > 0);
+  assert (events != 0 || c->engine_refs > 0 || c->mem_paused);
 }
 
 /* Parse and write until neither makes progress.  Writing replies can make

@@ -106,6 +106,16 @@ export_first (void)
   return exports;
 }
 
+size_t
+export_mem_held (void)
+{
+  size_t n = 0;
+
+  for (struct export *e = exports; e; e = e->next)
+    n += qcow2_mem_held (e->q);
+  return n;
+}
+
 struct export *
 export_find (const char *name, size_t len)
 {

@@ -31,10 +31,12 @@
  */
 #define MAX_PAYLOAD         (32u * 1024 * 1024)
 
-/* NBD_CMD_CACHE reads its range into a scratch buffer of at most this
- * many bytes, one engine read after the other.
+/* NBD_CMD_CACHE reads the data of its range into a scratch buffer of at
+ * most this many bytes, one engine read after the other, finding it with
+ * block status calls of at most CACHE_EXTENTS extents.
  */
 #define CACHE_CHUNK         (8u * 1024 * 1024)
+#define CACHE_EXTENTS       64
 
 /* Most extents asked of the engine for one NBD_CMD_BLOCK_STATUS (fewer
  * with NBD_CMD_FLAG_REQ_ONE, which sends only the first).  The answer may
@@ -66,6 +68,15 @@
  * bytes they hold.  Past either, the socket is not read.
  */
 #define CONN_MAX_IN_FLIGHT  64
+
+/* The default of --max-memory: past it no connection starts a request
+ * (except as loop_mem_admit says) until replies drain.
+ */
+#define DEFAULT_MAX_MEMORY  (512u * 1024 * 1024)
+/* A request of at most this many bytes may always start on a connection
+ * that has nothing else in flight.
+ */
+#define SMALL_REQUEST       (256u * 1024)
 #define CONN_MAX_BUFFERED   (64u * 1024 * 1024)
 
 /* Size of a connection's read buffer: holds the largest option with its
@@ -145,6 +156,11 @@ int export_add (const char *name, const char *description,
 
 /* The first export (the default one), or NULL when there is none. */
 struct export *export_first (void);
+
+/* What the engines hold for requests in flight (counted in the memory
+ * budget beside the connections' own).
+ */
+size_t export_mem_held (void);
 
 /* The export called name (len bytes, not NUL-terminated), or NULL.  The
  * empty name finds the default export when no export is called "".
@@ -227,6 +243,15 @@ void loop_conn_freed (void);
  */
 void loop_heap_hold (size_t n);
 void loop_heap_release (size_t n);
+
+/* The daemon-wide memory budget (--max-memory), in bytes. */
+void loop_set_max_memory (size_t bytes);
+/* Whether a connection may start a request that will hold need bytes:
+ * everything held stays within the budget, or the request is small
+ * (SMALL_REQUEST) and its connection holds no other (so every client goes
+ * on, one small request at a time, however much others hold).
+ */
+bool loop_mem_admit (size_t need, bool conn_idle);
 
 /* ---- buffer-pool.c: request data buffers, reused ---- */
 
@@ -314,7 +339,10 @@ struct conn {
    */
   unsigned in_flight;
   unsigned engine_refs;
-  size_t buffered;              /* data bytes held by in-flight requests */
+  size_t buffered;              /* bytes held by in-flight requests (their
+                                   structs, data, extent arrays) */
+  bool mem_paused;              /* waits for memory: on the paused list */
+  struct conn *paused_next;
 
   /* Output queue. */
   struct reply *out_head;
@@ -379,6 +407,15 @@ void conn_mark_pending (struct conn *c);
 
 /* Run every connection marked pending. */
 void conn_run_pending (void);
+
+/* c stops parsing requests until conn_resume_paused: its next request
+ * does not fit in the memory budget.
+ */
+void conn_pause_for_memory (struct conn *c);
+/* Whether a connection waits for memory. */
+bool conn_any_paused (void);
+/* Give every paused connection another try, oldest first. */
+void conn_resume_paused (void);
 
 /* Server shutdown: connections still in the handshake are closed; the
  * others finish what is in flight, answer new requests with ESHUTDOWN

@@ -1,5 +1,6 @@
 /* server/log.c: the daemon's messages, one line each on stderr, prefixed
- * "qnbd: ", filtered by verbosity; and the engine's log hook.
+ * "qnbd: ", filtered by verbosity, non-printable bytes escaped; and the
+ * engine's log hook.
  */
 #ifdef HAVE_CONFIG_H
 #include <config.h>
@@ -7,6 +8,7 @@
 
 #include <errno.h>
 #include <stdarg.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <syslog.h>
 
@@ -38,6 +40,40 @@ enabled (enum log_level level)
   return true;
 }
 
+/* Copy src to dst (of size n), with every byte that is not printable
+ * ASCII written as \xNN and a backslash as \\: messages carry strings from
+ * clients (export names, option data) and images (file names), and a raw
+ * newline or terminal escape would let them forge log lines or drive the
+ * terminal reading the log.
+ */
+static void
+escape (char *dst, size_t n, const char *src)
+{
+  static const char hex[] = "0123456789abcdef";
+  size_t o = 0;
+
+  for (const unsigned char *p = (const unsigned char *) src; *p; p++) {
+    bool plain = *p >= 0x20 && *p < 0x7f && *p != '\\';
+    size_t need = plain ? 1 : *p == '\\' ? 2 : 4;
+
+    if (o + need >= n)
+      break;
+    if (plain)
+      dst[o++] = *p;
+    else if (*p == '\\') {
+      dst[o++] = '\\';
+      dst[o++] = '\\';
+    }
+    else {
+      dst[o++] = '\\';
+      dst[o++] = 'x';
+      dst[o++] = hex[*p >> 4];
+      dst[o++] = hex[*p & 15];
+    }
+  }
+  dst[o] = '\0';
+}
+
 /* Format the whole line first and write it with one call, so that lines
  * are never interleaved with another process's output on the same stderr.
  * errno is kept for the caller, and for "%m".
@@ -46,7 +82,7 @@ static void
 vlog (enum log_level level, const char *fmt, va_list args)
 {
   int saved_errno = errno;
-  char line[1024];
+  char line[1024], out[4 * sizeof line];
   int n;
 
   if (!enabled (level)) {
@@ -62,7 +98,8 @@ vlog (enum log_level level, const char *fmt, va_list args)
     errno = saved_errno;
     vsnprintf (line + n, sizeof line - n, fmt, args);
   }
-  fprintf (stderr, "%s\n", line);
+  escape (out, sizeof out, line);
+  fprintf (stderr, "%s\n", out);
   fflush (stderr);
   errno = saved_errno;
 }

@@ -71,6 +71,8 @@ static ev_timer trim_timer;             /* heap to give back */
 
 static size_t heap_held;                /* bytes connections hold now */
 static size_t heap_peak;                /* the most since the last trim */
+static size_t max_memory = DEFAULT_MAX_MEMORY; /* --max-memory */
+static ev_timer resume_timer;           /* paused connections to retry */
 
 /* ------------------------------------------------------------------ */
 /* Listeners.                                                          */
@@ -387,10 +389,50 @@ loop_heap_hold (size_t n)
 }
 
 void
+loop_set_max_memory (size_t bytes)
+{
+  max_memory = bytes;
+}
+
+/* The memory budget.  Connections count what they hold (read buffers,
+ * requests and their data and extent arrays), the engines what they hold
+ * for requests (compressed data being decompressed), and a request is
+ * parsed only when what it will hold fits beside them (loop_mem_admit);
+ * otherwise its connection stops reading and waits on conn.c's paused
+ * list until enough is freed.  One small request per connection always
+ * goes, so that clients that do not read their replies, having filled the
+ * budget, cannot starve the others: what the daemon holds stays under the
+ * budget plus SMALL_REQUEST and a read buffer per connection (--shared
+ * bounds them).
+ */
+bool
+loop_mem_admit (size_t need, bool conn_idle)
+{
+  if (heap_held + export_mem_held () + need <= max_memory)
+    return true;
+  return conn_idle && need <= SMALL_REQUEST;
+}
+
+static void
+resume_cb (struct ev_loop *lp, ev_timer *w, int revents)
+{
+  (void) lp; (void) w; (void) revents;
+  conn_resume_paused ();
+}
+
+void
 loop_heap_release (size_t n)
 {
   assert (heap_held >= n);
   heap_held -= n;
+  /* Retried from the loop, not from inside whatever freed the memory
+   * (often the writing of a connection's replies).
+   */
+  if (conn_any_paused () && heap_held < max_memory
+      && !ev_is_active (&resume_timer)) {
+    ev_timer_set (&resume_timer, 0., 0.);
+    ev_timer_start (loop, &resume_timer);
+  }
   if (heap_peak - heap_held >= TRIM_MIN && !ev_is_active (&trim_timer)) {
     ev_timer_set (&trim_timer, TRIM_DELAY, 0.);
     ev_timer_start (loop, &trim_timer);
@@ -486,6 +528,7 @@ loop_init (void)
   ev_timer_init (&grace_timer, grace_cb, SHUTDOWN_GRACE, 0.);
   ev_timer_init (&pause_timer, pause_cb, ACCEPT_PAUSE, 0.);
   ev_timer_init (&trim_timer, trim_cb, TRIM_DELAY, 0.);
+  ev_timer_init (&resume_timer, resume_cb, 0., 0.);
   return 0;
 }
 
@@ -528,6 +571,8 @@ loop_cleanup (void)
       ev_timer_stop (loop, &pause_timer);
     if (ev_is_active (&trim_timer))
       ev_timer_stop (loop, &trim_timer);
+    if (ev_is_active (&resume_timer))
+      ev_timer_stop (loop, &resume_timer);
     buffer_pool_drain ();
     ev_loop_destroy (loop);
     loop = NULL;

@@ -10,6 +10,7 @@
 #endif
 
 #include <errno.h>
+#include <fcntl.h>
 #include <getopt.h>
 #include <inttypes.h>
 #include <limits.h>
@@ -44,6 +45,7 @@ enum {
   OPT_DISCARD,
   OPT_HANDSHAKE_LIMIT,
   OPT_L2_CACHE_SIZE,
+  OPT_MAX_MEMORY,
   OPT_PID_FILE,
   OPT_VERSION,
 };
@@ -64,6 +66,7 @@ static const struct option long_options[] = {
   { "handshake-limit", required_argument, NULL, OPT_HANDSHAKE_LIMIT },
   { "help",           no_argument,       NULL, 'h' },
   { "l2-cache-size",  required_argument, NULL, OPT_L2_CACHE_SIZE },
+  { "max-memory",     required_argument, NULL, OPT_MAX_MEMORY },
   { "load-snapshot",  required_argument, NULL, 'l' },
   { "persistent",     no_argument,       NULL, 't' },
   { "pid-file",       required_argument, NULL, OPT_PID_FILE },
@@ -94,6 +97,8 @@ usage (FILE *fp)
 "  -t, --persistent         keep serving after a client disconnects\n"
 "                           (always the case; accepted for qemu-nbd users)\n"
 "      --pid-file=PATH      write the process id to PATH once listening\n"
+"      --max-memory=SIZE    stop taking requests while they hold SIZE\n"
+"                           bytes (suffixes K, M, G; default: 512M)\n"
 "\n"
 "The export:\n"
 "  -x, --export-name=NAME   export name (default: \"\")\n"
@@ -248,27 +253,60 @@ notify_ready (void)
   close (fd);
 }
 
-/* Write our pid to path, whole: a reader never sees a partial file. */
+/* Create a fresh temporary file beside path for writing: never through a
+ * symlink or into a file that exists (someone who can write the directory
+ * could plant one at a name we use, pointing at a file of their choice).
+ * Returns the descriptor and the name in *tmp, or -1 after logging.
+ */
+static int
+create_beside (const char *path, char **tmp)
+{
+  for (unsigned i = 0; i < 100; i++) {
+    int fd, r;
+
+    r = i == 0 ? asprintf (tmp, "%s.tmp", path)
+      : asprintf (tmp, "%s.tmp.%ld.%u", path, (long) getpid (), i);
+    if (r < 0) {
+      log_error ("%s: %m", path);
+      return -1;
+    }
+    fd = open (*tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC,
+               0644);
+    if (fd >= 0)
+      return fd;
+    if (errno != EEXIST) {
+      log_error ("%s: %m", *tmp);
+      free (*tmp);
+      return -1;
+    }
+    free (*tmp);
+  }
+  log_error ("%s: no free temporary name beside it", path);
+  return -1;
+}
+
+/* Write our pid to path, whole: a reader never sees a partial file.  The
+ * rename replaces whatever path is (a symlink included) without following
+ * it.
+ */
 static int
 write_pid_file (const char *path)
 {
-  char *tmp;
-  FILE *fp;
-  int r;
+  char *tmp, text[32];
+  int fd, n;
+  ssize_t r;
 
-  if (asprintf (&tmp, "%s.tmp", path) < 0) {
-    log_error ("%s: %m", path);
+  fd = create_beside (path, &tmp);
+  if (fd < 0)
     return -1;
-  }
-  fp = fopen (tmp, "w");
-  if (fp == NULL) {
+  n = snprintf (text, sizeof text, "%ld\n", (long) getpid ());
+  r = write (fd, text, n);
+  if (r != n || close (fd) != 0) {
+    if (r >= 0 && r != n)
+      errno = EIO;              /* a short write to a new file */
     log_error ("%s: %m", tmp);
-    free (tmp);
-    return -1;
-  }
-  r = fprintf (fp, "%ld\n", (long) getpid ());
-  if (fclose (fp) != 0 || r < 0) {
-    log_error ("%s: %m", tmp);
+    if (r != n)
+      close (fd);
     unlink (tmp);
     free (tmp);
     return -1;
@@ -346,6 +384,7 @@ main (int argc, char *argv[])
   size_t n_allow_dirs = 0;
   bool discard = true;
   unsigned shared = 0, port_n, handshake_limit = DEFAULT_HANDSHAKE_LIMIT;
+  uint64_t max_memory;
   int c, i, r, activated, status = EXIT_SUCCESS;
   struct export *e;
 
@@ -472,6 +511,12 @@ main (int argc, char *argv[])
     case OPT_L2_CACHE_SIZE:
       if (parse_size (optarg, &opts.l2_cache_bytes) < 0)
         bad_usage ("--l2-cache-size: '%s' is not a size", optarg);
+      break;
+    case OPT_MAX_MEMORY:
+      if (parse_size (optarg, &max_memory) < 0 || max_memory == 0
+          || max_memory > SIZE_MAX)
+        bad_usage ("--max-memory: '%s' is not a size", optarg);
+      loop_set_max_memory ((size_t) max_memory);
       break;
     case OPT_PID_FILE:
       pid_file = optarg;

@@ -17,8 +17,8 @@
  *   request_release       reply written or dropped      (in_flight - 1)
  *
  * Some requests take more than one engine call, one after the other:
- * CACHE reads its range CACHE_CHUNK bytes at a time (cache_done), and a
- * TRIM with FUA is followed by a flush (trim_done).
+ * CACHE asks where data is and reads it CACHE_CHUNK bytes at a time
+ * (cache_step), and a TRIM with FUA is followed by a flush (trim_done).
  *
  * A structured reply of several chunks (a sparse READ, a BLOCK_STATUS for
  * two metadata contexts) queues one struct reply per chunk: the last is
@@ -52,7 +52,10 @@ struct request {
   uint16_t flags;               /* NBD_CMD_FLAG_* */
   void *data;                   /* READ/WRITE data (count bytes), CACHE
                                    scratch buffer, or NULL */
-  size_t held;                  /* bytes counted in conn->buffered */
+  size_t data_len;              /* bytes of data (a pool buffer's size) */
+  size_t held;                  /* bytes counted in conn->buffered and the
+                                   memory budget: this struct, data, ext,
+                                   chunks, desc */
   int err;                      /* positive errno of the result, 0: success */
   const char *why;              /* message for a structured error, or NULL */
 
@@ -65,6 +68,9 @@ struct request {
   struct reply *chunks;         /* the chunks before the last, or NULL */
   struct nbd_block_descriptor *desc; /* BLOCK_STATUS payloads, or NULL */
   uint64_t cache_next;          /* CACHE: end of the part being read */
+  unsigned cache_ext;           /* CACHE: the extent of ext being read */
+  uint64_t cache_ext_off;       /* CACHE: bytes of it done */
+  bool cache_asked;             /* CACHE: ext is a fresh answer */
 };
 
 /* A run of a READ's data sent as one chunk: [off, off + len) from the
@@ -92,6 +98,15 @@ cmd_name (uint16_t type)
   }
 }
 
+/* Count n more bytes that req holds (freed with it). */
+static void
+charge (struct request *req, size_t n)
+{
+  req->held += n;
+  req->conn->buffered += n;
+  loop_heap_hold (n);
+}
+
 /* Free a request whose reply has been written, dropped, or will never be
  * sent.  It is the release function of its (last) reply.
  */
@@ -107,7 +122,7 @@ request_release (struct reply *r)
   c->buffered -= req->held;
   if (req->held)
     loop_heap_release (req->held);
-  buffer_put (req->data, req->held);
+  buffer_put (req->data, req->data_len);
   free (req->ext);
   free (req->chunks);
   free (req->desc);
@@ -189,6 +204,8 @@ send_read (struct request *req)
     return;
   }
 
+  if (req->ext_n > 1)
+    charge (req, (req->ext_n - 1) * sizeof *req->chunks);
   /* Each extent after the first starts at most one new span, so there
    * are at most ext_n - 1 spans before the last.
    */
@@ -287,6 +304,8 @@ send_block_status (struct request *req)
   req->chunks = calloc (1, sizeof *req->chunks);
   if (req->desc == NULL || req->chunks == NULL)
     return ENOMEM;
+  charge (req, 2 * (size_t) req->ext_n * sizeof *req->desc
+          + sizeof *req->chunks);
 
   /* Work out every chunk before queueing any: an error is still possible. */
   for (i = 0; i < 2; i++) {
@@ -415,30 +434,92 @@ note_submitted (struct request *req, int r)
   send_error (req, -r, NULL);
 }
 
-/* A CACHE read has finished: read the next part, or answer.  A
- * connection going away or a server shutting down ends it early, with
- * success (the protocol lets a reply come before everything is cached).
+static void cache_step (struct request *req);
+static int alloc_data (struct request *req, size_t len);
+
+/* A part of a CACHE has finished (a block status or a read): go on, or
+ * answer.  A connection going away or a server shutting down ends it
+ * early, with success (the protocol lets a reply come before everything
+ * is cached).
  */
 static void
 cache_done (void *opaque, int ret)
 {
   struct request *req = opaque;
   struct conn *c = req->conn;
-  uint64_t end = req->offset + req->count;
-  uint64_t pos = req->cache_next;
-  size_t len;
 
   assert (c->engine_refs > 0);
   c->engine_refs--;
-  if (ret < 0 || pos >= end || c->state == CONN_DEAD || c->shutdown) {
+  if (ret < 0 || req->cache_next >= req->offset + req->count
+      || c->state == CONN_DEAD || c->shutdown) {
     request_finish (req, ret);
     return;
   }
-  len = end - pos < CACHE_CHUNK ? end - pos : CACHE_CHUNK;
-  req->cache_next = pos + len;
-  note_submitted (req, qcow2_read (c->exp->q, pos, req->data, len,
-                                   cache_done, req));
+  cache_step (req);
   conn_mark_pending (c);
+}
+
+/* The next engine call of a CACHE: only data is read (CACHE_CHUNK bytes
+ * at a time), so the engine is first asked where it is; runs of zeros
+ * and holes are done without reading them (a 4 GiB CACHE of a sparse
+ * disk once meant 4 GiB of zeros made in memory while other clients
+ * waited).  Extents of the block status answer are used up in order
+ * (req->ext[req->cache_ext], req->cache_ext_off bytes of it done).
+ */
+static void
+cache_step (struct request *req)
+{
+  struct conn *c = req->conn;
+  struct qcow2 *q = c->exp->q;
+  uint64_t end = req->offset + req->count;
+  uint64_t pos = req->cache_next;
+
+  if (req->cache_asked && req->ext_n == 0) {
+    /* The engine describes at least a prefix: this is not expected. */
+    request_finish (req, -EIO);
+    return;
+  }
+  req->cache_asked = false;
+  while (req->cache_ext < req->ext_n) {
+    const struct qcow2_extent *e = &req->ext[req->cache_ext];
+    uint64_t left = e->length - req->cache_ext_off;
+    uint64_t len = left < CACHE_CHUNK ? left : CACHE_CHUNK;
+    int err;
+
+    if (len > end - pos)
+      len = end - pos;
+    if (e->flags & QCOW2_EXTENT_ZERO)
+      len = left < end - pos ? left : end - pos;
+    else if (req->data == NULL) {
+      err = alloc_data (req, CACHE_CHUNK);
+      if (err) {
+        send_error (req, err, NULL);
+        return;
+      }
+    }
+    req->cache_ext_off += len;
+    if (req->cache_ext_off == e->length) {
+      req->cache_ext++;
+      req->cache_ext_off = 0;
+    }
+    req->cache_next = pos + len;
+    if (!(e->flags & QCOW2_EXTENT_ZERO)) {
+      note_submitted (req, qcow2_read (q, pos, req->data, len, cache_done,
+                                       req));
+      return;
+    }
+    pos += len;
+    if (pos >= end) {
+      request_finish (req, 0);
+      return;
+    }
+  }
+  req->cache_ext = 0;
+  req->cache_ext_off = 0;
+  req->cache_asked = true;
+  note_submitted (req, qcow2_block_status (q, pos, end - pos, req->ext,
+                                           CACHE_EXTENTS, &req->ext_n,
+                                           cache_done, req));
 }
 
 /* A TRIM has finished: with FUA, make it durable before answering. */
@@ -471,9 +552,8 @@ alloc_data (struct request *req, size_t len)
     return ENOMEM;
   }
   req->data = p;
-  req->held = len;
-  c->buffered += req->held;
-  loop_heap_hold (len);
+  req->data_len = len;
+  charge (req, len);
   return 0;
 }
 
@@ -628,6 +708,7 @@ start_read_map (struct conn *c, struct request *req)
                                      req->count, request_done, req));
     return;
   }
+  charge (req, max * sizeof *req->ext);
   note_submitted (req, qcow2_read_map (c->exp->q, req->offset, req->data,
                                        req->count, req->ext, max,
                                        &req->ext_n, request_done, req));
@@ -716,18 +797,18 @@ handle_request (struct conn *c, struct request *req)
       send_reply (req);
       return;
     }
-    /* Read the range into a scratch buffer that is then dropped: that
-     * loads the L2 tables and fills the page cache.
+    /* The data of the range is read into a scratch buffer that is then
+     * dropped: that loads the L2 tables and fills the page cache.
      */
-    max = req->count < CACHE_CHUNK ? req->count : CACHE_CHUNK;
-    err = alloc_data (req, max);
-    if (err) {
-      send_error (req, err, NULL);
+    req->ext = calloc (CACHE_EXTENTS, sizeof *req->ext);
+    if (req->ext == NULL) {
+      log_error ("client %u: CACHE: out of memory", c->id);
+      send_error (req, ENOMEM, NULL);
       return;
     }
-    req->cache_next = req->offset + max;
-    note_submitted (req, qcow2_read (q, req->offset, req->data, max,
-                                     cache_done, req));
+    charge (req, CACHE_EXTENTS * sizeof *req->ext);
+    req->cache_next = req->offset;
+    cache_step (req);
     return;
 
   case NBD_CMD_BLOCK_STATUS:
@@ -743,6 +824,7 @@ handle_request (struct conn *c, struct request *req)
       send_error (req, ENOMEM, NULL);
       return;
     }
+    charge (req, max * sizeof *req->ext);
     note_submitted (req, qcow2_block_status (q, req->offset, req->count,
                                              req->ext, max, &req->ext_n,
                                              request_done, req));
@@ -751,6 +833,42 @@ handle_request (struct conn *c, struct request *req)
   default:
     abort ();                   /* validate_request let it through */
   }
+}
+
+/* The most a request will hold, from its header (loop_mem_admit): a
+ * bad one may be counted too high, never too low.
+ */
+static size_t
+request_need (const struct conn *c, const struct nbd_request *hdr)
+{
+  size_t need = sizeof (struct request);
+  size_t count = be32toh (hdr->length);
+  size_t n;
+
+  if (count > MAX_PAYLOAD)
+    count = MAX_PAYLOAD;        /* refused without data */
+  switch (be16toh (hdr->type)) {
+  case NBD_CMD_READ:
+    n = 2 * (count / SPARSE_MIN_HOLE) + 2;
+    if (n > SPARSE_MAX_EXTENTS)
+      n = SPARSE_MAX_EXTENTS;
+    need += count;
+    if (c->structured)
+      need += n * (sizeof (struct qcow2_extent) + sizeof (struct reply));
+    break;
+  case NBD_CMD_WRITE:
+    need += count;
+    break;
+  case NBD_CMD_CACHE:
+    need += CACHE_CHUNK + CACHE_EXTENTS * sizeof (struct qcow2_extent);
+    break;
+  case NBD_CMD_BLOCK_STATUS:
+    need += STATUS_MAX_EXTENTS * (sizeof (struct qcow2_extent)
+                                  + 2 * sizeof (struct nbd_block_descriptor))
+      + sizeof (struct reply);
+    break;
+  }
+  return need;
 }
 
 bool
@@ -763,12 +881,17 @@ request_step (struct conn *c)
   const char *why = NULL;
   int err;
 
-  if (c->state != CONN_TRANSMISSION || !conn_has_room (c))
+  if (c->state != CONN_TRANSMISSION || !conn_has_room (c) || c->mem_paused)
     return false;
   p = conn_input (c, &avail);
   if (avail < sizeof hdr)
     return false;
   memcpy (&hdr, p, sizeof hdr);
+  if (!loop_mem_admit (request_need (c, &hdr), c->in_flight == 0)) {
+    /* Left unparsed until memory is freed. */
+    conn_pause_for_memory (c);
+    return false;
+  }
   conn_consume (c, sizeof hdr);
 
   if (be32toh (hdr.magic) != NBD_REQUEST_MAGIC) {
@@ -798,6 +921,7 @@ request_step (struct conn *c)
   req->type = be16toh (hdr.type);
   req->flags = be16toh (hdr.flags);
   c->in_flight++;
+  charge (req, sizeof *req);
 
   err = validate_request (c, req, &why);
   if (err == 0 && c->shutdown) {

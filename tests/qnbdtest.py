@@ -439,6 +439,46 @@ def rss_bound_kib(pid, mb):
     return (mb + (512 if sanitized(pid) else 0)) * 1024
 
 
+def percentile(lat, p):
+    """The p-th quantile (0 < p < 1) of the sorted list lat."""
+    return lat[min(len(lat) - 1, int(len(lat) * p))]
+
+
+def judge_latency(lat, quiet, p99_bound, median_bound, what):
+    """Judge the latencies lat (sorted, seconds) of a client beside some
+    load: their p99 must stay under p99_bound, or under four times the
+    p99 of quiet (the same client measured without that load) when the
+    machine itself is that slow, and their median under median_bound.
+    Returns None when they pass, else why not."""
+    noise = percentile(quiet, 0.99)
+    bound = max(p99_bound, 4 * noise)
+    log("%s: %d requests, p50 %.2f ms, p99 %.2f ms, max %.2f ms "
+        "(without it: p99 %.2f ms; bounds p99 %.0f ms, p50 %.0f ms)" %
+        (what, len(lat), percentile(lat, 0.5) * 1e3,
+         percentile(lat, 0.99) * 1e3, lat[-1] * 1e3, noise * 1e3,
+         bound * 1e3, median_bound * 1e3))
+    if percentile(lat, 0.5) >= median_bound:
+        return "%s: median latency %.1f ms" % \
+            (what, percentile(lat, 0.5) * 1e3)
+    if percentile(lat, 0.99) >= bound:
+        return "%s: p99 latency %.1f ms (bound %.0f ms)" % \
+            (what, percentile(lat, 0.99) * 1e3, bound * 1e3)
+    return None
+
+
+def assert_latency_in_tries(measure, tries=3):
+    """Run measure() (which returns judge_latency's verdict) up to tries
+    times, until it passes: tests run in parallel on shared cores, and a
+    moment when the machine is overloaded must not fail a test whose
+    failure (a loop stalled by one client) shows every time."""
+    for i in range(tries):
+        why = measure()
+        if why is None:
+            return
+        log("try %d of %d: %s" % (i + 1, tries, why))
+    raise AssertionError(why)
+
+
 NBD_MAGIC = b"NBDMAGIC"
 NBD_IHAVEOPT = b"IHAVEOPT"
 NBD_REP_MAGIC = 0x0003e889045565a9

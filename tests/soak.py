@@ -6,8 +6,16 @@ reads, writes, flushes and trims, for SOAK_SECONDS (default 120).  Each
 connection owns its own part of the disk and keeps a shadow of it, so every
 read is checked as it completes.  At the end all data is verified, qemu-img
 check must be clean, and the daemon's peak RSS must stay under the bound
-below (SOAK_RSS_MB, default 256 MiB; a normal build peaks near 70 MiB,
-AddressSanitizer builds get eight times the bound for their quarantine).
+below (SOAK_RSS_MB, default 320 MiB: the memory budget, 128 MiB, and
+the daemon's own; a normal build peaks near 70 MiB without the clients
+below and near 220 MiB with them, AddressSanitizer builds get eight times
+the bound for their quarantine).
+
+Beside them, NONREADERS raw clients send READs of 32 MiB and never read a
+reply, for the whole run: the daemon runs with --max-memory=SOAK_MAX_MB
+(default 128) and must keep the RSS bound with them (they would take
+16 x 64 MiB without the daemon-wide budget) while still serving the 64
+connections.
 """
 
 import os
@@ -22,7 +30,10 @@ qt.requires("qemu-img")
 qt.seed()
 
 SECONDS = float(os.environ.get("SOAK_SECONDS", "120"))
-RSS_MB = int(os.environ.get("SOAK_RSS_MB", "256"))
+RSS_MB = int(os.environ.get("SOAK_RSS_MB", "320"))
+MAX_MB = int(os.environ.get("SOAK_MAX_MB", "128"))
+NONREADERS = 16
+BIG_READ = 32 << 20
 CONNS = 64
 DEPTH = 16
 PART = 4 << 20                  # bytes of disk per connection
@@ -30,7 +41,7 @@ SIZE = CONNS * PART
 
 tmp = qt.tmpdir()
 img = qt.create_image(tmp, "soak.qcow2", SIZE, cluster_size=65536)
-srv = qt.Server(img)
+srv = qt.Server(img, "--max-memory=%dM" % MAX_MB)
 failures = []
 counts = [0] * CONNS
 peak_rss = [0]
@@ -112,9 +123,32 @@ with open("/proc/%d/maps" % srv.pid) as f:
     if "libasan" in f.read():
         RSS_MB *= 8
 
+
+def nonreader(deadline):
+    """A client that sends 32 MiB READs until its socket is full and
+    never reads a reply."""
+    c = qt.RawClient(srv.sock)
+    c.export_name()
+    blob = b"".join(qt.nbd_request(qt.NBD_CMD_READ, k + 1,
+                                   (k % (SIZE // BIG_READ)) * BIG_READ,
+                                   BIG_READ) for k in range(2000))
+    sent = 0
+    c.s.settimeout(0.5)
+    while time.monotonic() < deadline and sent < len(blob):
+        try:
+            sent += c.s.send(blob[sent:sent + 65536])
+        except OSError:
+            pass
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+    c.close()
+
+
 deadline = time.monotonic() + SECONDS
 threads = [threading.Thread(target=client, args=(i, deadline))
            for i in range(CONNS)]
+threads += [threading.Thread(target=nonreader, args=(deadline,))
+            for i in range(NONREADERS)]
 for t in threads:
     t.start()
 while any(t.is_alive() for t in threads):

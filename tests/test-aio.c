@@ -363,6 +363,53 @@ test_kick (struct aio *a)
   CHECK (!fd_readable (a, 0));
 }
 
+/* AIO_CALL: the function runs off the loop thread (but on the fake,
+ * which runs everything on release), done runs on it, the result comes
+ * back, and calls chained from done callbacks work.
+ */
+static pthread_t call_thread;
+
+static int64_t
+call_fn (struct aio_op *op)
+{
+  struct top *t = op->opaque;
+
+  call_thread = pthread_self ();
+  return 1000 + t->chain_left;
+}
+
+static void
+test_call (struct aio *a)
+{
+  struct top t[8];
+
+  for (int i = 0; i < 8; i++) {
+    top_init (&t[i], AIO_CALL, 0);
+    t[i].op.call = call_fn;
+    t[i].op.iov = NULL;
+  }
+  CHECK (run_one (a, &t[0]) == 1000);
+  CHECK (t[0].on_main);
+  CHECK (strcmp (aio_name (a), "fake") == 0
+         || !pthread_equal (call_thread, main_thread));
+  for (int i = 1; i < 8; i++)
+    CHECK (aio_submit (a, &t[i].op) == 0);
+  CHECK (drain (a) == 7);
+  for (int i = 1; i < 8; i++)
+    CHECK (t[i].ndone == 1 && t[i].ret == 1000 && t[i].on_main);
+  /* Re-entrancy: a call submitted from a done callback. */
+  top_init (&t[0], AIO_CALL, 0);
+  t[0].op.call = call_fn;
+  t[0].op.iov = NULL;
+  t[0].chain_aio = a;
+  t[0].chain_left = 3;
+  CHECK (aio_submit (a, &t[0].op) == 0);
+  drain (a);
+  CHECK (t[0].ndone == 4 && t[0].ret == 1000);
+  top_init (&t[0], AIO_CALL, 0);
+  CHECK (aio_submit (a, &t[0].op) == -EINVAL);   /* no function */
+}
+
 static void
 suite (const char *name, struct aio *a)
 {
@@ -375,6 +422,7 @@ suite (const char *name, struct aio *a)
   test_errors (a);
   test_short_write (a);
   test_kick (a);
+  test_call (a);
   CHECK (a->pending == 0);
   aio_destroy (a);
 }
