@@ -16,6 +16,13 @@ reply, for the whole run: the daemon runs with --max-memory=SOAK_MAX_MB
 (default 128) and must keep the RSS bound with them (they would take
 16 x 64 MiB without the daemon-wide budget) while still serving the 64
 connections.
+
+Then a second run, for SOAK_COMPRESS_SECONDS (default a quarter of
+SOAK_SECONDS), serves another image with --compress to 16 connections
+whose writes are mostly whole clusters that compress (to a few bytes, or
+to about 40%), mixed with partial writes, trims, write-zeroes and flushes:
+trims then often empty the host cluster being packed, which must never be
+freed while later clusters are packed into it.  The same checks apply.
 """
 
 import os
@@ -30,6 +37,9 @@ qt.requires("qemu-img")
 qt.seed()
 
 SECONDS = float(os.environ.get("SOAK_SECONDS", "120"))
+COMPRESS_SECONDS = float(os.environ.get("SOAK_COMPRESS_SECONDS",
+                                        str(SECONDS / 4)))
+COMPRESS_CONNS = 16
 RSS_MB = int(os.environ.get("SOAK_RSS_MB", "320"))
 MAX_MB = int(os.environ.get("SOAK_MAX_MB", "128"))
 NONREADERS = 16
@@ -55,7 +65,16 @@ def rss_kib(pid):
     return 0
 
 
-def client(i, deadline):
+def compressible(n, salt):
+    """n bytes that compress: a repeated word, or 40% random then zeros."""
+    if salt % 2:
+        word = ("%012d-" % salt).encode()
+        return (word * (n // len(word) + 1))[:n]
+    head = os.urandom(n * 2 // 5)
+    return head + bytes(n - len(head))
+
+
+def client(i, deadline, srv=srv, compress=False):
     h = srv.connect()
     base = i * PART
     shadow = bytearray(PART)
@@ -77,7 +96,18 @@ def client(i, deadline):
                     busy.discard(blk)
                     counts[i] += 1
                     return 1
-                if kind < 0.45:
+                if compress and kind < 0.35:
+                    # A whole cluster: stored compressed.
+                    start = blk * 65536
+                    data = compressible(65536, counts[i] + i * 7919)
+                    shadow[start:start + 65536] = data
+                    h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(data)),
+                                 base + start, completion=done)
+                elif compress and 0.9 <= kind < 0.93:
+                    start = blk * 65536
+                    shadow[start:start + 65536] = bytes(65536)
+                    h.aio_zero(65536, base + start, completion=done)
+                elif kind < 0.45:
                     data = os.urandom(length)
                     shadow[off:off + length] = data
                     h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(data)),
@@ -162,3 +192,20 @@ qt.log("%d requests, peak RSS %d MiB (bound %d MiB)"
        % (sum(counts), peak_rss[0] // 1024, RSS_MB))
 assert not failures, "\n".join(failures[:20])
 assert peak_rss[0] < RSS_MB * 1024, "RSS above the bound"
+
+# ---- the compressed-write cache ----
+cimg = qt.create_image(tmp, "soak-compress.qcow2", COMPRESS_CONNS * PART,
+                       cluster_size=65536)
+csrv = qt.Server(cimg, "--compress")
+counts = [0] * CONNS
+deadline = time.monotonic() + COMPRESS_SECONDS
+threads = [threading.Thread(target=client, args=(i, deadline, csrv, True))
+           for i in range(COMPRESS_CONNS)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+assert csrv.stop() == 0
+qt.check_image(cimg)
+qt.log("--compress: %d requests" % sum(counts))
+assert not failures, "\n".join(failures[:20])
