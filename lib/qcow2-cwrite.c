@@ -1,7 +1,9 @@
 /* lib/qcow2-cwrite.c: compressed writes, packed through a small write cache.
  *
  * With compression on (backup-style exports), a write that covers a whole
- * cluster stores it compressed.  Compressed clusters are packed byte by byte
+ * cluster stores it compressed.  The compression itself (cw_compress) runs
+ * on a worker thread (qcow2-rw.c hands it to the I/O backend as a call);
+ * packing (cw_pack) runs on the loop.  Compressed clusters are packed byte by byte
  * into one host cluster held in memory; the file only sees that cluster
  * written whole, when it is full (sealed) or when a flush needs it on disk.
  * Each compressed cluster adds one reference to the host cluster that holds
@@ -185,29 +187,25 @@ seal (struct qcow2 *q)
   return 0;
 }
 
+size_t
+cw_compress (const struct qcow2 *q, const void *in, void *out)
+{
+  /* Worth it only if at least a sector is saved. */
+  return compress_cluster (q, in, out, q->cluster_size - SECTOR);
+}
+
 int
-cw_store (struct qcow2 *q, const void *data, uint64_t *desc)
+cw_pack (struct qcow2 *q, const void *cdata, size_t n, uint64_t *desc)
 {
   uint64_t cs = q->cluster_size, off, sectors;
   unsigned x = 62 - (q->cluster_bits - 8);
-  char *tmp = malloc (cs);
-  size_t n;
   int r;
 
-  if (!tmp)
-    return -ENOMEM;
-  /* Worth it only if at least a sector is saved. */
-  n = compress_cluster (q, data, tmp, cs - SECTOR);
-  if (n == 0) {
-    free (tmp);
-    return 0;
-  }
+  assert (n > 0 && n <= cs - SECTOR);
   if (q->cw_cur && q->cw_cur->fill + n > cs) {
     r = seal (q);
-    if (r < 0) {
-      free (tmp);
+    if (r < 0)
       return r;
-    }
   }
   if (!q->cw_cur) {
     /* alloc_clusters records the buffer's own reference. */
@@ -219,7 +217,6 @@ cw_store (struct qcow2 *q, const void *data, uint64_t *desc)
       if (b)
         free (b->buf);
       free (b);
-      free (tmp);
       return r;
     }
     b->q = q;
@@ -227,15 +224,13 @@ cw_store (struct qcow2 *q, const void *data, uint64_t *desc)
   }
   assert (!q->cw_closed);
   /* The reference of the compressed cluster stored here. */
-  if (extent_add (&q->incs, q->cw_cur->host, 1) < 0) {
-    free (tmp);
-    return -ENOMEM;
-  }
+  r = extent_add (&q->incs, q->cw_cur->host, 1);
+  if (r < 0)
+    return r;
   off = q->cw_cur->host + q->cw_cur->fill;
-  memcpy (q->cw_cur->buf + q->cw_cur->fill, tmp, n);
+  memcpy (q->cw_cur->buf + q->cw_cur->fill, cdata, n);
   q->cw_cur->fill += (uint32_t) n;
   q->cw_cur->dirty = true;
-  free (tmp);
   sectors = ((off & (SECTOR - 1)) + n + SECTOR - 1) / SECTOR;
   *desc = L2E_COMPRESSED | off | ((sectors - 1) << x);
   return 1;

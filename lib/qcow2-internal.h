@@ -456,11 +456,15 @@ int refcount_rebuild (struct qcow2 *q, char *err, size_t errlen);
 
 /* ---- qcow2-cwrite.c: compressed writes through a packing cache ---- */
 
-/* Compress one cluster of data into the cache.  Returns 1 with the L2
- * descriptor in *desc, 0 when it does not compress (write it normally), or
- * -errno.
+/* Compress one cluster of data into out (cluster_size bytes).  Returns the
+ * compressed size, or 0 when it does not shrink by a sector at least.
+ * Touches nothing of q but its geometry: safe on a worker thread.
  */
-int cw_store (struct qcow2 *q, const void *data, uint64_t *desc);
+size_t cw_compress (const struct qcow2 *q, const void *in, void *out);
+/* Pack n bytes of compressed cluster into the cache (loop thread).
+ * Returns 1 with the L2 descriptor in *desc, or -errno.
+ */
+int cw_pack (struct qcow2 *q, const void *cdata, size_t n, uint64_t *desc);
 /* Copy [start, start+len) from the cache if it is there. */
 bool cw_lookup (struct qcow2 *q, uint64_t start, uint64_t len, void *dst);
 /* Flusher: write the partly filled cluster.  1 when a write was started

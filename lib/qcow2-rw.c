@@ -38,13 +38,15 @@ struct req_io {
   uint32_t first, count;        /* L2 index range (alloc runs) */
   bool compressed;              /* one whole cluster, stored compressed */
   uint64_t cdesc;               /* its L2 descriptor, once in the cache */
+  void *zbuf;                   /* ... its compressed bytes (worker) */
+  size_t zlen;                  /* their size; 0: does not compress */
   struct alloc a;               /* reservation (alloc runs) */
   void *cow_buf[2];             /* old contents of first/last cluster */
   struct req_io *cow_for;       /* COW read: the write it feeds */
 
   /* Reads of compressed data: decompressed on completion into dst. */
   void *cbuf;                   /* the sectors holding the data */
-  size_t cbuf_len;              /* its size, counted in mem_held */
+  size_t cbuf_len;              /* its size and zbuf's, in mem_held */
   size_t cskip;                 /* where the data starts in cbuf */
   size_t csize;
   char *dst;                    /* where the cluster's bytes go */
@@ -101,6 +103,7 @@ seg_release (struct qcow2_req *req)
     free (io->cow_buf[0]);
     free (io->cow_buf[1]);
     free (io->cbuf);
+    free (io->zbuf);
     assert (q->top->mem_held >= io->cbuf_len);
     q->top->mem_held -= io->cbuf_len;
   }
@@ -177,6 +180,83 @@ start_decompress (struct qcow2_req *req, struct req_io *io)
   if (r < 0)
     return r;
   req->outstanding++;
+  return 0;
+}
+
+/* Compress a whole-cluster write (its data in iov[0]) into io->zbuf, on a
+ * worker thread: compressing on the loop held up every other client.
+ * Returns the compressed size (0: it does not shrink).
+ */
+static int64_t
+compress_call (struct aio_op *op)
+{
+  struct req_io *io = op->opaque;
+  return (int64_t) cw_compress (io->req->q, io->iov[0].iov_base, io->zbuf);
+}
+
+static void
+compress_done (struct aio_op *op, int64_t ret)
+{
+  struct req_io *io = op->opaque;
+  struct qcow2_req *req = io->req;
+
+  if (ret < 0 && !req->err)
+    req->err = (int) ret;
+  io->zlen = ret > 0 ? (size_t) ret : 0;
+  if (--req->outstanding == 0)
+    req_wake (req);
+}
+
+/* Hand the compression of io's cluster to the backend's workers; it
+ * counts in req->outstanding like an I/O.  start_writes packs the result.
+ */
+static int
+start_compress (struct qcow2_req *req, struct req_io *io, char *data)
+{
+  struct qcow2 *q = req->q;
+  int r;
+
+  io->zbuf = malloc (q->cluster_size);
+  if (!io->zbuf)
+    return -ENOMEM;
+  io->cbuf_len += q->cluster_size;
+  q->top->mem_held += q->cluster_size;
+  io->iov[0].iov_base = data;
+  io->iov[0].iov_len = io->len;
+  memset (&io->op, 0, sizeof io->op);
+  io->op.type = AIO_CALL;
+  io->op.call = compress_call;
+  io->op.done = compress_done;
+  io->op.opaque = io;
+  r = aio_submit (q->aio, &io->op);
+  if (r < 0)
+    return r;
+  req->outstanding++;
+  return 0;
+}
+
+/* Store a compressed whole-cluster write once its compression is done:
+ * packed into the compressed-write cache, or, when it did not shrink,
+ * written whole into a new cluster like any other.  Returns 0 or -errno.
+ */
+static int
+finish_compressed (struct qcow2_req *req, struct req_io *io)
+{
+  int r;
+
+  if (io->zlen) {
+    r = cw_pack (req->q, io->zbuf, io->zlen, &io->cdesc);
+    if (r < 0)
+      return r;
+    /* In the cache: nothing to write now; linked like any other. */
+    io->started = true;
+    return 0;
+  }
+  io->compressed = false;
+  r = alloc_clusters (req->q, io->count, &io->host);
+  if (r < 0)
+    return r;
+  io->op.iovcnt = 1;
   return 0;
 }
 
@@ -695,18 +775,16 @@ plan_write (struct qcow2_req *req)
       continue;
     }
     if (io->compressed) {
-      int r = cw_store (q, data, &io->cdesc);
+      /* Compressed on a worker while the COW reads run; start_writes
+       * packs it, or writes it whole when it does not shrink.
+       */
+      int r = start_compress (req, io, data);
       if (r < 0) {
         req->err = r;
         break;
       }
-      if (r == 1) {
-        /* In the cache: nothing to write now; linked like any other. */
-        io->started = true;
-        alloc_hold (req->l2, &io->a, io->first, io->count);
-        continue;
-      }
-      io->compressed = false;   /* incompressible: an ordinary cluster */
+      alloc_hold (req->l2, &io->a, io->first, io->count);
+      continue;
     }
     head = gfirst - io->cov_start;
     tail = io->cov_end - glast;
@@ -789,8 +867,15 @@ plan_write (struct qcow2_req *req)
 void
 start_writes (struct qcow2_req *req)
 {
-  for (unsigned i = 0; i < req->nios; i++) {
+  for (unsigned i = 0; i < req->nios && !req->err; i++) {
     struct req_io *io = &req->ios[i];
+    if (io->compressed && !io->started) {
+      int r = finish_compressed (req, io);
+      if (r < 0) {
+        req->err = r;
+        break;
+      }
+    }
     if (io->is_write && !io->started)
       io_start (req, io, io->alloc ? io->op.iovcnt : 1);
   }
