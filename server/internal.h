@@ -462,11 +462,12 @@ bool request_step (struct conn *c);
 /* nbd-reply.c                                                         */
 /* ------------------------------------------------------------------ */
 
-/* Fill r (its hdr and iov) as a simple reply: error err (a positive
- * errno, 0 for success) and, on success, len bytes of data (a READ).
+/* Fill r (its hdr and iov) as a simple reply to command cmd with flags:
+ * error err (a positive errno, 0 for success) and, on success, len bytes
+ * of data (a READ).
  */
-void reply_simple (struct reply *r, uint64_t cookie, int err,
-                   void *data, size_t len);
+void reply_simple (struct reply *r, uint64_t cookie, uint16_t cmd,
+                   uint16_t flags, int err, void *data, size_t len);
 
 /* Fill r as an NBD_REPLY_TYPE_OFFSET_DATA chunk of a structured READ
  * reply: len > 0 bytes of data (pointed to, not copied) at offset; done:
@@ -491,16 +492,20 @@ void reply_structured_status (struct reply *r, uint64_t cookie, bool done,
 /* Fill r as NBD_REPLY_TYPE_NONE with NBD_REPLY_FLAG_DONE (success). */
 void reply_structured_done (struct reply *r, uint64_t cookie);
 
-/* Fill r as NBD_REPLY_TYPE_ERROR with NBD_REPLY_FLAG_DONE: error err (a
- * positive errno), with message msg (NULL: strerror (err)).
+/* Fill r as NBD_REPLY_TYPE_ERROR with NBD_REPLY_FLAG_DONE, answering
+ * command cmd with flags: error err (a positive errno), with message msg
+ * (NULL: strerror (err)).
  */
-void reply_structured_error (struct reply *r, uint64_t cookie, int err,
-                             const char *msg);
+void reply_structured_error (struct reply *r, uint64_t cookie, uint16_t cmd,
+                             uint16_t flags, int err, const char *msg);
 
-/* The NBD_E* value to send for the positive errno err.  The one place
- * where errno becomes a wire value; errno values that NBD lacks are logged
- * (debug) before they are folded into NBD_EIO.
+/* The NBD_E* value to send for the positive errno err in answer to command
+ * cmd with flags.  The one place where errno becomes a wire value: ENOTSUP
+ * only answers a WRITE_ZEROES with FAST_ZERO and EOVERFLOW a READ with DF
+ * or a command without payload, as the protocol says (EINVAL otherwise);
+ * errno values that NBD lacks are logged (debug) before they are folded
+ * into NBD_EIO.
  */
-uint32_t reply_nbd_errno (int err);
+uint32_t reply_nbd_errno (int err, uint16_t cmd, uint16_t flags);
 
 #endif /* QNBD_SERVER_INTERNAL_H */

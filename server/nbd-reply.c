@@ -15,7 +15,7 @@
 #include "internal.h"
 
 uint32_t
-reply_nbd_errno (int err)
+reply_nbd_errno (int err, uint16_t cmd, uint16_t flags)
 {
   switch (err) {
   case 0:
@@ -36,12 +36,23 @@ reply_nbd_errno (int err)
   case EFBIG:
     return NBD_ENOSPC;
   case EOVERFLOW:
-    return NBD_EOVERFLOW;
+    /* A client that did not ask for DF (or sent a payload) may not
+     * expect it.
+     */
+    if ((cmd == NBD_CMD_READ && (flags & NBD_CMD_FLAG_DF))
+        || (cmd != NBD_CMD_READ && cmd != NBD_CMD_WRITE))
+      return NBD_EOVERFLOW;
+    return NBD_EINVAL;
   case ENOTSUP:
 #if EOPNOTSUPP != ENOTSUP
   case EOPNOTSUPP:
 #endif
-    return NBD_ENOTSUP;
+    /* Kept for "zeroing would not be fast"; anything else not supported
+     * is an invalid request as far as the protocol goes.
+     */
+    if (cmd == NBD_CMD_WRITE_ZEROES && (flags & NBD_CMD_FLAG_FAST_ZERO))
+      return NBD_ENOTSUP;
+    return NBD_EINVAL;
   case ESHUTDOWN:
     return NBD_ESHUTDOWN;
   default:
@@ -65,12 +76,12 @@ set_header (struct reply *r, size_t n, void *data, size_t len)
 }
 
 void
-reply_simple (struct reply *r, uint64_t cookie, int err,
-              void *data, size_t len)
+reply_simple (struct reply *r, uint64_t cookie, uint16_t cmd,
+              uint16_t flags, int err, void *data, size_t len)
 {
   struct nbd_simple_reply h = {
     .magic = htobe32 (NBD_SIMPLE_REPLY_MAGIC),
-    .error = htobe32 (reply_nbd_errno (err)),
+    .error = htobe32 (reply_nbd_errno (err, cmd, flags)),
     .cookie = htobe64 (cookie),
   };
 
@@ -155,8 +166,8 @@ reply_structured_done (struct reply *r, uint64_t cookie)
 }
 
 void
-reply_structured_error (struct reply *r, uint64_t cookie, int err,
-                        const char *msg)
+reply_structured_error (struct reply *r, uint64_t cookie, uint16_t cmd,
+                        uint16_t flags, int err, const char *msg)
 {
   const size_t hlen = sizeof (struct nbd_structured_reply);
   const size_t elen = sizeof (struct nbd_structured_reply_error);
@@ -171,7 +182,7 @@ reply_structured_error (struct reply *r, uint64_t cookie, int err,
   if (mlen > room)
     mlen = room;
 
-  e.error = htobe32 (reply_nbd_errno (err));
+  e.error = htobe32 (reply_nbd_errno (err, cmd, flags));
   e.length = htobe16 (mlen);
   chunk_header (r, cookie, true, NBD_REPLY_TYPE_ERROR, elen + mlen);
   memcpy (r->hdr + hlen, &e, elen);

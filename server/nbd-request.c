@@ -353,7 +353,7 @@ send_reply (struct request *req)
     return;
   }
   if (!c->structured) {
-    reply_simple (r, req->cookie, req->err,
+    reply_simple (r, req->cookie, req->type, req->flags, req->err,
                   req->type == NBD_CMD_READ ? req->data : NULL,
                   req->type == NBD_CMD_READ ? req->count : 0);
     conn_queue_reply (c, r);
@@ -371,7 +371,8 @@ send_reply (struct request *req)
     req->err = err;
   }
   if (req->err)
-    reply_structured_error (r, req->cookie, req->err, req->why);
+    reply_structured_error (r, req->cookie, req->type, req->flags, req->err,
+                            req->why);
   else
     reply_structured_done (r, req->cookie);
   conn_queue_reply (c, r);
