@@ -316,6 +316,19 @@ start_punches (struct qcow2 *q)
 
   if (n == 0)
     return;
+  /* A refcount that reached zero for a cluster that still holds metadata
+   * means the image lied (an L2 entry naming a refcount block, say):
+   * punching it would destroy that metadata.  The check marks the image
+   * corrupt; nothing is punched or reused then.
+   */
+  for (size_t i = 0; i < n; i++)
+    if (overlap_check (q, META_DATA, fl->freed.v[i].offset,
+                       fl->freed.v[i].count << q->cluster_bits) < 0) {
+      if (!fl->err)
+        fl->err = -EIO;
+      fl->freed.n = 0;
+      return;
+    }
   /* Their zero refcounts are durable (FL_DECS_SYNC): once punched they
    * can be handed out again.
    */

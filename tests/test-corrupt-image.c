@@ -73,6 +73,7 @@ main (void)
   uint8_t *buf;
   struct qcow2 *q;
   char *path, err[256];
+  int r;
 
   require_qemu_img ();
   if (posix_memalign ((void **) &buf, 4096, 1 << 20))
@@ -131,6 +132,45 @@ main (void)
   CHECK (sync_read (q, 65536, buf, 4096) == 0 && buf[0] == 0x61,
          "the table is intact on disk");
   qcow2_close (q);
+  free (path);
+
+  /* Cluster 1 mapped onto a refcount block, then discarded: the block's
+   * refcount drops to zero.  Punching it (or handing it to the allocator)
+   * would destroy the refcounts; the image is marked corrupt instead, and
+   * the next allocating write fails with EIO, not ENOMEM.
+   */
+  path = broken_image ("l2-to-refblock-discard.qcow2", 1, 1);
+  {
+    uint8_t before[512], after[512];
+    uint64_t rb;
+    FILE *f = fopen (path, "r");
+    CHECK (f != NULL, "open");
+    rb = get64 (f, get64 (f, 48)) & ~511ull;
+    CHECK (fseek (f, (long) rb, SEEK_SET) == 0
+           && fread (before, 1, sizeof before, f) == sizeof before, "read");
+    fclose (f);
+    q = open_image (path, NULL, false);
+    r = sync_discard (q, 65536, 65536);
+    if (r == 0)
+      r = sync_flush (q);
+    CHECK (r == -EIO, "the flush that would free the block fails (%d)", r);
+    memset (buf, 0xee, 65536);
+    r = sync_write (q, 8 << 20, buf, 65536, 0);
+    CHECK (r == -EIO, "an allocating write after it: %d (%s)", r,
+           strerror (-r));
+    qcow2_close (q);
+    CHECK (corrupt_bit (path), "marked corrupt on disk");
+    f = fopen (path, "r");
+    CHECK (f && fseek (f, (long) rb, SEEK_SET) == 0
+           && fread (after, 1, sizeof after, f) == sizeof after, "reread");
+    if (f)
+      fclose (f);
+    /* Not punched: the header's refcount (entry 0, 16 bits) is still 1
+     * (the block's own entry did drop to zero: that is the lie).
+     */
+    CHECK (before[0] == 0 && before[1] == 1 && after[0] == 0
+           && after[1] == 1, "the refcount block is still there");
+  }
   free (path);
 
   /* An L2 entry pointing inside the header cluster (unaligned). */

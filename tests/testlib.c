@@ -162,6 +162,16 @@ sync_flush (struct qcow2 *q)
   return res;
 }
 
+int
+sync_discard (struct qcow2 *q, uint64_t off, uint64_t len)
+{
+  int res = 1, r = qcow2_discard (q, off, len, done_cb, &res);
+  if (r < 0)
+    return r;
+  run_until (q, &res);
+  return res;
+}
+
 bool
 qemu_img_check_clean (const char *path)
 {

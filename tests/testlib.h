@@ -41,6 +41,7 @@ int sync_read (struct qcow2 *q, uint64_t off, void *buf, size_t len);
 int sync_write (struct qcow2 *q, uint64_t off, const void *buf, size_t len,
                 unsigned flags);
 int sync_flush (struct qcow2 *q);
+int sync_discard (struct qcow2 *q, uint64_t off, uint64_t len);
 
 /* Run the engine (reaping real or fake I/O) until *flag becomes 0 or the
  * engine has nothing in flight.
