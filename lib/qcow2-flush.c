@@ -88,6 +88,11 @@ struct flusher {
   size_t npunch;
   struct extent_list reusable;  /* freed by this run, durably: reused once
                                    the run (and its punches) ends well */
+  /* Refcount changes a failed run took but did not apply.  Kept here,
+   * not appended to q->incs/q->decs (which can fail for memory, and an
+   * increment lost is corruption): the next run takes them first.
+   */
+  struct extent_list carry_incs, carry_decs;
 };
 
 int
@@ -111,6 +116,8 @@ flush_free (struct qcow2 *q)
     free (q->flusher->freed.v);
     free (q->flusher->reusable.v);
     free (q->flusher->punch);
+    free (q->flusher->carry_incs.v);
+    free (q->flusher->carry_decs.v);
     free (q->flusher);
     q->flusher = NULL;
   }
@@ -519,28 +526,46 @@ apply_work (struct qcow2 *q)
   return 1;
 }
 
-/* Give unapplied work back to the image so that a later run retries it. */
+/* Keep the unapplied part of fl->work for the next run.  Nothing here
+ * can fail: the remainder is moved down in place and the list handed
+ * over whole (the carry list is empty: the run took it at its start).
+ */
+static void swap_lists (struct extent_list *a, struct extent_list *b);
+
 static void
 requeue_work (struct qcow2 *q)
 {
   struct flusher *fl = q->flusher;
-  if (!fl->decrement) {
-    for (size_t i = fl->work_i; i < fl->work.n; i++) {
-      uint64_t skip = i == fl->work_i ? fl->work_done : 0;
-      extent_add (&q->incs, fl->work.v[i].offset
-                  + (skip << q->cluster_bits), fl->work.v[i].count - skip);
-    }
+  struct extent_list *carry = fl->decrement ? &fl->carry_decs
+    : &fl->carry_incs;
+  struct extent_list *w = &fl->work;
+  size_t n = w->n - fl->work_i;
+
+  assert (carry->n == 0);
+  if (n > 0) {
+    memmove (w->v, w->v + fl->work_i, n * sizeof *w->v);
+    w->v[0].offset += fl->work_done << q->cluster_bits;
+    w->v[0].count -= fl->work_done;
   }
-  else {
-    for (size_t i = fl->work_i; i < fl->work.n; i++) {
-      uint64_t skip = i == fl->work_i ? fl->work_done : 0;
-      extent_add (&q->decs, fl->work.v[i].offset
-                  + (skip << q->cluster_bits), fl->work.v[i].count - skip);
-    }
-  }
-  fl->work.n = 0;
+  w->n = n;
+  swap_lists (w, carry);
+  w->n = 0;
   fl->work_i = 0;
   fl->work_done = 0;
+}
+
+/* Take the refcount changes owed (pending, and what a failed run left in
+ * carry) into fl->work.  0, or -ENOMEM with nothing moved.
+ */
+static int
+take_work (struct flusher *fl, struct extent_list *pending,
+           struct extent_list *carry)
+{
+  assert (fl->work.n == 0);
+  if (extent_list_take (carry, pending) < 0)
+    return -ENOMEM;
+  swap_lists (&fl->work, carry);
+  return 0;
 }
 
 static void
@@ -620,15 +645,22 @@ flush_step (struct qcow2 *q)
       /* Lazy refcounts: with the dirty bit set, refcounts wait for close
        * (a crash is repaired at the next open).
        */
-      if (!q->lazy || fl->full)
-        swap_lists (&fl->work, &q->incs);
+      if ((!q->lazy || fl->full)
+          && take_work (fl, &q->incs, &fl->carry_incs) < 0) {
+        /* Nothing was taken: the run fails, the changes stay owed. */
+        fl->meta = false;
+        fl->err = -ENOMEM;
+        fl->state = FL_DONE;
+        break;
+      }
       /* After the swap: the increments of these buffers' clusters were
        * recorded before, so they are applied before these decrements.
        */
       cw_retire (q);
       fl->meta = fl->work.n || cache_has_dirty (&q->rbc)
         || cache_has_dirty (&q->l2c) || l1_dirty (q) || q->reftable_dirty
-        || q->reftable_moved || (q->decs.n && (!q->lazy || fl->full));
+        || q->reftable_moved
+        || ((q->decs.n || fl->carry_decs.n) && (!q->lazy || fl->full));
       fl->state = fl->meta ? FL_CW : FL_SYNC;
       break;
 
@@ -749,12 +781,15 @@ flush_step (struct qcow2 *q)
 
     case FL_DECS:
       fl->l1_lo = fl->l1_hi = -1;
-      if (!q->decs.n || (q->lazy && !fl->full)) {
+      if ((!q->decs.n && !fl->carry_decs.n) || (q->lazy && !fl->full)) {
         fl->state = FL_DONE;
         break;
       }
+      if (take_work (fl, &q->decs, &fl->carry_decs) < 0) {
+        fl->err = -ENOMEM;
+        break;
+      }
       fl->decrement = true;
-      swap_lists (&fl->work, &q->decs);
       fl->state = FL_DECS_APPLY;
       break;
 

@@ -178,6 +178,10 @@ int alloc_clusters (struct qcow2 *q, uint64_t count, uint64_t *out);
  */
 int alloc_fresh_clusters (struct qcow2 *q, uint64_t count, uint64_t *out);
 int extent_add (struct extent_list *l, uint64_t offset, uint64_t count);
+/* Move every extent of src to the end of dst.  0, or -ENOMEM with both
+ * unchanged.
+ */
+int extent_list_take (struct extent_list *dst, struct extent_list *src);
 
 /* ---- qcow2-space.c: file space reserved ahead of the allocator ---- */
 

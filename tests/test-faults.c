@@ -32,6 +32,7 @@
 
 #include "aio-fake.h"
 #include "qcow2-internal.h"
+#include "qcow2-testing.h"
 #include "testlib.h"
 
 #define SIZE (4u << 20)
@@ -530,10 +531,35 @@ case_reopen_after_efbig (void)
   free (t.path);
 }
 
+/* The refcount block a flush needs fails to load, and under memory
+ * pressure the increments that run had taken could not be queued again:
+ * they were lost, and the next flush linked clusters whose refcount stayed
+ * zero (qemu-img check: "ERROR cluster ... refcount=0 reference=1").  A
+ * failed run now keeps what it did not apply for the next one.
+ */
+static void
+case_requeue_nomem (void)
+{
+  struct t t;
+  bool hit;
+  int r;
+
+  t_start (&t, "requeue-nomem", "cluster_size=4096", NULL);
+  CHECK (t_write (&t, 1 << 20, 3 * 4096, 77) == 0, "%s: write", t.name);
+  CHECK (t_write (&t, 2 << 20, 5 * 4096, 78) == 0, "%s: write", t.name);
+  qcow2_testing_fail_extent_add (1);
+  r = flush_failing (&t, IO_OTHER, 0, EIO, &hit);
+  qcow2_testing_fail_extent_add (0);
+  CHECK (hit && r == -EIO, "%s: the flush fails (%d, hit %d)", t.name, r,
+         hit);
+  t_finish (&t);
+}
+
 int
 main (void)
 {
   require_qemu_img ();
+  case_requeue_nomem ();
   for (unsigned i = 0; i < 2; i++) {
     int e = errs[i];
     unsigned before = (unsigned) test_failures;
