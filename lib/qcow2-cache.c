@@ -17,6 +17,7 @@
  */
 #include <config.h>
 
+#include <assert.h>
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
@@ -114,6 +115,7 @@ void
 cache_put (struct cache_entry *e)
 {
   struct cache *c = e->cache;
+  assert (e->ref > 0);
   e->ref--;
   if (e->ref == 0) {
     e->used = true;

@@ -58,6 +58,10 @@
 void
 waitq_push (struct waitq *w, struct qcow2_req *req)
 {
+  /* A request waits for one thing at a time: on two lists, one of them
+   * would lose it.
+   */
+  assert (!req->queued);
   req->queued = true;
   req->wait_next = NULL;
   if (w->tail)

@@ -96,6 +96,8 @@ void
 seg_release (struct qcow2_req *req)
 {
   struct qcow2 *q = req->q;
+  /* Buffers below may still be the target of an op otherwise. */
+  assert (req->outstanding == 0);
   for (unsigned i = 0; i < req->nios; i++) {
     struct req_io *io = &req->ios[i];
     if (io->alloc && req->l2)
