@@ -21,15 +21,17 @@
 #include <unistd.h>
 
 #include "aio.h"
+#include "qcow2-testing.h"
 
-/* Tests set QNBD_AIO_FORCE_THREADS=1 so that AIO_KIND_AUTO exercises the
- * fallback even on a machine where io_uring works.
+/* Test hook (qcow2-testing.h): AIO_KIND_AUTO behaves as if io_uring were
+ * refused, so that the fallback runs on a machine where io_uring works.
  */
-static bool
-force_threads (void)
+static bool refuse_uring;
+
+void
+qcow2_testing_refuse_uring (bool refuse)
 {
-  const char *s = getenv ("QNBD_AIO_FORCE_THREADS");
-  return s && *s && strcmp (s, "0") != 0;
+  refuse_uring = refuse;
 }
 
 int
@@ -45,7 +47,7 @@ aio_create (enum aio_kind kind, unsigned depth, struct aio **out)
     /* depth is a queue depth, not a thread count: keep the default pool. */
     return aio_threads_create (0, out);
   case AIO_KIND_AUTO:
-    if (!force_threads ()) {
+    if (!refuse_uring) {
       /* Any refusal falls back, not just ENOSYS/EPERM/EACCES: seccomp
        * profiles, io_uring_disabled, a low RLIMIT_MEMLOCK on older kernels
        * (ENOMEM) and kernels without a needed opcode (EINVAL) all mean the
@@ -86,11 +88,8 @@ validate_op (const struct aio_op *op)
 enum aio_inline
 aio_inline_mode (int fd, bool direct)
 {
-  const char *env = getenv ("QNBD_AIO_INLINE");
   struct statfs sf;
 
-  if (env && strcmp (env, "0") == 0)
-    return AIO_INLINE_NONE;
   if (fstatfs (fd, &sf) == 0 && sf.f_type == TMPFS_MAGIC)
     return AIO_INLINE_ALL;
   if (direct)

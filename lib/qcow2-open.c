@@ -181,15 +181,13 @@ last_counted_cluster (struct qcow2 *q, uint64_t file_size, uint64_t *end,
 #define L2_SLICE_BYTES 4096u
 
 /* Slice the L2 tables unless a write may have to copy a whole table: one
- * shared with an internal snapshot (an L1 entry without COPIED).
- * QNBD_L2_SLICES=0 in the environment keeps whole tables.
+ * shared with an internal snapshot (an L1 entry without COPIED), or the
+ * caller asked for whole tables.
  */
 static void
-choose_l2_slices (struct qcow2 *q)
+choose_l2_slices (struct qcow2 *q, const struct qcow2_opts *opts)
 {
-  const char *env = getenv ("QNBD_L2_SLICES");
-
-  if (q->cluster_size <= L2_SLICE_BYTES || (env && strcmp (env, "0") == 0))
+  if (q->cluster_size <= L2_SLICE_BYTES || opts->whole_l2_tables)
     return;
   if (!q->read_only) {
     if (q->nb_snapshots)
@@ -550,7 +548,7 @@ image_open (const char *path, const struct qcow2_opts *opts, unsigned depth,
   q->zero_cluster = aligned_alloc_zero (q->cluster_size);
   if (!q->zero_cluster)
     FAIL (-ENOMEM, "out of memory");
-  choose_l2_slices (q);
+  choose_l2_slices (q, opts);
   r = cache_init (&q->l2c, q, "L2", l2_cache_entries (q, opts->l2_cache_bytes),
                   q->l2_slice_bytes);
   q->l2c.entry_shift = q->extl2 ? 1 : 0;
@@ -576,8 +574,10 @@ image_open (const char *path, const struct qcow2_opts *opts, unsigned depth,
             kind == AIO_KIND_URING ? "io_uring" : "threads", strerror (-r));
     q->own_aio = true;
   }
-  q->fd_inline = aio_inline_mode (q->fd, q->direct);
+  q->fd_inline = opts->no_inline_io ? AIO_INLINE_NONE
+    : aio_inline_mode (q->fd, q->direct);
   q->dfd_inline = q->dfd == q->fd ? q->fd_inline
+    : opts->no_inline_io ? AIO_INLINE_NONE
     : aio_inline_mode (q->dfd, q->direct);
 
   if (opts->snapshot) {

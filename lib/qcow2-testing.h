@@ -2,9 +2,16 @@
 #ifndef QNBD_QCOW2_TESTING_H
 #define QNBD_QCOW2_TESTING_H
 
+#include <stdbool.h>
+
 /* Make the nth call from now (1: the next) of the engine's extent-list
  * append fail with -ENOMEM, as under memory pressure; 0: none.
  */
 void qcow2_testing_fail_extent_add (unsigned nth);
+
+/* While refuse is true, the automatic choice of I/O backend acts as if the
+ * kernel refused io_uring (its fallback to threads runs everywhere).
+ */
+void qcow2_testing_refuse_uring (bool refuse);
 
 #endif /* QNBD_QCOW2_TESTING_H */

@@ -65,6 +65,10 @@ struct qcow2_opts {
   const char *snapshot;         /* serve this internal snapshot (name or id),
                                    read-only; NULL: the active image */
   bool compress;                /* store whole-cluster writes compressed */
+  bool whole_l2_tables;         /* cache whole L2 tables, never 4 KiB
+                                   slices of them */
+  bool no_inline_io;            /* every op goes to the I/O backend; none
+                                   is done on the caller's thread */
   qcow2_log_fn *log;            /* NULL: silent */
   void *log_opaque;
 };

@@ -20,6 +20,14 @@
 static struct export *exports;          /* in creation order */
 static struct export **exports_tail = &exports;
 
+/* Whether the environment variable name is set to "0". */
+static bool
+env_is_zero (const char *name)
+{
+  const char *v = getenv (name);
+  return v && strcmp (v, "0") == 0;
+}
+
 int
 export_add (const char *name, const char *description, const char *path,
             const struct qcow2_opts *opts, bool discard)
@@ -52,6 +60,12 @@ export_add (const char *name, const char *description, const char *path,
     log_error ("%s: %m", path);
     goto fail;
   }
+
+  /* Switches for measurements and bug hunts (bench/README.md), read here:
+   * the engine itself reads no environment.
+   */
+  o.whole_l2_tables = env_is_zero ("QNBD_L2_SLICES");
+  o.no_inline_io = env_is_zero ("QNBD_AIO_INLINE");
 
   /* The engine's messages name the image. */
   o.log = log_engine;

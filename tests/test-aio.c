@@ -26,6 +26,7 @@
 #include <unistd.h>
 
 #include "aio.h"
+#include "qcow2-testing.h"
 #include "aio-fake.h"
 
 static int failures;
@@ -462,11 +463,11 @@ test_create (void)
   int r;
 
   backend = "create";
-  CHECK (setenv ("QNBD_AIO_FORCE_THREADS", "1", 1) == 0);
+  qcow2_testing_refuse_uring (true);
   CHECK (aio_create (AIO_KIND_AUTO, 0, &a) == 0);
   CHECK (strcmp (aio_name (a), "threads") == 0);
   aio_destroy (a);
-  unsetenv ("QNBD_AIO_FORCE_THREADS");
+  qcow2_testing_refuse_uring (false);
 
   r = aio_uring_create (8, &a);
   if (r == 0) {
@@ -717,9 +718,6 @@ test_inline_mode (void)
   if (shm >= 0 && fstatfs (shm, &sf) == 0 && sf.f_type == TMPFS_MAGIC) {
     CHECK (aio_inline_mode (shm, false) == AIO_INLINE_ALL);
     CHECK (aio_inline_mode (shm, true) == AIO_INLINE_ALL);
-    setenv ("QNBD_AIO_INLINE", "0", 1);
-    CHECK (aio_inline_mode (shm, false) == AIO_INLINE_NONE);
-    unsetenv ("QNBD_AIO_INLINE");
   }
   if (shm >= 0)
     close (shm);
