@@ -587,10 +587,8 @@ static void
 patch_header_reftable (struct qcow2 *q)
 {
   uint8_t *h = q->header_sector;
-  uint64_t off = htobe64 (q->reftable_offset);
-  uint32_t cl = htobe32 (q->reftable_clusters);
-  memcpy (h + 48, &off, 8);
-  memcpy (h + 56, &cl, 4);
+  put_be64 (h + HDR_REFTABLE_OFFSET, q->reftable_offset);
+  put_be32 (h + HDR_REFTABLE_CLUSTERS, q->reftable_clusters);
 }
 
 /* One step of a run: returns when blocked or idle. */

@@ -8,6 +8,7 @@
 #include <config.h>
 
 #include <errno.h>
+#include <unistd.h>
 #include <inttypes.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -106,26 +107,26 @@ header_parse (struct qcow2 *q, const void *vbuf, size_t len,
 
   if (len < QCOW2_V2_HEADER_LEN)
     return fail (err, errlen, -EINVAL, "file is too short to be a qcow2 image");
-  if (get_be32 (b) != QCOW2_MAGIC)
+  if (get_be32 (b + HDR_MAGIC) != QCOW2_MAGIC)
     return fail (err, errlen, -EINVAL, "not a qcow2 image (bad magic)");
 
-  q->version = get_be32 (b + 4);
+  q->version = get_be32 (b + HDR_VERSION);
   if (q->version != 2 && q->version != 3)
     return fail (err, errlen, -ENOTSUP, "unsupported qcow2 version %" PRIu32,
                  q->version);
-  q->backing_offset = get_be64 (b + 8);
-  q->backing_size = get_be32 (b + 16);
-  q->cluster_bits = get_be32 (b + 20);
-  q->size = get_be64 (b + 24);
-  if (get_be32 (b + 32) != 0)
+  q->backing_offset = get_be64 (b + HDR_BACKING_OFFSET);
+  q->backing_size = get_be32 (b + HDR_BACKING_SIZE);
+  q->cluster_bits = get_be32 (b + HDR_CLUSTER_BITS);
+  q->size = get_be64 (b + HDR_SIZE);
+  if (get_be32 (b + HDR_CRYPT_METHOD) != 0)
     return fail (err, errlen, -ENOTSUP, "encrypted images are not supported "
-                 "(crypt_method %" PRIu32 ")", get_be32 (b + 32));
-  q->l1_size = get_be32 (b + 36);
-  q->l1_offset = get_be64 (b + 40);
-  q->reftable_offset = get_be64 (b + 48);
-  q->reftable_clusters = get_be32 (b + 56);
-  q->nb_snapshots = get_be32 (b + 60);
-  q->snapshots_offset = get_be64 (b + 64);
+                 "(crypt_method %" PRIu32 ")", get_be32 (b + HDR_CRYPT_METHOD));
+  q->l1_size = get_be32 (b + HDR_L1_SIZE);
+  q->l1_offset = get_be64 (b + HDR_L1_OFFSET);
+  q->reftable_offset = get_be64 (b + HDR_REFTABLE_OFFSET);
+  q->reftable_clusters = get_be32 (b + HDR_REFTABLE_CLUSTERS);
+  q->nb_snapshots = get_be32 (b + HDR_NB_SNAPSHOTS);
+  q->snapshots_offset = get_be64 (b + HDR_SNAPSHOTS_OFFSET);
 
   if (q->cluster_bits < QCOW2_MIN_CLUSTER_BITS
       || q->cluster_bits > QCOW2_MAX_CLUSTER_BITS)
@@ -141,11 +142,11 @@ header_parse (struct qcow2 *q, const void *vbuf, size_t len,
   else {
     if (len < QCOW2_V3_HEADER_LEN)
       return fail (err, errlen, -EINVAL, "version 3 header is truncated");
-    q->incompat = get_be64 (b + 72);
-    q->compat = get_be64 (b + 80);
-    q->autoclear = get_be64 (b + 88);
-    q->refcount_order = get_be32 (b + 96);
-    q->header_length = get_be32 (b + 100);
+    q->incompat = get_be64 (b + HDR_INCOMPAT);
+    q->compat = get_be64 (b + HDR_COMPAT);
+    q->autoclear = get_be64 (b + HDR_AUTOCLEAR);
+    q->refcount_order = get_be32 (b + HDR_REFCOUNT_ORDER);
+    q->header_length = get_be32 (b + HDR_HEADER_LENGTH);
     if (q->header_length < QCOW2_V3_HEADER_LEN || q->header_length % 8
         || q->header_length > cs || q->header_length > len)
       return fail (err, errlen, -EINVAL, "invalid header_length %" PRIu32,
@@ -275,4 +276,13 @@ header_parse (struct qcow2 *q, const void *vbuf, size_t len,
     : ((uint64_t) 1 << q->refcount_bits) - 1;
   q->l2_entries = 1u << q->l2_bits;
   return 0;
+}
+
+int
+header_write_sync (struct qcow2 *q)
+{
+  int r = blocking_pwrite (q->fd, q->header_sector, SECTOR, 0);
+  if (r == 0 && fdatasync (q->fd) < 0)
+    r = -errno;
+  return r;
 }

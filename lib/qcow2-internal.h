@@ -21,6 +21,26 @@
 #define QCOW2_V2_HEADER_LEN    72
 #define QCOW2_V3_HEADER_LEN    104
 
+/* Byte offsets of the header's fields (qcow2-spec.txt, "Header"). */
+#define HDR_MAGIC              0
+#define HDR_VERSION            4
+#define HDR_BACKING_OFFSET     8
+#define HDR_BACKING_SIZE       16
+#define HDR_CLUSTER_BITS       20
+#define HDR_SIZE               24
+#define HDR_CRYPT_METHOD       32
+#define HDR_L1_SIZE            36
+#define HDR_L1_OFFSET          40
+#define HDR_REFTABLE_OFFSET    48
+#define HDR_REFTABLE_CLUSTERS  56
+#define HDR_NB_SNAPSHOTS       60
+#define HDR_SNAPSHOTS_OFFSET   64
+#define HDR_INCOMPAT           72   /* version 3 from here on */
+#define HDR_COMPAT             80
+#define HDR_AUTOCLEAR          88
+#define HDR_REFCOUNT_ORDER     96
+#define HDR_HEADER_LENGTH      100
+
 #define INCOMPAT_DIRTY         (1ull << 0)
 #define INCOMPAT_CORRUPT       (1ull << 1)
 #define INCOMPAT_DATA_FILE     (1ull << 2)
@@ -497,6 +517,11 @@ void cw_free (struct qcow2 *q);
  */
 int header_parse (struct qcow2 *q, const void *buf, size_t len,
                   uint64_t file_size, char *err, size_t errlen);
+/* Write the in-memory first sector of the header (q->header_sector, with
+ * fields already patched) and fdatasync: open time and emergencies only
+ * (the flusher writes it asynchronously).  0 or -errno.
+ */
+int header_write_sync (struct qcow2 *q);
 /* Open-time bounds: what is read at open must lie in the file, so that a
  * small file cannot make open read, allocate or write much.  Each returns
  * 0, or -EINVAL with "WHAT offset 0x... is past the end of the file (size
@@ -741,6 +766,20 @@ get_be64 (const uint8_t *p)
   uint64_t v;
   memcpy (&v, p, 8);
   return be64toh (v);
+}
+
+static inline void
+put_be32 (uint8_t *p, uint32_t v)
+{
+  v = htobe32 (v);
+  memcpy (p, &v, 4);
+}
+
+static inline void
+put_be64 (uint8_t *p, uint64_t v)
+{
+  v = htobe64 (v);
+  memcpy (p, &v, 8);
 }
 
 static inline uint64_t

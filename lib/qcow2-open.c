@@ -99,10 +99,9 @@ signal_corruption (struct qcow2 *q, const char *fmt, ...)
     qlog (q, LOG_ERR, "%s: image is corrupt, refusing further writes: %s",
           q->path, msg);
     if (!q->read_only && q->version >= 3) {
-      uint64_t v = htobe64 (q->incompat | INCOMPAT_CORRUPT);
-      memcpy ((char *) q->header_sector + 72, &v, 8);
-      if (blocking_pwrite (q->fd, q->header_sector, SECTOR, 0) < 0
-          || fdatasync (q->fd) < 0)
+      put_be64 ((uint8_t *) q->header_sector + HDR_INCOMPAT,
+                q->incompat | INCOMPAT_CORRUPT);
+      if (header_write_sync (q) < 0)
         qlog (q, LOG_ERR, "%s: could not mark the image corrupt", q->path);
     }
   }
@@ -113,21 +112,14 @@ signal_corruption (struct qcow2 *q, const char *fmt, ...)
 int
 set_dirty (struct qcow2 *q, bool dirty)
 {
-  uint64_t v;
-  int r;
-
   if (q->version < 3)
     return 0;
   if (dirty)
     q->incompat |= INCOMPAT_DIRTY;
   else
     q->incompat &= ~INCOMPAT_DIRTY;
-  v = htobe64 (q->incompat);
-  memcpy ((char *) q->header_sector + 72, &v, 8);
-  r = blocking_pwrite (q->fd, q->header_sector, SECTOR, 0);
-  if (r == 0 && fdatasync (q->fd) < 0)
-    r = -errno;
-  return r;
+  put_be64 ((uint8_t *) q->header_sector + HDR_INCOMPAT, q->incompat);
+  return header_write_sync (q);
 }
 
 /* The end of the last cluster that has a non-zero refcount: the last
@@ -444,7 +436,7 @@ image_open (const char *path, const struct qcow2_opts *opts, unsigned depth,
   r = blocking_pread (q->fd, q->header_sector, SECTOR, 0, true);
   if (r < 0)
     FAIL (r, "reading the header: %s", strerror (-r));
-  magic_ok = file_size >= 4 && memcmp (q->header_sector, "QFI\xfb", 4) == 0;
+  magic_ok = file_size >= 4 && get_be32 ((const uint8_t *) q->header_sector + HDR_MAGIC) == QCOW2_MAGIC;
   if (opts->format == QCOW2_FORMAT_RAW
       || (opts->format == QCOW2_FORMAT_AUTO && !magic_ok)) {
     r = open_raw (q, file_size, err, errlen);
@@ -462,9 +454,8 @@ image_open (const char *path, const struct qcow2_opts *opts, unsigned depth,
   if (file_size < QCOW2_V2_HEADER_LEN)
     FAIL (-EINVAL, "file is too short to be a qcow2 image");
   {
-    uint32_t cb;
-    memcpy (&cb, (char *) q->header_sector + 20, 4);
-    cb = be32toh (cb);
+    uint32_t cb = get_be32 ((const uint8_t *) q->header_sector
+                            + HDR_CLUSTER_BITS);
     hdr_len = cb >= QCOW2_MIN_CLUSTER_BITS && cb <= QCOW2_MAX_CLUSTER_BITS
       ? (uint64_t) 1 << cb : SECTOR;
   }
@@ -619,15 +610,13 @@ image_open (const char *path, const struct qcow2_opts *opts, unsigned depth,
     && (q->autoclear & AUTOCLEAR_DATA_FILE_RAW);
   if (!q->read_only
       && (q->autoclear & ~(q->data_file_raw ? AUTOCLEAR_DATA_FILE_RAW : 0))) {
-    uint64_t keep = htobe64 (q->autoclear & AUTOCLEAR_DATA_FILE_RAW
-                             & (q->data_file_raw ? ~0ull : 0));
-    memcpy ((char *) q->header_sector + 88, &keep, 8);
-    r = blocking_pwrite (q->fd, q->header_sector, SECTOR, 0);
-    if (r == 0 && fdatasync (q->fd) < 0)
-      r = -errno;
+    uint64_t keep = q->autoclear & AUTOCLEAR_DATA_FILE_RAW
+      & (q->data_file_raw ? ~0ull : 0);
+    put_be64 ((uint8_t *) q->header_sector + HDR_AUTOCLEAR, keep);
+    r = header_write_sync (q);
     if (r < 0)
       FAIL (r, "clearing autoclear feature bits: %s", strerror (-r));
-    q->autoclear = be64toh (keep);
+    q->autoclear = keep;
   }
 
   if (q->backing_offset) {

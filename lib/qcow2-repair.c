@@ -278,13 +278,9 @@ refcount_rebuild (struct qcow2 *q, char *err, size_t errlen)
   /* Switch the header over, then the image is consistent again. */
   {
     uint8_t *h = q->header_sector;
-    uint64_t off = htobe64 (base);
-    uint32_t cl = htobe32 ((uint32_t) nrt);
-    memcpy (h + 48, &off, 8);
-    memcpy (h + 56, &cl, 4);
-    r = blocking_pwrite (q->fd, h, SECTOR, 0);
-    if (r == 0 && fdatasync (q->fd) < 0)
-      r = -errno;
+    put_be64 (h + HDR_REFTABLE_OFFSET, base);
+    put_be32 (h + HDR_REFTABLE_CLUSTERS, (uint32_t) nrt);
+    r = header_write_sync (q);
     if (r < 0)
       goto io_err;
   }
