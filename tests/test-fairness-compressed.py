@@ -151,24 +151,26 @@ def probe(h, seconds):
 h = srv.connect()
 
 
-def measure():
+def measure(role, extra, what):
+    """The probe's latencies with READERS clients of role (--reader or
+    --writer) running beside it, judged against the probe alone."""
     quiet = probe(h, 1.0)
-    rd = [subprocess.Popen([sys.executable, os.path.abspath(__file__),
-                            "--reader", srv.uri, str(PROBE_SECONDS + 2),
-                            raw]) for _ in range(READERS)]
+    load = [subprocess.Popen([sys.executable, os.path.abspath(__file__),
+                              role, srv.uri, str(PROBE_SECONDS + 2)] + extra)
+            for _ in range(READERS)]
     try:
         time.sleep(1.0)
         lat = probe(h, PROBE_SECONDS)
     finally:
-        status = max(p.wait(120) for p in rd)
-    assert status == 0, "the readers failed (status %d)" % status
+        status = max(p.wait(120) for p in load)
+    assert status == 0, "the %s clients failed (status %d)" % (role, status)
     quiet += probe(h, 1.0)
     return qt.judge_latency(lat, sorted(quiet), P99_BOUND, MEDIAN_BOUND,
-                            "4 KiB reads beside %d readers of compressed "
-                            "clusters" % READERS)
+                            "4 KiB reads beside %d %s of compressed "
+                            "clusters" % (READERS, what))
 
 
-qt.assert_latency_in_tries(measure)
+qt.assert_latency_in_tries(lambda: measure("--reader", [raw], "readers"))
 h.shutdown()
 assert srv.stop() == 0
 
@@ -179,26 +181,7 @@ qt.run("qemu-io", "-f", "qcow2", "-c",
        "write -P 0x5a %d %d" % (COMPRESSED, DATA), wimg)
 srv = qt.Server(wimg, "--compress")
 h = srv.connect()
-
-
-def measure_writers():
-    quiet = probe(h, 1.0)
-    wr = [subprocess.Popen([sys.executable, os.path.abspath(__file__),
-                            "--writer", srv.uri, str(PROBE_SECONDS + 2)])
-          for _ in range(READERS)]
-    try:
-        time.sleep(1.0)
-        lat = probe(h, PROBE_SECONDS)
-    finally:
-        status = max(p.wait(120) for p in wr)
-    assert status == 0, "the writers failed (status %d)" % status
-    quiet += probe(h, 1.0)
-    return qt.judge_latency(lat, sorted(quiet), P99_BOUND, MEDIAN_BOUND,
-                            "4 KiB reads beside %d writers of compressed "
-                            "clusters" % READERS)
-
-
-qt.assert_latency_in_tries(measure_writers)
+qt.assert_latency_in_tries(lambda: measure("--writer", [], "writers"))
 h.shutdown()
 assert srv.stop() == 0
 qt.check_image(wimg)

@@ -37,16 +37,6 @@ zeroes (struct qcow2 *q, uint64_t off, uint64_t len, unsigned flags)
   return res;
 }
 
-static int
-discard (struct qcow2 *q, uint64_t off, uint64_t len)
-{
-  int res = 1, r = qcow2_discard (q, off, len, done_cb, &res);
-  if (r < 0)
-    return r;
-  run_until (q, &res);
-  return res;
-}
-
 /* Block status over the whole disk, compared with state[]. */
 static void
 check_status (struct qcow2 *q, bool v3)
@@ -172,13 +162,13 @@ run (const char *name, const char *opts, bool v3)
          "fast with a partial cluster refused");
 
   /* Discard: whole clusters released, partial ones left alone. */
-  CHECK (discard (q, 20 * CS + 100, 3 * CS) == 0, "discard");
+  CHECK (sync_discard (q, 20 * CS + 100, 3 * CS) == 0, "discard");
   memset (shadow + 21 * CS, 0, 2 * CS);
   state[21] = state[22] = C_HOLE;
 
   /* Zeroes over a range with no L2 table, and past written data. */
   CHECK (zeroes (q, SIZE - 3 * CS, 3 * CS, 0) == 0, "zeroes unallocated");
-  CHECK (discard (q, SIZE - 3 * CS, 3 * CS) == 0, "discard unallocated");
+  CHECK (sync_discard (q, SIZE - 3 * CS, 3 * CS) == 0, "discard unallocated");
 
   /* Writing into a zeroed cluster allocates again. */
   fill_pattern (buf, 5000, 99);
