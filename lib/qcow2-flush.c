@@ -526,12 +526,18 @@ apply_work (struct qcow2 *q)
   return 1;
 }
 
+static void
+swap_lists (struct extent_list *a, struct extent_list *b)
+{
+  struct extent_list t = *a;
+  *a = *b;
+  *b = t;
+}
+
 /* Keep the unapplied part of fl->work for the next run.  Nothing here
  * can fail: the remainder is moved down in place and the list handed
  * over whole (the carry list is empty: the run took it at its start).
  */
-static void swap_lists (struct extent_list *a, struct extent_list *b);
-
 static void
 requeue_work (struct qcow2 *q)
 {
@@ -562,18 +568,15 @@ take_work (struct flusher *fl, struct extent_list *pending,
            struct extent_list *carry)
 {
   assert (fl->work.n == 0);
+  if (carry->n == 0) {
+    /* The usual case: no copy. */
+    swap_lists (&fl->work, pending);
+    return 0;
+  }
   if (extent_list_take (carry, pending) < 0)
     return -ENOMEM;
   swap_lists (&fl->work, carry);
   return 0;
-}
-
-static void
-swap_lists (struct extent_list *a, struct extent_list *b)
-{
-  struct extent_list t = *a;
-  *a = *b;
-  *b = t;
 }
 
 static bool

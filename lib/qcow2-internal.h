@@ -219,7 +219,7 @@ void space_block_created (struct qcow2 *q, uint64_t index);
  * tables' own space, and start counting missing refcount blocks there.
  */
 void space_open (struct qcow2 *q);
-/* Close: give back the space reserved past alloc_end. */
+/* Close: give back the space reserved past alloc_end (0 or -errno). */
 int space_trim (struct qcow2 *q);
 
 /* ---- qcow2-flush.c: ordered metadata write-back ---- */

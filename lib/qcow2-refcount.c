@@ -87,7 +87,9 @@ extent_list_take (struct extent_list *dst, struct extent_list *src)
   if (src->n == 0)
     return 0;
   if (dst->n + src->n > dst->cap) {
-    size_t cap = dst->n + src->n;
+    size_t cap = dst->cap ? dst->cap : 16;
+    while (cap < dst->n + src->n)
+      cap *= 2;
     struct extent *v = realloc (dst->v, cap * sizeof *v);
     if (!v)
       return -ENOMEM;

@@ -32,7 +32,6 @@
 #include <fcntl.h>
 #include <string.h>
 #include <syslog.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include "qcow2-internal.h"
@@ -206,18 +205,13 @@ space_open (struct qcow2 *q)
 int
 space_trim (struct qcow2 *q)
 {
-  struct stat st;
-
-  /* Nothing past alloc_end is referenced (a raw image has no allocator:
-   * its alloc_end means nothing).
+  /* Only what was reserved past alloc_end goes: nothing there is
+   * referenced.  (A raw image reserves nothing, so it is never cut.)
    */
-  if (q->raw)
-    return 0;
-  if (fstat (q->fd, &st) < 0)
-    return -errno;
-  if ((uint64_t) st.st_size > q->alloc_end
+  if (q->file_end > q->alloc_end
       && ftruncate (q->fd, (off_t) q->alloc_end) < 0)
     return -errno;
-  q->file_end = q->alloc_end;
+  if (q->file_end > q->alloc_end)
+    q->file_end = q->alloc_end;
   return 0;
 }
