@@ -1,10 +1,7 @@
-/* lib/aio.c: what every I/O backend shares.
- *
- * This file owns the choice of backend (aio_create), the thin wrappers over
- * the ops table, the pending count, the kick eventfd helpers, and
- * aio_run_sync, the blocking full-transfer loop that the thread pool and the
- * test fake both run.  The backends themselves live in aio-uring.c,
- * aio-threads.c and aio-fake.c.
+/* lib/aio.c: the choice of backend (aio_create) and the thin wrappers over
+ * its ops table, with the pending count and ops done inline.  The backends
+ * live in aio-uring.c, aio-threads.c (and the tests' aio-fake.c); the
+ * eventfd they kick is aio-kick.c, the blocking executor aio-sync.c.
  */
 #ifdef HAVE_CONFIG_H
 #include <config.h>
@@ -240,112 +237,4 @@ int
 aio_fd (const struct aio *a)
 {
   return a->event_fd;
-}
-
-void
-aio_kick (struct aio *a)
-{
-  uint64_t one = 1;
-
-  /* EAGAIN means the counter is saturated: the fd is readable already. */
-  while (write (a->event_fd, &one, sizeof one) == -1 && errno == EINTR)
-    ;
-}
-
-void
-aio_kick_once (struct aio *a)
-{
-  if (a->owner_kicked)
-    return;
-  a->owner_kicked = true;
-  aio_kick (a);
-}
-
-void
-aio_clear_kick (struct aio *a)
-{
-  uint64_t v;
-
-  a->owner_kicked = false;
-  /* EAGAIN means nobody kicked since the last clear. */
-  while (read (a->event_fd, &v, sizeof v) == -1 && errno == EINTR)
-    ;
-}
-
-int64_t
-aio_run_sync (const struct aio_op *op)
-{
-  const bool is_read = op->type == AIO_READ;
-  int64_t done = 0;
-  int i = 0;                    /* first element not finished */
-  size_t skip = 0;              /* bytes of op->iov[i] already done */
-
-  if (op->type == AIO_CALL)
-    return op->call ((struct aio_op *) op);
-  if (op->type == AIO_FSYNC) {
-    while (fdatasync (op->fd) == -1)
-      if (errno != EINTR)
-        return -errno;
-    return 0;
-  }
-  if (op->type == AIO_PUNCH) {
-    while (fallocate (op->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                      (off_t) op->offset, (off_t) op->length) == -1)
-      if (errno != EINTR)
-        return -errno;
-    return 0;
-  }
-
-  for (;;) {
-    ssize_t r;
-    size_t n;
-    off_t off = (off_t) (op->offset + (uint64_t) done);
-
-    while (i < op->iovcnt && skip == op->iov[i].iov_len) {
-      i++;
-      skip = 0;
-    }
-    if (i == op->iovcnt)
-      return done;
-
-    if (skip > 0) {
-      /* A short transfer stopped inside this element.  Finish its tail on
-       * its own rather than copy the caller's const array to trim it; the
-       * next round is vectored again.
-       */
-      char *base = (char *) op->iov[i].iov_base + skip;
-      size_t len = op->iov[i].iov_len - skip;
-      r = is_read ? pread (op->fd, base, len, off)
-        : pwrite (op->fd, base, len, off);
-    }
-    else
-      r = is_read ? preadv (op->fd, op->iov + i, op->iovcnt - i, off)
-        : pwritev (op->fd, op->iov + i, op->iovcnt - i, off);
-
-    if (r == -1) {
-      if (errno == EINTR)
-        continue;
-      return -errno;
-    }
-    if (r == 0)
-      /* End of file for a read.  A write that makes no progress would spin
-       * for ever; the kernel only does it for zero-length requests, which
-       * the skip loop above never issues.
-       */
-      return is_read ? done : -EIO;
-
-    done += r;
-    for (n = (size_t) r; n > 0;) {
-      size_t left = op->iov[i].iov_len - skip;
-      if (n < left) {
-        skip += n;
-        n = 0;
-      }
-      else {
-        n -= left;
-        i++;
-        skip = 0;
-      }
-    }
-  }
 }

@@ -166,7 +166,7 @@ io_done (struct aio_op *op, int64_t ret)
   waitq_wake_all (q, &e->waiters);
   if (e->for_flusher) {
     e->for_flusher = false;
-    flush_note_io (q, ret);
+    q->flush_io_done (q, ret);
   }
   else if (e->ref == 0)
     waitq_wake_all (q, &c->full);
@@ -266,7 +266,7 @@ take_victim (struct cache *c, struct qcow2_req *req, int *err)
     return NULL;
   }
   if (dirty) {
-    flush_wait (c->q, req);
+    c->q->flush_request (c->q, req);
     return NULL;
   }
   waitq_push (&c->full, req);

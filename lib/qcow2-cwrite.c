@@ -135,7 +135,7 @@ flush_write_done (struct aio_op *op, int64_t ret)
   if (ret < 0)
     b->dirty = true;
   b->writes--;
-  flush_note_io (q, ret);
+  q->flush_io_done (q, ret);
   maybe_free (q, b);
 }
 

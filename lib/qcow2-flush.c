@@ -95,6 +95,13 @@ struct flusher {
   struct extent_list carry_incs, carry_decs;
 };
 
+/* The flusher runs on the request loop as a request of its own. */
+static void
+flusher_run (struct qcow2_req *req)
+{
+  flush_step (req->q);
+}
+
 int
 flush_init (struct qcow2 *q)
 {
@@ -103,8 +110,14 @@ flush_init (struct qcow2 *q)
     return -ENOMEM;
   fl->req.q = q;
   fl->req.type = REQ_FLUSHER;
+  fl->req.run = flusher_run;
   fl->l1_lo = fl->l1_hi = -1;
   q->flusher = fl;
+  /* The cache and the compressed-write cache sit below the flusher: they
+   * reach it through these.
+   */
+  q->flush_io_done = flush_note_io;
+  q->flush_request = flush_wait;
   return 0;
 }
 

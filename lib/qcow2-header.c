@@ -286,3 +286,16 @@ header_write_sync (struct qcow2 *q)
     r = -errno;
   return r;
 }
+
+int
+set_dirty (struct qcow2 *q, bool dirty)
+{
+  if (q->version < 3)
+    return 0;
+  if (dirty)
+    q->incompat |= INCOMPAT_DIRTY;
+  else
+    q->incompat &= ~INCOMPAT_DIRTY;
+  put_be64 ((uint8_t *) q->header_sector + HDR_INCOMPAT, q->incompat);
+  return header_write_sync (q);
+}

@@ -106,12 +106,51 @@ struct alloc {
   struct waitq waiters;         /* writes that overlap and wait for us */
 };
 
-/* Reserve L2 indexes [first, first + count) of e (qcow2-request.c):
- * overlapping writes wait until alloc_release.
+
+/* ---- qcow2-log.c, qcow2-buffer.c, qcow2-blocking.c: support ---- */
+
+void qlog (struct qcow2 *q, int level, const char *fmt, ...)
+  __attribute__ ((format (printf, 3, 4)));
+/* A zeroed buffer aligned for O_DIRECT (free with free). */
+void *aligned_alloc_zero (size_t size);
+/* Blocking whole-buffer I/O, for open time and emergencies only.  Reads
+ * past the end of the file give zeros, or -EIO unless zero_past_eof.
+ * Return 0 or -errno.
  */
-void alloc_hold (struct cache_entry *e, struct alloc *a, uint32_t first,
-                 uint32_t count);
-void alloc_release (struct qcow2 *q, struct cache_entry *e, struct alloc *a);
+int blocking_pread (int fd, void *buf, size_t len, uint64_t off,
+               bool zero_past_eof);
+int blocking_pwrite (int fd, const void *buf, size_t len, uint64_t off);
+
+/* ---- qcow2-extent.c: growable lists of cluster extents ---- */
+
+/* Append an extent.  0, or -ENOMEM with l unchanged. */
+int extent_add (struct extent_list *l, uint64_t offset, uint64_t count);
+/* Move every extent of src to the end of dst.  0, or -ENOMEM with both
+ * unchanged.
+ */
+int extent_list_take (struct extent_list *dst, struct extent_list *src);
+
+/* ---- qcow2-waitq.c: parking and waking requests ---- */
+
+void waitq_push (struct waitq *w, struct qcow2_req *req);
+/* Move every waiter to the image's runnable list. */
+void waitq_wake_all (struct qcow2 *q, struct waitq *w);
+/* Wake every waiter with err set: each ends with that error. */
+void waitq_fail_all (struct qcow2 *q, struct waitq *w, int err);
+/* Make req runnable (it must not be waiting on a list). */
+void req_wake (struct qcow2_req *req);
+/* The first waiter, taken off w (NULL when empty). */
+struct qcow2_req *waitq_pop (struct waitq *w);
+
+/* ---- qcow2-corrupt.c: an image that contradicts itself ---- */
+
+/* Stop all writes to an image found inconsistent and mark it corrupt on
+ * disk (so that qemu-img check -r is needed); returns -EIO.
+ */
+int signal_corruption (struct qcow2 *q, const char *fmt, ...)
+  __attribute__ ((format (printf, 2, 3)));
+/* Host cluster offsets read from the image are untrusted: 0 or -EIO. */
+int check_host_cluster (struct qcow2 *q, uint64_t off, const char *what);
 
 /* ---- qcow2-cache.c: cache of L2 slices and refcount blocks ---- */
 
@@ -197,11 +236,6 @@ int alloc_clusters (struct qcow2 *q, uint64_t count, uint64_t *out);
  * written to, which read as zeros (new L2 tables rely on it).
  */
 int alloc_fresh_clusters (struct qcow2 *q, uint64_t count, uint64_t *out);
-int extent_add (struct extent_list *l, uint64_t offset, uint64_t count);
-/* Move every extent of src to the end of dst.  0, or -ENOMEM with both
- * unchanged.
- */
-int extent_list_take (struct extent_list *dst, struct extent_list *src);
 
 /* ---- qcow2-space.c: file space reserved ahead of the allocator ---- */
 
@@ -243,7 +277,7 @@ bool flush_idle (const struct qcow2 *q);
 /* Make the next runs apply refcounts even in lazy mode (close). */
 void flush_set_full (struct qcow2 *q);
 
-/* ---- qcow2-request.c: the per-request state machine ---- */
+/* ---- requests: the types every request-layer file shares ---- */
 
 enum req_type {
   REQ_READ,
@@ -255,7 +289,7 @@ enum req_type {
   REQ_STATUS,                   /* block status */
 };
 
-/* The request states; the table at the top of qcow2-request.c says what
+/* The request states; the table at the top of qcow2-segment.c says what
  * each does.
  */
 enum req_state {
@@ -274,10 +308,14 @@ enum req_state {
 
 struct req_io;
 
-/* One request.  See the state table at the top of qcow2-request.c. */
+/* One request.  See the state table at the top of qcow2-segment.c. */
 struct qcow2_req {
   struct qcow2 *q;
   enum req_type type;
+  /* Set for the one request that is not a guest request, the flusher's:
+   * the loop calls it instead of the segment state machine.
+   */
+  void (*run) (struct qcow2_req *req);
   int state;                    /* enum req_state */
   uint64_t offset;              /* guest byte offset */
   size_t len;
@@ -324,32 +362,45 @@ struct qcow2_req {
   unsigned child_n;
 };
 
-void waitq_push (struct waitq *w, struct qcow2_req *req);
-/* Move every waiter to the image's runnable list. */
-void waitq_wake_all (struct qcow2 *q, struct waitq *w);
-/* Wake every waiter with err set: each ends with that error. */
-void waitq_fail_all (struct qcow2 *q, struct waitq *w, int err);
-/* Make req runnable (it must not be waiting on a list). */
-void req_wake (struct qcow2_req *req);
-/* Advance runnable requests and deliver completions until nothing moves
- * or RUN_BUDGET steps are done; then kick the eventfd if work is left.
+/* One I/O op of a segment, planned by its handler (qcow2-rw.c) and freed
+ * with the segment (seg_release).  For an allocating run it also holds the
+ * reservation and the COW buffers of its first and last cluster.
  */
-void req_run_all (struct qcow2 *q);
-/* Whether a request of q's chain is runnable or has a callback to run
- * (qcow2_process stops with work left when its budget is spent).
- */
-bool req_chain_has_work (const struct qcow2 *q);
-/* Advance runnable requests but leave completions for qcow2_process. */
-void req_run_all_pending (struct qcow2 *q);
-/* Validate and create a request (not started).  NULL with *err set when
- * refused.
- */
-struct qcow2_req *req_new (struct qcow2 *q, enum req_type type,
-                           uint64_t offset, uint64_t len, void *buf,
-                           unsigned flags, qcow2_done_fn *done, void *opaque,
-                           int *err);
-/* Run a new request's first steps; completions wait for qcow2_process. */
-void req_start (struct qcow2_req *req);
+struct req_io {
+  struct aio_op op;
+  struct qcow2_req *req;
+  struct iovec iov[3];
+  bool is_write;
+  bool from_backing;            /* a read of the backing image (guest, len) */
+  bool alloc;                   /* an allocating write run */
+  bool reuse;                   /* ... that keeps its own host cluster */
+  bool self;                    /* a read through this image (from_backing) */
+  uint64_t cov_start, cov_end;  /* in-cluster extent written with the COW */
+  bool started;
+  uint64_t host;                /* host offset of the op */
+  uint64_t guest;               /* guest offset of the data part */
+  size_t len;                   /* guest bytes in the data part */
+  uint32_t first, count;        /* L2 index range (alloc runs) */
+  bool compressed;              /* one whole cluster, stored compressed */
+  uint64_t cdesc;               /* its L2 descriptor, once in the cache */
+  void *zbuf;                   /* ... its compressed bytes (worker) */
+  size_t zlen;                  /* their size; 0: does not compress */
+  struct alloc a;               /* reservation (alloc runs) */
+  void *cow_buf[2];             /* old contents of first/last cluster */
+  struct req_io *cow_for;       /* COW read: the write it feeds */
+
+  /* Reads of compressed data: decompressed on completion into dst. */
+  void *cbuf;                   /* the sectors holding the data */
+  size_t cbuf_len;              /* its size and zbuf's, in mem_held */
+  size_t cskip;                 /* where the data starts in cbuf */
+  size_t csize;
+  char *dst;                    /* where the cluster's bytes go */
+  size_t dst_off, dst_len;      /* part of the cluster wanted */
+};
+
+
+/* ---- qcow2-entry.c: what an L2 entry says ---- */
+
 /* No data here in this image (reads fall to the backing file, or zeros). */
 bool entry_is_hole (const struct qcow2 *q, uint64_t ent);
 /* Reads of this entry return zeros (no data, nothing showing through). */
@@ -378,10 +429,70 @@ enum sc_kind cluster_status (const struct qcow2 *q, uint64_t ent,
  */
 uint64_t sc_mask (const struct qcow2 *q, uint64_t lo, uint64_t hi);
 
+/* Drop the reference an L2 entry holds on its cluster(s), after the change
+ * is durable.
+ */
+int release_entry (struct qcow2 *q, uint64_t ent);
+
+/* ---- qcow2-claim.c: per-slice allocation queues ---- */
+
+/* Reserve L2 indexes [first, first + count) of e (qcow2-request.c):
+ * overlapping writes wait until alloc_release.
+ */
+void alloc_hold (struct cache_entry *e, struct alloc *a, uint32_t first,
+                 uint32_t count);
+void alloc_release (struct qcow2 *q, struct cache_entry *e, struct alloc *a);
+/* The claim of e overlapping L2 indexes [first, last], or NULL. */
+struct alloc *alloc_find (struct cache_entry *e, uint32_t first, uint32_t last);
+
+/* ---- qcow2-request.c: request lifetime ---- */
+
+/* Validate and create a request (not started).  NULL with *err set when
+ * refused.
+ */
+struct qcow2_req *req_new (struct qcow2 *q, enum req_type type,
+                           uint64_t offset, uint64_t len, void *buf,
+                           unsigned flags, qcow2_done_fn *done, void *opaque,
+                           int *err);
+/* Start a child request on target (the parent's image or its backing
+ * file) for part of a parent's work: it runs from the chain loop, never
+ * inside this call, and done (opaque, err) runs when it ends.  The caller
+ * counts it (outstanding or children).  NULL with *err when refused.
+ */
+struct qcow2_req *req_spawn (struct qcow2 *target, enum req_type type,
+                             uint64_t offset, uint64_t len, void *buf,
+                             qcow2_done_fn *done, void *opaque, int *err);
+/* Record in a read's map that [pos, pos+len) is zeros or data. */
+void read_map_add (struct qcow2_req *req, uint64_t len, bool zero);
+
+/* ---- qcow2-segment.c: the states every segment goes through ---- */
+
+/* RS_SEGMENT: pick the next segment or finish; RS_GET_L2: pin its L2
+ * slice (creating or copying the table for a write); RS_WAIT_DEPS: wait
+ * for a claim on the same clusters.  Each returns true to go on at once,
+ * false when parked.
+ */
+bool seg_next (struct qcow2_req *req);
+bool seg_get_l2 (struct qcow2_req *req);
+bool seg_wait_claims (struct qcow2_req *req);
+/* Free everything the current segment holds.  No I/O may be in flight. */
+void seg_release (struct qcow2_req *req);
+
+/* What a request type does in the states that differ: plan a segment
+ * (RS_PLAN: map it, start its I/O, set the next state; true to go on at
+ * once), start the merged writes once COW reads are in (RS_COW_READ), and
+ * link new clusters after the data I/O (RS_LINK; NULL: the segment ends
+ * with its I/O).  One table per handler file.
+ */
+struct seg_ops {
+  bool (*plan) (struct qcow2_req *req);
+  void (*cow_done) (struct qcow2_req *req);
+  bool (*link) (struct qcow2_req *req);
+};
+
 /* ---- qcow2-rw.c: read and write segments ---- */
 
-/* Host cluster offsets read from the image are untrusted: 0 or -EIO. */
-int check_host_cluster (struct qcow2 *q, uint64_t off, const char *what);
+extern const struct seg_ops read_seg_ops, write_seg_ops;
 /* Plan and start a segment's I/O.  Return true to go on at once. */
 bool plan_read (struct qcow2_req *req);
 bool plan_write (struct qcow2_req *req);
@@ -391,10 +502,6 @@ void start_writes (struct qcow2_req *req);
  * parked on the flush barrier.
  */
 bool st_link (struct qcow2_req *req);
-/* Free everything the current segment holds.  No I/O may be in flight. */
-void seg_release (struct qcow2_req *req);
-/* Record in a read's map that [pos, pos+len) is zeros or data. */
-void read_map_add (struct qcow2_req *req, uint64_t len, bool zero);
 
 /* ---- qcow2-zero.c: write-zeroes, discard and block status segments ---- */
 
@@ -408,10 +515,7 @@ bool zero_segment (struct qcow2_req *req);
  * about a hole.
  */
 bool status_segment (struct qcow2_req *req);
-/* Drop the reference an L2 entry holds on its cluster(s), after the change
- * is durable.
- */
-int release_entry (struct qcow2 *q, uint64_t ent);
+extern const struct seg_ops zero_seg_ops, status_seg_ops;
 
 /* ---- qcow2-compress.c: compressed clusters ---- */
 
@@ -522,6 +626,8 @@ int header_parse (struct qcow2 *q, const void *buf, size_t len,
  * (the flusher writes it asynchronously).  0 or -errno.
  */
 int header_write_sync (struct qcow2 *q);
+/* Set or clear the dirty bit in the header, durably (synchronous). */
+int set_dirty (struct qcow2 *q, bool dirty);
 /* Open-time bounds: what is read at open must lie in the file, so that a
  * small file cannot make open read, allocate or write much.  Each returns
  * 0, or -EINVAL with "WHAT offset 0x... is past the end of the file (size
@@ -551,35 +657,31 @@ enum image_lock_mode {
 int image_lock (struct qcow2 *q, int fd, enum image_lock_mode mode,
                 const char *what, char *err, size_t errlen);
 
+/* ---- qcow2-engine.c: entry points and the request loop ---- */
+
+/* Advance runnable requests and deliver completions until nothing moves
+ * or RUN_BUDGET steps are done; then kick the eventfd if work is left.
+ */
+void req_run_all (struct qcow2 *q);
+/* Whether a request of q's chain is runnable or has a callback to run
+ * (qcow2_process stops with work left when its budget is spent).
+ */
+bool req_chain_has_work (const struct qcow2 *q);
+/* Advance runnable requests but leave completions for qcow2_process. */
+void req_run_all_pending (struct qcow2 *q);
+
 /* ---- qcow2-raw.c: raw images ---- */
 
 /* Run a request on a raw image until it blocks or finishes. */
 void raw_run (struct qcow2_req *req);
 
-/* ---- qcow2-open.c: open, close, logging, corruption ---- */
+/* ---- qcow2-open.c: open and close ---- */
 
 /* Open path as a backing file (read-only, depth levels down). */
 int image_open (const char *path, const struct qcow2_opts *opts,
                 unsigned depth, struct qcow2 *top, struct qcow2 **out,
                 char *err, size_t errlen);
 
-void qlog (struct qcow2 *q, int level, const char *fmt, ...)
-  __attribute__ ((format (printf, 3, 4)));
-/* Blocking whole-buffer I/O, for open time and emergencies only.  Reads
- * past the end of the file give zeros, or -EIO unless zero_past_eof.
- * Return 0 or -errno.
- */
-int blocking_pread (int fd, void *buf, size_t len, uint64_t off,
-               bool zero_past_eof);
-int blocking_pwrite (int fd, const void *buf, size_t len, uint64_t off);
-/* Set or clear the dirty bit in the header, durably (synchronous). */
-int set_dirty (struct qcow2 *q, bool dirty);
-/* Stop all writes to an image found inconsistent and mark it corrupt on
- * disk (so that qemu-img check -r is needed); returns -EIO.
- */
-int signal_corruption (struct qcow2 *q, const char *fmt, ...)
-  __attribute__ ((format (printf, 2, 3)));
-void *aligned_alloc_zero (size_t size);
 
 /* ---- qcow2-hostfile.c: the host files a chain opens ---- */
 
@@ -706,6 +808,11 @@ struct qcow2 {
   struct waitq runnable;        /* ready to advance */
   struct waitq completed;       /* finished; callbacks not yet run */
   struct flusher *flusher;
+  /* Set by the flusher (qcow2-flush.c) for the layers below it: a write it
+   * counted has ended; req must wait for a flush to end (a dirty victim).
+   */
+  void (*flush_io_done) (struct qcow2 *q, int64_t ret);
+  void (*flush_request) (struct qcow2 *q, struct qcow2_req *req);
   /* Top image only: steps (segments run, callbacks delivered) left to the
    * current qcow2_process call, and whether one is running.
    */
@@ -780,6 +887,13 @@ put_be64 (uint8_t *p, uint64_t v)
 {
   v = htobe64 (v);
   memcpy (p, &v, 8);
+}
+
+/* The alignment requests must have: a sector with O_DIRECT. */
+static inline uint32_t
+image_min_align (const struct qcow2 *q)
+{
+  return q->direct ? SECTOR : 1;
 }
 
 static inline uint64_t

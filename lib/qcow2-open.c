@@ -23,105 +23,6 @@
 #define MIN_L2_CACHE_BYTES   (1u << 20)
 #define RB_CACHE_BYTES       (4u << 20)
 
-void
-qlog (struct qcow2 *q, int level, const char *fmt, ...)
-{
-  char msg[512];
-  va_list ap;
-
-  if (!q->log)
-    return;
-  va_start (ap, fmt);
-  vsnprintf (msg, sizeof msg, fmt, ap);
-  va_end (ap);
-  q->log (q->log_opaque, level, msg);
-}
-
-void *
-aligned_alloc_zero (size_t size)
-{
-  void *p;
-  if (posix_memalign (&p, BUF_ALIGN, round_up (size ? size : 1, BUF_ALIGN)))
-    return NULL;
-  memset (p, 0, size);
-  return p;
-}
-
-int
-blocking_pread (int fd, void *buf, size_t len, uint64_t off,
-                bool zero_past_eof)
-{
-  size_t done = 0;
-  while (done < len) {
-    ssize_t r = pread (fd, (char *) buf + done, len - done,
-                       (off_t) (off + done));
-    if (r < 0 && errno == EINTR)
-      continue;
-    if (r < 0)
-      return -errno;
-    if (r == 0) {
-      if (!zero_past_eof)
-        return -EIO;
-      memset ((char *) buf + done, 0, len - done);
-      break;
-    }
-    done += (size_t) r;
-  }
-  return 0;
-}
-
-int
-blocking_pwrite (int fd, const void *buf, size_t len, uint64_t off)
-{
-  size_t done = 0;
-  while (done < len) {
-    ssize_t r = pwrite (fd, (const char *) buf + done, len - done,
-                        (off_t) (off + done));
-    if (r < 0 && errno == EINTR)
-      continue;
-    if (r < 0)
-      return -errno;
-    done += (size_t) r;
-  }
-  return 0;
-}
-
-int
-signal_corruption (struct qcow2 *q, const char *fmt, ...)
-{
-  char msg[400];
-  va_list ap;
-
-  va_start (ap, fmt);
-  vsnprintf (msg, sizeof msg, fmt, ap);
-  va_end (ap);
-  if (!q->broken) {
-    qlog (q, LOG_ERR, "%s: image is corrupt, refusing further writes: %s",
-          q->path, msg);
-    if (!q->read_only && q->version >= 3) {
-      put_be64 ((uint8_t *) q->header_sector + HDR_INCOMPAT,
-                q->incompat | INCOMPAT_CORRUPT);
-      if (header_write_sync (q) < 0)
-        qlog (q, LOG_ERR, "%s: could not mark the image corrupt", q->path);
-    }
-  }
-  q->broken = true;
-  return -EIO;
-}
-
-int
-set_dirty (struct qcow2 *q, bool dirty)
-{
-  if (q->version < 3)
-    return 0;
-  if (dirty)
-    q->incompat |= INCOMPAT_DIRTY;
-  else
-    q->incompat &= ~INCOMPAT_DIRTY;
-  put_be64 ((uint8_t *) q->header_sector + HDR_INCOMPAT, q->incompat);
-  return header_write_sync (q);
-}
-
 /* The end of the last cluster that has a non-zero refcount: the last
  * refcount block in use is read (and the one before it, while empty).
  * Every refcount block must start inside the file: refcount blocks are
@@ -717,7 +618,7 @@ qcow2_read_only (const struct qcow2 *q)
 uint32_t
 qcow2_min_align (const struct qcow2 *q)
 {
-  return q->direct ? SECTOR : 1;
+  return image_min_align (q);
 }
 
 int

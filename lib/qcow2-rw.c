@@ -18,63 +18,6 @@
 
 #include "qcow2-internal.h"
 
-/* One I/O op of a segment.  For an allocating run it also holds the
- * reservation and the COW buffers of its first and last cluster.
- */
-struct req_io {
-  struct aio_op op;
-  struct qcow2_req *req;
-  struct iovec iov[3];
-  bool is_write;
-  bool from_backing;            /* a read of the backing image (guest, len) */
-  bool alloc;                   /* an allocating write run */
-  bool reuse;                   /* ... that keeps its own host cluster */
-  bool self;                    /* a read through this image (from_backing) */
-  uint64_t cov_start, cov_end;  /* in-cluster extent written with the COW */
-  bool started;
-  uint64_t host;                /* host offset of the op */
-  uint64_t guest;               /* guest offset of the data part */
-  size_t len;                   /* guest bytes in the data part */
-  uint32_t first, count;        /* L2 index range (alloc runs) */
-  bool compressed;              /* one whole cluster, stored compressed */
-  uint64_t cdesc;               /* its L2 descriptor, once in the cache */
-  void *zbuf;                   /* ... its compressed bytes (worker) */
-  size_t zlen;                  /* their size; 0: does not compress */
-  struct alloc a;               /* reservation (alloc runs) */
-  void *cow_buf[2];             /* old contents of first/last cluster */
-  struct req_io *cow_for;       /* COW read: the write it feeds */
-
-  /* Reads of compressed data: decompressed on completion into dst. */
-  void *cbuf;                   /* the sectors holding the data */
-  size_t cbuf_len;              /* its size and zbuf's, in mem_held */
-  size_t cskip;                 /* where the data starts in cbuf */
-  size_t csize;
-  char *dst;                    /* where the cluster's bytes go */
-  size_t dst_off, dst_len;      /* part of the cluster wanted */
-};
-
-/* Host offsets read from the image are untrusted. */
-int
-check_host_cluster (struct qcow2 *q, uint64_t off, const char *what)
-{
-  if ((off & (q->cluster_size - 1)) || off < q->cluster_size
-      || off >= q->alloc_end) {
-    qlog (q, LOG_ERR, "%s offset 0x%llx is invalid (unaligned or outside "
-          "the file)", what, (unsigned long long) off);
-    return -EIO;
-  }
-  /* Cheap checks only: the header, L1 and refcount tables. */
-  if ((off >= q->l1_offset && off < q->l1_offset
-       + round_up ((uint64_t) q->l1_size * 8, q->cluster_size))
-      || (off >= q->reftable_offset && off < q->reftable_offset
-          + ((uint64_t) q->reftable_clusters << q->cluster_bits))) {
-    qlog (q, LOG_ERR, "%s offset 0x%llx points into the image's own "
-          "tables", what, (unsigned long long) off);
-    return -EIO;
-  }
-  return 0;
-}
-
 /* A data cluster named by an L2 entry.  In an external data file the
  * mapping is one to one and nothing else lives there.
  */
@@ -89,36 +32,6 @@ check_data_cluster (struct qcow2 *q, uint64_t off)
     return -EIO;
   }
   return 0;
-}
-
-/* Free everything the current segment holds.  No I/O may be in flight. */
-void
-seg_release (struct qcow2_req *req)
-{
-  struct qcow2 *q = req->q;
-  /* Buffers below may still be the target of an op otherwise. */
-  assert (req->outstanding == 0);
-  for (unsigned i = 0; i < req->nios; i++) {
-    struct req_io *io = &req->ios[i];
-    if (io->alloc && req->l2)
-      alloc_release (q, req->l2, &io->a);
-    free (io->cow_buf[0]);
-    free (io->cow_buf[1]);
-    free (io->cbuf);
-    free (io->zbuf);
-    assert (q->top->mem_held >= io->cbuf_len);
-    q->top->mem_held -= io->cbuf_len;
-  }
-  free (req->ios);
-  req->ios = NULL;
-  req->nios = 0;
-  if (req->zres_on && req->l2)
-    alloc_release (q, req->l2, &req->zres);
-  req->zres_on = false;
-  if (req->l2) {
-    cache_put (req->l2);
-    req->l2 = NULL;
-  }
 }
 
 /* Decompress io's cluster (read into io->cbuf) and copy the part wanted
@@ -350,18 +263,16 @@ backing_start (struct qcow2_req *req, struct req_io *io)
 {
   struct qcow2 *b = io->self ? req->q : req->q->backing;
   int err;
-  struct qcow2_req *child = req_new (b, REQ_READ, io->guest, io->len,
-                                     io->iov[0].iov_base, 0, backing_done,
-                                     io, &err);
+  struct qcow2_req *child = req_spawn (b, REQ_READ, io->guest, io->len,
+                                       io->iov[0].iov_base, backing_done,
+                                       io, &err);
   io->started = true;
   if (!child) {
     if (!req->err)
       req->err = err;
     return;
   }
-  b->in_flight++;
   req->outstanding++;
-  req_wake (child);
 }
 
 static void
@@ -390,28 +301,6 @@ io_start (struct qcow2_req *req, struct req_io *io, int niov)
     return;
   }
   req->outstanding++;
-}
-
-void
-read_map_add (struct qcow2_req *req, uint64_t len, bool zero)
-{
-  uint32_t flags = zero ? QCOW2_EXTENT_HOLE | QCOW2_EXTENT_ZERO : 0;
-  unsigned n;
-
-  if (!req->ext || len == 0)
-    return;
-  n = *req->ext_n;
-  if (n > 0 && (req->ext[n - 1].flags == flags || n == req->ext_max)) {
-    /* Merge; when the map is full, calling zeros data is still true. */
-    if (req->ext[n - 1].flags != flags)
-      req->ext[n - 1].flags = 0;
-    req->ext[n - 1].length += len;
-    return;
-  }
-  req->ext[n].length = len;
-  req->ext[n].flags = flags;
-  req->ext[n].depth = 0;
-  *req->ext_n = n + 1;
 }
 
 /* Plan a read segment: zeros for holes, merged reads for data. */
@@ -934,3 +823,10 @@ st_link (struct qcow2_req *req)
   return true;
 }
 
+
+const struct seg_ops read_seg_ops = { .plan = plan_read };
+const struct seg_ops write_seg_ops = {
+  .plan = plan_write,
+  .cow_done = start_writes,
+  .link = st_link,
+};

@@ -41,14 +41,12 @@ spawn_zero_write (struct qcow2_req *req, uint64_t pos, uint64_t len)
 {
   struct qcow2 *q = req->q;
   int err;
-  struct qcow2_req *child = req_new (q, REQ_WRITE, pos, len, q->zero_cluster,
-                                     0, child_done, req, &err);
+  struct qcow2_req *child = req_spawn (q, REQ_WRITE, pos, len,
+                                       q->zero_cluster, child_done, req, &err);
   if (!child)
     return err;
   child->parent = req;
   req->children++;
-  q->in_flight++;
-  req_wake (child);
   return 0;
 }
 
@@ -374,19 +372,18 @@ ask_backing (struct qcow2_req *req, uint64_t pos, uint64_t end)
   if (!req->child_ext)
     return -ENOMEM;
   req->child_n = 0;
-  child = req_new (b, REQ_STATUS, pos, end - pos, NULL, 0,
-                   backing_status_done, req, &err);
+  child = req_spawn (b, REQ_STATUS, pos, end - pos, NULL,
+                     backing_status_done, req, &err);
   if (!child) {
     free (req->child_ext);
     req->child_ext = NULL;
     return err;
   }
+  /* It runs from the chain loop, after this: its output can be set now. */
   child->ext = req->child_ext;
   child->ext_max = room;
   child->ext_n = &req->child_n;
-  b->in_flight++;
   req->outstanding++;
-  req_wake (child);
   return 0;
 }
 
@@ -474,71 +471,30 @@ status_segment (struct qcow2_req *req)
   return true;
 }
 
-/* Whether a fast write-zeroes could need to write data: then it must fail
- * before changing anything (NBD: contents unchanged on ENOTSUP).  Decided
- * from the request alone, so sometimes more cautious than needed.
+/* A write-zeroes or discard segment, or a block status segment, is done
+ * when its plan is: it changes or reads only metadata.
  */
 static bool
-fast_zero_may_write (const struct qcow2 *q, uint64_t offset, uint64_t len,
-                     unsigned flags)
+zero_plan (struct qcow2_req *req)
 {
-  uint64_t cs = q->cluster_size;
-  uint64_t end = offset + len;
-  if (q->raw)
-    return flags & QCOW2_ZERO_NO_HOLE;
-  if ((offset & (cs - 1)) || ((end & (cs - 1)) && end != q->size))
-    return true;                /* partial clusters are written as data */
-  return q->version < 3 && (q->backing || (flags & QCOW2_ZERO_NO_HOLE));
+  bool go = zero_segment (req);
+  if (go) {
+    seg_release (req);
+    req->state = RS_SEGMENT;
+  }
+  return go;
 }
 
-int
-qcow2_write_zeroes (struct qcow2 *q, uint64_t offset, uint64_t len,
-                    unsigned flags, qcow2_done_fn *done, void *opaque)
+static bool
+status_plan (struct qcow2_req *req)
 {
-  int err;
-  struct qcow2_req *req;
-
-  if ((flags & QCOW2_ZERO_FAST) && offset <= q->size
-      && len <= q->size - offset && len
-      && fast_zero_may_write (q, offset, len, flags))
-    return -ENOTSUP;
-  req = req_new (q, REQ_ZERO, offset, len, NULL, flags, done, opaque, &err);
-  if (!req)
-    return err;
-  req_start (req);
-  return 0;
+  bool go = status_segment (req);
+  if (go) {
+    seg_release (req);
+    req->state = RS_SEGMENT;
+  }
+  return go;
 }
 
-int
-qcow2_discard (struct qcow2 *q, uint64_t offset, uint64_t len,
-               qcow2_done_fn *done, void *opaque)
-{
-  int err;
-  struct qcow2_req *req = req_new (q, REQ_DISCARD, offset, len, NULL, 0,
-                                   done, opaque, &err);
-  if (!req)
-    return err;
-  req_start (req);
-  return 0;
-}
-
-int
-qcow2_block_status (struct qcow2 *q, uint64_t offset, uint64_t len,
-                    struct qcow2_extent *ext, unsigned max, unsigned *n,
-                    qcow2_done_fn *done, void *opaque)
-{
-  int err;
-  struct qcow2_req *req;
-
-  if (max == 0 || len == 0)
-    return -EINVAL;
-  req = req_new (q, REQ_STATUS, offset, len, NULL, 0, done, opaque, &err);
-  if (!req)
-    return err;
-  *n = 0;
-  req->ext = ext;
-  req->ext_max = max;
-  req->ext_n = n;
-  req_start (req);
-  return 0;
-}
+const struct seg_ops zero_seg_ops = { .plan = zero_plan };
+const struct seg_ops status_seg_ops = { .plan = status_plan };

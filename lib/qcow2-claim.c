@@ -1,0 +1,41 @@
+/* lib/qcow2-claim.c: the per-L2-slice allocation queues.  A write (or a
+ * write-zeroes, or a discard) claims the clusters of a cached slice it is
+ * about to change; only a later request into the same clusters of the same
+ * slice waits for the claim, everything else goes on.
+ */
+#include <config.h>
+
+#include <assert.h>
+
+#include "qcow2-internal.h"
+
+void
+alloc_hold (struct cache_entry *e, struct alloc *a, uint32_t first,
+            uint32_t count)
+{
+  a->first = first;
+  a->count = count;
+  a->waiters.head = a->waiters.tail = NULL;
+  a->next = e->allocs;
+  e->allocs = a;
+}
+
+void
+alloc_release (struct qcow2 *q, struct cache_entry *e, struct alloc *a)
+{
+  struct alloc **p = &e->allocs;
+  while (*p && *p != a)
+    p = &(*p)->next;
+  if (*p)
+    *p = a->next;
+  waitq_wake_all (q, &a->waiters);
+}
+
+struct alloc *
+alloc_find (struct cache_entry *e, uint32_t first, uint32_t last)
+{
+  for (struct alloc *a = e->allocs; a; a = a->next)
+    if (a->first <= last && first < a->first + a->count)
+      return a;
+  return NULL;
+}
