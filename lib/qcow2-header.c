@@ -87,7 +87,7 @@ l1_in_file (const char *what, const uint64_t *l1, uint32_t n,
   for (uint32_t i = 0; i < n; i++) {
     uint64_t off = be64toh (l1[i]) & L1E_OFFSET_MASK;
     /* Only the start: slices of a new table nobody wrote are not in the
-     * file yet (qcow2-request.c), and read as zeros.
+     * file yet (qcow2-segment.c), and read as zeros.
      */
     if (off && off >= file_size) {
       snprintf (name, sizeof name, "%sL2 table", what);

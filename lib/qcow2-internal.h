@@ -436,7 +436,7 @@ int release_entry (struct qcow2 *q, uint64_t ent);
 
 /* ---- qcow2-claim.c: per-slice allocation queues ---- */
 
-/* Reserve L2 indexes [first, first + count) of e (qcow2-request.c):
+/* Reserve L2 indexes [first, first + count) of e (qcow2-claim.c):
  * overlapping writes wait until alloc_release.
  */
 void alloc_hold (struct cache_entry *e, struct alloc *a, uint32_t first,

@@ -1,5 +1,5 @@
-/* lib/qcow2-open.c: opening and closing an image, accessors, logging and
- * the corruption path.
+/* lib/qcow2-open.c: opening and closing an image and its chain, and the
+ * accessors of the public API.
  *
  * Open is the one place that does synchronous I/O: it reads the header, the
  * L1 table and the refcount table before the image is handed to the loop.

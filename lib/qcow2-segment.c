@@ -1,35 +1,39 @@
-/* lib/qcow2-request.c: the per-request state machine (reads, writes and
- * flushes), and the lists that park and wake requests.
+/* lib/qcow2-segment.c: the states every guest request's segments share.
  *
- * A read or write is cut into segments, one per L2 table it touches, and
- * runs them one after another.  Each state does one step and either goes on
- * at once or blocks (parked on a list, or waiting for its I/O):
+ * A request is cut into segments, one per L2 slice it touches, run one
+ * after another by the engine (qcow2-engine.c).  Each state does one step
+ * and either goes on at once or blocks (parked on a list, or waiting for
+ * its I/O).  This file does the shared states; RS_PLAN, RS_COW_READ and
+ * RS_LINK are the request type's handler (struct seg_ops: qcow2-rw.c for
+ * reads and writes, qcow2-zero.c for write-zeroes, discard and block
+ * status).  Raw images have a machine of their own (qcow2-raw.c).
  *
  *   state          does                                   resumed by
  *   RS_SEGMENT     pick the next segment, or finish       -
- *   RS_GET_L2      pin the segment's L2 table; a write    table loaded; slot
- *                  creates it when missing and copies it  free; flush ended
- *                  when shared with a snapshot
- *   RS_WAIT_DEPS   write: wait while an in-flight          that allocation
- *                  allocation covers one of our clusters  linked or failed
- *   RS_PLAN        map clusters to host offsets, reserve  -
- *                  new clusters, start COW reads or the
- *                  data I/O
+ *   RS_GET_L2      pin the segment's L2 slice; a write    slice loaded; slot
+ *                  creates the table when missing and     free; flush ended
+ *                  copies it when shared with a snapshot
+ *   RS_WAIT_DEPS   write: wait while a claim covers one   that claim dropped
+ *                  of our clusters (qcow2-claim.c)        (linked or failed)
+ *   RS_PLAN        handler: map clusters to host          -
+ *                  offsets, claim new clusters, start
+ *                  COW reads or the data I/O
  *   RS_COW_READ    wait for the old data a partial        I/O completion
- *                  allocation must preserve, then start
- *                  the merged head+data+tail writes
+ *                  allocation must keep, then (handler)
+ *                  start the merged head+data+tail writes
  *   RS_IO          wait for the segment's data I/O        I/O completion
- *   RS_LINK        write: point L2 entries at the new     flush ended (L2 is
- *                  clusters, release the reservations     frozen during one)
- *   RS_FUA         write with FUA, or a client flush:     flusher done
- *                  wait for a metadata flush
+ *   RS_LINK        handler (writes): point L2 entries at  flush ended (L2 is
+ *                  the new clusters, drop the claims      frozen during one)
+ *   RS_CHILDREN    wait for child requests (a v2          the last child
+ *                  write-zeroes' plain writes), also      ending
+ *                  before ending a failed request
+ *   RS_FUA         write with FUA, or a client flush:     -
+ *                  ask the flusher for a flush
+ *   RS_FUA_DONE    that flush ended                       flusher done
  *   RS_DONE        queue the completion callback          -
  *
- * Allocating writes are registered on the L2 table they will update
- * (struct alloc on the cache entry), so only writes into the same clusters
- * of the same table ever wait for each other.  The planning and I/O of read
- * and write segments live in qcow2-rw.c; write-zeroes, discard and block
- * status segments in qcow2-zero.c.
+ * A request that fails ends once none of its I/O is in flight and none of
+ * its children is running.
  */
 #include <config.h>
 

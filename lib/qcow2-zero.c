@@ -1,7 +1,7 @@
 /* lib/qcow2-zero.c: write-zeroes, discard and block status.
  *
  * These change or read only L2 entries, one L2 table (segment) at a time,
- * inside the request state machine of qcow2-request.c: the table is pinned
+ * inside the request state machine of qcow2-segment.c: the table is pinned
  * and overlapping allocations have been waited for before a segment gets
  * here.  Entries change only while no flush is writing metadata, and the
  * clusters they stop referencing lose their refcount only after the change
