@@ -281,7 +281,10 @@ grow_reftable (struct qcow2 *q, uint64_t need)
   memcpy (t, q->reftable, q->reftable_entries * 8);
   if (q->reftable_moved) {
     /* Grown twice in one run: the first new table was never published. */
-    extent_add (&q->decs, old_off, old_clusters);
+    if (extent_add (&q->decs, old_off, old_clusters) < 0)
+      qlog (q, LOG_WARNING, "out of memory: %u clusters of an unused "
+            "refcount table at 0x%llx will leak", old_clusters,
+            (unsigned long long) old_off);
   }
   else {
     q->old_reftable_offset = old_off;
@@ -310,7 +313,10 @@ note_freed (struct qcow2 *q, uint64_t off)
     l->v[l->n - 1].count++;
     return;
   }
-  extent_add (l, off, 1);      /* on failure the space is just not punched */
+  /* Not punched, not reused: the space stays in the file, nothing else. */
+  if (extent_add (l, off, 1) < 0)
+    qlog (q, LOG_WARNING, "out of memory: freed cluster 0x%llx is not "
+          "reused", (unsigned long long) off);
 }
 
 static void
@@ -353,7 +359,13 @@ start_punches (struct qcow2 *q)
    * can be handed out again.
    */
   for (size_t i = 0; i < n && !fl->err; i++)
-    extent_add (&fl->reusable, fl->freed.v[i].offset, fl->freed.v[i].count);
+    if (extent_add (&fl->reusable, fl->freed.v[i].offset,
+                    fl->freed.v[i].count) < 0) {
+      /* Those left out stay free on disk, unused until the next open. */
+      qlog (q, LOG_WARNING, "out of memory: %zu freed extents are not "
+            "reused", n - i);
+      break;
+    }
   free (fl->punch);
   fl->punch = calloc (n, sizeof *fl->punch);
   if (!fl->punch) {

@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include "qcow2-internal.h"
+#include "qcow2-testing.h"
 
 uint64_t
 refblock_get (const struct qcow2 *q, const void *block, uint64_t i)
@@ -84,6 +85,18 @@ alloc_fresh_clusters (struct qcow2 *q, uint64_t count, uint64_t *out)
   return 0;
 }
 
+/* Test hook (qcow2-testing.h): the next reuse of a freed cluster is
+ * found to overlap metadata, which no image can make happen on purpose
+ * (freed clusters are checked when they are freed, too).
+ */
+static bool overlap_next_reuse;
+
+void
+qcow2_testing_overlap_next_reuse (void)
+{
+  overlap_next_reuse = true;
+}
+
 int
 alloc_clusters (struct qcow2 *q, uint64_t count, uint64_t *out)
 {
@@ -109,6 +122,11 @@ alloc_clusters (struct qcow2 *q, uint64_t count, uint64_t *out)
      * their space is reserved again before anything is written there.
      */
     r = overlap_check (q, META_DATA, off, count << q->cluster_bits);
+    if (r == 0 && overlap_next_reuse) {
+      overlap_next_reuse = false;
+      r = signal_corruption (q, "test: freed cluster 0x%llx overlaps "
+                             "metadata", (unsigned long long) off);
+    }
     if (r == 0)
       r = space_reserve_range (q, off, count << q->cluster_bits);
     if (r == 0)

@@ -14,4 +14,10 @@ void qcow2_testing_fail_extent_add (unsigned nth);
  */
 void qcow2_testing_refuse_uring (bool refuse);
 
+/* The next allocation that reuses a freed cluster finds it overlapping
+ * metadata (as a corrupt image could make it): the image is marked
+ * corrupt and that write fails with EIO.
+ */
+void qcow2_testing_overlap_next_reuse (void);
+
 #endif /* QNBD_QCOW2_TESTING_H */
