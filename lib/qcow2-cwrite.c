@@ -233,7 +233,7 @@ cw_pack (struct qcow2 *q, const void *cdata, size_t n, uint64_t *desc)
   q->cw_cur->dirty = true;
   sectors = ((off & (SECTOR - 1)) + n + SECTOR - 1) / SECTOR;
   *desc = L2E_COMPRESSED | off | ((sectors - 1) << x);
-  return 1;
+  return 0;
 }
 
 bool

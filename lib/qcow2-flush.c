@@ -235,16 +235,19 @@ submit_op (struct qcow2 *q, enum aio_op_type type, void *buf, size_t len,
  * run in progress, not to the next one.  They come out of the space that
  * every allocation reserved for them (qcow2-space.c), so a flush never runs
  * out of space for the metadata of writes already acknowledged.  Returns 0
- * when out of memory (never a valid cluster: the header is there).
+ * with the offset in *out, or -ENOMEM.
  */
-static uint64_t
-own_alloc (struct qcow2 *q, uint64_t count)
+static int
+own_alloc (struct qcow2 *q, uint64_t count, uint64_t *out)
 {
   uint64_t off = q->alloc_end;
-  if (extent_add (&q->flusher->work, off, count) < 0)
-    return 0;
+  int r = extent_add (&q->flusher->work, off, count);
+
+  if (r < 0)
+    return r;
   space_consume (q, count);
-  return off;
+  *out = off;
+  return 0;
 }
 
 /* Replace the refcount table (in memory) by one that can index block
@@ -273,8 +276,7 @@ grow_reftable (struct qcow2 *q, uint64_t need)
   t = aligned_alloc_zero (clusters * cs);
   if (!t)
     return -ENOMEM;
-  off = own_alloc (q, clusters);
-  if (!off) {
+  if (own_alloc (q, clusters, &off) < 0) {
     free (t);
     return -ENOMEM;
   }
@@ -487,8 +489,7 @@ apply_work (struct qcow2 *q)
       r = cache_get_empty (&q->rbc, &fl->req, &e);
       if (r != CACHE_READY)
         return r < 0 ? r : 0;
-      rboff = own_alloc (q, 1);
-      if (!rboff) {
+      if (own_alloc (q, 1, &rboff) < 0) {
         cache_set_offset (e, 0);
         cache_put (e);
         return -ENOMEM;

@@ -1,5 +1,23 @@
 /* lib/qcow2-internal.h: what the engine's files share.  One section per .c
- * file lists what that file offers the others.
+ * file lists what that file offers the others; docs/architecture.md says
+ * which file may call which (the layers).
+ *
+ * How functions report failure, one convention per kind of result:
+ *  - Anything that can fail returns int: 0 on success, -errno on failure.
+ *    What it produces goes through out-parameters (host offsets, entries,
+ *    descriptors), never as a special value of the result.
+ *  - A call that may park a request on a wait list returns int:
+ *    CACHE_READY (0) when done, CACHE_WAIT (1) when the request was parked
+ *    and will be woken to call again, or -errno.
+ *  - A step of a request's state machine (seg_*, struct seg_ops) returns
+ *    bool: true to go on at once, false when parked or waiting for I/O.
+ *    Its failure is recorded in req->err (the first error wins), which the
+ *    engine turns into the end of the request.
+ *  - A constructor returns the new object, or NULL with -errno in *err.
+ *  - A bool predicate cannot fail; a void function cannot fail, or says in
+ *    its comment where its failure goes (req->err, a flusher's error).
+ *  - Failure is logged once, where it is first understood (qlog, with the
+ *    path and the cause), and then only passed up.
  */
 #ifndef QNBD_QCOW2_INTERNAL_H
 #define QNBD_QCOW2_INTERNAL_H
@@ -590,7 +608,7 @@ int refcount_rebuild (struct qcow2 *q, char *err, size_t errlen);
  */
 size_t cw_compress (const struct qcow2 *q, const void *in, void *out);
 /* Pack n bytes of compressed cluster into the cache (loop thread).
- * Returns 1 with the L2 descriptor in *desc, or -errno.
+ * Returns 0 with the L2 descriptor in *desc, or -errno.
  */
 int cw_pack (struct qcow2 *q, const void *cdata, size_t n, uint64_t *desc);
 /* Copy [start, start+len) from the cache if it is there. */

@@ -119,8 +119,8 @@ seg_next (struct qcow2_req *req)
 }
 
 /* Allocate a fresh L2 table, optionally a copy of old, and hook it into L1.
- * Returns 1 with req->l2 (its slice number slice) pinned, 0 when blocked,
- * or -errno.  The other slices of a new table are not cached: the cluster
+ * Returns CACHE_READY with req->l2 (its slice number slice) pinned,
+ * CACHE_WAIT when parked, or -errno.  The other slices of a new table are not cached: the cluster
  * comes from past everything the file ever held, so they read as zeros.
  * A copy (old) is only made of whole tables: images that may need one are
  * never sliced (qcow2-open.c).
@@ -136,14 +136,14 @@ new_l2_table (struct qcow2_req *req, uint64_t l1i, uint64_t slice,
 
   if (flush_active (q)) {
     flush_barrier_wait (q, req);
-    return 0;
+    return CACHE_WAIT;
   }
   r = overlap_l2_reserve (q);
   if (r < 0)
     return r;
   r = cache_get_empty (&q->l2c, req, &e);
   if (r != CACHE_READY)
-    return r < 0 ? r : 0;
+    return r;
   r = alloc_fresh_clusters (q, 1, &off);
   if (r < 0) {
     cache_set_offset (e, 0);
@@ -163,7 +163,7 @@ new_l2_table (struct qcow2_req *req, uint64_t l1i, uint64_t slice,
   if ((int64_t) l1i > q->l1_dirty_hi)
     q->l1_dirty_hi = (int64_t) l1i;
   req->l2 = e;
-  return 1;
+  return CACHE_READY;
 }
 
 bool
@@ -204,7 +204,7 @@ seg_get_l2 (struct qcow2_req *req)
       return true;
     }
     r = new_l2_table (req, l1i, slice, NULL);
-    if (r <= 0)
+    if (r != CACHE_READY)
       goto out;
     req->state = RS_WAIT_DEPS;
     return true;
@@ -221,7 +221,7 @@ seg_get_l2 (struct qcow2_req *req)
     /* The table is shared with a snapshot: never modify it in place. */
     r = new_l2_table (req, l1i, slice, e);
     cache_put (e);
-    if (r <= 0)
+    if (r != CACHE_READY)
       goto out;
     req->state = RS_WAIT_DEPS;
     return true;
