@@ -61,8 +61,14 @@ void
 cache_free (struct cache *c)
 {
   if (c->e)
-    for (unsigned i = 0; i < c->n; i++)
+    for (unsigned i = 0; i < c->n; i++) {
+      /* Freed at close, after every request ended: nothing holds an
+       * entry, waits on one or has a claim on one.
+       */
+      assert (c->e[i].ref == 0 && !c->e[i].allocs
+              && !c->e[i].waiters.head);
       free (c->e[i].buf);
+    }
   free (c->e);
   free (c->buckets);
   c->e = NULL;

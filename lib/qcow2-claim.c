@@ -26,8 +26,9 @@ alloc_release (struct qcow2 *q, struct cache_entry *e, struct alloc *a)
   struct alloc **p = &e->allocs;
   while (*p && *p != a)
     p = &(*p)->next;
-  if (*p)
-    *p = a->next;
+  /* Only a claim made with alloc_hold on this entry is dropped, once. */
+  assert (*p == a);
+  *p = a->next;
   waitq_wake_all (q, &a->waiters);
 }
 
