@@ -104,19 +104,6 @@ hash_insert (struct cache *c, struct cache_entry *e)
   c->buckets[b] = (int) (e - c->e);
 }
 
-struct cache_entry *
-cache_lookup (struct cache *c, uint64_t offset)
-{
-  struct cache_entry *e = find (c, offset);
-  return e && !e->loading ? e : NULL;
-}
-
-void
-cache_pin (struct cache_entry *e)
-{
-  e->ref++;
-}
-
 void
 cache_put (struct cache_entry *e)
 {

@@ -185,7 +185,7 @@ chain_step (struct qcow2 *top, bool deliver)
 }
 
 bool
-req_chain_has_work (const struct qcow2 *q)
+engine_has_work (const struct qcow2 *q)
 {
   for (const struct qcow2 *b = q->top; b; b = b->backing)
     if (b->runnable.head || b->completed.head)
@@ -193,15 +193,37 @@ req_chain_has_work (const struct qcow2 *q)
   return false;
 }
 
-void
-req_run_all (struct qcow2 *q)
+/* Advance runnable requests and deliver completions until nothing moves
+ * or RUN_BUDGET steps are done; then kick the eventfd if work is left.
+ */
+static void
+run_all (struct qcow2 *q)
 {
   struct qcow2 *top = q->top;
 
   top->run_budget = RUN_BUDGET;
   while (chain_step (top, true))
     ;
-  if (req_chain_has_work (top))
+  if (engine_has_work (top))
+    aio_kick_once (top->aio);
+}
+
+/* Advance whatever became runnable, but keep completions for the loop. */
+static void
+run_pending (struct qcow2 *q)
+{
+  struct qcow2 *top = q->top;
+
+  /* Inside qcow2_process (a callback submitting more), the outer loop
+   * runs what became ready, within its budget.
+   */
+  if (top->in_process)
+    return;
+  top->run_budget = RUN_BUDGET;
+  while (chain_step (top, false))
+    ;
+  aio_commit (top->aio);
+  if (engine_has_work (top))
     aio_kick_once (top->aio);
 }
 
@@ -210,7 +232,7 @@ req_start (struct qcow2_req *req)
 {
   req->q->in_flight++;
   req_run (req);
-  req_run_all_pending (req->q);
+  run_pending (req->q);
 }
 
 static int
@@ -227,25 +249,6 @@ submit (struct qcow2 *q, enum req_type type, uint64_t offset, void *buf,
    */
   req_start (req);
   return 0;
-}
-
-/* Advance whatever became runnable, but keep completions for the loop. */
-void
-req_run_all_pending (struct qcow2 *q)
-{
-  struct qcow2 *top = q->top;
-
-  /* Inside qcow2_process (a callback submitting more), the outer loop
-   * runs what became ready, within its budget.
-   */
-  if (top->in_process)
-    return;
-  top->run_budget = RUN_BUDGET;
-  while (chain_step (top, false))
-    ;
-  aio_commit (top->aio);
-  if (req_chain_has_work (top))
-    aio_kick_once (top->aio);
 }
 
 int
@@ -320,7 +323,7 @@ qcow2_process (struct qcow2 *q)
   assert (!top->in_process);
   top->in_process = true;
   aio_reap (q->aio);
-  req_run_all (q);
+  run_all (q);
   aio_commit (q->aio);
   top->in_process = false;
 }

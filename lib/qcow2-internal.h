@@ -227,9 +227,6 @@ int cache_get_empty (struct cache *c, struct qcow2_req *req,
                      struct cache_entry **out);
 /* Place e at offset (0: give the slot back unused). */
 void cache_set_offset (struct cache_entry *e, uint64_t offset);
-/* The entry if cached and loaded, else NULL (no pin taken). */
-struct cache_entry *cache_lookup (struct cache *c, uint64_t offset);
-void cache_pin (struct cache_entry *e);
 void cache_put (struct cache_entry *e);
 void cache_mark_dirty (struct cache_entry *e);
 /* Start writing back every dirty entry for the flusher; each finished
@@ -677,16 +674,10 @@ int image_lock (struct qcow2 *q, int fd, enum image_lock_mode mode,
 
 /* ---- qcow2-engine.c: entry points and the request loop ---- */
 
-/* Advance runnable requests and deliver completions until nothing moves
- * or RUN_BUDGET steps are done; then kick the eventfd if work is left.
- */
-void req_run_all (struct qcow2 *q);
 /* Whether a request of q's chain is runnable or has a callback to run
- * (qcow2_process stops with work left when its budget is spent).
+ * (close drains until none has).
  */
-bool req_chain_has_work (const struct qcow2 *q);
-/* Advance runnable requests but leave completions for qcow2_process. */
-void req_run_all_pending (struct qcow2 *q);
+bool engine_has_work (const struct qcow2 *q);
 
 /* ---- qcow2-raw.c: raw images ---- */
 

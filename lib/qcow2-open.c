@@ -552,7 +552,7 @@ drain (struct qcow2 *q, const int *flag)
     qcow2_process (q);
     if (flag ? *flag != 1 : q->in_flight == 0)
       return;
-    if (q->aio->pending == 0 && !req_chain_has_work (q)) {
+    if (q->aio->pending == 0 && !engine_has_work (q)) {
       qlog (q, LOG_ERR, "%u requests stuck at close", q->in_flight);
       return;
     }
