@@ -1,27 +1,49 @@
 /* lib/qcow2-flush.c: ordered metadata write-back (the flusher).
  *
  * This file is the one place that knows the order that keeps an image
- * consistent after a crash (DESIGN.md, "Ordering").  A flush run:
+ * consistent after a crash (DESIGN.md, "Ordering").  A flush run goes
+ * through these states, one step function each, which flush_step
+ * dispatches.  A state that started writes or syncs is followed by the next
+ * only once all of them completed (flush_note_io and punch_done wake the
+ * run); what else resumes a state is in [brackets].
  *
- *   FL_CW        write the cluster of packed compressed data, and wait for
- *                full ones still being written
- *   FL_INCS      apply the refcount increments owed by allocations made
- *                before the run (creating refcount blocks and growing the
- *                refcount table in memory as needed)
- *   FL_RB        write dirty refcount blocks
- *   FL_SYNC_RB   fdatasync: data and refcounts durable before anything
- *                points at them
- *   FL_REFTABLE  new or changed refcount table, fdatasync, then the header
- *                fields that point at a moved table, fdatasync
- *   FL_L2        write dirty L2 tables
- *   FL_SYNC_L2   fdatasync: L2 tables durable before L1 points at them
- *   FL_L1        write the dirty part of L1
- *   FL_SYNC      fdatasync: the point every waiting flush is satisfied
- *   FL_DECS      only now drop the refcounts of clusters that L2/L1 no longer
- *                reference, write those blocks, fdatasync
- *   FL_PUNCH     punch the clusters whose refcount reached zero out of the
- *                file (their space goes back to the file system)
- *   FL_DONE      wake everyone; start the next run if flushes queued up
+ *   FL_IDLE          no run  [flush_wait starts one]
+ *   FL_START         take the refcount increments owed by allocations made
+ *                    before the run (not while lazy) and retire the packing
+ *                    buffers; with no metadata to write, on to FL_SYNC
+ *                    [flush_wait, or a run ending with flushes queued]
+ *   FL_CW            write the cluster of packed compressed data
+ *   FL_CW_WAIT       wait for full ones still being written
+ *                    [their completion, through q->cw_waiters]
+ *   FL_INCS          apply the increments (creating refcount blocks and
+ *                    growing the refcount table in memory as needed)
+ *                    [a refcount block loaded into the cache]
+ *   FL_RB            write dirty refcount blocks
+ *   FL_SYNC_RB       fdatasync: data and refcounts durable before anything
+ *                    points at them
+ *   FL_REFTABLE      write a new or changed refcount table (else on to FL_L2)
+ *   FL_REFTABLE_SYNC fdatasync; on to FL_L2 unless the table moved
+ *   FL_HEADER        write the header fields that point at the moved table
+ *   FL_HEADER_SYNC   fdatasync; then the old table is owed its decrements
+ *   FL_L2            write dirty L2 tables
+ *   FL_SYNC_L2       fdatasync (if L1 changed): L2 tables durable before L1
+ *                    points at them
+ *   FL_L1            write the dirty part of L1
+ *   FL_SYNC          fdatasync: the point every waiting flush is satisfied
+ *   FL_DECS          only now take the decrements owed for clusters that
+ *                    L2/L1 no longer reference (not while lazy)
+ *   FL_DECS_APPLY    apply them, noting the clusters that reach zero
+ *                    [a refcount block loaded into the cache]
+ *   FL_DECS_RB       write those refcount blocks
+ *   FL_DECS_SYNC     fdatasync
+ *   FL_PUNCH         punch the clusters whose refcount reached zero out of
+ *                    the file (their space goes back to the file system)
+ *   FL_DONE          hand those clusters to the allocator, wake everyone;
+ *                    start the next run if flushes queued up
+ *
+ * An error in any state ends the run at FL_DONE, which fails the flushes
+ * it was to satisfy; what the run took but did not write is kept for the
+ * next one.
  *
  * While a run is active, L1 and L2 entries must not change (requests wait
  * on the barrier list to link), so what is written is exactly what the
@@ -620,12 +642,367 @@ patch_header_reftable (struct qcow2 *q)
   put_be32 (h + HDR_REFTABLE_CLUSTERS, q->reftable_clusters);
 }
 
+/* The steps of a run, one per state (the table at the top of the file).
+ * Each runs its state and sets the next; it returns true to go on at once
+ * and false when the run is blocked (on something that wakes fl->req) or
+ * idle.  An error is recorded in fl->err and the step returns true: the
+ * dispatcher then ends the run.
+ */
+
+static bool
+step_idle (struct qcow2 *q)
+{
+  struct flusher *fl = q->flusher;
+  /* Every flush that waited was woken or failed by the last run. */
+  assert (!fl->cur.head && !fl->next.head);
+  return false;
+}
+
+static bool
+step_start (struct qcow2 *q)
+{
+  struct flusher *fl = q->flusher;
+
+  if (!fl->cur.head) {
+    fl->state = FL_IDLE;
+    return false;
+  }
+  fl->active = true;
+  fl->err = 0;
+  fl->decrement = false;
+  /* Lazy refcounts: with the dirty bit set, refcounts wait for close
+   * (a crash is repaired at the next open).
+   */
+  if ((!q->lazy || fl->full)
+      && take_work (fl, &q->incs, &fl->carry_incs) < 0) {
+    /* Nothing was taken: the run fails, the changes stay owed. */
+    fl->meta = false;
+    fl->err = -ENOMEM;
+    fl->state = FL_DONE;
+    return true;
+  }
+  /* After the swap: the increments of these buffers' clusters were
+   * recorded before, so they are applied before these decrements.
+   */
+  cw_retire (q);
+  fl->meta = fl->work.n || cache_has_dirty (&q->rbc)
+    || cache_has_dirty (&q->l2c) || l1_dirty (q) || q->reftable_dirty
+    || q->reftable_moved
+    || ((q->decs.n || fl->carry_decs.n) && (!q->lazy || fl->full));
+  fl->state = fl->meta ? FL_CW : FL_SYNC;
+  return true;
+}
+
+static bool
+step_cw (struct qcow2 *q)
+{
+  struct flusher *fl = q->flusher;
+  /* Compressed data linked from L2 must be on disk before the sync
+   * that precedes the L2 writes.
+   */
+  int r = cw_flush_start (q);
+
+  if (r < 0) {
+    fl->err = r;
+    return true;
+  }
+  fl->outstanding += (unsigned) r;
+  fl->state = FL_CW_WAIT;
+  return true;
+}
+
+static bool
+step_cw_wait (struct qcow2 *q)
+{
+  struct flusher *fl = q->flusher;
+
+  if (q->cw_inflight) {
+    waitq_push (&q->cw_waiters, &fl->req);
+    return false;
+  }
+  fl->state = FL_INCS;
+  return true;
+}
+
+/* FL_INCS and FL_DECS_APPLY: apply fl->work, then go to next. */
+static bool
+step_apply (struct qcow2 *q, enum fl_state next)
+{
+  struct flusher *fl = q->flusher;
+  int r = apply_work (q);
+
+  if (r == 0)
+    return false;               /* woken when the block is loaded */
+  if (r < 0) {
+    fl->err = r;
+    return true;
+  }
+  fl->state = next;
+  return true;
+}
+
+static bool
+step_incs (struct qcow2 *q)
+{
+  assert (!q->flusher->decrement);
+  return step_apply (q, FL_RB);
+}
+
+static bool
+step_rb (struct qcow2 *q)
+{
+  struct flusher *fl = q->flusher;
+  fl->outstanding += cache_write_dirty (&q->rbc);
+  fl->state = FL_SYNC_RB;
+  return true;
+}
+
+static bool
+step_sync_rb (struct qcow2 *q)
+{
+  submit_op (q, AIO_FSYNC, NULL, 0, 0);
+  q->flusher->state = FL_REFTABLE;
+  return true;
+}
+
+static bool
+step_reftable (struct qcow2 *q)
+{
+  struct flusher *fl = q->flusher;
+  int r;
+
+  if (!q->reftable_moved && !q->reftable_dirty) {
+    fl->state = FL_L2;
+    return true;
+  }
+  r = overlap_check (q, META_REFTABLE, q->reftable_offset,
+                     (uint64_t) q->reftable_clusters << q->cluster_bits);
+  if (r < 0) {
+    fl->err = r;
+    return true;
+  }
+  q->reftable_dirty = false;
+  fl->reftable_pending = true;
+  submit_op (q, AIO_WRITE, q->reftable,
+             (size_t) q->reftable_clusters << q->cluster_bits,
+             q->reftable_offset);
+  fl->state = FL_REFTABLE_SYNC;
+  return true;
+}
+
+static bool
+step_reftable_sync (struct qcow2 *q)
+{
+  struct flusher *fl = q->flusher;
+  assert (fl->reftable_pending);
+  submit_op (q, AIO_FSYNC, NULL, 0, 0);
+  fl->state = q->reftable_moved ? FL_HEADER : FL_L2;
+  return true;
+}
+
+static bool
+step_header (struct qcow2 *q)
+{
+  assert (q->reftable_moved);
+  patch_header_reftable (q);
+  submit_op (q, AIO_WRITE, q->header_sector, SECTOR, 0);
+  q->flusher->state = FL_HEADER_SYNC;
+  return true;
+}
+
+static bool
+step_header_sync (struct qcow2 *q)
+{
+  submit_op (q, AIO_FSYNC, NULL, 0, 0);
+  /* The old table is unreferenced once the header is durable. */
+  extent_add (&q->decs, q->old_reftable_offset, q->old_reftable_clusters);
+  q->reftable_moved = false;
+  q->flusher->state = FL_L2;
+  return true;
+}
+
+static bool
+step_l2 (struct qcow2 *q)
+{
+  struct flusher *fl = q->flusher;
+  fl->reftable_pending = false;
+  fl->outstanding += cache_write_dirty (&q->l2c);
+  fl->state = FL_SYNC_L2;
+  return true;
+}
+
+static bool
+step_sync_l2 (struct qcow2 *q)
+{
+  if (l1_dirty (q))
+    submit_op (q, AIO_FSYNC, NULL, 0, 0);
+  q->flusher->state = FL_L1;
+  return true;
+}
+
+static bool
+step_l1 (struct qcow2 *q)
+{
+  struct flusher *fl = q->flusher;
+
+  assert (fl->l1_lo < 0);
+  if (l1_dirty (q)) {
+    uint64_t lo = ((uint64_t) q->l1_dirty_lo * 8) & ~(uint64_t) (SECTOR - 1);
+    uint64_t hi = round_up (((uint64_t) q->l1_dirty_hi + 1) * 8, SECTOR);
+    int r = overlap_check (q, META_L1, q->l1_offset + lo, hi - lo);
+    if (r < 0) {
+      fl->err = r;
+      return true;
+    }
+    fl->l1_lo = q->l1_dirty_lo;
+    fl->l1_hi = q->l1_dirty_hi;
+    q->l1_dirty_lo = q->l1_dirty_hi = -1;
+    submit_op (q, AIO_WRITE, (char *) q->l1 + lo, hi - lo,
+               q->l1_offset + lo);
+  }
+  fl->state = FL_SYNC;
+  return true;
+}
+
+static bool
+step_sync (struct qcow2 *q)
+{
+  /* Written by FL_L1, or clean when the run began: L1 is frozen. */
+  assert (!l1_dirty (q));
+  submit_op (q, AIO_FSYNC, NULL, 0, 0);
+  q->flusher->state = FL_DECS;
+  return true;
+}
+
+static bool
+step_decs (struct qcow2 *q)
+{
+  struct flusher *fl = q->flusher;
+
+  assert (!l1_dirty (q));
+  fl->l1_lo = fl->l1_hi = -1;
+  if ((!q->decs.n && !fl->carry_decs.n) || (q->lazy && !fl->full)) {
+    fl->state = FL_DONE;
+    return true;
+  }
+  if (take_work (fl, &q->decs, &fl->carry_decs) < 0) {
+    fl->err = -ENOMEM;
+    return true;
+  }
+  fl->decrement = true;
+  fl->state = FL_DECS_APPLY;
+  return true;
+}
+
+static bool
+step_decs_apply (struct qcow2 *q)
+{
+  assert (q->flusher->decrement);
+  return step_apply (q, FL_DECS_RB);
+}
+
+static bool
+step_decs_rb (struct qcow2 *q)
+{
+  struct flusher *fl = q->flusher;
+  fl->outstanding += cache_write_dirty (&q->rbc);
+  fl->state = FL_DECS_SYNC;
+  return true;
+}
+
+static bool
+step_decs_sync (struct qcow2 *q)
+{
+  struct flusher *fl = q->flusher;
+  submit_op (q, AIO_FSYNC, NULL, 0, 0);
+  fl->decrement = false;
+  fl->state = FL_PUNCH;
+  return true;
+}
+
+static bool
+step_punch (struct qcow2 *q)
+{
+  start_punches (q);
+  q->flusher->state = FL_DONE;
+  return true;
+}
+
+static bool
+step_done (struct qcow2 *q)
+{
+  struct flusher *fl = q->flusher;
+
+  make_reusable (q);
+  fl->active = false;
+  waitq_wake_all (q, &fl->barrier);
+  if (fl->err)
+    waitq_fail_all (q, &fl->cur, fl->err);
+  else
+    waitq_wake_all (q, &fl->cur);
+  fl->err = 0;
+  if (fl->next.head) {
+    /* Queue behind the barrier waiters so they link first. */
+    fl->cur = fl->next;
+    fl->next.head = fl->next.tail = NULL;
+    fl->state = FL_START;
+    req_wake (&fl->req);
+  }
+  else
+    fl->state = FL_IDLE;
+  return false;
+}
+
+static bool (*const steps[]) (struct qcow2 *) = {
+  [FL_IDLE] = step_idle,
+  [FL_START] = step_start,
+  [FL_CW] = step_cw,
+  [FL_CW_WAIT] = step_cw_wait,
+  [FL_INCS] = step_incs,
+  [FL_RB] = step_rb,
+  [FL_SYNC_RB] = step_sync_rb,
+  [FL_REFTABLE] = step_reftable,
+  [FL_REFTABLE_SYNC] = step_reftable_sync,
+  [FL_HEADER] = step_header,
+  [FL_HEADER_SYNC] = step_header_sync,
+  [FL_L2] = step_l2,
+  [FL_SYNC_L2] = step_sync_l2,
+  [FL_L1] = step_l1,
+  [FL_SYNC] = step_sync,
+  [FL_DECS] = step_decs,
+  [FL_DECS_APPLY] = step_decs_apply,
+  [FL_DECS_RB] = step_decs_rb,
+  [FL_DECS_SYNC] = step_decs_sync,
+  [FL_PUNCH] = step_punch,
+  [FL_DONE] = step_done,
+};
+
+/* End a run that failed: what it took but did not write goes back to be
+ * written by a later run.
+ */
+static void
+fail_run (struct qcow2 *q)
+{
+  struct flusher *fl = q->flusher;
+
+  if (fl->work.n)
+    requeue_work (q);
+  if (fl->l1_lo >= 0) {
+    if (q->l1_dirty_lo < 0 || fl->l1_lo < q->l1_dirty_lo)
+      q->l1_dirty_lo = fl->l1_lo;
+    if (fl->l1_hi > q->l1_dirty_hi)
+      q->l1_dirty_hi = fl->l1_hi;
+  }
+  if (fl->reftable_pending)
+    q->reftable_dirty = true;
+  fl->state = FL_DONE;
+}
+
 /* One step of a run: returns when blocked or idle. */
 void
 flush_step (struct qcow2 *q)
 {
   struct flusher *fl = q->flusher;
-  int r;
 
   for (;;) {
     if (fl->outstanding) {
@@ -638,234 +1015,16 @@ flush_step (struct qcow2 *q)
         fl->err = fl->req.err;
       fl->req.err = 0;
     }
-    if (fl->err && fl->state != FL_DONE && fl->state != FL_IDLE) {
-      if (fl->work.n)
-        requeue_work (q);
-      /* What failed to reach the disk must be written by a later run. */
-      if (fl->l1_lo >= 0) {
-        if (q->l1_dirty_lo < 0 || fl->l1_lo < q->l1_dirty_lo)
-          q->l1_dirty_lo = fl->l1_lo;
-        if (fl->l1_hi > q->l1_dirty_hi)
-          q->l1_dirty_hi = fl->l1_hi;
-      }
-      if (fl->reftable_pending)
-        q->reftable_dirty = true;
-      fl->state = FL_DONE;
-    }
+    if (fl->err && fl->state != FL_DONE && fl->state != FL_IDLE)
+      fail_run (q);
     if (fl->state == FL_DONE || fl->state == FL_IDLE) {
       fl->l1_lo = fl->l1_hi = -1;
       fl->reftable_pending = false;
     }
-
-    switch (fl->state) {
-    case FL_IDLE:
+    /* L1 and L2 are frozen from the start of a run to its end. */
+    assert (fl->active == (fl->state != FL_IDLE && fl->state != FL_START));
+    assert ((size_t) fl->state < sizeof steps / sizeof *steps);
+    if (!steps[fl->state] (q))
       return;
-
-    case FL_START:
-      if (!fl->cur.head) {
-        fl->state = FL_IDLE;
-        return;
-      }
-      fl->active = true;
-      fl->err = 0;
-      fl->decrement = false;
-      /* Lazy refcounts: with the dirty bit set, refcounts wait for close
-       * (a crash is repaired at the next open).
-       */
-      if ((!q->lazy || fl->full)
-          && take_work (fl, &q->incs, &fl->carry_incs) < 0) {
-        /* Nothing was taken: the run fails, the changes stay owed. */
-        fl->meta = false;
-        fl->err = -ENOMEM;
-        fl->state = FL_DONE;
-        break;
-      }
-      /* After the swap: the increments of these buffers' clusters were
-       * recorded before, so they are applied before these decrements.
-       */
-      cw_retire (q);
-      fl->meta = fl->work.n || cache_has_dirty (&q->rbc)
-        || cache_has_dirty (&q->l2c) || l1_dirty (q) || q->reftable_dirty
-        || q->reftable_moved
-        || ((q->decs.n || fl->carry_decs.n) && (!q->lazy || fl->full));
-      fl->state = fl->meta ? FL_CW : FL_SYNC;
-      break;
-
-    case FL_CW:
-      /* Compressed data linked from L2 must be on disk before the sync
-       * that precedes the L2 writes.
-       */
-      r = cw_flush_start (q);
-      if (r < 0) {
-        fl->err = r;
-        break;
-      }
-      fl->outstanding += (unsigned) r;
-      fl->state = FL_CW_WAIT;
-      break;
-
-    case FL_CW_WAIT:
-      if (q->cw_inflight) {
-        waitq_push (&q->cw_waiters, &fl->req);
-        return;
-      }
-      fl->state = FL_INCS;
-      break;
-
-    case FL_INCS:
-      r = apply_work (q);
-      if (r == 0)
-        return;                 /* woken when the block is loaded */
-      if (r < 0) {
-        fl->err = r;
-        break;
-      }
-      fl->state = FL_RB;
-      break;
-
-    case FL_RB:
-      fl->outstanding += cache_write_dirty (&q->rbc);
-      fl->state = FL_SYNC_RB;
-      break;
-
-    case FL_SYNC_RB:
-      submit_op (q, AIO_FSYNC, NULL, 0, 0);
-      fl->state = FL_REFTABLE;
-      break;
-
-    case FL_REFTABLE:
-      if (q->reftable_moved || q->reftable_dirty) {
-        r = overlap_check (q, META_REFTABLE, q->reftable_offset,
-                           (uint64_t) q->reftable_clusters << q->cluster_bits);
-        if (r < 0) {
-          fl->err = r;
-          break;
-        }
-        q->reftable_dirty = false;
-        fl->reftable_pending = true;
-        submit_op (q, AIO_WRITE, q->reftable,
-                   (size_t) q->reftable_clusters << q->cluster_bits,
-                   q->reftable_offset);
-        fl->state = FL_REFTABLE_SYNC;
-      }
-      else
-        fl->state = FL_L2;
-      break;
-
-    case FL_REFTABLE_SYNC:
-      submit_op (q, AIO_FSYNC, NULL, 0, 0);
-      fl->state = q->reftable_moved ? FL_HEADER : FL_L2;
-      break;
-
-    case FL_HEADER:
-      patch_header_reftable (q);
-      submit_op (q, AIO_WRITE, q->header_sector, SECTOR, 0);
-      fl->state = FL_HEADER_SYNC;
-      break;
-
-    case FL_HEADER_SYNC:
-      submit_op (q, AIO_FSYNC, NULL, 0, 0);
-      /* The old table is unreferenced once the header is durable. */
-      extent_add (&q->decs, q->old_reftable_offset, q->old_reftable_clusters);
-      q->reftable_moved = false;
-      fl->state = FL_L2;
-      break;
-
-    case FL_L2:
-      fl->reftable_pending = false;
-      fl->outstanding += cache_write_dirty (&q->l2c);
-      fl->state = FL_SYNC_L2;
-      break;
-
-    case FL_SYNC_L2:
-      if (l1_dirty (q))
-        submit_op (q, AIO_FSYNC, NULL, 0, 0);
-      fl->state = FL_L1;
-      break;
-
-    case FL_L1:
-      if (l1_dirty (q)) {
-        uint64_t lo = ((uint64_t) q->l1_dirty_lo * 8) & ~(uint64_t) (SECTOR - 1);
-        uint64_t hi = round_up (((uint64_t) q->l1_dirty_hi + 1) * 8, SECTOR);
-        r = overlap_check (q, META_L1, q->l1_offset + lo, hi - lo);
-        if (r < 0) {
-          fl->err = r;
-          break;
-        }
-        fl->l1_lo = q->l1_dirty_lo;
-        fl->l1_hi = q->l1_dirty_hi;
-        q->l1_dirty_lo = q->l1_dirty_hi = -1;
-        submit_op (q, AIO_WRITE, (char *) q->l1 + lo, hi - lo,
-                   q->l1_offset + lo);
-      }
-      fl->state = FL_SYNC;
-      break;
-
-    case FL_SYNC:
-      submit_op (q, AIO_FSYNC, NULL, 0, 0);
-      fl->state = FL_DECS;
-      break;
-
-    case FL_DECS:
-      fl->l1_lo = fl->l1_hi = -1;
-      if ((!q->decs.n && !fl->carry_decs.n) || (q->lazy && !fl->full)) {
-        fl->state = FL_DONE;
-        break;
-      }
-      if (take_work (fl, &q->decs, &fl->carry_decs) < 0) {
-        fl->err = -ENOMEM;
-        break;
-      }
-      fl->decrement = true;
-      fl->state = FL_DECS_APPLY;
-      break;
-
-    case FL_DECS_APPLY:
-      r = apply_work (q);
-      if (r == 0)
-        return;
-      if (r < 0) {
-        fl->err = r;
-        break;
-      }
-      fl->state = FL_DECS_RB;
-      break;
-
-    case FL_DECS_RB:
-      fl->outstanding += cache_write_dirty (&q->rbc);
-      fl->state = FL_DECS_SYNC;
-      break;
-
-    case FL_DECS_SYNC:
-      submit_op (q, AIO_FSYNC, NULL, 0, 0);
-      fl->decrement = false;
-      fl->state = FL_PUNCH;
-      break;
-
-    case FL_PUNCH:
-      start_punches (q);
-      fl->state = FL_DONE;
-      break;
-
-    case FL_DONE:
-      make_reusable (q);
-      fl->active = false;
-      waitq_wake_all (q, &fl->barrier);
-      if (fl->err)
-        waitq_fail_all (q, &fl->cur, fl->err);
-      else
-        waitq_wake_all (q, &fl->cur);
-      fl->err = 0;
-      if (fl->next.head) {
-        /* Queue behind the barrier waiters so they link first. */
-        fl->cur = fl->next;
-        fl->next.head = fl->next.tail = NULL;
-        fl->state = FL_START;
-        req_wake (&fl->req);
-      }
-      else
-        fl->state = FL_IDLE;
-      return;
-    }
   }
 }

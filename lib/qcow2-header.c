@@ -97,14 +97,11 @@ l1_in_file (const char *what, const uint64_t *l1, uint32_t n,
   return 0;
 }
 
-int
-header_parse (struct qcow2 *q, const void *vbuf, size_t len,
-              uint64_t file_size, char *err, size_t errlen)
+/* The fixed fields of the header, version 2 or 3. */
+static int
+parse_fields (struct qcow2 *q, const uint8_t *b, size_t len, char *err,
+              size_t errlen)
 {
-  const uint8_t *b = vbuf;
-  uint64_t cs, l1_bytes, l1_need, coverage, reft_bytes;
-  size_t ext_start, p;
-
   if (len < QCOW2_V2_HEADER_LEN)
     return fail (err, errlen, -EINVAL, "file is too short to be a qcow2 image");
   if (get_be32 (b + HDR_MAGIC) != QCOW2_MAGIC)
@@ -132,35 +129,42 @@ header_parse (struct qcow2 *q, const void *vbuf, size_t len,
       || q->cluster_bits > QCOW2_MAX_CLUSTER_BITS)
     return fail (err, errlen, -EINVAL, "invalid cluster_bits %" PRIu32
                  " (must be 9 to 21)", q->cluster_bits);
-  cs = q->cluster_size = 1u << q->cluster_bits;
+  q->cluster_size = 1u << q->cluster_bits;
 
   if (q->version == 2) {
     q->incompat = q->compat = q->autoclear = 0;
     q->refcount_order = 4;
     q->header_length = QCOW2_V2_HEADER_LEN;
+    return 0;
   }
-  else {
-    if (len < QCOW2_V3_HEADER_LEN)
-      return fail (err, errlen, -EINVAL, "version 3 header is truncated");
-    q->incompat = get_be64 (b + HDR_INCOMPAT);
-    q->compat = get_be64 (b + HDR_COMPAT);
-    q->autoclear = get_be64 (b + HDR_AUTOCLEAR);
-    q->refcount_order = get_be32 (b + HDR_REFCOUNT_ORDER);
-    q->header_length = get_be32 (b + HDR_HEADER_LENGTH);
-    if (q->header_length < QCOW2_V3_HEADER_LEN || q->header_length % 8
-        || q->header_length > cs || q->header_length > len)
-      return fail (err, errlen, -EINVAL, "invalid header_length %" PRIu32,
-                   q->header_length);
-    if (q->refcount_order > 6)
-      return fail (err, errlen, -EINVAL, "invalid refcount_order %" PRIu32,
-                   q->refcount_order);
-  }
-  ext_start = q->header_length;
+  if (len < QCOW2_V3_HEADER_LEN)
+    return fail (err, errlen, -EINVAL, "version 3 header is truncated");
+  q->incompat = get_be64 (b + HDR_INCOMPAT);
+  q->compat = get_be64 (b + HDR_COMPAT);
+  q->autoclear = get_be64 (b + HDR_AUTOCLEAR);
+  q->refcount_order = get_be32 (b + HDR_REFCOUNT_ORDER);
+  q->header_length = get_be32 (b + HDR_HEADER_LENGTH);
+  if (q->header_length < QCOW2_V3_HEADER_LEN || q->header_length % 8
+      || q->header_length > q->cluster_size || q->header_length > len)
+    return fail (err, errlen, -EINVAL, "invalid header_length %" PRIu32,
+                 q->header_length);
+  if (q->refcount_order > 6)
+    return fail (err, errlen, -EINVAL, "invalid refcount_order %" PRIu32,
+                 q->refcount_order);
+  return 0;
+}
 
+/* The feature bits and what they ask for: refuse what the engine cannot
+ * honour.
+ */
+static int
+check_features (struct qcow2 *q, const uint8_t *b, size_t len,
+                uint64_t file_size, char *err, size_t errlen)
+{
   if (q->incompat & ~KNOWN_INCOMPAT) {
     unsigned bit = (unsigned) __builtin_ctzll (q->incompat & ~KNOWN_INCOMPAT);
     char name[64];
-    feature_name (b, len, ext_start, bit, name, sizeof name);
+    feature_name (b, len, q->header_length, bit, name, sizeof name);
     return fail (err, errlen, -ENOTSUP, "unsupported incompatible feature "
                  "bit %u (%s)", bit, name);
   }
@@ -195,8 +199,17 @@ header_parse (struct qcow2 *q, const void *vbuf, size_t len,
     return fail (err, errlen, -EINVAL, "invalid backing file name location "
                  "(offset 0x%" PRIx64 ", %" PRIu32 " bytes)", q->backing_offset,
                  q->backing_size);
+  return 0;
+}
 
-  /* Tables must lie inside the file, on cluster boundaries. */
+/* The geometry, and the tables the header points at: they must lie inside
+ * the file, on cluster boundaries.
+ */
+static int
+check_tables (struct qcow2 *q, uint64_t file_size, char *err, size_t errlen)
+{
+  uint64_t cs = q->cluster_size, l1_bytes, l1_need, coverage, reft_bytes;
+
   q->l2_bits = q->cluster_bits - (q->extl2 ? 4 : 3);
   q->l1_shift = q->cluster_bits + q->l2_bits;
   q->l2_slice_bytes = q->cluster_size;      /* qcow2-open.c may slice */
@@ -237,9 +250,18 @@ header_parse (struct qcow2 *q, const void *vbuf, size_t len,
       && in_file ("snapshot table", q->snapshots_offset,
                   (uint64_t) q->nb_snapshots * 40, file_size, err, errlen) < 0)
     return -EINVAL;
+  return 0;
+}
 
-  /* Walk the extensions so that a malformed list is caught at open. */
-  p = ext_start;
+/* Walk the extensions so that a malformed list is caught at open, taking
+ * the names of the external data file and of the backing file's format.
+ */
+static int
+parse_extensions (struct qcow2 *q, const uint8_t *b, size_t len, char *err,
+                  size_t errlen)
+{
+  size_t p = q->header_length;
+
   while (p + 8 <= len) {
     uint32_t type = get_be32 (b + p), elen = get_be32 (b + p + 4);
     if (type == EXT_END)
@@ -269,6 +291,25 @@ header_parse (struct qcow2 *q, const void *vbuf, size_t len,
   if ((q->incompat & INCOMPAT_DATA_FILE) && !q->data_file)
     return fail (err, errlen, -EINVAL, "the image uses an external data file "
                  "but does not name it");
+  return 0;
+}
+
+int
+header_parse (struct qcow2 *q, const void *vbuf, size_t len,
+              uint64_t file_size, char *err, size_t errlen)
+{
+  const uint8_t *b = vbuf;
+  int r;
+
+  r = parse_fields (q, b, len, err, errlen);
+  if (r == 0)
+    r = check_features (q, b, len, file_size, err, errlen);
+  if (r == 0)
+    r = check_tables (q, file_size, err, errlen);
+  if (r == 0)
+    r = parse_extensions (q, b, len, err, errlen);
+  if (r < 0)
+    return r;
 
   q->refcount_bits = 1u << q->refcount_order;
   q->rb_bits = q->cluster_bits + 3 - q->refcount_order;

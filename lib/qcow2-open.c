@@ -149,8 +149,9 @@ free_image (struct qcow2 *q)
   free (q);
 }
 
+/* Say in err why opening failed, and return ret. */
 #define FAIL(ret, ...) \
-  do { snprintf (err, errlen, __VA_ARGS__); r = (ret); goto fail; } while (0)
+  do { snprintf (err, errlen, __VA_ARGS__); return (ret); } while (0)
 
 #define MAX_CHAIN_DEPTH 32
 
@@ -275,58 +276,48 @@ qcow2_open (const char *path, const struct qcow2_opts *opts,
   return image_open (path, opts, 0, NULL, out, err, errlen);
 }
 
-int
-image_open (const char *path, const struct qcow2_opts *opts, unsigned depth,
-            struct qcow2 *top, struct qcow2 **out, char *err, size_t errlen)
+/* The phases of image_open, in order.  Each says why it failed in err and
+ * returns -errno; what it set up is left in q for free_image.
+ */
+
+/* Open the file with the image's flags (returned in *flags) and lock it. */
+static int
+open_locked (struct qcow2 *q, const struct qcow2_opts *opts, int *flags,
+             uint64_t *file_size, char *err, size_t errlen)
 {
-  static const struct qcow2_opts defaults;
-  struct qcow2 *q;
   struct stat st;
-  void *hdr = NULL;
-  uint64_t file_size, hdr_len, l1_bytes, end;
-  int r, flags;
-  bool magic_ok;
+  int r;
 
-  if (!opts)
-    opts = &defaults;
-  q = calloc (1, sizeof *q);
-  if (!q) {
-    snprintf (err, errlen, "out of memory");
-    return -ENOMEM;
-  }
-  q->fd = -1;
-  q->dfd = -1;
-  q->depth = depth;
-  q->top = top ? top : q;
-  q->read_only = opts->read_only;
-  q->direct = opts->direct;
-  q->compress = opts->compress && !opts->read_only;
-  q->log = opts->log;
-  q->log_opaque = opts->log_opaque;
-  q->l1_dirty_lo = q->l1_dirty_hi = -1;
-  q->path = strdup (path);
-  if (!q->path)
-    FAIL (-ENOMEM, "out of memory");
-
-  flags = (q->read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC;
+  *flags = (q->read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC;
   if (q->direct)
-    flags |= O_DIRECT;
-  r = hostfile_open (q->top, opts, depth ? HOSTFILE_BACKING : HOSTFILE_IMAGE,
-                     path, flags, err, errlen);
+    *flags |= O_DIRECT;
+  r = hostfile_open (q->top, opts,
+                     q->depth ? HOSTFILE_BACKING : HOSTFILE_IMAGE, q->path,
+                     *flags, err, errlen);
   if (r < 0)
-    goto fail;
+    return r;
   q->fd = q->dfd = r;
   if (fstat (q->fd, &st) < 0)
     FAIL (-errno, "%s", strerror (errno));
-  file_size = (uint64_t) st.st_size;
+  *file_size = (uint64_t) st.st_size;
   /* Before reading anything: a writer elsewhere may be changing it. */
   if (opts->force_share && !q->read_only)
     FAIL (-EINVAL, "force-share is only possible read-only");
   q->lock_mode = q->read_only ? (opts->force_share ? IMAGE_LOCK_SHARE_ALL
                                  : IMAGE_LOCK_READ) : IMAGE_LOCK_WRITE;
-  r = image_lock (q, q->fd, q->lock_mode, "image", err, errlen);
-  if (r < 0)
-    goto fail;
+  return image_lock (q, q->fd, q->lock_mode, "image", err, errlen);
+}
+
+/* Read and parse the header, or take the file as raw (q->raw). */
+static int
+read_header (struct qcow2 *q, const struct qcow2_opts *opts,
+             uint64_t file_size, char *err, size_t errlen)
+{
+  void *hdr;
+  uint64_t hdr_len;
+  uint32_t cb;
+  bool magic_ok;
+  int r;
 
   /* The first sector tells the cluster size; the header cluster holds the
    * extensions.
@@ -339,52 +330,53 @@ image_open (const char *path, const struct qcow2_opts *opts, unsigned depth,
     FAIL (r, "reading the header: %s", strerror (-r));
   magic_ok = file_size >= 4 && get_be32 ((const uint8_t *) q->header_sector + HDR_MAGIC) == QCOW2_MAGIC;
   if (opts->format == QCOW2_FORMAT_RAW
-      || (opts->format == QCOW2_FORMAT_AUTO && !magic_ok)) {
-    r = open_raw (q, file_size, err, errlen);
-    if (r < 0)
-      goto fail;
-    goto aio;
-  }
+      || (opts->format == QCOW2_FORMAT_AUTO && !magic_ok))
+    return open_raw (q, file_size, err, errlen);
   /* The format the caller asked for, not one a backing image names: a
    * damaged qcow2 must never be taken for raw, so say how to serve a file
    * that really is raw.
    */
-  if (!magic_ok && depth == 0 && file_size >= 4)
+  if (!magic_ok && q->depth == 0 && file_size >= 4)
     FAIL (-EINVAL, "not a qcow2 image (use -f raw to serve it as a raw "
           "file)");
   if (file_size < QCOW2_V2_HEADER_LEN)
     FAIL (-EINVAL, "file is too short to be a qcow2 image");
-  {
-    uint32_t cb = get_be32 ((const uint8_t *) q->header_sector
-                            + HDR_CLUSTER_BITS);
-    hdr_len = cb >= QCOW2_MIN_CLUSTER_BITS && cb <= QCOW2_MAX_CLUSTER_BITS
-      ? (uint64_t) 1 << cb : SECTOR;
-  }
+  cb = get_be32 ((const uint8_t *) q->header_sector + HDR_CLUSTER_BITS);
+  hdr_len = cb >= QCOW2_MIN_CLUSTER_BITS && cb <= QCOW2_MAX_CLUSTER_BITS
+    ? (uint64_t) 1 << cb : SECTOR;
   hdr = aligned_alloc_zero (hdr_len);
   if (!hdr)
     FAIL (-ENOMEM, "out of memory");
   r = blocking_pread (q->fd, hdr, hdr_len, 0, true);
   if (r < 0)
-    FAIL (r, "reading the header: %s", strerror (-r));
-  r = header_parse (q, hdr, hdr_len < file_size ? hdr_len : file_size,
-                    file_size, err, errlen);
-  if (r < 0)
-    goto fail;
+    snprintf (err, errlen, "reading the header: %s", strerror (-r));
+  else
+    r = header_parse (q, hdr, hdr_len < file_size ? hdr_len : file_size,
+                      file_size, err, errlen);
+  free (hdr);
+  return r;
+}
 
-  if (q->data_file) {
-    r = open_data_file (q, flags, err, errlen);
-    if (r < 0)
-      goto fail;
-    if (q->dfd != q->fd) {
-      char what[300];
-      snprintf (what, sizeof what, "external data file %s", q->data_file);
-      r = image_lock (q, q->dfd, q->lock_mode, what, err, errlen);
-      if (r < 0)
-        goto fail;
-    }
-  }
+/* Open and lock the external data file the header names. */
+static int
+open_data_file_locked (struct qcow2 *q, int flags, char *err, size_t errlen)
+{
+  char what[300];
+  int r = open_data_file (q, flags, err, errlen);
 
-  l1_bytes = (uint64_t) q->l1_size * 8;
+  if (r < 0 || q->dfd == q->fd)
+    return r;
+  snprintf (what, sizeof what, "external data file %s", q->data_file);
+  return image_lock (q, q->dfd, q->lock_mode, what, err, errlen);
+}
+
+/* Read the L1 table and the refcount table. */
+static int
+load_tables (struct qcow2 *q, uint64_t file_size, char *err, size_t errlen)
+{
+  uint64_t l1_bytes = (uint64_t) q->l1_size * 8;
+  int r;
+
   q->l1_buf_bytes = round_up (l1_bytes ? l1_bytes : 1, SECTOR);
   q->l1 = aligned_alloc_zero (q->l1_buf_bytes);
   if (!q->l1)
@@ -395,7 +387,7 @@ image_open (const char *path, const struct qcow2_opts *opts, unsigned depth,
     FAIL (r, "reading the L1 table: %s", strerror (-r));
   r = l1_in_file ("", q->l1, q->l1_size, file_size, err, errlen);
   if (r < 0)
-    goto fail;
+    return r;
   /* The tail of the last sector may hold other data; keep it zero here so
    * a write-back of that sector never invents entries.  (The L1 table
    * occupies whole clusters, so the sector is ours.)
@@ -418,24 +410,42 @@ image_open (const char *path, const struct qcow2_opts *opts, unsigned depth,
       q->reftable_used = i;
       break;
     }
+  return 0;
+}
 
-  /* New clusters come from past everything the file already holds, and
-   * past every cluster with a refcount: after a crash a refcount can be
-   * durable for a cluster whose data never extended the file.
-   */
+/* Where new clusters come from: past everything the file already holds,
+ * and past every cluster with a refcount: after a crash a refcount can be
+ * durable for a cluster whose data never extended the file.
+ */
+static int
+find_alloc_end (struct qcow2 *q, uint64_t file_size, char *err,
+                size_t errlen)
+{
+  uint64_t end;
+  int r;
+
   q->file_end = file_size;
   q->alloc_end = round_up (file_size, q->cluster_size);
-  /* A dirty image's refcounts are rebuilt below, not trusted here. */
+  /* A dirty image's refcounts are rebuilt later, not trusted here. */
   if (!q->read_only && !(q->incompat & INCOMPAT_DIRTY)) {
     r = last_counted_cluster (q, file_size, &end, err, errlen);
     if (r < 0)
-      goto fail;
+      return r;
     if (end > q->alloc_end)
       q->alloc_end = end;
   }
-  end = round_up (q->l1_offset + l1_bytes, q->cluster_size);
+  end = round_up (q->l1_offset + (uint64_t) q->l1_size * 8, q->cluster_size);
   if (end > q->alloc_end)
     q->alloc_end = end;
+  return 0;
+}
+
+/* The table caches and the flusher. */
+static int
+setup_caches (struct qcow2 *q, const struct qcow2_opts *opts, char *err,
+              size_t errlen)
+{
+  int r;
 
   q->zero_cluster = aligned_alloc_zero (q->cluster_size);
   if (!q->zero_cluster)
@@ -452,15 +462,41 @@ image_open (const char *path, const struct qcow2_opts *opts, unsigned depth,
     r = flush_init (q);
   if (r < 0)
     FAIL (r, "out of memory for the caches");
+  return 0;
+}
 
- aio:
+/* Everything a qcow2 image needs in memory before it is served. */
+static int
+load_qcow2 (struct qcow2 *q, const struct qcow2_opts *opts, int flags,
+            uint64_t file_size, char *err, size_t errlen)
+{
+  int r = 0;
+
+  if (q->data_file)
+    r = open_data_file_locked (q, flags, err, errlen);
+  if (r == 0)
+    r = load_tables (q, file_size, err, errlen);
+  if (r == 0)
+    r = find_alloc_end (q, file_size, err, errlen);
+  if (r == 0)
+    r = setup_caches (q, opts, err, errlen);
+  return r;
+}
+
+/* The caller's I/O backend or one of our own, and how each file's I/O
+ * may run inline.
+ */
+static int
+setup_aio (struct qcow2 *q, const struct qcow2_opts *opts, char *err,
+           size_t errlen)
+{
   if (opts->aio)
     q->aio = opts->aio;
   else {
     enum aio_kind kind = opts->aio_mode == QCOW2_AIO_URING ? AIO_KIND_URING
       : opts->aio_mode == QCOW2_AIO_THREADS ? AIO_KIND_THREADS
       : AIO_KIND_AUTO;
-    r = aio_create (kind, 256, &q->aio);
+    int r = aio_create (kind, 256, &q->aio);
     if (r < 0)
       FAIL (r, "cannot set up asynchronous I/O (%s): %s",
             kind == AIO_KIND_URING ? "io_uring" : "threads", strerror (-r));
@@ -471,68 +507,132 @@ image_open (const char *path, const struct qcow2_opts *opts, unsigned depth,
   q->dfd_inline = q->dfd == q->fd ? q->fd_inline
     : opts->no_inline_io ? AIO_INLINE_NONE
     : aio_inline_mode (q->dfd, q->direct);
+  return 0;
+}
 
-  if (opts->snapshot) {
-    if (!q->read_only)
-      FAIL (-EINVAL, "a snapshot can only be served read-only");
-    r = snapshot_load (q, opts->snapshot, err, errlen);
-    if (r < 0)
-      goto fail;
-  }
+/* Make a writable image ready for writes: repair refcounts left dirty,
+ * set up the space accounting, and mark the image dirty when its
+ * refcounts are lazy.
+ */
+static int
+prepare_writes (struct qcow2 *q, char *err, size_t errlen)
+{
+  int r;
 
+  if (q->read_only)
+    return 0;
   /* Left dirty with lazy refcounts: the refcounts cannot be trusted. */
-  if (!q->read_only && (q->incompat & INCOMPAT_DIRTY)) {
+  if (q->incompat & INCOMPAT_DIRTY) {
     r = refcount_rebuild (q, err, errlen);
     if (r < 0)
-      goto fail;
+      return r;
     q->incompat &= ~INCOMPAT_DIRTY;
   }
   /* After the repair, which may move the refcount table and alloc_end. */
-  if (!q->read_only) {
-    space_open (q);
-    r = overlap_l2_rebuild (q);
-    if (r < 0)
-      FAIL (r, "out of memory for the L2 table set");
-  }
+  space_open (q);
+  r = overlap_l2_rebuild (q);
+  if (r < 0)
+    FAIL (r, "out of memory for the L2 table set");
   /* Lazy refcounts: mark the image dirty while open, so refcount updates
    * can wait until close; a crash leaves the bit set for the repair above.
    */
-  if (!q->read_only && (q->compat & COMPAT_LAZY_REFCOUNTS)) {
+  if (q->compat & COMPAT_LAZY_REFCOUNTS) {
     r = set_dirty (q, true);
     if (r < 0)
       FAIL (r, "setting the dirty bit: %s", strerror (-r));
     q->lazy = true;
   }
+  return 0;
+}
 
-  /* Bits for features we do not maintain must be cleared before writing.
-   * A raw data file we keep raw (qcow2-zero.c), so that bit stays.
-   */
+/* Bits for features we do not maintain must be cleared before writing.
+ * A raw data file we keep raw (qcow2-zero.c), so that bit stays.
+ */
+static int
+clear_autoclear (struct qcow2 *q, char *err, size_t errlen)
+{
+  uint64_t keep;
+  int r;
+
   q->data_file_raw = q->data_file
     && (q->autoclear & AUTOCLEAR_DATA_FILE_RAW);
-  if (!q->read_only
-      && (q->autoclear & ~(q->data_file_raw ? AUTOCLEAR_DATA_FILE_RAW : 0))) {
-    uint64_t keep = q->autoclear & AUTOCLEAR_DATA_FILE_RAW
-      & (q->data_file_raw ? ~0ull : 0);
-    put_be64 ((uint8_t *) q->header_sector + HDR_AUTOCLEAR, keep);
-    r = header_write_sync (q);
-    if (r < 0)
-      FAIL (r, "clearing autoclear feature bits: %s", strerror (-r));
-    q->autoclear = keep;
-  }
-
-  if (q->backing_offset) {
-    r = open_backing (q, opts, err, errlen);
-    if (r < 0)
-      goto fail;
-    q->backing_size_bytes = q->backing->size;
-  }
-
-  free (hdr);
-  *out = q;
+  if (q->read_only
+      || !(q->autoclear & ~(q->data_file_raw ? AUTOCLEAR_DATA_FILE_RAW : 0)))
+    return 0;
+  keep = q->autoclear & AUTOCLEAR_DATA_FILE_RAW
+    & (q->data_file_raw ? ~0ull : 0);
+  put_be64 ((uint8_t *) q->header_sector + HDR_AUTOCLEAR, keep);
+  r = header_write_sync (q);
+  if (r < 0)
+    FAIL (r, "clearing autoclear feature bits: %s", strerror (-r));
+  q->autoclear = keep;
   return 0;
+}
+
+int
+image_open (const char *path, const struct qcow2_opts *opts, unsigned depth,
+            struct qcow2 *top, struct qcow2 **out, char *err, size_t errlen)
+{
+  static const struct qcow2_opts defaults;
+  struct qcow2 *q;
+  uint64_t file_size = 0;
+  int r, flags = 0;
+
+  if (!opts)
+    opts = &defaults;
+  q = calloc (1, sizeof *q);
+  if (!q) {
+    snprintf (err, errlen, "out of memory");
+    return -ENOMEM;
+  }
+  q->fd = -1;
+  q->dfd = -1;
+  q->depth = depth;
+  q->top = top ? top : q;
+  q->read_only = opts->read_only;
+  q->direct = opts->direct;
+  q->compress = opts->compress && !opts->read_only;
+  q->log = opts->log;
+  q->log_opaque = opts->log_opaque;
+  q->l1_dirty_lo = q->l1_dirty_hi = -1;
+  q->path = strdup (path);
+  if (!q->path) {
+    snprintf (err, errlen, "out of memory");
+    r = -ENOMEM;
+    goto fail;
+  }
+
+  r = open_locked (q, opts, &flags, &file_size, err, errlen);
+  if (r == 0)
+    r = read_header (q, opts, file_size, err, errlen);
+  /* A raw file has no metadata to load. */
+  if (r == 0 && !q->raw)
+    r = load_qcow2 (q, opts, flags, file_size, err, errlen);
+  if (r == 0)
+    r = setup_aio (q, opts, err, errlen);
+  if (r == 0 && opts->snapshot) {
+    if (!q->read_only) {
+      snprintf (err, errlen, "a snapshot can only be served read-only");
+      r = -EINVAL;
+    }
+    else
+      r = snapshot_load (q, opts->snapshot, err, errlen);
+  }
+  if (r == 0)
+    r = prepare_writes (q, err, errlen);
+  if (r == 0)
+    r = clear_autoclear (q, err, errlen);
+  if (r == 0 && q->backing_offset) {
+    r = open_backing (q, opts, err, errlen);
+    if (r == 0)
+      q->backing_size_bytes = q->backing->size;
+  }
+  if (r == 0) {
+    *out = q;
+    return 0;
+  }
 
  fail:
-  free (hdr);
   free_image (q);
   return r;
 }

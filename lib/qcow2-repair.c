@@ -201,6 +201,47 @@ count_all (struct counts *k)
   return r;
 }
 
+/* Write the nrb new refcount blocks of the counts k, and the nrt clusters
+ * of the new table that names them, past the end of the file at base;
+ * durable when this returns 0.
+ */
+static int
+write_refcounts (struct counts *k, uint64_t base, uint64_t nrt, uint64_t nrb,
+                 uint64_t *table, void *block)
+{
+  struct qcow2 *q = k->q;
+  uint64_t cs = q->cluster_size;
+  uint64_t per = (uint64_t) 1 << q->rb_bits;
+  int r;
+
+  for (uint64_t b = 0; b < nrb; b++) {
+    uint64_t off = base + (nrt + b) * cs;
+    memset (block, 0, cs);
+    for (uint64_t i = 0; i < per && b * per + i < k->n; i++) {
+      if (k->c[b * per + i] > q->refcount_max) {
+        snprintf (k->err, k->errlen, "cannot repair refcounts: cluster %"
+                  PRIu64 " has more references than refcount_bits allows",
+                  b * per + i);
+        return -EOVERFLOW;
+      }
+      refblock_set (q, block, i, k->c[b * per + i]);
+    }
+    table[b] = htobe64 (off);
+    r = blocking_pwrite (q->fd, block, cs, off);
+    if (r < 0)
+      goto io_err;
+  }
+  r = blocking_pwrite (q->fd, table, nrt * cs, base);
+  if (r == 0 && fdatasync (q->fd) < 0)
+    r = -errno;
+  if (r == 0)
+    return 0;
+ io_err:
+  snprintf (k->err, k->errlen, "writing repaired refcounts: %s",
+            strerror (-r));
+  return r;
+}
+
 int
 refcount_rebuild (struct qcow2 *q, char *err, size_t errlen)
 {
@@ -251,29 +292,9 @@ refcount_rebuild (struct qcow2 *q, char *err, size_t errlen)
   for (uint64_t c = nfile; c < total; c++)
     k.c[c]++;
 
-  for (uint64_t b = 0; b < nrb; b++) {
-    uint64_t off = base + (nrt + b) * cs;
-    memset (block, 0, cs);
-    for (uint64_t i = 0; i < per && b * per + i < total; i++) {
-      if (k.c[b * per + i] > q->refcount_max) {
-        snprintf (err, errlen, "cannot repair refcounts: cluster %" PRIu64
-                  " has more references than refcount_bits allows",
-                  b * per + i);
-        r = -EOVERFLOW;
-        goto out;
-      }
-      refblock_set (q, block, i, k.c[b * per + i]);
-    }
-    table[b] = htobe64 (off);
-    r = blocking_pwrite (q->fd, block, cs, off);
-    if (r < 0)
-      goto io_err;
-  }
-  r = blocking_pwrite (q->fd, table, nrt * cs, base);
-  if (r == 0 && fdatasync (q->fd) < 0)
-    r = -errno;
+  r = write_refcounts (&k, base, nrt, nrb, table, block);
   if (r < 0)
-    goto io_err;
+    goto out;
 
   /* Switch the header over, then the image is consistent again. */
   {
