@@ -414,6 +414,64 @@ read_map_add (struct qcow2_req *req, uint64_t len, bool zero)
   *req->ext_n = n + 1;
 }
 
+/* A new read op of the segment: guest bytes [pos, pos + len) into dst. */
+static struct req_io *
+new_read (struct qcow2_req *req, uint64_t pos, uint64_t len, char *dst)
+{
+  struct req_io *io = &req->ios[req->nios++];
+  io->req = req;
+  io->guest = pos;
+  io->len = len;
+  io->iov[0].iov_base = dst;
+  io->iov[0].iov_len = len;
+  return io;
+}
+
+/* Read guest bytes [pos, cend), a hole over the backing file, from it
+ * (zeros past its end), extending last's backing read when it continues
+ * there.  Returns the read a following hole may extend, or NULL.
+ */
+static struct req_io *
+add_backing_read (struct qcow2_req *req, struct req_io *last, uint64_t pos,
+                  uint64_t cend, char *dst)
+{
+  struct qcow2 *q = req->q;
+  uint64_t bend = cend < q->backing_size_bytes
+    ? cend : q->backing_size_bytes;
+
+  if (bend < cend)
+    memset (dst + (bend - pos), 0, cend - bend);
+  read_map_add (req, bend - pos, false);
+  read_map_add (req, cend - bend, true);
+  if (last && last->from_backing && last->guest + last->len == pos) {
+    last->len += bend - pos;
+    last->iov[0].iov_len = last->len;
+  }
+  else {
+    last = new_read (req, pos, bend - pos, dst);
+    last->from_backing = true;
+  }
+  return bend < cend ? NULL : last;
+}
+
+/* Read guest bytes [pos, cend) from host offset host, extending last's
+ * host read when it continues there.  Returns the read.
+ */
+static struct req_io *
+add_data_read (struct qcow2_req *req, struct req_io *last, uint64_t host,
+               uint64_t pos, uint64_t cend, char *dst)
+{
+  read_map_add (req, cend - pos, false);
+  if (last && !last->from_backing && last->host + last->len == host) {
+    last->len += cend - pos;
+    last->iov[0].iov_len = last->len;
+    return last;
+  }
+  last = new_read (req, pos, cend - pos, dst);
+  last->host = host;
+  return last;
+}
+
 /* Plan a read segment: zeros for holes, merged reads for data. */
 bool
 plan_read (struct qcow2_req *req)
@@ -439,7 +497,6 @@ plan_read (struct qcow2_req *req)
     enum sc_kind kind = cluster_status (q, ent, bmp, pos - cstart, &run_end);
     uint64_t cend = cstart + run_end;
     char *dst = req->buf + (pos - req->offset);
-    uint64_t host;
 
     if (cend > end)
       cend = end;
@@ -452,71 +509,35 @@ plan_read (struct qcow2_req *req)
       }
       read_map_add (req, cend - pos, false);
       last = NULL;
-      pos = cend;
-      continue;
     }
-    if (kind == SC_BAD) {
+    else if (kind == SC_BAD) {
       qlog (q, LOG_ERR, "L2 entry of guest offset 0x%llx has an invalid "
             "subcluster bitmap 0x%llx", (unsigned long long) cstart,
             (unsigned long long) bmp);
       req->err = -EIO;
       break;
     }
-    if (kind == SC_HOLE && q->backing && pos < q->backing_size_bytes) {
+    else if (kind == SC_HOLE && q->backing && pos < q->backing_size_bytes)
       /* A hole: what the backing image has there shows through. */
-      uint64_t bend = cend < q->backing_size_bytes
-        ? cend : q->backing_size_bytes;
-      if (bend < cend)
-        memset (dst + (bend - pos), 0, cend - bend);
-      read_map_add (req, bend - pos, false);
-      read_map_add (req, cend - bend, true);
-      if (last && last->from_backing && last->guest + last->len == pos) {
-        last->len += bend - pos;
-        last->iov[0].iov_len = last->len;
-      }
-      else {
-        last = &req->ios[req->nios++];
-        last->req = req;
-        last->from_backing = true;
-        last->guest = pos;
-        last->len = bend - pos;
-        last->iov[0].iov_base = dst;
-        last->iov[0].iov_len = last->len;
-      }
-      if (bend < cend)
-        last = NULL;
-      pos = cend;
-      continue;
-    }
-    if (kind != SC_DATA) {
+      last = add_backing_read (req, last, pos, cend, dst);
+    else if (kind != SC_DATA) {
       memset (dst, 0, cend - pos);
       read_map_add (req, cend - pos, true);
       last = NULL;
-      pos = cend;
-      continue;
-    }
-    r = check_data_cluster (q, ent & L2E_OFFSET_MASK);
-    if (r < 0) {
-      req->err = r;
-      break;
-    }
-    host = (ent & L2E_OFFSET_MASK) + (pos & (cs - 1));
-    read_map_add (req, cend - pos, false);
-    if (last && !last->from_backing && last->host + last->len == host) {
-      last->len += cend - pos;
-      last->iov[0].iov_len = last->len;
     }
     else {
-      last = &req->ios[req->nios++];
-      last->req = req;
-      last->host = host;
-      last->guest = pos;
-      last->len = cend - pos;
-      last->iov[0].iov_base = dst;
-      last->iov[0].iov_len = last->len;
+      r = check_data_cluster (q, ent & L2E_OFFSET_MASK);
+      if (r < 0) {
+        req->err = r;
+        break;
+      }
+      last = add_data_read (req, last,
+                            (ent & L2E_OFFSET_MASK) + (pos & (cs - 1)),
+                            pos, cend, dst);
     }
     pos = cend;
   }
+  assert (req->nios <= nruns);
   if (!req->err)
     for (unsigned i = 0; i < req->nios; i++)
       if (!req->ios[i].started)
