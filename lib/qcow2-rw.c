@@ -798,8 +798,8 @@ classify_write (struct qcow2_req *req)
 }
 
 /* Give allocating run io its host clusters: its own cluster (reuse), the
- * fixed place in an external data file, or new ones from the allocator;
- * then record the reservation on the L2 table.  Returns 0 or -errno.
+ * fixed place in an external data file, or new ones from the allocator.
+ * Returns 0 or -errno.
  */
 static int
 reserve_run (struct qcow2_req *req, struct req_io *io)
@@ -820,7 +820,6 @@ reserve_run (struct qcow2_req *req, struct req_io *io)
     if (r < 0)
       return r;
   }
-  alloc_hold (req->l2, &io->a, io->first, io->count);
   return 0;
 }
 
@@ -922,11 +921,7 @@ prepare_write_run (struct qcow2_req *req, struct req_io *io,
     /* Compressed on a worker while the COW reads run; start_writes
      * packs it, or writes it whole when it does not shrink.
      */
-    r = start_compress (req, io, data);
-    if (r < 0)
-      return r;
-    alloc_hold (req->l2, &io->a, io->first, io->count);
-    return 0;
+    return start_compress (req, io, data);
   }
   r = reserve_run (req, io);
   if (r < 0)
@@ -966,13 +961,21 @@ plan_write (struct qcow2_req *req)
     return true;
   }
   r = classify_write (req);
+  /* Each allocating run's clusters are held on the L2 table before
+   * anything can fail, even when classifying did, so that seg_release
+   * finds the record of every run it releases.
+   */
+  for (unsigned i = 0; i < req->nios; i++)
+    if (req->ios[i].alloc)
+      alloc_hold (req->l2, &req->ios[i].a, req->ios[i].first,
+                  req->ios[i].count);
   if (r < 0) {
     req->err = r;
     return true;
   }
   assert (req->nios <= nclusters);
 
-  /* Reserve host clusters and register the allocations. */
+  /* Host clusters, compression and COW sources of each run. */
   nwrites = req->nios;
   next_io = &req->ios[nwrites];
   for (unsigned i = 0; i < nwrites && !req->err; i++) {
