@@ -1022,10 +1022,13 @@ st_link (struct qcow2_req *req)
   struct cache_entry *e = req->l2;
   bool linked = false;
 
+  /* New entries are linked only after their data is written. */
+  assert (req->outstanding == 0 && !req->err);
   for (unsigned i = 0; i < req->nios; i++) {
     struct req_io *io = &req->ios[i];
     if (!io->alloc)
       continue;
+    assert (io->started);
     if (!linked && flush_active (q)) {
       /* The flusher is writing L2 tables: link when it is done. */
       flush_barrier_wait (q, req);
