@@ -303,6 +303,64 @@ io_start (struct qcow2_req *req, struct req_io *io, int niov)
   req->outstanding++;
 }
 
+/* A new read op of the segment: guest bytes [pos, pos + len) into dst. */
+static struct req_io *
+new_read (struct qcow2_req *req, uint64_t pos, uint64_t len, char *dst)
+{
+  struct req_io *io = &req->ios[req->nios++];
+  io->req = req;
+  io->guest = pos;
+  io->len = len;
+  io->iov[0].iov_base = dst;
+  io->iov[0].iov_len = len;
+  return io;
+}
+
+/* Read guest bytes [pos, cend), a hole over the backing file, from it
+ * (zeros past its end), extending last's backing read when it continues
+ * there.  Returns the read a following hole may extend, or NULL.
+ */
+static struct req_io *
+add_backing_read (struct qcow2_req *req, struct req_io *last, uint64_t pos,
+                  uint64_t cend, char *dst)
+{
+  struct qcow2 *q = req->q;
+  uint64_t bend = cend < q->backing_size_bytes
+    ? cend : q->backing_size_bytes;
+
+  if (bend < cend)
+    memset (dst + (bend - pos), 0, cend - bend);
+  read_map_add (req, bend - pos, false);
+  read_map_add (req, cend - bend, true);
+  if (last && last->from_backing && last->guest + last->len == pos) {
+    last->len += bend - pos;
+    last->iov[0].iov_len = last->len;
+  }
+  else {
+    last = new_read (req, pos, bend - pos, dst);
+    last->from_backing = true;
+  }
+  return bend < cend ? NULL : last;
+}
+
+/* Read guest bytes [pos, cend) from host offset host, extending last's
+ * host read when it continues there.  Returns the read.
+ */
+static struct req_io *
+add_data_read (struct qcow2_req *req, struct req_io *last, uint64_t host,
+               uint64_t pos, uint64_t cend, char *dst)
+{
+  read_map_add (req, cend - pos, false);
+  if (last && !last->from_backing && last->host + last->len == host) {
+    last->len += cend - pos;
+    last->iov[0].iov_len = last->len;
+    return last;
+  }
+  last = new_read (req, pos, cend - pos, dst);
+  last->host = host;
+  return last;
+}
+
 /* Plan a read segment: zeros for holes, merged reads for data. */
 bool
 plan_read (struct qcow2_req *req)
@@ -328,7 +386,6 @@ plan_read (struct qcow2_req *req)
     enum sc_kind kind = cluster_status (q, ent, bmp, pos - cstart, &run_end);
     uint64_t cend = cstart + run_end;
     char *dst = req->buf + (pos - req->offset);
-    uint64_t host;
 
     if (cend > end)
       cend = end;
@@ -341,71 +398,35 @@ plan_read (struct qcow2_req *req)
       }
       read_map_add (req, cend - pos, false);
       last = NULL;
-      pos = cend;
-      continue;
     }
-    if (kind == SC_BAD) {
+    else if (kind == SC_BAD) {
       qlog (q, LOG_ERR, "L2 entry of guest offset 0x%llx has an invalid "
             "subcluster bitmap 0x%llx", (unsigned long long) cstart,
             (unsigned long long) bmp);
       req->err = -EIO;
       break;
     }
-    if (kind == SC_HOLE && q->backing && pos < q->backing_size_bytes) {
+    else if (kind == SC_HOLE && q->backing && pos < q->backing_size_bytes)
       /* A hole: what the backing image has there shows through. */
-      uint64_t bend = cend < q->backing_size_bytes
-        ? cend : q->backing_size_bytes;
-      if (bend < cend)
-        memset (dst + (bend - pos), 0, cend - bend);
-      read_map_add (req, bend - pos, false);
-      read_map_add (req, cend - bend, true);
-      if (last && last->from_backing && last->guest + last->len == pos) {
-        last->len += bend - pos;
-        last->iov[0].iov_len = last->len;
-      }
-      else {
-        last = &req->ios[req->nios++];
-        last->req = req;
-        last->from_backing = true;
-        last->guest = pos;
-        last->len = bend - pos;
-        last->iov[0].iov_base = dst;
-        last->iov[0].iov_len = last->len;
-      }
-      if (bend < cend)
-        last = NULL;
-      pos = cend;
-      continue;
-    }
-    if (kind != SC_DATA) {
+      last = add_backing_read (req, last, pos, cend, dst);
+    else if (kind != SC_DATA) {
       memset (dst, 0, cend - pos);
       read_map_add (req, cend - pos, true);
       last = NULL;
-      pos = cend;
-      continue;
-    }
-    r = check_data_cluster (q, ent & L2E_OFFSET_MASK);
-    if (r < 0) {
-      req->err = r;
-      break;
-    }
-    host = (ent & L2E_OFFSET_MASK) + (pos & (cs - 1));
-    read_map_add (req, cend - pos, false);
-    if (last && !last->from_backing && last->host + last->len == host) {
-      last->len += cend - pos;
-      last->iov[0].iov_len = last->len;
     }
     else {
-      last = &req->ios[req->nios++];
-      last->req = req;
-      last->host = host;
-      last->guest = pos;
-      last->len = cend - pos;
-      last->iov[0].iov_base = dst;
-      last->iov[0].iov_len = last->len;
+      r = check_data_cluster (q, ent & L2E_OFFSET_MASK);
+      if (r < 0) {
+        req->err = r;
+        break;
+      }
+      last = add_data_read (req, last,
+                            (ent & L2E_OFFSET_MASK) + (pos & (cs - 1)),
+                            pos, cend, dst);
     }
     pos = cend;
   }
+  assert (req->nios <= nruns);
   if (!req->err)
     for (unsigned i = 0; i < req->nios; i++)
       if (!req->ios[i].started)
@@ -552,6 +573,255 @@ range_is_data (const struct qcow2 *q, uint64_t ent, uint64_t bmp,
   return true;
 }
 
+/* How one cluster of a write segment is written (see plan_write). */
+struct wclass {
+  bool inplace;                 /* its data clusters: write over them */
+  bool reuse;                   /* its own cluster, new subclusters in it */
+  bool whole;                   /* a whole new cluster, to compress */
+  uint64_t host;                /* in place: the byte; reuse: the cluster */
+  uint64_t cov_start, cov_end;  /* in-cluster extent written with the COW */
+};
+
+/* Classify in-cluster bytes [ws, we) of L2 index idx: written in place,
+ * in its own cluster with copy-on-write (reuse), or into a new cluster.
+ * Returns 0, or -EIO when the entry names an invalid host cluster.
+ */
+static int
+classify_cluster (struct qcow2_req *req, uint32_t idx, uint64_t ws,
+                  uint64_t we, struct wclass *c)
+{
+  struct qcow2 *q = req->q;
+  uint64_t cs = q->cluster_size, scs = q->sc_size;
+  uint64_t ent = l2_get (req->l2, idx);
+  uint64_t bmp = l2_get_bitmap (req->l2, idx);
+
+  c->inplace = entry_is_inplace (q, ent);
+  c->reuse = false;
+  c->host = 0;
+  c->cov_start = 0;
+  c->cov_end = cs;
+  if (c->inplace) {
+    if (check_data_cluster (q, ent & L2E_OFFSET_MASK) < 0)
+      return -EIO;
+    c->host = (ent & L2E_OFFSET_MASK) + ws;
+    if (q->extl2 && !range_is_data (q, ent, bmp, ws, we)) {
+      uint64_t dummy;
+      c->reuse = true;
+      c->inplace = false;
+      c->host = ent & L2E_OFFSET_MASK;
+      c->cov_start = cluster_status (q, ent, bmp, ws, &dummy) == SC_DATA
+        ? ws : ws & ~(scs - 1);
+      c->cov_end = cluster_status (q, ent, bmp, we - 1, &dummy) == SC_DATA
+        ? we : round_up (we, scs);
+    }
+  }
+  else if (q->extl2 && entry_is_hole (q, ent)) {
+    /* Nothing to copy from outside the touched subclusters. */
+    c->cov_start = ws & ~(scs - 1);
+    c->cov_end = round_up (we, scs);
+  }
+  c->whole = !c->inplace && !c->reuse && q->compress && ws == 0 && we == cs;
+  return 0;
+}
+
+/* Add cluster idx, guest bytes [pos, cend) classified as c, to the write
+ * runs: it extends last when it continues it the same way, else it starts
+ * a new run.  Returns the run it is in.
+ */
+static struct req_io *
+add_write_run (struct qcow2_req *req, struct req_io *last, uint32_t idx,
+               uint64_t pos, uint64_t cend, const struct wclass *c)
+{
+  if (last && !last->alloc && c->inplace
+      && last->host + last->len == c->host)
+    last->len += cend - pos;
+  else if (last && last->alloc && !c->inplace && !c->reuse && !last->reuse
+           && !c->whole && !last->compressed
+           && last->first + last->count == idx) {
+    last->len += cend - pos;
+    last->count++;
+    last->cov_end = c->cov_end;
+  }
+  else {
+    last = &req->ios[req->nios++];
+    last->req = req;
+    last->is_write = true;
+    last->alloc = !c->inplace;
+    last->reuse = c->reuse;
+    last->host = c->host;
+    last->guest = pos;
+    last->len = cend - pos;
+    last->first = idx;
+    last->count = 1;
+    last->compressed = c->whole;
+    last->cov_start = c->cov_start;
+    last->cov_end = c->cov_end;
+  }
+  return last;
+}
+
+/* Cut the segment into write runs, one req->ios entry each, in place or
+ * allocating.  Returns 0 or -errno.
+ */
+static int
+classify_write (struct qcow2_req *req)
+{
+  struct qcow2 *q = req->q;
+  uint64_t cs = q->cluster_size;
+  uint64_t pos = req->seg_off, end = req->seg_off + req->seg_len;
+  struct req_io *last = NULL;
+
+  while (pos < end) {
+    uint32_t idx = (uint32_t) (pos >> q->cluster_bits) & (q->l2_entries - 1);
+    uint64_t cstart = pos & ~(cs - 1);
+    uint64_t cend = cstart + cs < end ? cstart + cs : end;
+    struct wclass c;
+    int r = classify_cluster (req, idx, pos - cstart, cend - cstart, &c);
+
+    if (r < 0)
+      return r;
+    last = add_write_run (req, last, idx, pos, cend, &c);
+    pos = cend;
+  }
+  return 0;
+}
+
+/* Give allocating run io its host clusters: its own cluster (reuse), the
+ * fixed place in an external data file, or new ones from the allocator.
+ * Returns 0 or -errno.
+ */
+static int
+reserve_run (struct qcow2_req *req, struct req_io *io)
+{
+  struct qcow2 *q = req->q;
+
+  if (io->reuse) {
+    if (!q->data_file
+        && overlap_check (q, META_DATA, io->host + io->cov_start,
+                          io->cov_end - io->cov_start) < 0)
+      return -EIO;
+  }
+  /* An external data file has a fixed mapping and no refcounts. */
+  else if (q->data_file)
+    io->host = io->guest & ~(q->cluster_size - 1);
+  else {
+    int r = alloc_clusters (q, io->count, &io->host);
+    if (r < 0)
+      return r;
+  }
+  return 0;
+}
+
+/* Pick what allocating run io copies its head (src[0]) and tail (src[1])
+ * from: zeros, or a cluster buffer filled by a read added at *next_io.
+ * The guest data runs from gfirst in the run's first cluster to glast in
+ * its last.  Returns 0 or -errno (also in req->err).
+ */
+static int
+pick_cow_sources (struct qcow2_req *req, struct req_io *io, uint64_t gfirst,
+                  uint64_t glast, char *src[2], struct req_io **next_io)
+{
+  struct qcow2 *q = req->q;
+  bool head = gfirst > io->cov_start, tail = io->cov_end > glast;
+  uint32_t last = io->first + io->count - 1;
+
+  src[0] = src[1] = NULL;
+  if (q->extl2 && head && tail && io->count == 1) {
+    /* One read serves both ends. */
+    src[0] = src[1] = cow_source_sc (req, io, 0, io->first, io->cov_start,
+                                     io->cov_end, next_io);
+    if (!src[0])
+      goto failed;
+    return 0;
+  }
+  if (head) {
+    src[0] = q->extl2
+      ? cow_source_sc (req, io, 0, io->first, io->cov_start, gfirst, next_io)
+      : cow_source (req, io, 0, io->first, next_io);
+    if (!src[0])
+      goto failed;
+  }
+  if (!tail)
+    return 0;
+  if (!q->extl2 && head && io->count == 1)
+    src[1] = src[0];            /* the same whole cluster as the head's */
+  else if (q->extl2)
+    src[1] = cow_source_sc (req, io, 1, last, glast, io->cov_end, next_io);
+  else
+    src[1] = cow_source (req, io, 1, last, next_io);
+  if (!src[1])
+    goto failed;
+  return 0;
+
+ failed:
+  assert (req->err < 0);
+  return req->err;
+}
+
+/* The one vectored write of allocating run io: the head from src[0], the
+ * guest data, the tail from src[1] (sources laid out as whole clusters).
+ */
+static void
+build_write_vector (struct req_io *io, char *data, uint64_t gfirst,
+                    uint64_t glast, char *const src[2])
+{
+  int n = 0;
+
+  /* The COW extent always contains the guest data. */
+  assert (io->cov_start <= gfirst && glast <= io->cov_end);
+  if (gfirst > io->cov_start) {
+    io->iov[n].iov_base = src[0] + io->cov_start;
+    io->iov[n++].iov_len = gfirst - io->cov_start;
+  }
+  io->iov[n].iov_base = data;
+  io->iov[n++].iov_len = io->len;
+  if (io->cov_end > glast) {
+    io->iov[n].iov_base = src[1] + glast;
+    io->iov[n++].iov_len = io->cov_end - glast;
+  }
+  io->op.iovcnt = n;
+}
+
+/* Prepare write run io: check an in-place run, start compressing a whole
+ * new cluster, or reserve an allocating run and set up its vector, with
+ * the reads of its COW sources added at *next_io.  Returns 0 or -errno.
+ */
+static int
+prepare_write_run (struct qcow2_req *req, struct req_io *io,
+                   struct req_io **next_io)
+{
+  struct qcow2 *q = req->q;
+  uint64_t cs = q->cluster_size;
+  char *data = req->buf + (io->guest - req->offset);
+  uint64_t gfirst = io->guest & (cs - 1);
+  uint64_t glast = ((io->guest + io->len - 1) & (cs - 1)) + 1;
+  char *src[2];
+  int r;
+
+  if (!io->alloc) {
+    if (!q->data_file
+        && overlap_check (q, META_DATA, io->host, io->len) < 0)
+      return -EIO;
+    io->iov[0].iov_base = data;
+    io->iov[0].iov_len = io->len;
+    return 0;
+  }
+  if (io->compressed) {
+    /* Compressed on a worker while the COW reads run; start_writes
+     * packs it, or writes it whole when it does not shrink.
+     */
+    return start_compress (req, io, data);
+  }
+  r = reserve_run (req, io);
+  if (r < 0)
+    return r;
+  r = pick_cow_sources (req, io, gfirst, glast, src, next_io);
+  if (r < 0)
+    return r;
+  build_write_vector (io, data, gfirst, glast, src);
+  return 0;
+}
+
 /* Plan a write segment: in-place runs for clusters we own, allocating runs
  * (head + guest data + tail in one vectored write) for everything else.
  *
@@ -566,12 +836,12 @@ bool
 plan_write (struct qcow2_req *req)
 {
   struct qcow2 *q = req->q;
-  uint64_t cs = q->cluster_size, scs = q->sc_size;
   uint64_t pos = req->seg_off, end = req->seg_off + req->seg_len;
   size_t nclusters = ((end - 1) >> q->cluster_bits)
     - (pos >> q->cluster_bits) + 1;
-  struct req_io *last = NULL, *next_io;
+  struct req_io *next_io;
   unsigned nwrites;
+  int r;
 
   /* At most one write per cluster plus two COW reads per run. */
   req->ios = calloc (nclusters * 3, sizeof *req->ios);
@@ -579,171 +849,33 @@ plan_write (struct qcow2_req *req)
     req->err = -ENOMEM;
     return true;
   }
-  while (pos < end) {
-    uint32_t idx = (uint32_t) (pos >> q->cluster_bits) & (q->l2_entries - 1);
-    uint64_t ent = l2_get (req->l2, idx);
-    uint64_t bmp = l2_get_bitmap (req->l2, idx);
-    uint64_t cstart = pos & ~(cs - 1);
-    uint64_t cend = cstart + cs < end ? cstart + cs : end;
-    uint64_t ws = pos - cstart, we = cend - cstart;
-    uint64_t cov_start = 0, cov_end = cs;
-    bool inplace = entry_is_inplace (q, ent);
-    bool reuse = false;
-    uint64_t host = 0;
-
-    if (inplace) {
-      if (check_data_cluster (q, ent & L2E_OFFSET_MASK) < 0) {
-        req->err = -EIO;
-        break;
-      }
-      host = (ent & L2E_OFFSET_MASK) + ws;
-      if (q->extl2 && !range_is_data (q, ent, bmp, ws, we)) {
-        uint64_t dummy;
-        reuse = true;
-        inplace = false;
-        host = ent & L2E_OFFSET_MASK;
-        cov_start = cluster_status (q, ent, bmp, ws, &dummy) == SC_DATA
-          ? ws : ws & ~(scs - 1);
-        cov_end = cluster_status (q, ent, bmp, we - 1, &dummy) == SC_DATA
-          ? we : round_up (we, scs);
-      }
-    }
-    else if (q->extl2 && entry_is_hole (q, ent)) {
-      /* Nothing to copy from outside the touched subclusters. */
-      cov_start = ws & ~(scs - 1);
-      cov_end = round_up (we, scs);
-    }
-    bool whole = !inplace && !reuse && q->compress && ws == 0 && we == cs;
-    if (last && !last->alloc && inplace && last->host + last->len == host)
-      last->len += cend - pos;
-    else if (last && last->alloc && !inplace && !reuse && !last->reuse
-             && !whole && !last->compressed
-             && last->first + last->count == idx) {
-      last->len += cend - pos;
-      last->count++;
-      last->cov_end = cov_end;
-    }
-    else {
-      last = &req->ios[req->nios++];
-      last->req = req;
-      last->is_write = true;
-      last->alloc = !inplace;
-      last->reuse = reuse;
-      last->host = host;
-      last->guest = pos;
-      last->len = cend - pos;
-      last->first = idx;
-      last->count = 1;
-      last->compressed = whole;
-      last->cov_start = cov_start;
-      last->cov_end = cov_end;
-    }
-    pos = cend;
-  }
-  if (req->err)
+  r = classify_write (req);
+  /* Each allocating run's clusters are held on the L2 table before
+   * anything can fail, even when classifying did, so that seg_release
+   * finds the record of every run it releases.
+   */
+  for (unsigned i = 0; i < req->nios; i++)
+    if (req->ios[i].alloc)
+      alloc_hold (req->l2, &req->ios[i].a, req->ios[i].first,
+                  req->ios[i].count);
+  if (r < 0) {
+    req->err = r;
     return true;
+  }
+  assert (req->nios <= nclusters);
 
-  /* Reserve host clusters and register the allocations. */
+  /* Host clusters, compression and COW sources of each run. */
   nwrites = req->nios;
   next_io = &req->ios[nwrites];
   for (unsigned i = 0; i < nwrites && !req->err; i++) {
-    struct req_io *io = &req->ios[i];
-    char *data = req->buf + (io->guest - req->offset);
-    uint64_t gfirst = io->guest & (cs - 1);
-    uint64_t glast = ((io->guest + io->len - 1) & (cs - 1)) + 1;
-    size_t head, tail;
-    char *src;
-    int n = 0;
-
-    if (!io->alloc) {
-      if (!q->data_file
-          && overlap_check (q, META_DATA, io->host, io->len) < 0) {
-        req->err = -EIO;
-        break;
-      }
-      io->iov[0].iov_base = data;
-      io->iov[0].iov_len = io->len;
-      continue;
+    r = prepare_write_run (req, &req->ios[i], &next_io);
+    if (r < 0) {
+      req->err = r;
+      break;
     }
-    if (io->compressed) {
-      /* Compressed on a worker while the COW reads run; start_writes
-       * packs it, or writes it whole when it does not shrink.
-       */
-      int r = start_compress (req, io, data);
-      if (r < 0) {
-        req->err = r;
-        break;
-      }
-      alloc_hold (req->l2, &io->a, io->first, io->count);
-      continue;
-    }
-    head = gfirst - io->cov_start;
-    tail = io->cov_end - glast;
-    if (io->reuse) {
-      if (!q->data_file
-          && overlap_check (q, META_DATA, io->host + io->cov_start,
-                            io->cov_end - io->cov_start) < 0) {
-        req->err = -EIO;
-        break;
-      }
-    }
-    else {
-      /* An external data file has a fixed mapping and no refcounts. */
-      if (q->data_file)
-        io->host = io->guest & ~(cs - 1);
-      else {
-        int r = alloc_clusters (q, io->count, &io->host);
-        if (r < 0) {
-          req->err = r;
-          break;
-        }
-      }
-    }
-    alloc_hold (req->l2, &io->a, io->first, io->count);
-
-    if (q->extl2 && head && tail && io->count == 1) {
-      /* One read serves both ends. */
-      src = cow_source_sc (req, io, 0, io->first, io->cov_start,
-                           io->cov_end, &next_io);
-      if (!src)
-        break;
-      io->iov[n].iov_base = src + io->cov_start;
-      io->iov[n++].iov_len = head;
-      io->iov[n].iov_base = data;
-      io->iov[n++].iov_len = io->len;
-      io->iov[n].iov_base = src + glast;
-      io->iov[n++].iov_len = tail;
-      io->op.iovcnt = n;
-      continue;
-    }
-    if (head) {
-      src = q->extl2
-        ? cow_source_sc (req, io, 0, io->first, io->cov_start, gfirst,
-                         &next_io)
-        : cow_source (req, io, 0, io->first, &next_io);
-      if (!src)
-        break;
-      io->iov[n].iov_base = src + io->cov_start;
-      io->iov[n++].iov_len = head;
-    }
-    io->iov[n].iov_base = data;
-    io->iov[n++].iov_len = io->len;
-    if (tail) {
-      if (!q->extl2 && head && io->count == 1)
-        src = io->cow_buf[0] ? io->cow_buf[0] : q->zero_cluster;
-      else if (q->extl2)
-        src = cow_source_sc (req, io, 1, io->first + io->count - 1, glast,
-                             io->cov_end, &next_io);
-      else
-        src = cow_source (req, io, 1, io->first + io->count - 1, &next_io);
-      if (!src)
-        break;
-      io->iov[n].iov_base = src + glast;
-      io->iov[n++].iov_len = tail;
-    }
-    io->op.iovcnt = n;
   }
   req->nios = (unsigned) (next_io - req->ios);
+  assert (req->nios <= nclusters * 3);
   if (req->err)
     return true;
 
@@ -779,10 +911,13 @@ st_link (struct qcow2_req *req)
   struct cache_entry *e = req->l2;
   bool linked = false;
 
+  /* New entries are linked only after their data is written. */
+  assert (req->outstanding == 0 && !req->err);
   for (unsigned i = 0; i < req->nios; i++) {
     struct req_io *io = &req->ios[i];
     if (!io->alloc)
       continue;
+    assert (io->started);
     if (!linked && flush_active (q)) {
       /* The flusher is writing L2 tables: link when it is done. */
       flush_barrier_wait (q, req);

@@ -137,10 +137,113 @@ zero_cluster_sc (struct qcow2_req *req, uint64_t pos, uint64_t end)
     nent = 0;                   /* no data left: free the host cluster */
   if (nent == ent && nbmp == bmp)
     return false;
+  assert (!flush_active (q));
   if (nent != ent && release_entry (q, ent) < 0)
     qlog (q, LOG_WARNING, "out of memory: a released cluster will leak");
   l2_set (e, idx, nent);
   l2_set_bitmap (e, idx, nbmp);
+  return true;
+}
+
+/* A segment with no L2 table.  Only v2 write-zeroes over a backing file
+ * has work there (v3 gets a table for its zero flags): the backing data
+ * must be hidden by writing zeros.
+ */
+static void
+zero_without_table (struct qcow2_req *req)
+{
+  struct qcow2 *q = req->q;
+  uint64_t cs = q->cluster_size;
+  uint64_t pos = req->seg_off, end = req->seg_off + req->seg_len;
+
+  if (req->type == REQ_DISCARD || !q->backing)
+    return;
+  assert (q->version < 3);
+  if (req->flags & QCOW2_ZERO_FAST) {
+    req->err = -ENOTSUP;
+    return;
+  }
+  while (pos < end && !req->err) {
+    uint64_t cend = (pos & ~(cs - 1)) + cs < end
+      ? (pos & ~(cs - 1)) + cs : end;
+    int r = spawn_zero_write (req, pos, cend - pos);
+    if (r < 0)
+      req->err = r;
+    pos = cend;
+  }
+}
+
+/* What a write-zeroes or discard of a whole cluster leaves in place of
+ * its L2 entry ent, and in *release whether ent's clusters are given back.
+ */
+static uint64_t
+zeroed_entry (const struct qcow2_req *req, uint64_t ent, bool *release)
+{
+  const struct qcow2 *q = req->q;
+  bool no_hole = req->flags & QCOW2_ZERO_NO_HOLE;
+
+  *release = true;
+  if (req->type == REQ_DISCARD)
+    /* With a backing file, v3 keeps the discarded range reading zeros;
+     * v2 cannot say so and lets the backing data show through.
+     */
+    return q->backing && q->version >= 3 ? L2E_ZERO : 0;
+  if (q->version < 3)
+    /* v2 has no zero flag; unallocated clusters read as zeros. */
+    return 0;
+  if (no_hole && entry_is_inplace (q, ent)) {
+    *release = false;
+    return ent | L2E_ZERO;      /* stays allocated, reads as zeros */
+  }
+  if (no_hole && entry_is_zero (q, ent)) {
+    *release = false;
+    return ent;
+  }
+  return L2E_ZERO;
+}
+
+/* Write-zeroes or discard of guest bytes [pos, cend) of one cluster of an
+ * image without extended L2: a whole cluster changes its entry, a partial
+ * one (or a v2 one that stays allocated) is written with zeros
+ * (write-zeroes) or left (discard).  Returns whether the table changed.
+ */
+static bool
+zero_cluster (struct qcow2_req *req, uint64_t pos, uint64_t cend)
+{
+  struct qcow2 *q = req->q;
+  struct cache_entry *e = req->l2;
+  bool discard = req->type == REQ_DISCARD;
+  bool no_hole = req->flags & QCOW2_ZERO_NO_HOLE;
+  uint64_t cs = q->cluster_size;
+  uint32_t idx = (uint32_t) (pos >> q->cluster_bits) & (q->l2_entries - 1);
+  uint64_t ent = l2_get (e, idx);
+  uint64_t cstart = pos & ~(cs - 1);
+  /* The last cluster of a disk whose size is not a multiple of the
+   * cluster size is whole when the range reaches the end of the disk.
+   */
+  bool full = pos == cstart && (cend == cstart + cs || cend == q->size);
+  bool zero = entry_reads_zero (q, ent);
+  uint64_t nent;
+  bool release;
+
+  if (!full || (!discard && q->version < 3 && (no_hole || q->backing)
+                && !zero)) {
+    /* Partial cluster (or v2 keeping the allocation): zeros as data. */
+    if (!discard && !zero) {
+      int r = (req->flags & QCOW2_ZERO_FAST) ? -ENOTSUP
+        : spawn_zero_write (req, pos, cend - pos);
+      if (r < 0)
+        req->err = r;
+    }
+    return false;
+  }
+  nent = zeroed_entry (req, ent, &release);
+  if (nent == ent)
+    return false;
+  assert (!flush_active (q));
+  if (release && release_entry (q, ent) < 0)
+    qlog (q, LOG_WARNING, "out of memory: a released cluster will leak");
+  l2_set (e, idx, nent);
   return true;
 }
 
@@ -150,33 +253,15 @@ zero_entries (struct qcow2_req *req)
 {
   struct qcow2 *q = req->q;
   struct cache_entry *e = req->l2;
-  bool discard = req->type == REQ_DISCARD;
-  bool no_hole = req->flags & QCOW2_ZERO_NO_HOLE;
-  bool fast = req->flags & QCOW2_ZERO_FAST;
   uint64_t cs = q->cluster_size;
   uint64_t pos = req->seg_off, end = req->seg_off + req->seg_len;
   bool changed = false;
 
   if (!e) {
-    /* No table.  Only v2 write-zeroes over a backing file has work: the
-     * backing data must be hidden by writing zeros.
-     */
-    if (discard || !q->backing)
-      return true;
-    if (fast) {
-      req->err = -ENOTSUP;
-      return true;
-    }
-    while (pos < end && !req->err) {
-      uint64_t cend = (pos & ~(cs - 1)) + cs < end
-        ? (pos & ~(cs - 1)) + cs : end;
-      int r = spawn_zero_write (req, pos, cend - pos);
-      if (r < 0)
-        req->err = r;
-      pos = cend;
-    }
+    zero_without_table (req);
     return true;
   }
+  assert (e->ref > 0);          /* the segment pins its table */
   if (!req->zres_on) {
     uint32_t mask = q->l2_entries - 1;
     uint32_t first = (uint32_t) (pos >> q->cluster_bits) & mask;
@@ -189,67 +274,11 @@ zero_entries (struct qcow2_req *req)
     return false;
   }
 
-  while (q->extl2 && pos < end && !req->err) {
-    uint64_t cstart = pos & ~(cs - 1);
-    uint64_t cend = cstart + cs < end ? cstart + cs : end;
-    changed |= zero_cluster_sc (req, pos, cend);
-    pos = cend;
-  }
   while (pos < end && !req->err) {
-    uint32_t idx = (uint32_t) (pos >> q->cluster_bits) & (q->l2_entries - 1);
-    uint64_t ent = l2_get (e, idx);
     uint64_t cstart = pos & ~(cs - 1);
     uint64_t cend = cstart + cs < end ? cstart + cs : end;
-    /* The last cluster of a disk whose size is not a multiple of the
-     * cluster size is whole when the range reaches the end of the disk.
-     */
-    bool full = pos == cstart && (cend == cstart + cs || cend == q->size);
-    bool zero = entry_reads_zero (q, ent);
-    uint64_t nent = ent;
-    bool release = false;
-    int r;
-
-    if (!full || (!discard && q->version < 3 && (no_hole || q->backing)
-                  && !zero)) {
-      /* Partial cluster (or v2 keeping the allocation): zeros as data. */
-      if (!discard && !zero) {
-        r = fast ? -ENOTSUP : spawn_zero_write (req, pos, cend - pos);
-        if (r < 0)
-          req->err = r;
-      }
-      pos = cend;
-      continue;
-    }
-
-    if (discard) {
-      /* With a backing file, v3 keeps the discarded range reading zeros;
-       * v2 cannot say so and lets the backing data show through.
-       */
-      nent = q->backing && q->version >= 3 ? L2E_ZERO : 0;
-      release = true;
-    }
-    else if (q->version >= 3) {
-      if (no_hole && entry_is_inplace (q, ent))
-        nent = ent | L2E_ZERO;  /* stays allocated, reads as zeros */
-      else if (no_hole && entry_is_zero (q, ent))
-        nent = ent;
-      else {
-        nent = L2E_ZERO;
-        release = true;
-      }
-    }
-    else {
-      /* v2 has no zero flag; unallocated clusters read as zeros. */
-      nent = 0;
-      release = true;
-    }
-
-    if (nent != ent) {
-      if (release && release_entry (q, ent) < 0)
-        qlog (q, LOG_WARNING, "out of memory: a released cluster will leak");
-      l2_set (e, idx, nent);
-      changed = true;
-    }
+    changed |= q->extl2 ? zero_cluster_sc (req, pos, cend)
+      : zero_cluster (req, pos, cend);
     pos = cend;
   }
   if (changed)
@@ -285,6 +314,7 @@ punch_data_file (struct qcow2_req *req)
   int r;
 
   assert (q->data_file_raw && req->outstanding == 0);
+  assert (req->zres_on || !req->l2);
   memset (&req->op, 0, sizeof req->op);
   req->op.type = AIO_PUNCH;
   req->op.fd = q->dfd;
