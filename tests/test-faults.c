@@ -31,7 +31,6 @@
 #include <sys/stat.h>
 
 #include "aio-fake.h"
-#include "qcow2-internal.h"
 #include "qcow2-testing.h"
 #include "testlib.h"
 

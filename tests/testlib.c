@@ -7,9 +7,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include "aio.h"
 #include "aio-fake.h"
-#include "qcow2-internal.h"
+#include "qcow2-testing.h"
 #include "testlib.h"
 
 int test_failures;
@@ -259,28 +258,17 @@ const char *const io_kind_names[] = { "data", "L1", "L2", "refcount block",
 enum io_kind
 classify_io (struct qcow2 *q, const struct aio_fake_record *r)
 {
-  uint64_t off = r->offset;
-
   if (r->type == AIO_FSYNC)
     return IO_SYNC;
   if (r->type != AIO_WRITE)
     return IO_OTHER;
-  if (off < q->cluster_size)
-    return IO_HEADER;
-  if (off >= q->l1_offset && off < q->l1_offset + q->l1_size * 8ull)
-    return IO_L1;
-  if (off >= q->reftable_offset
-      && off < q->reftable_offset
-      + ((uint64_t) q->reftable_clusters << q->cluster_bits))
-    return IO_REFTABLE;
-  /* Any slice of an L2 table (they are written back in 4 KiB slices). */
-  for (uint64_t i = 0; i < q->l1_size; i++) {
-    uint64_t l2 = be64toh (q->l1[i]) & L1E_OFFSET_MASK;
-    if (l2 && off >= l2 && off < l2 + q->cluster_size)
-      return IO_L2;
+  switch (qcow2_testing_classify (q, r->offset)) {
+  case QCOW2_TESTING_HEADER: return IO_HEADER;
+  case QCOW2_TESTING_L1: return IO_L1;
+  case QCOW2_TESTING_REFTABLE: return IO_REFTABLE;
+  case QCOW2_TESTING_L2: return IO_L2;
+  case QCOW2_TESTING_REFBLOCK: return IO_REFBLOCK;
+  case QCOW2_TESTING_OTHER: break;
   }
-  for (uint64_t i = 0; i < q->reftable_entries; i++)
-    if ((be64toh (q->reftable[i]) & REFT_OFFSET_MASK) == off)
-      return IO_REFBLOCK;
   return IO_DATA;
 }
