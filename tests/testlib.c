@@ -13,11 +13,12 @@
 
 int test_failures;
 static char dir[256];
+static pid_t dir_owner;          /* not the child processes of run_cases */
 
 static void
 remove_dir (void)
 {
-  if (dir[0] && !getenv ("KEEP_TEST_DIR"))
+  if (dir[0] && getpid () == dir_owner && !getenv ("KEEP_TEST_DIR"))
     shell ("rm -rf '%s'", dir);
 }
 
@@ -31,6 +32,7 @@ test_dir (void)
       perror ("mkdtemp");
       exit (1);
     }
+    dir_owner = getpid ();
     atexit (remove_dir);
   }
   return dir;
@@ -249,6 +251,71 @@ test_exit (void)
     return 1;
   }
   return 0;
+}
+
+/* Run one case in a child; true when it passed. */
+static bool
+run_case (const struct test_case *c)
+{
+  pid_t pid;
+  int st;
+
+  fflush (NULL);                /* or the child prints it again */
+  pid = fork ();
+  if (pid < 0) {
+    perror ("fork");
+    exit (1);
+  }
+  if (pid == 0) {
+    c->run (c->arg);
+    exit (test_exit ());
+  }
+  if (waitpid (pid, &st, 0) < 0) {
+    perror ("waitpid");
+    exit (1);
+  }
+  if (WIFSIGNALED (st))
+    fprintf (stderr, "%s: killed by signal %d\n", c->name, WTERMSIG (st));
+  printf ("%s - %s\n", WIFEXITED (st) && WEXITSTATUS (st) == 0
+          ? "ok" : "not ok", c->name);
+  return WIFEXITED (st) && WEXITSTATUS (st) == 0;
+}
+
+static const struct test_case *
+find_case (const struct test_case *cases, size_t n, const char *name)
+{
+  for (size_t i = 0; i < n; i++)
+    if (strcmp (cases[i].name, name) == 0)
+      return &cases[i];
+  return NULL;
+}
+
+int
+run_cases (int argc, char **argv, const struct test_case *cases, size_t n)
+{
+  unsigned ran = 0, failed = 0;
+
+  if (argc == 2 && strcmp (argv[1], "--list") == 0) {
+    for (size_t i = 0; i < n; i++)
+      printf ("%s\n", cases[i].name);
+    return 0;
+  }
+  for (int i = 1; i < argc; i++)
+    if (!find_case (cases, n, argv[i])) {
+      fprintf (stderr, "%s: no case named %s (--list shows them)\n",
+               argv[0], argv[i]);
+      return 2;
+    }
+  test_dir ();                  /* one directory for all, removed here */
+  if (argc > 1)
+    for (int i = 1; i < argc; i++, ran++)
+      failed += !run_case (find_case (cases, n, argv[i]));
+  else
+    for (size_t i = 0; i < n; i++, ran++)
+      failed += !run_case (&cases[i]);
+  if (failed)
+    fprintf (stderr, "%u of %u case(s) failed\n", failed, ran);
+  return failed ? 1 : 0;
 }
 
 const char *const io_kind_names[] = { "data", "L1", "L2", "refcount block",
