@@ -19,6 +19,9 @@
  * goes on allocating after an allocating write failed (ENOSPC, typically,
  * or EFBIG past a file size limit) and a flush counted the cluster it had
  * reserved.
+ *
+ * Each case has a name and passes or fails alone: test-faults --list
+ * shows them, test-faults NAME... runs those only.
  */
 #include <config.h>
 
