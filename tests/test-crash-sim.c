@@ -54,7 +54,7 @@
 
 #include "aio-fake.h"
 #include "crash-sim.h"
-#include "qcow2-internal.h"
+#include "qcow2-testing.h"
 #include "testlib.h"
 
 enum base_kind {
@@ -699,7 +699,7 @@ run_round (const struct scenario *sc, unsigned round, unsigned states,
     fprintf (stderr, "%s: open: %s\n", sc->name, err);
     exit (1);
   }
-  fd = w.q->fd;
+  fd = qcow2_testing_image_fd (w.q);
 
   /* What the guest sees before the workload. */
   initial = malloc (sc->size);

@@ -19,9 +19,13 @@
  * goes on allocating after an allocating write failed (ENOSPC, typically,
  * or EFBIG past a file size limit) and a flush counted the cluster it had
  * reserved.
+ *
+ * Each case has a name and passes or fails alone: test-faults --list
+ * shows them, test-faults NAME... runs those only.
  */
 #include <config.h>
 
+#include <assert.h>
 #include <errno.h>
 #include <inttypes.h>
 #include <signal.h>
@@ -31,7 +35,6 @@
 #include <sys/stat.h>
 
 #include "aio-fake.h"
-#include "qcow2-internal.h"
 #include "qcow2-testing.h"
 #include "testlib.h"
 
@@ -44,6 +47,20 @@ struct t {
   struct qcow2 *q;
   uint8_t *shadow;              /* what every acknowledged write left */
   unsigned errors;              /* engine LOG_ERR messages */
+};
+
+/* One case: what it does, the error it injects, and for the flush cases
+ * which op of the flush fails and the writes that make the flush issue it.
+ */
+struct fault_case {
+  char name[64];
+  void (*run) (const struct fault_case *c);
+  int err;                      /* a positive errno */
+  enum io_kind kind;            /* the nth op (from 0) of this kind fails */
+  unsigned nth;
+  const char *opts;             /* qemu-img create -o */
+  uint64_t span;                /* the writes before the flush: spread */
+  size_t len;                   /* over span bytes, len bytes each */
 };
 
 static void
@@ -233,13 +250,13 @@ ename (int e)
 
 /* A failing data write: allocating (the old data stays) and in place. */
 static void
-case_data_write (int err)
+case_data_write (const struct fault_case *c)
 {
+  const char *name = c->name;
+  int err = c->err;
   struct t t;
-  char name[64];
   int r;
 
-  snprintf (name, sizeof name, "data-write-%s", ename (err));
   t_start (&t, name, "cluster_size=4096", NULL);
   CHECK (t_write (&t, 8192, 8192, 1) == 0, "%s: first write", name);
 
@@ -263,17 +280,18 @@ case_data_write (int err)
  * of a partial write over a backing file.
  */
 static void
-case_reads (int err)
+case_reads (const struct fault_case *c)
 {
+  const char *name = c->name;
+  int err = c->err;
   struct t t;
-  char name[64], raw[64];
+  char raw[80];
   uint8_t *buf = malloc (65536);
   int r;
 
   if (!buf)
     exit (1);
-  snprintf (name, sizeof name, "reads-%s", ename (err));
-  snprintf (raw, sizeof raw, "reads-%s.raw", ename (err));
+  snprintf (raw, sizeof raw, "%s.raw", name);
   t_start (&t, name, "cluster_size=4096", raw);
   CHECK (t_write (&t, 4096, 4096, 1) == 0, "%s: write", name);
 
@@ -329,20 +347,19 @@ case_reads (int err)
  * are chosen so that the flush has such an op.
  */
 static void
-case_flush (enum io_kind k, unsigned nth, int err, const char *opts,
-            uint64_t span, size_t len)
+case_flush (const struct fault_case *c)
 {
+  const char *name = c->name;
+  enum io_kind k = c->kind;
+  unsigned nth = c->nth;
+  int err = c->err;
+  uint64_t span = c->span;
+  size_t len = c->len;
   struct t t;
-  char name[96];
   bool hit;
   int r;
 
-  snprintf (name, sizeof name, "flush-%s%u-%s", io_kind_names[k], nth,
-            ename (err));
-  for (char *p = name; *p; p++)
-    if (*p == ' ')
-      *p = '_';
-  t_start (&t, name, opts, NULL);
+  t_start (&t, name, c->opts, NULL);
   /* Allocations spread over span bytes of disk: new L2 tables, new
    * refcount blocks, refcount table entries.
    */
@@ -399,14 +416,14 @@ case_flush (enum io_kind k, unsigned nth, int err, const char *opts,
  * refcount block write there fails the flush, a failing punch does not.
  */
 static void
-case_discard (int err)
+case_discard (const struct fault_case *c)
 {
+  const char *name = c->name;
+  int err = c->err;
   struct t t;
-  char name[64];
   bool hit;
   int r;
 
-  snprintf (name, sizeof name, "discard-%s", ename (err));
   t_start (&t, name, "cluster_size=4096", NULL);
   CHECK (t_write (&t, 0, 65536, 1) == 0, "%s: write", name);
   CHECK (t_write (&t, 1 << 20, 65536, 2) == 0, "%s: write", name);
@@ -442,13 +459,13 @@ case_discard (int err)
  * although nothing was written there.  Close, reopen, write again.
  */
 static void
-case_reopen_after_failed_alloc (int err)
+case_reopen_after_failed_alloc (const struct fault_case *c)
 {
+  const char *name = c->name;
+  int err = c->err;
   struct t t;
-  char name[64];
   int r;
 
-  snprintf (name, sizeof name, "reopen-after-failed-alloc-%s", ename (err));
   t_start (&t, name, "cluster_size=4096", NULL);
   CHECK (t_write (&t, 0, 4096, 1) == 0, "%s: write", name);
   CHECK (sync_flush (t.q) == 0, "%s: flush", name);
@@ -488,9 +505,9 @@ case_reopen_after_failed_alloc (int err)
  * the server is started again and writes on.
  */
 static void
-case_reopen_after_efbig (void)
+case_reopen_after_efbig (const struct fault_case *c)
 {
-  const char *name = "reopen-after-efbig";
+  const char *name = c->name;
   struct rlimit old_lim, lim;
   struct stat st;
   struct t t;
@@ -526,7 +543,6 @@ case_reopen_after_efbig (void)
   t_open (&t, true);
   CHECK (t_equals (&t), "%s: contents", name);
   t_close (&t);
-  printf ("%s - %s\n", r == 0 || r == 3 ? "ok" : "not ok", name);
   free (t.shadow);
   free (t.path);
 }
@@ -538,13 +554,13 @@ case_reopen_after_efbig (void)
  * failed run now keeps what it did not apply for the next one.
  */
 static void
-case_requeue_nomem (void)
+case_requeue_nomem (const struct fault_case *c)
 {
   struct t t;
   bool hit;
   int r;
 
-  t_start (&t, "requeue-nomem", "cluster_size=4096", NULL);
+  t_start (&t, c->name, "cluster_size=4096", NULL);
   CHECK (t_write (&t, 1 << 20, 3 * 4096, 77) == 0, "%s: write", t.name);
   CHECK (t_write (&t, 2 << 20, 5 * 4096, 78) == 0, "%s: write", t.name);
   qcow2_testing_fail_extent_add (1);
@@ -555,44 +571,129 @@ case_requeue_nomem (void)
   t_finish (&t);
 }
 
-int
-main (void)
-{
-  require_qemu_img ();
-  case_requeue_nomem ();
-  for (unsigned i = 0; i < 2; i++) {
-    int e = errs[i];
-    unsigned before = (unsigned) test_failures;
+/* The flush cases, each run with each error.  variant tells apart two
+ * cases that fail the same op under different options.
+ */
+static const struct {
+  enum io_kind kind;
+  unsigned nth;
+  const char *variant;
+  const char *opts;
+  uint64_t span;
+  size_t len;
+} flush_cases[] = {
+  /* 4 KiB clusters, 4 MiB disk: two L2 tables, one refcount block. */
+  { IO_REFBLOCK, 0, NULL, "cluster_size=4096", SIZE, 2048 },
+  { IO_L2, 0, NULL, "cluster_size=4096", SIZE, 2048 },
+  { IO_L2, 1, NULL, "cluster_size=4096", SIZE, 2048 },
+  { IO_L1, 0, NULL, "cluster_size=4096", SIZE, 2048 },
+  /* 512-byte clusters: refcount blocks cover 128 KiB of file, so the
+   * writes need new ones, and an in-place refcount table update.
+   */
+  { IO_REFTABLE, 0, "c512", "cluster_size=512", SIZE, 16384 },
+  { IO_REFBLOCK, 1, "c512", "cluster_size=512", SIZE, 16384 },
+  /* The syncs: after refcount blocks, after L2, after L1. */
+  { IO_SYNC, 0, NULL, "cluster_size=4096", SIZE, 2048 },
+  { IO_SYNC, 1, NULL, "cluster_size=4096", SIZE, 2048 },
+  { IO_SYNC, 2, NULL, "cluster_size=4096", SIZE, 2048 },
+  /* 64-bit refcounts at 512 bytes: the one-cluster refcount table
+   * covers 2 MiB of file; 2.5 MiB of writes make it move, and the
+   * header is rewritten to point at the new one.
+   */
+  { IO_REFTABLE, 0, "moved", "cluster_size=512,refcount_bits=64", SIZE,
+    160 << 10 },
+  { IO_HEADER, 0, "moved", "cluster_size=512,refcount_bits=64", SIZE,
+    160 << 10 },
+};
+#define N_FLUSH (sizeof flush_cases / sizeof flush_cases[0])
 
-    case_data_write (e);
-    case_reads (e);
-    /* 4 KiB clusters, 4 MiB disk: two L2 tables, one refcount block. */
-    case_flush (IO_REFBLOCK, 0, e, "cluster_size=4096", SIZE, 2048);
-    case_flush (IO_L2, 0, e, "cluster_size=4096", SIZE, 2048);
-    case_flush (IO_L2, 1, e, "cluster_size=4096", SIZE, 2048);
-    case_flush (IO_L1, 0, e, "cluster_size=4096", SIZE, 2048);
-    /* 512-byte clusters: refcount blocks cover 128 KiB of file, so the
-     * writes need new ones, and an in-place refcount table update.
-     */
-    case_flush (IO_REFTABLE, 0, e, "cluster_size=512", SIZE, 16384);
-    case_flush (IO_REFBLOCK, 1, e, "cluster_size=512", SIZE, 16384);
-    /* The syncs: after refcount blocks, after L2, after L1. */
-    case_flush (IO_SYNC, 0, e, "cluster_size=4096", SIZE, 2048);
-    case_flush (IO_SYNC, 1, e, "cluster_size=4096", SIZE, 2048);
-    case_flush (IO_SYNC, 2, e, "cluster_size=4096", SIZE, 2048);
-    /* 64-bit refcounts at 512 bytes: the one-cluster refcount table
-     * covers 2 MiB of file; 2.5 MiB of writes make it move, and the
-     * header is rewritten to point at the new one.
-     */
-    case_flush (IO_REFTABLE, 0, e, "cluster_size=512,refcount_bits=64", SIZE,
-                160 << 10);
-    case_flush (IO_HEADER, 0, e, "cluster_size=512,refcount_bits=64", SIZE,
-                160 << 10);
-    case_discard (e);
-    case_reopen_after_failed_alloc (e);
-    printf ("%s - faults with %s\n",
-            (unsigned) test_failures == before ? "ok" : "not ok", ename (e));
+/* The cases run with each error, in order; "flush" stands for one case
+ * per line of flush_cases.
+ */
+static const struct {
+  const char *name;
+  void (*run) (const struct fault_case *c);
+} err_cases[] = {
+  { "data-write", case_data_write },
+  { "reads", case_reads },
+  { "flush", case_flush },
+  { "discard", case_discard },
+  { "reopen-after-failed-alloc", case_reopen_after_failed_alloc },
+};
+#define N_ERR_CASES (sizeof err_cases / sizeof err_cases[0])
+#define N_CASES (2 + 2 * (N_ERR_CASES - 1 + N_FLUSH))
+
+static void
+run_fault_case (const void *arg)
+{
+  const struct fault_case *c = arg;
+  c->run (c);
+}
+
+/* A flush case's name: flush-KIND-NTH[-VARIANT]-ERROR. */
+static void
+name_flush_case (struct fault_case *c, const char *variant)
+{
+  char kind[32];
+
+  snprintf (kind, sizeof kind, "%s", io_kind_names[c->kind]);
+  for (char *p = kind; *p; p++)
+    if (*p == ' ')
+      *p = '_';
+  snprintf (c->name, sizeof c->name, "flush-%s-%u%s%s-%s", kind, c->nth,
+            variant ? "-" : "", variant ? variant : "", ename (c->err));
+}
+
+/* The flush cases with error err, from fc[0] on; returns their number. */
+static size_t
+make_flush_cases (struct fault_case *fc, int err)
+{
+  for (size_t f = 0; f < N_FLUSH; f++) {
+    fc[f] = (struct fault_case) {
+      .run = case_flush, .err = err, .kind = flush_cases[f].kind,
+      .nth = flush_cases[f].nth, .opts = flush_cases[f].opts,
+      .span = flush_cases[f].span, .len = flush_cases[f].len,
+    };
+    name_flush_case (&fc[f], flush_cases[f].variant);
   }
-  case_reopen_after_efbig ();
-  return test_exit ();
+  return N_FLUSH;
+}
+
+/* Every case, in the order they run; returns their number. */
+static size_t
+make_cases (struct fault_case *fc)
+{
+  size_t n = 0;
+
+  fc[n++] = (struct fault_case) { .name = "requeue-nomem",
+                                  .run = case_requeue_nomem };
+  for (unsigned e = 0; e < 2; e++)
+    for (unsigned i = 0; i < N_ERR_CASES; i++) {
+      if (err_cases[i].run == case_flush) {
+        n += make_flush_cases (fc + n, errs[e]);
+        continue;
+      }
+      fc[n] = (struct fault_case) { .run = err_cases[i].run, .err = errs[e] };
+      snprintf (fc[n].name, sizeof fc[n].name, "%s-%s", err_cases[i].name,
+                ename (errs[e]));
+      n++;
+    }
+  fc[n++] = (struct fault_case) { .name = "reopen-after-efbig",
+                                  .run = case_reopen_after_efbig };
+  return n;
+}
+
+int
+main (int argc, char **argv)
+{
+  static struct fault_case fc[N_CASES];
+  static struct test_case tc[N_CASES];
+  size_t n = make_cases (fc);
+
+  assert (n == N_CASES);
+  for (size_t i = 0; i < n; i++)
+    tc[i] = (struct test_case) { fc[i].name, run_fault_case, &fc[i] };
+  if (!(argc == 2 && strcmp (argv[1], "--list") == 0))
+    require_qemu_img ();
+  return run_cases (argc, argv, tc, n);
 }

@@ -10,7 +10,6 @@
 #include <string.h>
 
 #include "aio-fake.h"
-#include "qcow2-internal.h"
 #include "testlib.h"
 
 int

@@ -7,18 +7,18 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include "aio.h"
 #include "aio-fake.h"
-#include "qcow2-internal.h"
+#include "qcow2-testing.h"
 #include "testlib.h"
 
 int test_failures;
 static char dir[256];
+static pid_t dir_owner;          /* not the child processes of run_cases */
 
 static void
 remove_dir (void)
 {
-  if (dir[0] && !getenv ("KEEP_TEST_DIR"))
+  if (dir[0] && getpid () == dir_owner && !getenv ("KEEP_TEST_DIR"))
     shell ("rm -rf '%s'", dir);
 }
 
@@ -32,6 +32,7 @@ test_dir (void)
       perror ("mkdtemp");
       exit (1);
     }
+    dir_owner = getpid ();
     atexit (remove_dir);
   }
   return dir;
@@ -252,6 +253,71 @@ test_exit (void)
   return 0;
 }
 
+/* Run one case in a child; true when it passed. */
+static bool
+run_case (const struct test_case *c)
+{
+  pid_t pid;
+  int st;
+
+  fflush (NULL);                /* or the child prints it again */
+  pid = fork ();
+  if (pid < 0) {
+    perror ("fork");
+    exit (1);
+  }
+  if (pid == 0) {
+    c->run (c->arg);
+    exit (test_exit ());
+  }
+  if (waitpid (pid, &st, 0) < 0) {
+    perror ("waitpid");
+    exit (1);
+  }
+  if (WIFSIGNALED (st))
+    fprintf (stderr, "%s: killed by signal %d\n", c->name, WTERMSIG (st));
+  printf ("%s - %s\n", WIFEXITED (st) && WEXITSTATUS (st) == 0
+          ? "ok" : "not ok", c->name);
+  return WIFEXITED (st) && WEXITSTATUS (st) == 0;
+}
+
+static const struct test_case *
+find_case (const struct test_case *cases, size_t n, const char *name)
+{
+  for (size_t i = 0; i < n; i++)
+    if (strcmp (cases[i].name, name) == 0)
+      return &cases[i];
+  return NULL;
+}
+
+int
+run_cases (int argc, char **argv, const struct test_case *cases, size_t n)
+{
+  unsigned ran = 0, failed = 0;
+
+  if (argc == 2 && strcmp (argv[1], "--list") == 0) {
+    for (size_t i = 0; i < n; i++)
+      printf ("%s\n", cases[i].name);
+    return 0;
+  }
+  for (int i = 1; i < argc; i++)
+    if (!find_case (cases, n, argv[i])) {
+      fprintf (stderr, "%s: no case named %s (--list shows them)\n",
+               argv[0], argv[i]);
+      return 2;
+    }
+  test_dir ();                  /* one directory for all, removed here */
+  if (argc > 1)
+    for (int i = 1; i < argc; i++, ran++)
+      failed += !run_case (find_case (cases, n, argv[i]));
+  else
+    for (size_t i = 0; i < n; i++, ran++)
+      failed += !run_case (&cases[i]);
+  if (failed)
+    fprintf (stderr, "%u of %u case(s) failed\n", failed, ran);
+  return failed ? 1 : 0;
+}
+
 const char *const io_kind_names[] = { "data", "L1", "L2", "refcount block",
                                       "refcount table", "header",
                                       "fdatasync", "other" };
@@ -259,28 +325,17 @@ const char *const io_kind_names[] = { "data", "L1", "L2", "refcount block",
 enum io_kind
 classify_io (struct qcow2 *q, const struct aio_fake_record *r)
 {
-  uint64_t off = r->offset;
-
   if (r->type == AIO_FSYNC)
     return IO_SYNC;
   if (r->type != AIO_WRITE)
     return IO_OTHER;
-  if (off < q->cluster_size)
-    return IO_HEADER;
-  if (off >= q->l1_offset && off < q->l1_offset + q->l1_size * 8ull)
-    return IO_L1;
-  if (off >= q->reftable_offset
-      && off < q->reftable_offset
-      + ((uint64_t) q->reftable_clusters << q->cluster_bits))
-    return IO_REFTABLE;
-  /* Any slice of an L2 table (they are written back in 4 KiB slices). */
-  for (uint64_t i = 0; i < q->l1_size; i++) {
-    uint64_t l2 = be64toh (q->l1[i]) & L1E_OFFSET_MASK;
-    if (l2 && off >= l2 && off < l2 + q->cluster_size)
-      return IO_L2;
+  switch (qcow2_testing_classify (q, r->offset)) {
+  case QCOW2_TESTING_HEADER: return IO_HEADER;
+  case QCOW2_TESTING_L1: return IO_L1;
+  case QCOW2_TESTING_REFTABLE: return IO_REFTABLE;
+  case QCOW2_TESTING_L2: return IO_L2;
+  case QCOW2_TESTING_REFBLOCK: return IO_REFBLOCK;
+  case QCOW2_TESTING_OTHER: break;
   }
-  for (uint64_t i = 0; i < q->reftable_entries; i++)
-    if ((be64toh (q->reftable[i]) & REFT_OFFSET_MASK) == off)
-      return IO_REFBLOCK;
   return IO_DATA;
 }

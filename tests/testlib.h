@@ -62,6 +62,12 @@ bool qemu_img_compare (const char *path, const uint8_t *shadow,
 uint64_t rnd (void);
 void fill_pattern (uint8_t *buf, size_t len, uint64_t seed);
 
+static inline uint64_t
+round_up (uint64_t v, uint64_t a)
+{
+  return (v + a - 1) / a * a;
+}
+
 /* What an op recorded by the fake backend touched, for the tests of write
  * ordering and of faults in the flusher.
  */
@@ -74,5 +80,26 @@ extern const char *const io_kind_names[];
 enum io_kind classify_io (struct qcow2 *q, const struct aio_fake_record *r);
 
 int test_exit (void);
+
+/* A test made of named cases that run and fail one by one.  Each case runs
+ * in a child process of its own, so that a case that exits or aborts in the
+ * middle (an assert of the engine, a setup step that cannot go on) fails
+ * alone; inside a case CHECK keeps going as everywhere.
+ *
+ *   prog             every case, in order
+ *   prog NAME...     those cases, in the order given
+ *   prog --list      the names, one a line
+ *
+ * One line per case on stdout, "ok - NAME" or "not ok - NAME"; returns the
+ * exit status for main: 0 when every case passed.  (In gdb, "set
+ * follow-fork-mode child" follows the case.)
+ */
+struct test_case {
+  const char *name;
+  void (*run) (const void *arg);
+  const void *arg;
+};
+int run_cases (int argc, char **argv, const struct test_case *cases,
+               size_t n);
 
 #endif
