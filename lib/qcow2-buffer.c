@@ -7,7 +7,7 @@
 #include "qcow2-internal.h"
 
 void *
-aligned_alloc_zero (size_t size)
+buffer_alloc_zero (size_t size)
 {
   void *p;
   if (posix_memalign (&p, BUF_ALIGN, round_up (size ? size : 1, BUF_ALIGN)))

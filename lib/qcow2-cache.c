@@ -65,7 +65,7 @@ cache_free (struct cache *c)
       /* Freed at close, after every request ended: nothing holds an
        * entry, waits on one or has a claim on one.
        */
-      assert (c->e[i].ref == 0 && !c->e[i].allocs
+      assert (c->e[i].ref == 0 && !c->e[i].claims
               && !c->e[i].waiters.head);
       free (c->e[i].buf);
     }
@@ -236,7 +236,7 @@ take_victim (struct cache *c, struct qcow2_req *req, int *err)
 
   if (clean) {
     if (!clean->buf) {
-      clean->buf = aligned_alloc_zero (c->entry_bytes);
+      clean->buf = buffer_alloc_zero (c->entry_bytes);
       if (!clean->buf) {
         *err = -ENOMEM;
         return NULL;
@@ -245,7 +245,7 @@ take_victim (struct cache *c, struct qcow2_req *req, int *err)
     if (clean->offset)
       hash_remove (c, clean);
     clean->offset = 0;
-    clean->allocs = NULL;
+    clean->claims = NULL;
     clean->load_err = 0;
     return clean;
   }

@@ -10,32 +10,32 @@
 #include "qcow2-internal.h"
 
 void
-alloc_hold (struct cache_entry *e, struct alloc *a, uint32_t first,
-            uint32_t count)
+claim_add (struct cache_entry *e, struct claim *a, uint32_t first,
+           uint32_t count)
 {
   a->first = first;
   a->count = count;
   a->waiters.head = a->waiters.tail = NULL;
-  a->next = e->allocs;
-  e->allocs = a;
+  a->next = e->claims;
+  e->claims = a;
 }
 
 void
-alloc_release (struct qcow2 *q, struct cache_entry *e, struct alloc *a)
+claim_drop (struct qcow2 *q, struct cache_entry *e, struct claim *a)
 {
-  struct alloc **p = &e->allocs;
+  struct claim **p = &e->claims;
   while (*p && *p != a)
     p = &(*p)->next;
-  /* Only a claim made with alloc_hold on this entry is dropped, once. */
+  /* Only a claim made with claim_add on this entry is dropped, once. */
   assert (*p == a);
   *p = a->next;
   waitq_wake_all (q, &a->waiters);
 }
 
-struct alloc *
-alloc_find (struct cache_entry *e, uint32_t first, uint32_t last)
+struct claim *
+claim_find (struct cache_entry *e, uint32_t first, uint32_t last)
 {
-  for (struct alloc *a = e->allocs; a; a = a->next)
+  for (struct claim *a = e->claims; a; a = a->next)
     if (a->first <= last && first < a->first + a->count)
       return a;
   return NULL;

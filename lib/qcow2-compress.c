@@ -99,8 +99,8 @@ zstd_cluster (const void *in, size_t inlen, void *out, size_t outlen)
 #endif
 
 int
-decompress_cluster (const struct qcow2 *q, const void *in, size_t inlen,
-                    void *out)
+compressed_decode (const struct qcow2 *q, const void *in, size_t inlen,
+                   void *out)
 {
   switch (q->compression_type) {
   case 0:

@@ -12,7 +12,7 @@
 #include "qcow2-internal.h"
 
 int
-signal_corruption (struct qcow2 *q, const char *fmt, ...)
+corrupt_signal (struct qcow2 *q, const char *fmt, ...)
 {
   char msg[400];
   va_list ap;
@@ -36,7 +36,7 @@ signal_corruption (struct qcow2 *q, const char *fmt, ...)
 
 /* Host offsets read from the image are untrusted. */
 int
-check_host_cluster (struct qcow2 *q, uint64_t off, const char *what)
+corrupt_check_cluster (struct qcow2 *q, uint64_t off, const char *what)
 {
   if ((off & (q->cluster_size - 1)) || off < q->cluster_size
       || off >= q->alloc_end) {

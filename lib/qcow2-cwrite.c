@@ -3,8 +3,8 @@
  * With compression on (backup-style exports), a write that covers a whole
  * cluster stores it compressed.  The compression itself (cw_compress) runs
  * on a worker thread (qcow2-rw.c hands it to the I/O backend as a call);
- * packing (cw_pack) runs on the loop.  Compressed clusters are packed byte by byte
- * into one host cluster held in memory; the file only sees that cluster
+ * packing (cw_pack) runs on the loop.  Compressed clusters are packed byte
+ * by byte into one host cluster held in memory; the file only sees that cluster
  * written whole, when it is full (sealed) or when a flush needs it on disk.
  * Each compressed cluster adds one reference to the host cluster that holds
  * it, as qcow2 counts them.  The buffer holds one reference of its own
@@ -118,9 +118,9 @@ sealed_done (struct aio_op *op, int64_t ret)
   struct qcow2 *q = b->q;
 
   if (ret < 0)
-    signal_corruption (q, "writing a cluster of compressed data at 0x%llx: "
-                       "%s", (unsigned long long) b->host,
-                       strerror ((int) -ret));
+    corrupt_signal (q, "writing a cluster of compressed data at 0x%llx: "
+                    "%s", (unsigned long long) b->host,
+                    strerror ((int) -ret));
   else
     retire_ref (q, b->host);
   b->writes--;
@@ -181,8 +181,8 @@ seal (struct qcow2 *q)
   r = submit_write (q, b, &b->sop, &b->siov, sealed_done);
   if (r < 0) {
     maybe_free (q, b);
-    return signal_corruption (q, "cannot write compressed data: %s",
-                              strerror (-r));
+    return corrupt_signal (q, "cannot write compressed data: %s",
+                           strerror (-r));
   }
   return 0;
 }
@@ -212,7 +212,7 @@ cw_pack (struct qcow2 *q, const void *cdata, size_t n, uint64_t *desc)
     struct cw_buf *b = calloc (1, sizeof *b);
     r = -ENOMEM;
     if (b)
-      b->buf = aligned_alloc_zero (cs);
+      b->buf = buffer_alloc_zero (cs);
     if (!b || !b->buf || (r = alloc_clusters (q, 1, &b->host)) < 0) {
       if (b)
         free (b->buf);

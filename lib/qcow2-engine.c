@@ -50,10 +50,10 @@ static const struct seg_ops *
 seg_ops_of (enum req_type type)
 {
   switch (type) {
-  case REQ_READ: return &read_seg_ops;
-  case REQ_WRITE: return &write_seg_ops;
-  case REQ_ZERO: case REQ_DISCARD: return &zero_seg_ops;
-  case REQ_STATUS: return &status_seg_ops;
+  case REQ_READ: return &rw_read_ops;
+  case REQ_WRITE: return &rw_write_ops;
+  case REQ_ZERO: case REQ_DISCARD: return &zero_ops;
+  case REQ_STATUS: return &zero_status_ops;
   default: return NULL;
   }
 }

@@ -43,8 +43,8 @@ entry_reads_zero (const struct qcow2 *q, uint64_t ent)
 }
 
 enum sc_kind
-cluster_status (const struct qcow2 *q, uint64_t ent, uint64_t bmp,
-                uint64_t coff, uint64_t *run_end)
+entry_status (const struct qcow2 *q, uint64_t ent, uint64_t bmp,
+              uint64_t coff, uint64_t *run_end)
 {
   unsigned x, bits;
 
@@ -71,7 +71,7 @@ cluster_status (const struct qcow2 *q, uint64_t ent, uint64_t bmp,
 }
 
 uint64_t
-sc_mask (const struct qcow2 *q, uint64_t lo, uint64_t hi)
+entry_sc_mask (const struct qcow2 *q, uint64_t lo, uint64_t hi)
 {
   unsigned a = (unsigned) (lo >> q->sc_bits);
   unsigned b = (unsigned) ((hi + q->sc_size - 1) >> q->sc_bits);
@@ -81,7 +81,7 @@ sc_mask (const struct qcow2 *q, uint64_t lo, uint64_t hi)
 }
 
 int
-release_entry (struct qcow2 *q, uint64_t ent)
+entry_release (struct qcow2 *q, uint64_t ent)
 {
   if (ent & L2E_COMPRESSED)
     return compressed_release (q, ent);

@@ -117,6 +117,9 @@ struct flusher {
   struct extent_list carry_incs, carry_decs;
 };
 
+static void flush_note_io (struct qcow2 *q, int64_t ret);
+static void flush_step (struct qcow2 *q);
+
 /* The flusher runs on the request loop as a request of its own. */
 static void
 flusher_run (struct qcow2_req *req)
@@ -164,12 +167,6 @@ flush_active (const struct qcow2 *q)
   return q->flusher->active;
 }
 
-bool
-flush_idle (const struct qcow2 *q)
-{
-  return q->flusher->state == FL_IDLE;
-}
-
 void
 flush_set_full (struct qcow2 *q)
 {
@@ -183,7 +180,7 @@ flush_wait (struct qcow2 *q, struct qcow2_req *req)
   if (fl->state == FL_IDLE) {
     waitq_push (&fl->cur, req);
     fl->state = FL_START;
-    req_wake (&fl->req);
+    waitq_wake (&fl->req);
   }
   else
     waitq_push (&fl->next, req);
@@ -195,7 +192,7 @@ flush_barrier_wait (struct qcow2 *q, struct qcow2_req *req)
   waitq_push (&q->flusher->barrier, req);
 }
 
-void
+static void
 flush_note_io (struct qcow2 *q, int64_t ret)
 {
   struct flusher *fl = q->flusher;
@@ -203,7 +200,7 @@ flush_note_io (struct qcow2 *q, int64_t ret)
     fl->err = (int) ret;
   if (--fl->outstanding == 0 && fl->waiting_io) {
     fl->waiting_io = false;
-    req_wake (&fl->req);
+    waitq_wake (&fl->req);
   }
 }
 
@@ -295,7 +292,7 @@ grow_reftable (struct qcow2 *q, uint64_t need)
           MAX_REFTABLE_BYTES * 4);
     return -EFBIG;
   }
-  t = aligned_alloc_zero (clusters * cs);
+  t = buffer_alloc_zero (clusters * cs);
   if (!t)
     return -ENOMEM;
   if (own_alloc (q, clusters, &off) < 0) {
@@ -354,7 +351,7 @@ punch_done (struct aio_op *op, int64_t ret)
   q->flusher->outstanding--;
   if (q->flusher->outstanding == 0 && q->flusher->waiting_io) {
     q->flusher->waiting_io = false;
-    req_wake (&q->flusher->req);
+    waitq_wake (&q->flusher->req);
   }
 }
 
@@ -454,8 +451,8 @@ make_reusable (struct qcow2 *q)
   for (uint32_t i = 0; i < q->l1_size; i++) {
     uint64_t l2 = be64toh (q->l1[i]) & L1E_OFFSET_MASK;
     if (l2 && in_extents (q, r->v, r->n, l2)) {
-      signal_corruption (q, "the L2 table at 0x%llx has a refcount of zero",
-                         (unsigned long long) l2);
+      corrupt_signal (q, "the L2 table at 0x%llx has a refcount of zero",
+                      (unsigned long long) l2);
       r->n = 0;
       return;
     }
@@ -495,9 +492,9 @@ apply_work (struct qcow2 *q)
     }
     if (rbi >= q->reftable_entries) {
       if (fl->decrement)
-        return signal_corruption (q, "freeing cluster 0x%llx outside the "
-                                  "refcount table",
-                                  (unsigned long long) c);
+        return corrupt_signal (q, "freeing cluster 0x%llx outside the "
+                               "refcount table",
+                               (unsigned long long) c);
       r = grow_reftable (q, rbi);
       if (r < 0)
         return r;
@@ -506,8 +503,8 @@ apply_work (struct qcow2 *q)
     rboff = be64toh (q->reftable[rbi]) & REFT_OFFSET_MASK;
     if (rboff == 0) {
       if (fl->decrement)
-        return signal_corruption (q, "freeing cluster 0x%llx that has no "
-                                  "refcount block", (unsigned long long) c);
+        return corrupt_signal (q, "freeing cluster 0x%llx that has no "
+                               "refcount block", (unsigned long long) c);
       r = cache_get_empty (&q->rbc, &fl->req, &e);
       if (r != CACHE_READY)
         return r < 0 ? r : 0;
@@ -528,8 +525,8 @@ apply_work (struct qcow2 *q)
     }
     else {
       if ((rboff & (q->cluster_size - 1)) || rboff >= q->alloc_end)
-        return signal_corruption (q, "refcount block offset 0x%llx is "
-                                  "invalid", (unsigned long long) rboff);
+        return corrupt_signal (q, "refcount block offset 0x%llx is "
+                               "invalid", (unsigned long long) rboff);
       r = cache_get (&q->rbc, rboff, &fl->req, &e);
       if (r != CACHE_READY)
         return r < 0 ? r : 0;
@@ -544,9 +541,9 @@ apply_work (struct qcow2 *q)
       if (fl->decrement) {
         if (v == 0) {
           cache_put (e);
-          return signal_corruption (q, "refcount of cluster 0x%llx would "
-                                    "drop below zero",
-                                    (unsigned long long) ((c + i)
+          return corrupt_signal (q, "refcount of cluster 0x%llx would "
+                                 "drop below zero",
+                                 (unsigned long long) ((c + i)
                                                           << q->cluster_bits));
         }
         v--;
@@ -556,9 +553,9 @@ apply_work (struct qcow2 *q)
       else {
         if (v == q->refcount_max) {
           cache_put (e);
-          return signal_corruption (q, "refcount of cluster 0x%llx "
-                                    "overflows", (unsigned long long)
-                                    ((c + i) << q->cluster_bits));
+          return corrupt_signal (q, "refcount of cluster 0x%llx "
+                                 "overflows", (unsigned long long)
+                                 ((c + i) << q->cluster_bits));
         }
         v++;
       }
@@ -946,7 +943,7 @@ step_done (struct qcow2 *q)
     fl->cur = fl->next;
     fl->next.head = fl->next.tail = NULL;
     fl->state = FL_START;
-    req_wake (&fl->req);
+    waitq_wake (&fl->req);
   }
   else
     fl->state = FL_IDLE;
@@ -999,7 +996,7 @@ fail_run (struct qcow2 *q)
 }
 
 /* One step of a run: returns when blocked or idle. */
-void
+static void
 flush_step (struct qcow2 *q)
 {
   struct flusher *fl = q->flusher;

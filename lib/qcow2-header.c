@@ -69,8 +69,8 @@ feature_name (const uint8_t *buf, size_t len, size_t ext_start, unsigned bit,
 }
 
 int
-in_file (const char *what, uint64_t off, uint64_t len, uint64_t file_size,
-         char *err, size_t errlen)
+header_in_file (const char *what, uint64_t off, uint64_t len,
+                uint64_t file_size, char *err, size_t errlen)
 {
   if (off < file_size && len <= file_size - off)
     return 0;
@@ -79,8 +79,8 @@ in_file (const char *what, uint64_t off, uint64_t len, uint64_t file_size,
 }
 
 int
-l1_in_file (const char *what, const uint64_t *l1, uint32_t n,
-            uint64_t file_size, char *err, size_t errlen)
+header_l1_in_file (const char *what, const uint64_t *l1, uint32_t n,
+                   uint64_t file_size, char *err, size_t errlen)
 {
   char name[80];
 
@@ -91,7 +91,7 @@ l1_in_file (const char *what, const uint64_t *l1, uint32_t n,
      */
     if (off && off >= file_size) {
       snprintf (name, sizeof name, "%sL2 table", what);
-      return in_file (name, off, 1, file_size, err, errlen);
+      return header_in_file (name, off, 1, file_size, err, errlen);
     }
   }
   return 0;
@@ -210,12 +210,13 @@ check_tables (struct qcow2 *q, uint64_t file_size, char *err, size_t errlen)
 {
   uint64_t cs = q->cluster_size, l1_bytes, l1_need, coverage, reft_bytes;
 
-  q->l2_bits = q->cluster_bits - (q->extl2 ? 4 : 3);
-  q->l1_shift = q->cluster_bits + q->l2_bits;
-  q->l2_slice_bytes = q->cluster_size;      /* qcow2-open.c may slice */
+  /* One L1 entry maps a whole table; what the cache holds of one (the
+   * slice geometry, l2_bits) is qcow2-open.c's choice.
+   */
+  q->l1_shift = 2 * q->cluster_bits - (q->extl2 ? 4 : 3);
   q->sc_bits = q->extl2 ? q->cluster_bits - 5 : q->cluster_bits;
   q->sc_size = 1u << q->sc_bits;
-  coverage = (uint64_t) 1 << (q->cluster_bits + q->l2_bits);
+  coverage = (uint64_t) 1 << q->l1_shift;
   l1_bytes = (uint64_t) q->l1_size * 8;
   if (l1_bytes > MAX_L1_BYTES)
     return fail (err, errlen, -EFBIG, "L1 table too large (%" PRIu32
@@ -230,8 +231,8 @@ check_tables (struct qcow2 *q, uint64_t file_size, char *err, size_t errlen)
   if (q->l1_size && ((q->l1_offset & (cs - 1)) || q->l1_offset == 0))
     return fail (err, errlen, -EINVAL, "L1 table at 0x%" PRIx64 " is "
                  "unaligned", q->l1_offset);
-  if (q->l1_size && in_file ("L1 table", q->l1_offset, l1_bytes, file_size,
-                             err, errlen) < 0)
+  if (q->l1_size && header_in_file ("L1 table", q->l1_offset, l1_bytes,
+                                    file_size, err, errlen) < 0)
     return -EINVAL;
   reft_bytes = (uint64_t) q->reftable_clusters * cs;
   if (q->reftable_clusters == 0 || reft_bytes > MAX_REFTABLE_BYTES)
@@ -240,15 +241,16 @@ check_tables (struct qcow2 *q, uint64_t file_size, char *err, size_t errlen)
   if ((q->reftable_offset & (cs - 1)) || q->reftable_offset == 0)
     return fail (err, errlen, -EINVAL, "refcount table at 0x%" PRIx64
                  " is unaligned", q->reftable_offset);
-  if (in_file ("refcount table", q->reftable_offset, reft_bytes, file_size,
-               err, errlen) < 0)
+  if (header_in_file ("refcount table", q->reftable_offset, reft_bytes,
+                      file_size, err, errlen) < 0)
     return -EINVAL;
   if (q->nb_snapshots && (q->snapshots_offset & (cs - 1)))
     return fail (err, errlen, -EINVAL, "snapshot table offset is unaligned");
   /* Each entry takes at least 40 bytes. */
   if (q->nb_snapshots
-      && in_file ("snapshot table", q->snapshots_offset,
-                  (uint64_t) q->nb_snapshots * 40, file_size, err, errlen) < 0)
+      && header_in_file ("snapshot table", q->snapshots_offset,
+                         (uint64_t) q->nb_snapshots * 40, file_size, err,
+                         errlen) < 0)
     return -EINVAL;
   return 0;
 }
@@ -315,7 +317,6 @@ header_parse (struct qcow2 *q, const void *vbuf, size_t len,
   q->rb_bits = q->cluster_bits + 3 - q->refcount_order;
   q->refcount_max = q->refcount_order == 6 ? UINT64_MAX
     : ((uint64_t) 1 << q->refcount_bits) - 1;
-  q->l2_entries = 1u << q->l2_bits;
   return 0;
 }
 
@@ -329,7 +330,7 @@ header_write_sync (struct qcow2 *q)
 }
 
 int
-set_dirty (struct qcow2 *q, bool dirty)
+header_set_dirty (struct qcow2 *q, bool dirty)
 {
   if (q->version < 3)
     return 0;

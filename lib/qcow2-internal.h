@@ -117,10 +117,10 @@ struct extent_list {
  * covers are reserved until the L2 entries are linked.  Kept on the L2 cache
  * entry, so overlap checks only look at allocations in the same table.
  */
-struct alloc {
+struct claim {
   uint32_t first;               /* first L2 index */
   uint32_t count;               /* number of clusters */
-  struct alloc *next;           /* next in entry->allocs */
+  struct claim *next;           /* next in entry->claims */
   struct waitq waiters;         /* writes that overlap and wait for us */
 };
 
@@ -130,7 +130,7 @@ struct alloc {
 void qlog (struct qcow2 *q, int level, const char *fmt, ...)
   __attribute__ ((format (printf, 3, 4)));
 /* A zeroed buffer aligned for O_DIRECT (free with free). */
-void *aligned_alloc_zero (size_t size);
+void *buffer_alloc_zero (size_t size);
 /* Blocking whole-buffer I/O, for open time and emergencies only.  Reads
  * past the end of the file give zeros, or -EIO unless zero_past_eof.
  * Return 0 or -errno.
@@ -156,7 +156,7 @@ void waitq_wake_all (struct qcow2 *q, struct waitq *w);
 /* Wake every waiter with err set: each ends with that error. */
 void waitq_fail_all (struct qcow2 *q, struct waitq *w, int err);
 /* Make req runnable (it must not be waiting on a list). */
-void req_wake (struct qcow2_req *req);
+void waitq_wake (struct qcow2_req *req);
 /* The first waiter, taken off w (NULL when empty). */
 struct qcow2_req *waitq_pop (struct waitq *w);
 
@@ -165,10 +165,10 @@ struct qcow2_req *waitq_pop (struct waitq *w);
 /* Stop all writes to an image found inconsistent and mark it corrupt on
  * disk (so that qemu-img check -r is needed); returns -EIO.
  */
-int signal_corruption (struct qcow2 *q, const char *fmt, ...)
+int corrupt_signal (struct qcow2 *q, const char *fmt, ...)
   __attribute__ ((format (printf, 2, 3)));
 /* Host cluster offsets read from the image are untrusted: 0 or -EIO. */
-int check_host_cluster (struct qcow2 *q, uint64_t off, const char *what);
+int corrupt_check_cluster (struct qcow2 *q, uint64_t off, const char *what);
 
 /* ---- qcow2-cache.c: cache of L2 slices and refcount blocks ---- */
 
@@ -182,7 +182,7 @@ struct cache_entry {
   bool writing;                 /* write-back in flight */
   int load_err;                 /* -errno of a failed load */
   struct waitq waiters;         /* requests waiting for the load */
-  struct alloc *allocs;         /* L2 only: in-flight allocations */
+  struct claim *claims;         /* L2 only: in-flight allocations */
   int hnext;                    /* hash chain (index), -1 ends */
   struct cache *cache;
   struct aio_op op;             /* the load or write-back */
@@ -230,16 +230,19 @@ void cache_set_offset (struct cache_entry *e, uint64_t offset);
 void cache_put (struct cache_entry *e);
 void cache_mark_dirty (struct cache_entry *e);
 /* Start writing back every dirty entry for the flusher; each finished
- * write calls flush_note_io.  Returns the number of writes started.
+ * write calls q->flush_io_done.  Returns the number of writes started.
  */
 unsigned cache_write_dirty (struct cache *c);
 bool cache_has_dirty (const struct cache *c);
 
-/* ---- qcow2-refcount.c: refcount arithmetic and the in-memory reftable ---- */
+/* ---- qcow2-refcount.c: refcount entries inside a refcount block ---- */
 
 uint64_t refblock_get (const struct qcow2 *q, const void *block, uint64_t i);
 void refblock_set (const struct qcow2 *q, void *block, uint64_t i,
                    uint64_t v);
+
+/* ---- qcow2-alloc.c: the host cluster allocator ---- */
+
 /* Reserve count contiguous host clusters, reusing freed ones when it can;
  * their refcount increments are recorded for the next flush.  Never waits.
  * Returns 0 with the host offset in *out, or -errno: -ENOSPC when the file
@@ -281,14 +284,8 @@ void flush_wait (struct qcow2 *q, struct qcow2_req *req);
 bool flush_active (const struct qcow2 *q);
 /* Queue req until the flush in progress has finished. */
 void flush_barrier_wait (struct qcow2 *q, struct qcow2_req *req);
-/* One metadata write started by the flusher has finished. */
-void flush_note_io (struct qcow2 *q, int64_t ret);
-/* One step of the flusher; called by req_run_all for REQ_FLUSHER. */
-void flush_step (struct qcow2 *q);
 int flush_init (struct qcow2 *q);
 void flush_free (struct qcow2 *q);
-/* Begin a flush now if one is needed and none runs (used by close). */
-bool flush_idle (const struct qcow2 *q);
 /* Make the next runs apply refcounts even in lazy mode (close). */
 void flush_set_full (struct qcow2 *q);
 
@@ -354,7 +351,7 @@ struct qcow2_req {
   /* Write-zeroes and discard hold their clusters like an allocation, so
    * that a write into them waits (even while they wait for a flush).
    */
-  struct alloc zres;
+  struct claim zres;
   bool zres_on;
 
   /* Write-zeroes: partial clusters are written by child write requests. */
@@ -400,7 +397,7 @@ struct req_io {
   uint64_t cdesc;               /* its L2 descriptor, once in the cache */
   void *zbuf;                   /* ... its compressed bytes (worker) */
   size_t zlen;                  /* their size; 0: does not compress */
-  struct alloc a;               /* reservation (alloc runs) */
+  struct claim a;               /* reservation (alloc runs) */
   void *cow_buf[2];             /* old contents of first/last cluster */
   struct req_io *cow_for;       /* COW read: the write it feeds */
 
@@ -437,28 +434,29 @@ enum sc_kind {
  * offset where the run of bytes of that kind ends.  Without subclusters
  * the run is the whole cluster.
  */
-enum sc_kind cluster_status (const struct qcow2 *q, uint64_t ent,
-                             uint64_t bmp, uint64_t coff, uint64_t *run_end);
+enum sc_kind entry_status (const struct qcow2 *q, uint64_t ent,
+                           uint64_t bmp, uint64_t coff, uint64_t *run_end);
 /* The subcluster bits (low half of a bitmap) covering in-cluster bytes
  * [lo, hi), rounded outwards.
  */
-uint64_t sc_mask (const struct qcow2 *q, uint64_t lo, uint64_t hi);
+uint64_t entry_sc_mask (const struct qcow2 *q, uint64_t lo, uint64_t hi);
 
 /* Drop the reference an L2 entry holds on its cluster(s), after the change
  * is durable.
  */
-int release_entry (struct qcow2 *q, uint64_t ent);
+int entry_release (struct qcow2 *q, uint64_t ent);
 
 /* ---- qcow2-claim.c: per-slice allocation queues ---- */
 
 /* Reserve L2 indexes [first, first + count) of e (qcow2-claim.c):
- * overlapping writes wait until alloc_release.
+ * overlapping writes wait until claim_drop.
  */
-void alloc_hold (struct cache_entry *e, struct alloc *a, uint32_t first,
-                 uint32_t count);
-void alloc_release (struct qcow2 *q, struct cache_entry *e, struct alloc *a);
+void claim_add (struct cache_entry *e, struct claim *a, uint32_t first,
+                uint32_t count);
+void claim_drop (struct qcow2 *q, struct cache_entry *e, struct claim *a);
 /* The claim of e overlapping L2 indexes [first, last], or NULL. */
-struct alloc *alloc_find (struct cache_entry *e, uint32_t first, uint32_t last);
+struct claim *claim_find (struct cache_entry *e, uint32_t first,
+                          uint32_t last);
 
 /* ---- qcow2-request.c: request lifetime ---- */
 
@@ -478,7 +476,7 @@ struct qcow2_req *req_spawn (struct qcow2 *target, enum req_type type,
                              uint64_t offset, uint64_t len, void *buf,
                              qcow2_done_fn *done, void *opaque, int *err);
 /* Record in a read's map that [pos, pos+len) is zeros or data. */
-void read_map_add (struct qcow2_req *req, uint64_t len, bool zero);
+void req_map_add (struct qcow2_req *req, uint64_t len, bool zero);
 
 /* ---- qcow2-segment.c: the states every segment goes through ---- */
 
@@ -507,30 +505,21 @@ struct seg_ops {
 
 /* ---- qcow2-rw.c: read and write segments ---- */
 
-extern const struct seg_ops read_seg_ops, write_seg_ops;
-/* Plan and start a segment's I/O.  Return true to go on at once. */
-bool plan_read (struct qcow2_req *req);
-bool plan_write (struct qcow2_req *req);
-/* Start the writes of a write segment once its COW reads are done. */
-void start_writes (struct qcow2_req *req);
-/* Link a write segment's new clusters into its L2 table.  False when
- * parked on the flush barrier.
+/* Reads: plan zeros for holes and merged reads for data.  Writes: plan
+ * the mapping, claims, new clusters and COW reads; then the merged
+ * head+data+tail writes (cow_done); then link the new clusters into the
+ * L2 table (false while parked on the flush barrier).
  */
-bool st_link (struct qcow2_req *req);
+extern const struct seg_ops rw_read_ops, rw_write_ops;
 
 /* ---- qcow2-zero.c: write-zeroes, discard and block status segments ---- */
 
-/* Apply write-zeroes or discard to req's segment (req->l2 pinned, or NULL
- * when the segment has no L2 table).  Returns true to go on, false when
- * parked on the flush barrier.
- */
-bool zero_segment (struct qcow2_req *req);
-/* Describe req's segment (req->l2 pinned, or NULL: nothing allocated).
- * Returns true when done with it, false while the backing image is asked
+/* Write-zeroes and discard: apply to the segment's L2 entries (or none
+ * when it has no table); false while parked on the flush barrier.  Block
+ * status: describe the segment; false while the backing image is asked
  * about a hole.
  */
-bool status_segment (struct qcow2_req *req);
-extern const struct seg_ops zero_seg_ops, status_seg_ops;
+extern const struct seg_ops zero_ops, zero_status_ops;
 
 /* ---- qcow2-compress.c: compressed clusters ---- */
 
@@ -540,8 +529,8 @@ void compressed_extent (const struct qcow2 *q, uint64_t ent, uint64_t *offset,
 /* Queue the refcount decrements for dropping a compressed cluster. */
 int compressed_release (struct qcow2 *q, uint64_t ent);
 /* Decompress into out (one cluster).  Returns 0 or -EIO/-ENOTSUP. */
-int decompress_cluster (const struct qcow2 *q, const void *in, size_t inlen,
-                        void *out);
+int compressed_decode (const struct qcow2 *q, const void *in, size_t inlen,
+                       void *out);
 
 /* ---- qcow2-overlap.c: refuse writes that would hit other metadata ---- */
 
@@ -583,9 +572,9 @@ struct snapshot {
 /* Read the snapshot table (open time, synchronous).  Returns 0 or -errno
  * with a reason in err.
  */
-int snapshots_read (struct qcow2 *q, struct snapshot **out, unsigned *n,
-                    char *err, size_t errlen);
-void snapshots_free (struct snapshot *s, unsigned n);
+int snapshot_table_read (struct qcow2 *q, struct snapshot **out, unsigned *n,
+                         char *err, size_t errlen);
+void snapshot_table_free (struct snapshot *s, unsigned n);
 /* Make the snapshot named or numbered which the image's contents. */
 int snapshot_load (struct qcow2 *q, const char *which, char *err,
                    size_t errlen);
@@ -595,7 +584,7 @@ int snapshot_load (struct qcow2 *q, const char *which, char *err,
 /* Count every reference and write a new refcount structure (open time,
  * synchronous).  Returns 0 or -errno with a reason in err.
  */
-int refcount_rebuild (struct qcow2 *q, char *err, size_t errlen);
+int repair_refcounts (struct qcow2 *q, char *err, size_t errlen);
 
 /* ---- qcow2-cwrite.c: compressed writes through a packing cache ---- */
 
@@ -611,7 +600,7 @@ int cw_pack (struct qcow2 *q, const void *cdata, size_t n, uint64_t *desc);
 /* Copy [start, start+len) from the cache if it is there. */
 bool cw_lookup (struct qcow2 *q, uint64_t start, uint64_t len, void *dst);
 /* Flusher: write the partly filled cluster.  1 when a write was started
- * (counted with flush_note_io), 0 when none is needed, -errno.
+ * (counted through q->flush_io_done), 0 when none is needed, -errno.
  */
 int cw_flush_start (struct qcow2 *q);
 /* Flusher, when a run starts: queue the decrements of the packing buffers'
@@ -642,17 +631,17 @@ int header_parse (struct qcow2 *q, const void *buf, size_t len,
  */
 int header_write_sync (struct qcow2 *q);
 /* Set or clear the dirty bit in the header, durably (synchronous). */
-int set_dirty (struct qcow2 *q, bool dirty);
+int header_set_dirty (struct qcow2 *q, bool dirty);
 /* Open-time bounds: what is read at open must lie in the file, so that a
  * small file cannot make open read, allocate or write much.  Each returns
  * 0, or -EINVAL with "WHAT offset 0x... is past the end of the file (size
- * N)" in err.  in_file: all of [off, off+len); l1_in_file: every L2 table
- * an L1 table names starts inside the file.
+ * N)" in err.  header_in_file: all of [off, off+len); header_l1_in_file:
+ * every L2 table an L1 table names starts inside the file.
  */
-int in_file (const char *what, uint64_t off, uint64_t len,
-             uint64_t file_size, char *err, size_t errlen);
-int l1_in_file (const char *what, const uint64_t *l1, uint32_t n,
-                uint64_t file_size, char *err, size_t errlen);
+int header_in_file (const char *what, uint64_t off, uint64_t len,
+                    uint64_t file_size, char *err, size_t errlen);
+int header_l1_in_file (const char *what, const uint64_t *l1, uint32_t n,
+                       uint64_t file_size, char *err, size_t errlen);
 
 /* ---- qcow2-lock.c: image locks shared with QEMU ---- */
 
@@ -669,7 +658,7 @@ enum image_lock_mode {
  * file system without locks is served with a warning.  The locks go away
  * with the descriptor.
  */
-int image_lock (struct qcow2 *q, int fd, enum image_lock_mode mode,
+int lock_image (struct qcow2 *q, int fd, enum image_lock_mode mode,
                 const char *what, char *err, size_t errlen);
 
 /* ---- qcow2-engine.c: entry points and the request loop ---- */
@@ -686,10 +675,6 @@ void raw_run (struct qcow2_req *req);
 
 /* ---- qcow2-open.c: open and close ---- */
 
-/* Open path as a backing file (read-only, depth levels down). */
-int image_open (const char *path, const struct qcow2_opts *opts,
-                unsigned depth, struct qcow2 *top, struct qcow2 **out,
-                char *err, size_t errlen);
 
 
 /* ---- qcow2-hostfile.c: the host files a chain opens ---- */
@@ -896,6 +881,13 @@ put_be64 (uint8_t *p, uint64_t v)
 {
   v = htobe64 (v);
   memcpy (p, &v, 8);
+}
+
+/* The index, in its L2 slice, of the entry that maps guest byte off. */
+static inline uint32_t
+l2_index (const struct qcow2 *q, uint64_t off)
+{
+  return (uint32_t) (off >> q->cluster_bits) & (q->l2_entries - 1);
 }
 
 /* The alignment requests must have: a sector with O_DIRECT. */

@@ -76,7 +76,7 @@ unlock_all (int fd)
 }
 
 int
-image_lock (struct qcow2 *q, int fd, enum image_lock_mode mode,
+lock_image (struct qcow2 *q, int fd, enum image_lock_mode mode,
             const char *what, char *err, size_t errlen)
 {
   unsigned hold = PERM_CONSISTENT_READ, unshare = PERM_WRITE | PERM_RESIZE;

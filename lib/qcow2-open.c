@@ -6,6 +6,7 @@
  */
 #include <config.h>
 
+#include <assert.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stdarg.h>
@@ -23,6 +24,13 @@
 #define MIN_L2_CACHE_BYTES   (1u << 20)
 #define RB_CACHE_BYTES       (4u << 20)
 
+/* Open path at depth (0: the image the caller named; more: a backing file
+ * of top, read-only).
+ */
+static int image_open (const char *path, const struct qcow2_opts *opts,
+                       unsigned depth, struct qcow2 *top, struct qcow2 **out,
+                       char *err, size_t errlen);
+
 /* The end of the last cluster that has a non-zero refcount: the last
  * refcount block in use is read (and the one before it, while empty).
  * Every refcount block must start inside the file: refcount blocks are
@@ -39,10 +47,11 @@ last_counted_cluster (struct qcow2 *q, uint64_t file_size, uint64_t *end,
   *end = 0;
   for (uint64_t i = 0; i < q->reftable_used; i++) {
     uint64_t rb = be64toh (q->reftable[i]) & REFT_OFFSET_MASK;
-    if (rb && in_file ("refcount block", rb, 1, file_size, err, errlen) < 0)
+    if (rb && header_in_file ("refcount block", rb, 1, file_size, err,
+                              errlen) < 0)
       return -EINVAL;
   }
-  block = aligned_alloc_zero (q->cluster_size);
+  block = buffer_alloc_zero (q->cluster_size);
   if (!block) {
     snprintf (err, errlen, "out of memory");
     return -ENOMEM;
@@ -73,27 +82,39 @@ last_counted_cluster (struct qcow2 *q, uint64_t file_size, uint64_t *end,
  */
 #define L2_SLICE_BYTES 4096u
 
-/* Slice the L2 tables unless a write may have to copy a whole table: one
- * shared with an internal snapshot (an L1 entry without COPIED), or the
- * caller asked for whole tables.
+/* Whether the L2 tables can be sliced: not when a write may have to copy
+ * a whole table (one shared with an internal snapshot, an L1 entry without
+ * COPIED), nor when the caller asked for whole tables.
+ */
+static bool
+can_slice (const struct qcow2 *q, const struct qcow2_opts *opts)
+{
+  if (q->cluster_size <= L2_SLICE_BYTES || opts->whole_l2_tables)
+    return false;
+  if (!q->read_only) {
+    if (q->nb_snapshots)
+      return false;
+    for (uint32_t i = 0; i < q->l1_size; i++) {
+      uint64_t e = be64toh (q->l1[i]);
+      if ((e & L1E_OFFSET_MASK) && !(e & L1E_COPIED))
+        return false;
+    }
+  }
+  return true;
+}
+
+/* The geometry of what the L2 cache holds (l2_bits, l2_entries: per
+ * slice), set once here; l1_shift (per table) comes from the header.
  */
 static void
 choose_l2_slices (struct qcow2 *q, const struct qcow2_opts *opts)
 {
-  if (q->cluster_size <= L2_SLICE_BYTES || opts->whole_l2_tables)
-    return;
-  if (!q->read_only) {
-    if (q->nb_snapshots)
-      return;
-    for (uint32_t i = 0; i < q->l1_size; i++) {
-      uint64_t e = be64toh (q->l1[i]);
-      if ((e & L1E_OFFSET_MASK) && !(e & L1E_COPIED))
-        return;
-    }
-  }
-  q->l2_slice_bytes = L2_SLICE_BYTES;
-  q->l2_bits = (uint32_t) __builtin_ctz (L2_SLICE_BYTES) - (q->extl2 ? 4 : 3);
+  uint32_t bytes = can_slice (q, opts) ? L2_SLICE_BYTES : q->cluster_size;
+
+  q->l2_slice_bytes = bytes;
+  q->l2_bits = (uint32_t) __builtin_ctz (bytes) - (q->extl2 ? 4 : 3);
   q->l2_entries = 1u << q->l2_bits;
+  assert (q->cluster_bits + q->l2_bits <= q->l1_shift);
 }
 
 static unsigned
@@ -261,7 +282,7 @@ open_raw (struct qcow2 *q, uint64_t file_size, char *err, size_t errlen)
   q->size = q->direct ? file_size & ~(uint64_t) (SECTOR - 1) : file_size;
   q->cluster_bits = 16;
   q->cluster_size = 1u << 16;
-  q->zero_cluster = aligned_alloc_zero (q->cluster_size);
+  q->zero_cluster = buffer_alloc_zero (q->cluster_size);
   if (!q->zero_cluster) {
     snprintf (err, errlen, "out of memory");
     return -ENOMEM;
@@ -305,7 +326,7 @@ open_locked (struct qcow2 *q, const struct qcow2_opts *opts, int *flags,
     FAIL (-EINVAL, "force-share is only possible read-only");
   q->lock_mode = q->read_only ? (opts->force_share ? IMAGE_LOCK_SHARE_ALL
                                  : IMAGE_LOCK_READ) : IMAGE_LOCK_WRITE;
-  return image_lock (q, q->fd, q->lock_mode, "image", err, errlen);
+  return lock_image (q, q->fd, q->lock_mode, "image", err, errlen);
 }
 
 /* Read and parse the header, or take the file as raw (q->raw). */
@@ -322,13 +343,15 @@ read_header (struct qcow2 *q, const struct qcow2_opts *opts,
   /* The first sector tells the cluster size; the header cluster holds the
    * extensions.
    */
-  q->header_sector = aligned_alloc_zero (SECTOR);
+  q->header_sector = buffer_alloc_zero (SECTOR);
   if (!q->header_sector)
     FAIL (-ENOMEM, "out of memory");
   r = blocking_pread (q->fd, q->header_sector, SECTOR, 0, true);
   if (r < 0)
     FAIL (r, "reading the header: %s", strerror (-r));
-  magic_ok = file_size >= 4 && get_be32 ((const uint8_t *) q->header_sector + HDR_MAGIC) == QCOW2_MAGIC;
+  magic_ok = file_size >= 4
+    && get_be32 ((const uint8_t *) q->header_sector + HDR_MAGIC)
+       == QCOW2_MAGIC;
   if (opts->format == QCOW2_FORMAT_RAW
       || (opts->format == QCOW2_FORMAT_AUTO && !magic_ok))
     return open_raw (q, file_size, err, errlen);
@@ -344,7 +367,7 @@ read_header (struct qcow2 *q, const struct qcow2_opts *opts,
   cb = get_be32 ((const uint8_t *) q->header_sector + HDR_CLUSTER_BITS);
   hdr_len = cb >= QCOW2_MIN_CLUSTER_BITS && cb <= QCOW2_MAX_CLUSTER_BITS
     ? (uint64_t) 1 << cb : SECTOR;
-  hdr = aligned_alloc_zero (hdr_len);
+  hdr = buffer_alloc_zero (hdr_len);
   if (!hdr)
     FAIL (-ENOMEM, "out of memory");
   r = blocking_pread (q->fd, hdr, hdr_len, 0, true);
@@ -367,7 +390,7 @@ open_data_file_locked (struct qcow2 *q, int flags, char *err, size_t errlen)
   if (r < 0 || q->dfd == q->fd)
     return r;
   snprintf (what, sizeof what, "external data file %s", q->data_file);
-  return image_lock (q, q->dfd, q->lock_mode, what, err, errlen);
+  return lock_image (q, q->dfd, q->lock_mode, what, err, errlen);
 }
 
 /* Read the L1 table and the refcount table. */
@@ -378,14 +401,14 @@ load_tables (struct qcow2 *q, uint64_t file_size, char *err, size_t errlen)
   int r;
 
   q->l1_buf_bytes = round_up (l1_bytes ? l1_bytes : 1, SECTOR);
-  q->l1 = aligned_alloc_zero (q->l1_buf_bytes);
+  q->l1 = buffer_alloc_zero (q->l1_buf_bytes);
   if (!q->l1)
     FAIL (-ENOMEM, "out of memory for the L1 table");
   r = blocking_pread (q->fd, q->l1, round_up (l1_bytes, SECTOR), q->l1_offset,
                  true);
   if (r < 0)
     FAIL (r, "reading the L1 table: %s", strerror (-r));
-  r = l1_in_file ("", q->l1, q->l1_size, file_size, err, errlen);
+  r = header_l1_in_file ("", q->l1, q->l1_size, file_size, err, errlen);
   if (r < 0)
     return r;
   /* The tail of the last sector may hold other data; keep it zero here so
@@ -395,8 +418,8 @@ load_tables (struct qcow2 *q, uint64_t file_size, char *err, size_t errlen)
 
   q->reftable_entries = ((uint64_t) q->reftable_clusters << q->cluster_bits)
     / 8;
-  q->reftable = aligned_alloc_zero ((size_t) q->reftable_clusters
-                                    << q->cluster_bits);
+  q->reftable = buffer_alloc_zero ((size_t) q->reftable_clusters
+                                   << q->cluster_bits);
   if (!q->reftable)
     FAIL (-ENOMEM, "out of memory for the refcount table");
   r = blocking_pread (q->fd, q->reftable,
@@ -447,7 +470,7 @@ setup_caches (struct qcow2 *q, const struct qcow2_opts *opts, char *err,
 {
   int r;
 
-  q->zero_cluster = aligned_alloc_zero (q->cluster_size);
+  q->zero_cluster = buffer_alloc_zero (q->cluster_size);
   if (!q->zero_cluster)
     FAIL (-ENOMEM, "out of memory");
   choose_l2_slices (q, opts);
@@ -523,7 +546,7 @@ prepare_writes (struct qcow2 *q, char *err, size_t errlen)
     return 0;
   /* Left dirty with lazy refcounts: the refcounts cannot be trusted. */
   if (q->incompat & INCOMPAT_DIRTY) {
-    r = refcount_rebuild (q, err, errlen);
+    r = repair_refcounts (q, err, errlen);
     if (r < 0)
       return r;
     q->incompat &= ~INCOMPAT_DIRTY;
@@ -537,7 +560,7 @@ prepare_writes (struct qcow2 *q, char *err, size_t errlen)
    * can wait until close; a crash leaves the bit set for the repair above.
    */
   if (q->compat & COMPAT_LAZY_REFCOUNTS) {
-    r = set_dirty (q, true);
+    r = header_set_dirty (q, true);
     if (r < 0)
       FAIL (r, "setting the dirty bit: %s", strerror (-r));
     q->lazy = true;
@@ -569,7 +592,7 @@ clear_autoclear (struct qcow2 *q, char *err, size_t errlen)
   return 0;
 }
 
-int
+static int
 image_open (const char *path, const struct qcow2_opts *opts, unsigned depth,
             struct qcow2 *top, struct qcow2 **out, char *err, size_t errlen)
 {
@@ -680,7 +703,7 @@ qcow2_close (struct qcow2 *q)
       ret = res == 1 ? -EIO : res;
     }
     if (ret == 0 && q->lazy)
-      ret = set_dirty (q, false);
+      ret = header_set_dirty (q, false);
     /* Give back what was reserved ahead and not used. */
     if (ret == 0) {
       int r = space_trim (q);

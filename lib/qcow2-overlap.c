@@ -164,12 +164,12 @@ overlap_check (struct qcow2 *q, enum meta_kind kind, uint64_t off,
     what = "an L2 table";
   if (!what)
     return 0;
-  return signal_corruption (q, "a %s write at 0x%llx (%llu bytes) would "
-                            "overwrite %s",
-                            kind == META_L2 ? "L2 table"
-                            : kind == META_REFBLOCK ? "refcount block"
-                            : kind == META_L1 ? "L1 table"
-                            : kind == META_REFTABLE ? "refcount table"
-                            : "data", (unsigned long long) off,
-                            (unsigned long long) len, what);
+  return corrupt_signal (q, "a %s write at 0x%llx (%llu bytes) would "
+                         "overwrite %s",
+                         kind == META_L2 ? "L2 table"
+                         : kind == META_REFBLOCK ? "refcount block"
+                         : kind == META_L1 ? "L1 table"
+                         : kind == META_REFTABLE ? "refcount table"
+                         : "data", (unsigned long long) off,
+                         (unsigned long long) len, what);
 }

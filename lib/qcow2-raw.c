@@ -41,7 +41,7 @@ op_done (struct aio_op *op, int64_t ret)
   else if (op->type == AIO_READ && (uint64_t) ret < req->iov.iov_len)
     memset ((char *) req->iov.iov_base + ret, 0, req->iov.iov_len - ret);
   req->outstanding--;
-  req_wake (req);
+  waitq_wake (req);
 }
 
 static void
@@ -67,7 +67,7 @@ submit (struct qcow2_req *req, enum aio_op_type type, void *buf,
   if (r < 0) {
     if (!req->err)
       req->err = r;
-    req_wake (req);
+    waitq_wake (req);
     return;
   }
   req->outstanding++;
@@ -142,7 +142,7 @@ raw_run (struct qcow2_req *req)
       if (req->len)
         submit (req, AIO_PUNCH, NULL, req->len, req->offset);
       else
-        req_wake (req);
+        waitq_wake (req);
       return;
     case REQ_ZERO:
       if (req->len && !(req->flags & QCOW2_ZERO_NO_HOLE)) {
@@ -153,21 +153,21 @@ raw_run (struct qcow2_req *req)
       if (req->flags & QCOW2_ZERO_FAST) {
         req->err = -ENOTSUP;
         req->state = RS_DONE;
-        req_wake (req);
+        waitq_wake (req);
         return;
       }
       req->raw_pos = req->offset;
       req->state = RS_LINK;     /* writing zeros, a buffer at a time */
-      req_wake (req);
+      waitq_wake (req);
       return;
     case REQ_STATUS:
       raw_status (req);
       req->state = RS_DONE;
-      req_wake (req);
+      waitq_wake (req);
       return;
     default:
       req->state = RS_DONE;
-      req_wake (req);
+      waitq_wake (req);
       return;
     }
 
@@ -181,7 +181,7 @@ raw_run (struct qcow2_req *req)
       return;
     }
     req->state = RS_FUA;
-    req_wake (req);
+    waitq_wake (req);
     return;
 
   case RS_FUA:
@@ -190,7 +190,7 @@ raw_run (struct qcow2_req *req)
       submit (req, AIO_FSYNC, NULL, 0, 0);
       return;
     }
-    req_wake (req);
+    waitq_wake (req);
     return;
 
   case RS_IO:
@@ -202,7 +202,7 @@ raw_run (struct qcow2_req *req)
 
   default:
     req->state = RS_DONE;
-    req_wake (req);
+    waitq_wake (req);
     return;
   }
 }

@@ -55,7 +55,7 @@ mark (struct counts *k, uint64_t off, uint64_t len, uint32_t times,
   if (len == 0)
     return 0;
   snprintf (name, sizeof name, "cannot repair refcounts: %s", what);
-  if (in_file (name, off, len, k->file_size, k->err, k->errlen) < 0)
+  if (header_in_file (name, off, len, k->file_size, k->err, k->errlen) < 0)
     return -EINVAL;
   first = off >> k->q->cluster_bits;
   last = (off + len - 1) >> k->q->cluster_bits;
@@ -173,11 +173,11 @@ count_all (struct counts *k)
   if (r == 0)
     r = walk_l1 (k, q->l1, q->l1_size);
   if (r == 0)
-    r = snapshots_read (q, &s, &ns, k->err, k->errlen);
+    r = snapshot_table_read (q, &s, &ns, k->err, k->errlen);
   if (r == 0 && ns)
     r = mark (k, q->snapshots_offset, q->snapshots_bytes, 1,
               "snapshot table");
-  /* snapshots_read made sure these tables fit in the file together. */
+  /* snapshot_table_read made sure these tables fit in the file together. */
   for (unsigned i = 0; r == 0 && i < ns; i++) {
     size_t bytes = (size_t) s[i].l1_size * 8;
     uint64_t *l1 = malloc (bytes ? bytes : 1);
@@ -194,7 +194,7 @@ count_all (struct counts *k)
   }
   if (r == 0)
     r = count_l2_tables (k, l2buf);
-  snapshots_free (s, ns);
+  snapshot_table_free (s, ns);
   free (k->l2);
   k->l2 = NULL;
   free (l2buf);
@@ -243,7 +243,7 @@ write_refcounts (struct counts *k, uint64_t base, uint64_t nrt, uint64_t nrb,
 }
 
 int
-refcount_rebuild (struct qcow2 *q, char *err, size_t errlen)
+repair_refcounts (struct qcow2 *q, char *err, size_t errlen)
 {
   uint64_t cs = q->cluster_size;
   uint64_t per = (uint64_t) 1 << q->rb_bits;
@@ -276,8 +276,8 @@ refcount_rebuild (struct qcow2 *q, char *err, size_t errlen)
   }
   k.n = total;
   k.c = calloc (total, sizeof *k.c);
-  table = aligned_alloc_zero (nrt * cs);
-  block = aligned_alloc_zero (cs);
+  table = buffer_alloc_zero (nrt * cs);
+  block = buffer_alloc_zero (cs);
   if (!k.c || !table || !block) {
     r = -ENOMEM;
     snprintf (err, errlen, "out of memory repairing refcounts");

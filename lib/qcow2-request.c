@@ -50,7 +50,7 @@ req_new (struct qcow2 *q, enum req_type type, uint64_t offset, uint64_t len,
 }
 
 void
-read_map_add (struct qcow2_req *req, uint64_t len, bool zero)
+req_map_add (struct qcow2_req *req, uint64_t len, bool zero)
 {
   uint32_t flags = zero ? QCOW2_EXTENT_HOLE | QCOW2_EXTENT_ZERO : 0;
   unsigned n;
@@ -81,6 +81,6 @@ req_spawn (struct qcow2 *target, enum req_type type, uint64_t offset,
   if (!child)
     return NULL;
   target->in_flight++;
-  req_wake (child);
+  waitq_wake (child);
   return child;
 }

@@ -25,7 +25,7 @@ static int
 check_data_cluster (struct qcow2 *q, uint64_t off)
 {
   if (!q->data_file)
-    return check_host_cluster (q, off, "data cluster");
+    return corrupt_check_cluster (q, off, "data cluster");
   if (off & (q->cluster_size - 1)) {
     qlog (q, LOG_ERR, "data file offset 0x%llx is unaligned",
           (unsigned long long) off);
@@ -55,7 +55,7 @@ decompress_call (struct aio_op *op)
     if (!tmp)
       return -ENOMEM;
   }
-  r = decompress_cluster (q, (char *) io->cbuf + io->cskip, io->csize, tmp);
+  r = compressed_decode (q, (char *) io->cbuf + io->cskip, io->csize, tmp);
   if (r >= 0 && tmp != io->dst)
     memcpy (io->dst, tmp + io->dst_off, io->dst_len);
   if (tmp != io->dst)
@@ -75,7 +75,7 @@ decompress_done (struct aio_op *op, int64_t ret)
   if (ret < 0 && !req->err)
     req->err = (int) ret;
   if (--req->outstanding == 0)
-    req_wake (req);
+    waitq_wake (req);
 }
 
 /* Hand the decompression of io's cluster to the I/O backend's workers; it
@@ -119,7 +119,7 @@ compress_done (struct aio_op *op, int64_t ret)
     req->err = (int) ret;
   io->zlen = ret > 0 ? (size_t) ret : 0;
   if (--req->outstanding == 0)
-    req_wake (req);
+    waitq_wake (req);
 }
 
 /* Hand the compression of io's cluster to the backend's workers; it
@@ -193,7 +193,7 @@ plan_compressed (struct qcow2_req *req, struct req_io *io, uint64_t ent,
           (unsigned long long) coff);
     return -EIO;
   }
-  io->cbuf = aligned_alloc_zero (len);
+  io->cbuf = buffer_alloc_zero (len);
   if (!io->cbuf)
     return -ENOMEM;
   io->cbuf_len = len;
@@ -241,7 +241,7 @@ io_done (struct aio_op *op, int64_t ret)
     }
   }
   if (--req->outstanding == 0)
-    req_wake (req);
+    waitq_wake (req);
 }
 
 static void
@@ -252,7 +252,7 @@ backing_done (void *opaque, int ret)
   if (ret < 0 && !req->err)
     req->err = ret;
   if (--req->outstanding == 0)
-    req_wake (req);
+    waitq_wake (req);
 }
 
 /* Read [io->guest, io->guest + io->len) of the backing image as a request
@@ -330,8 +330,8 @@ add_backing_read (struct qcow2_req *req, struct req_io *last, uint64_t pos,
 
   if (bend < cend)
     memset (dst + (bend - pos), 0, cend - bend);
-  read_map_add (req, bend - pos, false);
-  read_map_add (req, cend - bend, true);
+  req_map_add (req, bend - pos, false);
+  req_map_add (req, cend - bend, true);
   if (last && last->from_backing && last->guest + last->len == pos) {
     last->len += bend - pos;
     last->iov[0].iov_len = last->len;
@@ -350,7 +350,7 @@ static struct req_io *
 add_data_read (struct qcow2_req *req, struct req_io *last, uint64_t host,
                uint64_t pos, uint64_t cend, char *dst)
 {
-  read_map_add (req, cend - pos, false);
+  req_map_add (req, cend - pos, false);
   if (last && !last->from_backing && last->host + last->len == host) {
     last->len += cend - pos;
     last->iov[0].iov_len = last->len;
@@ -362,7 +362,7 @@ add_data_read (struct qcow2_req *req, struct req_io *last, uint64_t host,
 }
 
 /* Plan a read segment: zeros for holes, merged reads for data. */
-bool
+static bool
 plan_read (struct qcow2_req *req)
 {
   struct qcow2 *q = req->q;
@@ -379,11 +379,11 @@ plan_read (struct qcow2_req *req)
     return true;
   }
   while (pos < end) {
-    uint32_t idx = (uint32_t) (pos >> q->cluster_bits) & (q->l2_entries - 1);
+    uint32_t idx = l2_index (q, pos);
     uint64_t ent = req->l2 ? l2_get (req->l2, idx) : 0;
     uint64_t bmp = req->l2 ? l2_get_bitmap (req->l2, idx) : 0;
     uint64_t cstart = pos & ~(cs - 1), run_end;
-    enum sc_kind kind = cluster_status (q, ent, bmp, pos - cstart, &run_end);
+    enum sc_kind kind = entry_status (q, ent, bmp, pos - cstart, &run_end);
     uint64_t cend = cstart + run_end;
     char *dst = req->buf + (pos - req->offset);
 
@@ -396,7 +396,7 @@ plan_read (struct qcow2_req *req)
         req->err = r;
         break;
       }
-      read_map_add (req, cend - pos, false);
+      req_map_add (req, cend - pos, false);
       last = NULL;
     }
     else if (kind == SC_BAD) {
@@ -411,7 +411,7 @@ plan_read (struct qcow2_req *req)
       last = add_backing_read (req, last, pos, cend, dst);
     else if (kind != SC_DATA) {
       memset (dst, 0, cend - pos);
-      read_map_add (req, cend - pos, true);
+      req_map_add (req, cend - pos, true);
       last = NULL;
     }
     else {
@@ -444,7 +444,7 @@ cow_read (struct qcow2_req *req, struct req_io *io, int k,
 {
   struct req_io *rd;
 
-  io->cow_buf[k] = aligned_alloc_zero (req->q->cluster_size);
+  io->cow_buf[k] = buffer_alloc_zero (req->q->cluster_size);
   if (!io->cow_buf[k]) {
     req->err = -ENOMEM;
     return NULL;
@@ -538,7 +538,7 @@ cow_source_sc (struct qcow2_req *req, struct req_io *io, int k, uint32_t idx,
   if (ent & L2E_COMPRESSED)
     return cow_source (req, io, k, idx, next_io);
   for (uint64_t pos = lo, run_end; pos < hi; pos = run_end) {
-    enum sc_kind kind = cluster_status (q, ent, bmp, pos, &run_end);
+    enum sc_kind kind = entry_status (q, ent, bmp, pos, &run_end);
     if (kind != SC_HOLE)
       all_hole = false;
     if (kind != SC_ZERO && !(kind == SC_HOLE && guest + pos >= bsize))
@@ -568,7 +568,7 @@ range_is_data (const struct qcow2 *q, uint64_t ent, uint64_t bmp,
                uint64_t lo, uint64_t hi)
 {
   for (uint64_t pos = lo, run_end; pos < hi; pos = run_end)
-    if (cluster_status (q, ent, bmp, pos, &run_end) != SC_DATA)
+    if (entry_status (q, ent, bmp, pos, &run_end) != SC_DATA)
       return false;
   return true;
 }
@@ -609,9 +609,9 @@ classify_cluster (struct qcow2_req *req, uint32_t idx, uint64_t ws,
       c->reuse = true;
       c->inplace = false;
       c->host = ent & L2E_OFFSET_MASK;
-      c->cov_start = cluster_status (q, ent, bmp, ws, &dummy) == SC_DATA
+      c->cov_start = entry_status (q, ent, bmp, ws, &dummy) == SC_DATA
         ? ws : ws & ~(scs - 1);
-      c->cov_end = cluster_status (q, ent, bmp, we - 1, &dummy) == SC_DATA
+      c->cov_end = entry_status (q, ent, bmp, we - 1, &dummy) == SC_DATA
         ? we : round_up (we, scs);
     }
   }
@@ -672,7 +672,7 @@ classify_write (struct qcow2_req *req)
   struct req_io *last = NULL;
 
   while (pos < end) {
-    uint32_t idx = (uint32_t) (pos >> q->cluster_bits) & (q->l2_entries - 1);
+    uint32_t idx = l2_index (q, pos);
     uint64_t cstart = pos & ~(cs - 1);
     uint64_t cend = cstart + cs < end ? cstart + cs : end;
     struct wclass c;
@@ -832,7 +832,7 @@ prepare_write_run (struct qcow2_req *req, struct req_io *io,
  * ("reuse": written in place, then its bitmap updated) only the touched
  * subclusters that were not data yet.
  */
-bool
+static bool
 plan_write (struct qcow2_req *req)
 {
   struct qcow2 *q = req->q;
@@ -856,8 +856,8 @@ plan_write (struct qcow2_req *req)
    */
   for (unsigned i = 0; i < req->nios; i++)
     if (req->ios[i].alloc)
-      alloc_hold (req->l2, &req->ios[i].a, req->ios[i].first,
-                  req->ios[i].count);
+      claim_add (req->l2, &req->ios[i].a, req->ios[i].first,
+                 req->ios[i].count);
   if (r < 0) {
     req->err = r;
     return true;
@@ -887,7 +887,7 @@ plan_write (struct qcow2_req *req)
   return req->outstanding == 0;
 }
 
-void
+static void
 start_writes (struct qcow2_req *req)
 {
   for (unsigned i = 0; i < req->nios && !req->err; i++) {
@@ -904,7 +904,7 @@ start_writes (struct qcow2_req *req)
   }
 }
 
-bool
+static bool
 st_link (struct qcow2_req *req)
 {
   struct qcow2 *q = req->q;
@@ -930,7 +930,7 @@ st_link (struct qcow2_req *req)
       uint64_t bmp = l2_get_bitmap (e, i2);
       uint64_t lo = k == 0 ? io->cov_start : 0;
       uint64_t hi = k == io->count - 1 ? io->cov_end : q->cluster_size;
-      uint64_t written = sc_mask (q, lo, hi);
+      uint64_t written = entry_sc_mask (q, lo, hi);
 
       /* The written subclusters become data; the others keep what they
        * were (none of them is data unless the cluster was kept).
@@ -944,7 +944,7 @@ st_link (struct qcow2_req *req)
         l2_set_bitmap (e, i2, bmp);
         continue;
       }
-      if (release_entry (q, old) < 0)
+      if (entry_release (q, old) < 0)
         qlog (q, LOG_WARNING, "out of memory: a replaced cluster will leak");
       l2_set (e, i2, io->compressed ? io->cdesc
               : (io->host + ((uint64_t) k << q->cluster_bits)) | L2E_COPIED);
@@ -959,8 +959,8 @@ st_link (struct qcow2_req *req)
 }
 
 
-const struct seg_ops read_seg_ops = { .plan = plan_read };
-const struct seg_ops write_seg_ops = {
+const struct seg_ops rw_read_ops = { .plan = plan_read };
+const struct seg_ops rw_write_ops = {
   .plan = plan_write,
   .cow_done = start_writes,
   .link = st_link,

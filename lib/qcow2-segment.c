@@ -120,8 +120,9 @@ seg_next (struct qcow2_req *req)
 
 /* Allocate a fresh L2 table, optionally a copy of old, and hook it into L1.
  * Returns CACHE_READY with req->l2 (its slice number slice) pinned,
- * CACHE_WAIT when parked, or -errno.  The other slices of a new table are not cached: the cluster
- * comes from past everything the file ever held, so they read as zeros.
+ * CACHE_WAIT when parked, or -errno.  The other slices of a new table are
+ * not cached: the cluster comes from past everything the file ever held,
+ * so they read as zeros.
  * A copy (old) is only made of whole tables: images that may need one are
  * never sliced (qcow2-open.c).
  */
@@ -184,7 +185,7 @@ seg_get_l2 (struct qcow2_req *req)
   if (off == 0) {
     if (req->type == REQ_READ && !q->backing) {
       memset (req->buf + (req->seg_off - req->offset), 0, req->seg_len);
-      read_map_add (req, req->seg_len, true);
+      req_map_add (req, req->seg_len, true);
       req->state = RS_SEGMENT;
       return true;
     }
@@ -210,7 +211,7 @@ seg_get_l2 (struct qcow2_req *req)
     return true;
   }
 
-  r = check_host_cluster (q, off, "L2 table");
+  r = corrupt_check_cluster (q, off, "L2 table");
   if (r < 0)
     goto out;
   r = cache_get (&q->l2c, off + slice * q->l2_slice_bytes, req, &e);
@@ -241,11 +242,9 @@ bool
 seg_wait_claims (struct qcow2_req *req)
 {
   struct qcow2 *q = req->q;
-  uint32_t mask = q->l2_entries - 1;
-  uint32_t first = (uint32_t) (req->seg_off >> q->cluster_bits) & mask;
-  uint32_t last = (uint32_t) ((req->seg_off + req->seg_len - 1)
-                              >> q->cluster_bits) & mask;
-  struct alloc *a = alloc_find (req->l2, first, last);
+  uint32_t first = l2_index (q, req->seg_off);
+  uint32_t last = l2_index (q, req->seg_off + req->seg_len - 1);
+  struct claim *a = claim_find (req->l2, first, last);
 
   if (a) {
     waitq_push (&a->waiters, req);
@@ -265,7 +264,7 @@ seg_release (struct qcow2_req *req)
   for (unsigned i = 0; i < req->nios; i++) {
     struct req_io *io = &req->ios[i];
     if (io->alloc && req->l2)
-      alloc_release (q, req->l2, &io->a);
+      claim_drop (q, req->l2, &io->a);
     free (io->cow_buf[0]);
     free (io->cow_buf[1]);
     free (io->cbuf);
@@ -277,7 +276,7 @@ seg_release (struct qcow2_req *req)
   req->ios = NULL;
   req->nios = 0;
   if (req->zres_on && req->l2)
-    alloc_release (q, req->l2, &req->zres);
+    claim_drop (q, req->l2, &req->zres);
   req->zres_on = false;
   if (req->l2) {
     cache_put (req->l2);

@@ -21,7 +21,7 @@
 #define MAX_SNAPSHOT_TABLE (64u << 20)
 
 void
-snapshots_free (struct snapshot *s, unsigned n)
+snapshot_table_free (struct snapshot *s, unsigned n)
 {
   for (unsigned i = 0; i < n; i++) {
     free (s[i].id);
@@ -31,8 +31,8 @@ snapshots_free (struct snapshot *s, unsigned n)
 }
 
 int
-snapshots_read (struct qcow2 *q, struct snapshot **out, unsigned *nout,
-                char *err, size_t errlen)
+snapshot_table_read (struct qcow2 *q, struct snapshot **out, unsigned *nout,
+                     char *err, size_t errlen)
 {
   struct snapshot *s = NULL;
   uint8_t *buf = NULL;
@@ -100,8 +100,8 @@ snapshots_read (struct qcow2 *q, struct snapshot **out, unsigned *nout,
     if (s[i].l1_size) {
       char what[80];
       snprintf (what, sizeof what, "snapshot %u L1 table", i + 1);
-      r = in_file (what, s[i].l1_offset, (uint64_t) s[i].l1_size * 8,
-                   q->file_end, err, errlen);
+      r = header_in_file (what, s[i].l1_offset, (uint64_t) s[i].l1_size * 8,
+                          q->file_end, err, errlen);
       if (r < 0)
         goto fail;
     }
@@ -128,7 +128,7 @@ snapshots_read (struct qcow2 *q, struct snapshot **out, unsigned *nout,
   snprintf (err, errlen, "snapshot table is corrupt");
  fail:
   free (buf);
-  snapshots_free (s, n);
+  snapshot_table_free (s, n);
   return r;
 }
 
@@ -140,7 +140,7 @@ snapshot_load (struct qcow2 *q, const char *which, char *err, size_t errlen)
   const struct snapshot *pick = NULL;
   uint64_t bytes;
   uint64_t *l1;
-  int r = snapshots_read (q, &s, &n, err, errlen);
+  int r = snapshot_table_read (q, &s, &n, err, errlen);
 
   if (r < 0)
     return r;
@@ -152,28 +152,29 @@ snapshot_load (struct qcow2 *q, const char *which, char *err, size_t errlen)
       pick = &s[i];
   if (!pick) {
     snprintf (err, errlen, "no snapshot named or numbered '%s'", which);
-    snapshots_free (s, n);
+    snapshot_table_free (s, n);
     return -ENOENT;
   }
   bytes = (uint64_t) pick->l1_size * 8;
-  l1 = aligned_alloc_zero (round_up (bytes ? bytes : 1, SECTOR));
+  l1 = buffer_alloc_zero (round_up (bytes ? bytes : 1, SECTOR));
   if (!l1) {
-    snapshots_free (s, n);
+    snapshot_table_free (s, n);
     snprintf (err, errlen, "out of memory");
     return -ENOMEM;
   }
   r = bytes ? blocking_pread (q->fd, l1, bytes, pick->l1_offset, false) : 0;
   if (r < 0) {
     free (l1);
-    snapshots_free (s, n);
+    snapshot_table_free (s, n);
     snprintf (err, errlen, "reading the L1 table of snapshot '%s': %s",
               which, strerror (-r));
     return r;
   }
-  r = l1_in_file ("snapshot's ", l1, pick->l1_size, q->file_end, err, errlen);
+  r = header_l1_in_file ("snapshot's ", l1, pick->l1_size, q->file_end, err,
+                         errlen);
   if (r < 0) {
     free (l1);
-    snapshots_free (s, n);
+    snapshot_table_free (s, n);
     return r;
   }
   /* The snapshot's own size, and never more than its L1 can map. */
@@ -187,6 +188,6 @@ snapshot_load (struct qcow2 *q, const char *which, char *err, size_t errlen)
   q->l1 = l1;
   q->l1_size = pick->l1_size;
   q->l1_offset = pick->l1_offset;
-  snapshots_free (s, n);
+  snapshot_table_free (s, n);
   return 0;
 }

@@ -69,7 +69,7 @@ waitq_fail_all (struct qcow2 *q, struct waitq *w, int err)
 }
 
 void
-req_wake (struct qcow2_req *req)
+waitq_wake (struct qcow2_req *req)
 {
   waitq_push (&req->q->runnable, req);
 }

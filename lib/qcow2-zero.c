@@ -32,7 +32,7 @@ child_done (void *opaque, int ret)
     parent->err = ret;
   parent->children--;
   if (parent->children == 0 && !parent->queued)
-    req_wake (parent);
+    waitq_wake (parent);
 }
 
 /* Write zeros over [pos, pos+len) with an ordinary write. */
@@ -57,7 +57,7 @@ reads_zero_sc (const struct qcow2 *q, uint64_t ent, uint64_t bmp,
 {
   uint64_t bsize = q->backing ? q->backing_size_bytes : 0;
   for (uint64_t run_end; pos < end; pos = cstart + run_end) {
-    enum sc_kind kind = cluster_status (q, ent, bmp, pos - cstart, &run_end);
+    enum sc_kind kind = entry_status (q, ent, bmp, pos - cstart, &run_end);
     if (kind != SC_ZERO && !(kind == SC_HOLE && pos >= bsize))
       return false;
   }
@@ -79,7 +79,7 @@ zero_cluster_sc (struct qcow2_req *req, uint64_t pos, uint64_t end)
   bool no_hole = req->flags & QCOW2_ZERO_NO_HOLE;
   uint64_t cs = q->cluster_size, scs = q->sc_size;
   uint64_t cstart = pos & ~(cs - 1);
-  uint32_t idx = (uint32_t) (cstart >> q->cluster_bits) & (q->l2_entries - 1);
+  uint32_t idx = l2_index (q, cstart);
   uint64_t ent = l2_get (e, idx), bmp = l2_get_bitmap (e, idx);
   uint64_t nent = ent, nbmp = bmp;
   /* Whole subclusters; the disk's end closes the last one. */
@@ -121,7 +121,7 @@ zero_cluster_sc (struct qcow2_req *req, uint64_t pos, uint64_t end)
   if (lo >= hi || req->err)
     return false;
 
-  uint64_t m = sc_mask (q, lo - cstart, hi - cstart);
+  uint64_t m = entry_sc_mask (q, lo - cstart, hi - cstart);
   if (ent & L2E_COMPRESSED) {
     nent = 0;
     nbmp = 0;
@@ -138,7 +138,7 @@ zero_cluster_sc (struct qcow2_req *req, uint64_t pos, uint64_t end)
   if (nent == ent && nbmp == bmp)
     return false;
   assert (!flush_active (q));
-  if (nent != ent && release_entry (q, ent) < 0)
+  if (nent != ent && entry_release (q, ent) < 0)
     qlog (q, LOG_WARNING, "out of memory: a released cluster will leak");
   l2_set (e, idx, nent);
   l2_set_bitmap (e, idx, nbmp);
@@ -215,7 +215,7 @@ zero_cluster (struct qcow2_req *req, uint64_t pos, uint64_t cend)
   bool discard = req->type == REQ_DISCARD;
   bool no_hole = req->flags & QCOW2_ZERO_NO_HOLE;
   uint64_t cs = q->cluster_size;
-  uint32_t idx = (uint32_t) (pos >> q->cluster_bits) & (q->l2_entries - 1);
+  uint32_t idx = l2_index (q, pos);
   uint64_t ent = l2_get (e, idx);
   uint64_t cstart = pos & ~(cs - 1);
   /* The last cluster of a disk whose size is not a multiple of the
@@ -241,7 +241,7 @@ zero_cluster (struct qcow2_req *req, uint64_t pos, uint64_t cend)
   if (nent == ent)
     return false;
   assert (!flush_active (q));
-  if (release && release_entry (q, ent) < 0)
+  if (release && entry_release (q, ent) < 0)
     qlog (q, LOG_WARNING, "out of memory: a released cluster will leak");
   l2_set (e, idx, nent);
   return true;
@@ -263,10 +263,8 @@ zero_entries (struct qcow2_req *req)
   }
   assert (e->ref > 0);          /* the segment pins its table */
   if (!req->zres_on) {
-    uint32_t mask = q->l2_entries - 1;
-    uint32_t first = (uint32_t) (pos >> q->cluster_bits) & mask;
-    alloc_hold (e, &req->zres, first,
-                (uint32_t) (((end - 1) >> q->cluster_bits) & mask) - first + 1);
+    uint32_t first = l2_index (q, pos);
+    claim_add (e, &req->zres, first, l2_index (q, end - 1) - first + 1);
     req->zres_on = true;
   }
   if (flush_active (q)) {
@@ -299,7 +297,7 @@ punch_done (struct aio_op *op, int64_t ret)
       req->err = (int) ret;
   }
   req->outstanding--;
-  req_wake (req);
+  waitq_wake (req);
 }
 
 /* A raw data file must read as the disk does: the range zeroed or
@@ -332,7 +330,7 @@ punch_data_file (struct qcow2_req *req)
   req->state = RS_IO;
 }
 
-bool
+static bool
 zero_segment (struct qcow2_req *req)
 {
   if (!zero_entries (req))
@@ -386,7 +384,7 @@ backing_status_done (void *opaque, int ret)
   free (req->child_ext);
   req->child_ext = NULL;
   req->outstanding--;
-  req_wake (req);
+  waitq_wake (req);
 }
 
 /* Ask the backing image about [pos, end).  Returns 0 or -errno. */
@@ -429,11 +427,11 @@ run_at (const struct qcow2 *q, const struct cache_entry *e, uint64_t pos,
   enum sc_kind first = SC_HOLE;
 
   for (bool start = true; pos < end; start = false) {
-    uint32_t idx = (uint32_t) (pos >> q->cluster_bits) & (q->l2_entries - 1);
+    uint32_t idx = l2_index (q, pos);
     uint64_t ent = e ? l2_get (e, idx) : 0;
     uint64_t bmp = e ? l2_get_bitmap (e, idx) : 0;
     uint64_t cstart = pos & ~(cs - 1), rend;
-    enum sc_kind kind = cluster_status (q, ent, bmp, pos - cstart, &rend);
+    enum sc_kind kind = entry_status (q, ent, bmp, pos - cstart, &rend);
     if (kind == SC_COMPRESSED || kind == SC_BAD)
       kind = SC_DATA;
     if (start)
@@ -446,7 +444,7 @@ run_at (const struct qcow2 *q, const struct cache_entry *e, uint64_t pos,
   return first;
 }
 
-bool
+static bool
 status_segment (struct qcow2_req *req)
 {
   struct qcow2 *q = req->q;
@@ -526,5 +524,5 @@ status_plan (struct qcow2_req *req)
   return go;
 }
 
-const struct seg_ops zero_seg_ops = { .plan = zero_plan };
-const struct seg_ops status_seg_ops = { .plan = status_plan };
+const struct seg_ops zero_ops = { .plan = zero_plan };
+const struct seg_ops zero_status_ops = { .plan = status_plan };
