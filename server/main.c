@@ -516,7 +516,7 @@ main (int argc, char *argv[])
       if (parse_size (optarg, &max_memory) < 0 || max_memory == 0
           || max_memory > SIZE_MAX)
         bad_usage ("--max-memory: '%s' is not a size", optarg);
-      loop_set_max_memory ((size_t) max_memory);
+      mem_set_max_memory ((size_t) max_memory);
       break;
     case OPT_PID_FILE:
       pid_file = optarg;
@@ -596,7 +596,8 @@ main (int argc, char *argv[])
   return status;
 
  fail:
-  export_close_all ();
+  /* The loop first: it stops watching the images that close_all frees. */
   loop_cleanup ();
+  export_close_all ();
   exit (EXIT_FAILURE);
 }

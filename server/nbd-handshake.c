@@ -53,6 +53,8 @@ opt_name (uint32_t opt)
   }
 }
 
+static bool handshake_step (struct conn *c);
+
 void
 handshake_start (struct conn *c)
 {
@@ -62,6 +64,7 @@ handshake_start (struct conn *c)
     .flags = htobe16 (NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES),
   };
 
+  c->step = handshake_step;
   conn_queue_copy (c, &g, sizeof g, NULL, 0);
 }
 
@@ -138,6 +141,7 @@ enter_transmission (struct conn *c, struct export *e)
     c->meta = 0;
   conn_handshake_done (c);
   c->state = CONN_TRANSMISSION;
+  c->step = request_step;
   log_info ("client %u: export '%s'%s%s%s%s", c->id, e->name,
             c->structured ? ", structured replies" : "",
             c->meta & META_BASE_ALLOCATION ? ", base:allocation" : "",
@@ -522,7 +526,7 @@ recv_option (struct conn *c)
   return c->state == CONN_HANDSHAKE || c->state == CONN_TRANSMISSION;
 }
 
-bool
+static bool
 handshake_step (struct conn *c)
 {
   switch (c->state) {

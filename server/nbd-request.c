@@ -104,7 +104,7 @@ charge (struct request *req, size_t n)
 {
   req->held += n;
   req->conn->buffered += n;
-  loop_heap_hold (n);
+  mem_hold (n);
 }
 
 /* Free a request whose reply has been written, dropped, or will never be
@@ -121,7 +121,7 @@ request_release (struct reply *r)
   c->in_flight--;
   c->buffered -= req->held;
   if (req->held)
-    loop_heap_release (req->held);
+    mem_release (req->held);
   buffer_put (req->data, req->data_len);
   free (req->ext);
   free (req->chunks);
@@ -836,7 +836,7 @@ handle_request (struct conn *c, struct request *req)
   }
 }
 
-/* The most a request will hold, from its header (loop_mem_admit): a
+/* The most a request will hold, from its header (mem_admit): a
  * bad one may be counted too high, never too low.
  */
 static size_t
@@ -882,13 +882,13 @@ request_step (struct conn *c)
   const char *why = NULL;
   int err;
 
-  if (c->state != CONN_TRANSMISSION || !conn_has_room (c) || c->mem_paused)
+  if (c->state != CONN_TRANSMISSION || !conn_has_room (c) || c->mem_wait.waiting)
     return false;
   p = conn_input (c, &avail);
   if (avail < sizeof hdr)
     return false;
   memcpy (&hdr, p, sizeof hdr);
-  if (!loop_mem_admit (request_need (c, &hdr), c->in_flight == 0)) {
+  if (!mem_admit (request_need (c, &hdr), c->in_flight == 0)) {
     /* Left unparsed until memory is freed. */
     conn_pause_for_memory (c);
     return false;
