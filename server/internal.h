@@ -356,8 +356,8 @@ struct conn {
   /* Negotiated during the handshake. */
   bool no_zeroes;               /* NBD_FLAG_C_NO_ZEROES */
   bool structured;              /* NBD_OPT_STRUCTURED_REPLY acknowledged */
-  unsigned meta;                /* META_* contexts of the last
-                                   NBD_OPT_SET_META_CONTEXT ... */
+  unsigned meta;                /* the contexts (META_BIT mask) of the
+                                   last NBD_OPT_SET_META_CONTEXT ... */
   struct export *meta_exp;      /* ... which named this export */
   unsigned nr_options;          /* options received so far */
   struct export *exp;           /* the export, from transmission on */
@@ -463,16 +463,42 @@ void conn_shutdown_all (void);
 void conn_kill_all (void);
 
 /* ------------------------------------------------------------------ */
-/* nbd-handshake.c                                                     */
+/* nbd-meta.c                                                          */
 /* ------------------------------------------------------------------ */
 
-/* The metadata contexts served (NBD_OPT_SET_META_CONTEXT), as bits of
- * conn.meta, and their ids in NBD_REPLY_TYPE_BLOCK_STATUS chunks.
+/* The metadata contexts served (NBD_OPT_SET_META_CONTEXT), described once
+ * in meta_contexts.  A set of them is a mask (conn.meta): context i is
+ * META_BIT (i).
  */
-#define META_BASE_ALLOCATION   (1u << 0) /* base:allocation */
-#define META_QEMU_DEPTH        (1u << 1) /* qemu:allocation-depth */
-#define META_ID_BASE_ALLOCATION  1
-#define META_ID_QEMU_DEPTH       2
+#define META_NR 2
+#define META_BIT(i) (1u << (i))
+#define META_ALL ((1u << META_NR) - 1)
+#define META_NAME_MAX 64        /* longest name */
+
+struct meta_context {
+  const char *name;             /* "namespace:leaf" */
+  uint32_t id;                  /* answered to SET_META_CONTEXT, and carried
+                                   by its NBD_REPLY_TYPE_BLOCK_STATUS chunks */
+  uint32_t (*status) (const struct qcow2_extent *x); /* how an extent of
+                                   the engine is reported in it */
+};
+extern const struct meta_context meta_contexts[META_NR];
+
+/* The contexts (a mask) query q (len bytes) selects.  list: for
+ * NBD_OPT_LIST_META_CONTEXT, where a namespace alone ("base:") stands for
+ * all its contexts; SET must ignore that form.  Anything else unknown
+ * selects nothing, as the protocol asks.
+ */
+unsigned meta_query (const char *q, uint32_t len, bool list);
+
+/* For log lines: ", name" for each context of mask, in buf (size bytes,
+ * cut if need be); "" for none.  Returns buf.
+ */
+const char *meta_names (unsigned mask, char *buf, size_t size);
+
+/* ------------------------------------------------------------------ */
+/* nbd-handshake.c                                                     */
+/* ------------------------------------------------------------------ */
 
 /* The conn_start_fn of conn_init: queue the greeting of a new connection
  * (it is in CONN_GREETING) and make the handshake its step; the handshake
@@ -509,18 +535,39 @@ void reply_simple (struct reply *r, uint64_t cookie, uint16_t cmd,
 void reply_structured_data (struct reply *r, uint64_t cookie, bool done,
                             uint64_t offset, void *data, size_t len);
 
-/* Fill r as an NBD_REPLY_TYPE_OFFSET_HOLE chunk: len > 0 bytes of zeros
- * at offset; done: the last chunk.
+/* A structured reply of several chunks being filled: the last chunk goes
+ * into *last, those before it into more[0..n), in the order they are to
+ * be queued.
  */
-void reply_structured_hole (struct reply *r, uint64_t cookie, bool done,
-                            uint64_t offset, uint32_t len);
+struct reply_chunks {
+  uint64_t cookie;
+  struct reply *last;
+  struct reply *more;           /* room for the chunks before the last */
+  size_t n;                     /* of more, filled */
+};
 
-/* Fill r as an NBD_REPLY_TYPE_BLOCK_STATUS chunk for the metadata context
- * id: n > 0 descriptors (pointed to, not copied); done: the last chunk.
+/* Fill rc with a structured READ reply of the data at offset whose zero
+ * map is ext[0..n) (n > 0, covering the data exactly): runs of zeros of
+ * at least SPARSE_MIN_HOLE bytes become OFFSET_HOLE chunks, the rest
+ * OFFSET_DATA chunks pointing into data, in order.  rc->more has room for
+ * n - 1 chunks.
  */
-void reply_structured_status (struct reply *r, uint64_t cookie, bool done,
-                              uint32_t id,
-                              struct nbd_block_descriptor *desc, size_t n);
+void reply_read_sparse (struct reply_chunks *rc, uint64_t offset,
+                        void *data, const struct qcow2_extent *ext,
+                        unsigned n);
+
+/* Fill rc with a BLOCK_STATUS reply: a chunk per context of meta (a
+ * non-empty META_BIT mask), in the order of meta_contexts, each of at
+ * most max descriptors that cover at most count bytes, from the engine's
+ * extents ext[0..n) (n > 0).  desc has room for META_NR * n descriptors
+ * (the chunks point into it) and rc->more for META_NR - 1 chunks.
+ * Returns 0, or -EIO when the extents give a context no descriptor (rc
+ * then holds nothing to queue).
+ */
+int reply_block_status (struct reply_chunks *rc, unsigned meta,
+                        const struct qcow2_extent *ext, unsigned n,
+                        uint64_t count, size_t max,
+                        struct nbd_block_descriptor *desc);
 
 /* Fill r as NBD_REPLY_TYPE_NONE with NBD_REPLY_FLAG_DONE (success). */
 void reply_structured_done (struct reply *r, uint64_t cookie);
