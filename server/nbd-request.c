@@ -603,120 +603,150 @@ start_read_map (struct conn *c, struct request *req)
                                        &req->ext_n, request_done, req));
 }
 
+/* Start a validated READ of more than nothing. */
+static void
+start_read (struct conn *c, struct request *req)
+{
+  int err = alloc_data (req, req->count);
+
+  if (err) {
+    send_error (req, err, NULL);
+    return;
+  }
+  if (c->structured && !(req->flags & NBD_CMD_FLAG_DF))
+    start_read_map (c, req);
+  else
+    note_submitted (req, qcow2_read (c->exp->q, req->offset, req->data,
+                                     req->count, request_done, req));
+}
+
+/* Start a validated WRITE of more than nothing: receive its payload. */
+static void
+start_write (struct conn *c, struct request *req)
+{
+  int err = alloc_data (req, req->count);
+
+  if (err) {
+    /* The payload must still be read past. */
+    req->err = err;
+    conn_recv_payload (c, NULL, req->count, skipped_payload_done, req);
+    return;
+  }
+  conn_recv_payload (c, req->data, req->count, write_payload_done, req);
+}
+
+/* Start a validated WRITE_ZEROES of more than nothing. */
+static void
+start_write_zeroes (struct conn *c, struct request *req)
+{
+  unsigned flags = 0;
+
+  if (req->flags & NBD_CMD_FLAG_FUA)
+    flags |= QCOW2_WRITE_FUA;
+  if (req->flags & NBD_CMD_FLAG_NO_HOLE)
+    flags |= QCOW2_ZERO_NO_HOLE;
+  if (req->flags & NBD_CMD_FLAG_FAST_ZERO)
+    flags |= QCOW2_ZERO_FAST;
+  note_submitted (req, qcow2_write_zeroes (c->exp->q, req->offset,
+                                           req->count, flags, request_done,
+                                           req));
+}
+
+/* Start a validated CACHE of more than nothing.  The data of the range is
+ * read into a scratch buffer that is then dropped: that loads the L2
+ * tables and fills the page cache.
+ */
+static void
+start_cache (struct conn *c, struct request *req)
+{
+  req->ext = calloc (CACHE_EXTENTS, sizeof *req->ext);
+  if (req->ext == NULL) {
+    log_error ("client %u: CACHE: out of memory", c->id);
+    send_error (req, ENOMEM, NULL);
+    return;
+  }
+  charge (req, CACHE_EXTENTS * sizeof *req->ext);
+  req->cache_next = req->offset;
+  cache_step (req);
+}
+
+/* Start a validated BLOCK_STATUS. */
+static void
+start_block_status (struct conn *c, struct request *req)
+{
+  /* REQ_ONE sends one extent per context: a few more than one are
+   * asked for, so that base:allocation can merge extents that differ
+   * only in depth.
+   */
+  size_t max = (req->flags & NBD_CMD_FLAG_REQ_ONE)
+    ? STATUS_REQ_ONE_EXTENTS : STATUS_MAX_EXTENTS;
+
+  req->ext = calloc (max, sizeof *req->ext);
+  if (req->ext == NULL) {
+    log_error ("client %u: BLOCK_STATUS: out of memory", c->id);
+    send_error (req, ENOMEM, NULL);
+    return;
+  }
+  charge (req, max * sizeof *req->ext);
+  note_submitted (req, qcow2_block_status (c->exp->q, req->offset,
+                                           req->count, req->ext, max,
+                                           &req->ext_n, request_done, req));
+}
+
 /* Start a validated request. */
 static void
 handle_request (struct conn *c, struct request *req)
 {
-  struct qcow2 *q = c->exp->q;
-  unsigned flags = 0;
-  size_t max;
-  int err;
-
   switch (req->type) {
   case NBD_CMD_READ:
-    if (req->count == 0) {
+    if (req->count == 0)
       send_reply (req);
-      return;
-    }
-    err = alloc_data (req, req->count);
-    if (err) {
-      send_error (req, err, NULL);
-      return;
-    }
-    if (c->structured && !(req->flags & NBD_CMD_FLAG_DF))
-      start_read_map (c, req);
     else
-      note_submitted (req, qcow2_read (q, req->offset, req->data,
-                                       req->count, request_done, req));
+      start_read (c, req);
     return;
 
   case NBD_CMD_WRITE:
-    if (req->count == 0) {
+    if (req->count == 0)
       send_reply (req);
-      return;
-    }
-    err = alloc_data (req, req->count);
-    if (err) {
-      /* The payload must still be read past. */
-      req->err = err;
-      conn_recv_payload (c, NULL, req->count, skipped_payload_done, req);
-      return;
-    }
-    conn_recv_payload (c, req->data, req->count, write_payload_done, req);
+    else
+      start_write (c, req);
     return;
 
   case NBD_CMD_FLUSH:
     /* A read-only export has nothing to flush. */
-    if (c->exp->read_only) {
+    if (c->exp->read_only)
       send_reply (req);
-      return;
-    }
-    note_submitted (req, qcow2_flush (q, request_done, req));
+    else
+      note_submitted (req, qcow2_flush (c->exp->q, request_done, req));
     return;
 
   case NBD_CMD_TRIM:
     /* With --discard=ignore a TRIM is a hint not taken, and FUA has
      * nothing to make durable.
      */
-    if (req->count == 0 || !c->exp->discard) {
+    if (req->count == 0 || !c->exp->discard)
       send_reply (req);
-      return;
-    }
-    note_submitted (req, qcow2_discard (q, req->offset, req->count,
-                                        trim_done, req));
+    else
+      note_submitted (req, qcow2_discard (c->exp->q, req->offset,
+                                          req->count, trim_done, req));
     return;
 
   case NBD_CMD_WRITE_ZEROES:
-    if (req->count == 0) {
+    if (req->count == 0)
       send_reply (req);
-      return;
-    }
-    if (req->flags & NBD_CMD_FLAG_FUA)
-      flags |= QCOW2_WRITE_FUA;
-    if (req->flags & NBD_CMD_FLAG_NO_HOLE)
-      flags |= QCOW2_ZERO_NO_HOLE;
-    if (req->flags & NBD_CMD_FLAG_FAST_ZERO)
-      flags |= QCOW2_ZERO_FAST;
-    note_submitted (req, qcow2_write_zeroes (q, req->offset, req->count,
-                                             flags, request_done, req));
+    else
+      start_write_zeroes (c, req);
     return;
 
   case NBD_CMD_CACHE:
-    if (req->count == 0) {
+    if (req->count == 0)
       send_reply (req);
-      return;
-    }
-    /* The data of the range is read into a scratch buffer that is then
-     * dropped: that loads the L2 tables and fills the page cache.
-     */
-    req->ext = calloc (CACHE_EXTENTS, sizeof *req->ext);
-    if (req->ext == NULL) {
-      log_error ("client %u: CACHE: out of memory", c->id);
-      send_error (req, ENOMEM, NULL);
-      return;
-    }
-    charge (req, CACHE_EXTENTS * sizeof *req->ext);
-    req->cache_next = req->offset;
-    cache_step (req);
+    else
+      start_cache (c, req);
     return;
 
   case NBD_CMD_BLOCK_STATUS:
-    /* REQ_ONE sends one extent per context: a few more than one are
-     * asked for, so that base:allocation can merge extents that differ
-     * only in depth.
-     */
-    max = (req->flags & NBD_CMD_FLAG_REQ_ONE)
-      ? STATUS_REQ_ONE_EXTENTS : STATUS_MAX_EXTENTS;
-    req->ext = calloc (max, sizeof *req->ext);
-    if (req->ext == NULL) {
-      log_error ("client %u: BLOCK_STATUS: out of memory", c->id);
-      send_error (req, ENOMEM, NULL);
-      return;
-    }
-    charge (req, max * sizeof *req->ext);
-    note_submitted (req, qcow2_block_status (q, req->offset, req->count,
-                                             req->ext, max, &req->ext_n,
-                                             request_done, req));
+    start_block_status (c, req);
     return;
 
   default:
