@@ -26,7 +26,7 @@
  * it the protocol's start (the handshake's greeting), which sets c->step,
  * and process_input calls c->step for each message; the handshake sets
  * it to the transmission phase's step when it ends.  Waiting for memory
- * is memory.c's line (mem_wait), with mem_wake as the callback.
+ * is memory.c's line (mem_wait), with conn_mem_wake as the callback.
  *
  * Completion callbacks run inside qcow2_process(); they queue replies and
  * mark the connection pending.  conn_run_pending(), called by the loop
@@ -57,7 +57,7 @@
 #define HANDSHAKE_MAX_OUTPUT (64u * 1024)
 
 static struct ev_loop *conn_loop;       /* from conn_init */
-static conn_start_fn *conn_start;        /* the protocol's first step */
+static conn_start_fn *conn_start;       /* the protocol's start */
 static void (*conn_freed) (void);       /* told of each connection freed */
 static struct conn *conns;              /* every connection; order unused */
 static unsigned nr_conns;
@@ -74,7 +74,7 @@ static void handshake_timeout_cb (struct ev_loop *l, ev_timer *w,
                                   int revents);
 static void conn_step (struct conn *c);
 static void conn_update_watchers (struct conn *c);
-static void mem_wake (struct mem_waiter *w);
+static void conn_mem_wake (struct mem_waiter *w);
 
 void
 conn_init (struct ev_loop *l, conn_start_fn *start, void (*freed) (void))
@@ -101,7 +101,7 @@ conn_new (int fd)
   c->fd = fd;
   c->state = CONN_GREETING;
   c->out_tail = &c->out_head;
-  c->mem_wait.wake = mem_wake;
+  c->mem_wait.wake = conn_mem_wake;
   ev_io_init (&c->io, conn_io_cb, fd, 0);
   c->io.data = c;
   ev_timer_init (&c->handshake_timer, handshake_timeout_cb,
@@ -542,7 +542,7 @@ conn_pause_for_memory (struct conn *c)
 
 /* Memory was freed: c gets another try (memory.c, from the loop). */
 static void
-mem_wake (struct mem_waiter *w)
+conn_mem_wake (struct mem_waiter *w)
 {
   struct conn *c = (struct conn *) ((char *) w - offsetof (struct conn,
                                                            mem_wait));

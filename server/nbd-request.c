@@ -25,10 +25,9 @@
  * several metadata contexts) is one struct reply per chunk, filled there
  * and queued here in order: the last is the request's own reply, whose
  * release frees the request; the others live in req->chunks and release
- * nothing.  The output queue writes and
- * releases in order, so the request outlives its earlier chunks, and the
- * data chunks point into the one read buffer (gathered by writev, never
- * copied).
+ * nothing.  The output queue writes and releases in order, so the request
+ * outlives its earlier chunks, and the data chunks point into the one read
+ * buffer (gathered by writev, never copied).
  */
 #ifdef HAVE_CONFIG_H
 #include <config.h>
