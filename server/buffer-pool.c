@@ -6,7 +6,7 @@
  * honour the alignment), so buffers up to POOL_MAX_SIZE are kept, per
  * power-of-two size, on a stack each, and handed out again.  The pool is
  * bounded (POOL_MAX_BYTES in all) so that a burst does not pin memory
- * that the heap trimming in loop.c would otherwise give back.
+ * that the heap trimming in memory.c would otherwise give back.
  *
  * Larger buffers (up to MAX_PAYLOAD) are mappings of their own, kept the
  * same way per power-of-two size up to LARGE_MAX_BYTES in all and unmapped

@@ -22,6 +22,12 @@
  * is still inside the engine: each such request holds a reference
  * (engine_refs), because its completion callback will still run.
  *
+ * The connection does not know the protocol it carries: conn_init gives
+ * it the protocol's start (the handshake's greeting), which sets c->step,
+ * and process_input calls c->step for each message; the handshake sets
+ * it to the transmission phase's step when it ends.  Waiting for memory
+ * is memory.c's line (mem_wait), with conn_mem_wake as the callback.
+ *
  * Completion callbacks run inside qcow2_process(); they queue replies and
  * mark the connection pending.  conn_run_pending(), called by the loop
  * right after qcow2_process(), then writes each pending connection's
@@ -33,6 +39,7 @@
 
 #include <assert.h>
 #include <errno.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -49,6 +56,9 @@
  */
 #define HANDSHAKE_MAX_OUTPUT (64u * 1024)
 
+static struct ev_loop *conn_loop;       /* from conn_init */
+static conn_start_fn *conn_start;       /* the protocol's start */
+static void (*conn_freed) (void);       /* told of each connection freed */
 static struct conn *conns;              /* every connection; order unused */
 static unsigned nr_conns;
 static unsigned last_id;
@@ -59,16 +69,20 @@ static unsigned handshake_limit = DEFAULT_HANDSHAKE_LIMIT; /* s, 0: none */
  */
 static struct conn *pending_head;
 
-/* Connections that wait for memory (a request of theirs did not fit in
- * the daemon's budget), oldest first, so that they get it in turn.
- */
-static struct conn *paused_head, **paused_tail = &paused_head;
-
 static void conn_io_cb (struct ev_loop *l, ev_io *w, int revents);
 static void handshake_timeout_cb (struct ev_loop *l, ev_timer *w,
                                   int revents);
 static void conn_step (struct conn *c);
 static void conn_update_watchers (struct conn *c);
+static void conn_mem_wake (struct mem_waiter *w);
+
+void
+conn_init (struct ev_loop *l, conn_start_fn *start, void (*freed) (void))
+{
+  conn_loop = l;
+  conn_start = start;
+  conn_freed = freed;
+}
 
 int
 conn_new (int fd)
@@ -82,18 +96,19 @@ conn_new (int fd)
     close (fd);
     return -1;
   }
-  loop_heap_hold (CONN_RBUF_SIZE);
+  mem_hold (CONN_RBUF_SIZE);
   c->id = ++last_id;
   c->fd = fd;
   c->state = CONN_GREETING;
   c->out_tail = &c->out_head;
+  c->mem_wait.wake = conn_mem_wake;
   ev_io_init (&c->io, conn_io_cb, fd, 0);
   c->io.data = c;
   ev_timer_init (&c->handshake_timer, handshake_timeout_cb,
                  handshake_limit, 0.);
   c->handshake_timer.data = c;
   if (handshake_limit > 0)
-    ev_timer_start (loop, &c->handshake_timer);
+    ev_timer_start (conn_loop, &c->handshake_timer);
 
   c->next = conns;
   if (conns)
@@ -104,7 +119,9 @@ conn_new (int fd)
             c->id, nr_conns, nr_conns == 1 ? "" : "s");
 
   /* Send the greeting at once rather than after a loop iteration. */
-  handshake_start (c);
+  assert (conn_start != NULL);          /* conn_init was called */
+  conn_start (c);
+  assert (c->step != NULL);             /* the protocol's next step */
   conn_step (c);
   conn_update_watchers (c);
   return 0;
@@ -126,7 +143,7 @@ void
 conn_handshake_done (struct conn *c)
 {
   if (ev_is_active (&c->handshake_timer))
-    ev_timer_stop (loop, &c->handshake_timer);
+    ev_timer_stop (conn_loop, &c->handshake_timer);
 }
 
 static void
@@ -140,7 +157,7 @@ conn_free (struct conn *c)
   assert (c->out_head == NULL);
   assert (c->rx_done == NULL);
   assert (!c->pending);
-  assert (!c->mem_paused);
+  assert (!c->mem_wait.waiting);
   assert (!ev_is_active (&c->io));
   assert (!ev_is_active (&c->handshake_timer));
 
@@ -154,8 +171,9 @@ conn_free (struct conn *c)
   log_debug ("client %u: freed", c->id);
   free (c->rbuf);
   free (c);
-  loop_heap_release (CONN_RBUF_SIZE);
-  loop_conn_freed ();
+  mem_release (CONN_RBUF_SIZE);
+  if (conn_freed)
+    conn_freed ();
 }
 
 /* ------------------------------------------------------------------ */
@@ -224,7 +242,7 @@ want_read (const struct conn *c)
     /* A payload in progress is always read: it is already paid for. */
     if (c->rx_want > 0)
       return true;
-    return conn_has_room (c) && !c->mem_paused &&
+    return conn_has_room (c) && !c->mem_wait.waiting &&
       (c->rend < CONN_RBUF_SIZE || c->rstart > 0);
   case CONN_CLOSING:
   case CONN_DEAD:
@@ -347,11 +365,11 @@ process_input (struct conn *c)
     switch (c->state) {
     case CONN_GREETING:
     case CONN_HANDSHAKE:
-      if (c->out_bytes > HANDSHAKE_MAX_OUTPUT || !handshake_step (c))
+      if (c->out_bytes > HANDSHAKE_MAX_OUTPUT)
         return;
-      break;
+      /* fall through */
     case CONN_TRANSMISSION:
-      if (!request_step (c))
+      if (!c->step (c))
         return;
       break;
     case CONN_CLOSING:
@@ -516,56 +534,21 @@ conn_closing (struct conn *c)
              c->id, c->in_flight, c->in_flight == 1 ? "" : "s");
 }
 
-static void
-unpause (struct conn *c)
-{
-  struct conn **pp = &paused_head;
-
-  assert (c->mem_paused);
-  while (*pp != c)
-    pp = &(*pp)->paused_next;
-  *pp = c->paused_next;
-  if (paused_tail == &c->paused_next)
-    paused_tail = pp;
-  c->paused_next = NULL;
-  c->mem_paused = false;
-}
-
 void
 conn_pause_for_memory (struct conn *c)
 {
-  assert (!c->mem_paused);
-  c->mem_paused = true;
-  c->paused_next = NULL;
-  *paused_tail = c;
-  paused_tail = &c->paused_next;
+  mem_wait (&c->mem_wait);
 }
 
-bool
-conn_any_paused (void)
+/* Memory was freed: c gets another try (memory.c, from the loop). */
+static void
+conn_mem_wake (struct mem_waiter *w)
 {
-  return paused_head != NULL;
-}
+  struct conn *c = (struct conn *) ((char *) w - offsetof (struct conn,
+                                                           mem_wait));
 
-void
-conn_resume_paused (void)
-{
-  struct conn *list = paused_head;
-
-  /* Each gets one try, in turn; one that still does not fit goes to the
-   * back of the (new) list.
-   */
-  paused_head = NULL;
-  paused_tail = &paused_head;
-  while (list) {
-    struct conn *c = list;
-
-    list = c->paused_next;
-    c->paused_next = NULL;
-    c->mem_paused = false;
-    conn_step (c);
-    conn_update_watchers (c);
-  }
+  conn_step (c);
+  conn_update_watchers (c);
 }
 
 void
@@ -576,12 +559,12 @@ conn_set_dead (struct conn *c)
   if (c->rx_done)
     finish_payload (c, false);
   c->state = CONN_DEAD;
-  if (c->mem_paused)
-    unpause (c);
+  if (c->mem_wait.waiting)
+    mem_cancel (&c->mem_wait);
 
   conn_handshake_done (c);
   if (ev_is_active (&c->io))
-    ev_io_stop (loop, &c->io);
+    ev_io_stop (conn_loop, &c->io);
   c->events = 0;
   close (c->fd);
   c->fd = -1;
@@ -626,10 +609,10 @@ conn_update_watchers (struct conn *c)
 
   if (events != c->events) {
     if (ev_is_active (&c->io))
-      ev_io_stop (loop, &c->io);
+      ev_io_stop (conn_loop, &c->io);
     if (events) {
       ev_io_set (&c->io, c->fd, events);
-      ev_io_start (loop, &c->io);
+      ev_io_start (conn_loop, &c->io);
     }
     c->events = events;
   }
@@ -637,7 +620,7 @@ conn_update_watchers (struct conn *c)
   /* A live connection always waits for something: its socket, the
    * engine, or memory.  Otherwise nothing would ever wake it again.
    */
-  assert (events != 0 || c->engine_refs > 0 || c->mem_paused);
+  assert (events != 0 || c->engine_refs > 0 || c->mem_wait.waiting);
 }
 
 /* Parse and write until neither makes progress.  Writing replies can make

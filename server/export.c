@@ -211,8 +211,6 @@ export_close_all (void)
 
   for (e = exports; e; e = next) {
     next = e->next;
-    if (loop && ev_is_active (&e->io))
-      ev_io_stop (loop, &e->io);
     if (e->q) {
       r = qcow2_close (e->q);
       if (r < 0) {

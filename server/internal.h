@@ -70,7 +70,7 @@
 #define CONN_MAX_IN_FLIGHT  64
 
 /* The default of --max-memory: past it no connection starts a request
- * (except as loop_mem_admit says) until replies drain.
+ * (except as mem_admit says) until replies drain.
  */
 #define DEFAULT_MAX_MEMORY  (512u * 1024 * 1024)
 /* A request of at most this many bytes may always start on a connection
@@ -194,11 +194,9 @@ int export_close_all (void);
 /* loop.c                                                              */
 /* ------------------------------------------------------------------ */
 
-/* The libev loop everything runs on. */
-extern struct ev_loop *loop;
-
-/* Set up the loop, SIGTERM/SIGINT handling, and ignore SIGPIPE.  Returns 0
- * or -1 (logged).
+/* Set up the libev loop everything runs on, SIGTERM/SIGINT handling, and
+ * ignore SIGPIPE; hand the loop to memory.c and conn.c, and conn.c the
+ * protocol's first step (handshake_start).  Returns 0 or -1 (logged).
  */
 int loop_init (void);
 
@@ -224,34 +222,15 @@ int loop_listen_fd (int fd);
 void loop_watch_export (struct export *e);
 
 /* Run until a SIGTERM/SIGINT has been handled and every connection has
- * gone.  Returns 0.
+ * gone; then stop watching the engines (the images may be closed).
+ * Returns 0.
  */
 int loop_run (void);
 
 /* Remove the Unix socket files created by loop_listen_unix, close the
- * listeners and free the loop's state.
+ * listeners, stop watching the engines and free the loop's state.
  */
 void loop_cleanup (void);
-
-/* Called by conn.c when a connection has been freed. */
-void loop_conn_freed (void);
-
-/* The heap memory held by connections: their read buffers and request
- * data.  Called when n bytes of it are allocated (loop_heap_hold) or freed
- * (loop_heap_release); once much of it has been freed and stays so for a
- * moment, the heap is given back to the system (malloc_trim).
- */
-void loop_heap_hold (size_t n);
-void loop_heap_release (size_t n);
-
-/* The daemon-wide memory budget (--max-memory), in bytes. */
-void loop_set_max_memory (size_t bytes);
-/* Whether a connection may start a request that will hold need bytes:
- * everything held stays within the budget, or the request is small
- * (SMALL_REQUEST) and its connection holds no other (so every client goes
- * on, one small request at a time, however much others hold).
- */
-bool loop_mem_admit (size_t need, bool conn_idle);
 
 /* ---- buffer-pool.c: request data buffers, reused ---- */
 
@@ -261,6 +240,45 @@ void *buffer_get (size_t len);
 void buffer_put (void *p, size_t len);
 /* Free every pooled buffer (before a heap trim, and at exit). */
 void buffer_pool_drain (void);
+
+/* ------------------------------------------------------------------ */
+/* memory.c                                                            */
+/* ------------------------------------------------------------------ */
+
+/* Start the accounting on libev loop l (its timers run there). */
+void mem_init (struct ev_loop *l);
+/* Stop its timers and free the pooled buffers (at exit). */
+void mem_cleanup (void);
+
+/* The heap memory held by connections: their read buffers and request
+ * data.  Called when n bytes of it are allocated (mem_hold) or freed
+ * (mem_release); once much of it has been freed and stays so for a
+ * moment, the heap is given back to the system (malloc_trim).
+ */
+void mem_hold (size_t n);
+void mem_release (size_t n);
+
+/* The daemon-wide memory budget (--max-memory), in bytes. */
+void mem_set_max_memory (size_t bytes);
+/* Whether a connection may start a request that will hold need bytes:
+ * everything held stays within the budget, or the request is small
+ * (SMALL_REQUEST) and its connection holds no other (so every client goes
+ * on, one small request at a time, however much others hold).
+ */
+bool mem_admit (size_t need, bool conn_idle);
+
+/* One in the line of those waiting for memory to be freed. */
+struct mem_waiter {
+  struct mem_waiter *next;      /* the line, oldest first */
+  bool waiting;                 /* in the line */
+  void (*wake) (struct mem_waiter *w); /* set by the owner: memory was
+                                   freed, w is out of the line; called
+                                   from the loop, oldest first */
+};
+/* Join the line (w is not in it). */
+void mem_wait (struct mem_waiter *w);
+/* Leave the line (w is in it) without being woken. */
+void mem_cancel (struct mem_waiter *w);
 
 /* ------------------------------------------------------------------ */
 /* conn.c                                                              */
@@ -289,6 +307,17 @@ enum conn_state {
                                    request refers to it */
 };
 
+/* The protocol's side of a connection: parse what the input holds (one
+ * message).  Returns true when something was consumed (call again), false
+ * when more input is needed or the protocol cannot go on now.
+ */
+typedef bool conn_step_fn (struct conn *c);
+
+/* The protocol's start on a new connection: queue what it is sent first,
+ * and set its step.
+ */
+typedef void conn_start_fn (struct conn *c);
+
 /* Called when a payload asked for with conn_recv_payload has fully
  * arrived (ok) or will never arrive (!ok: the connection is going away).
  */
@@ -306,6 +335,10 @@ struct conn {
                                    transmission; handshake_timer.data == this */
   int events;                   /* EV_READ/EV_WRITE interest set on io */
   enum conn_state state;
+  conn_step_fn *step;           /* the protocol's parser for this state:
+                                   set by the handshake at conn_new (conn.c
+                                   only calls it), then by it again on
+                                   entering transmission */
 
   /* Input: unparsed bytes are rbuf[rstart, rend). */
   unsigned char *rbuf;          /* CONN_RBUF_SIZE bytes */
@@ -323,8 +356,8 @@ struct conn {
   /* Negotiated during the handshake. */
   bool no_zeroes;               /* NBD_FLAG_C_NO_ZEROES */
   bool structured;              /* NBD_OPT_STRUCTURED_REPLY acknowledged */
-  unsigned meta;                /* META_* contexts of the last
-                                   NBD_OPT_SET_META_CONTEXT ... */
+  unsigned meta;                /* the contexts (META_BIT mask) of the
+                                   last NBD_OPT_SET_META_CONTEXT ... */
   struct export *meta_exp;      /* ... which named this export */
   unsigned nr_options;          /* options received so far */
   struct export *exp;           /* the export, from transmission on */
@@ -341,8 +374,7 @@ struct conn {
   unsigned engine_refs;
   size_t buffered;              /* bytes held by in-flight requests (their
                                    structs, data, extent arrays) */
-  bool mem_paused;              /* waits for memory: on the paused list */
-  struct conn *paused_next;
+  struct mem_waiter mem_wait;   /* waits for memory when .waiting */
 
   /* Output queue. */
   struct reply *out_head;
@@ -350,8 +382,16 @@ struct conn {
   size_t out_bytes;             /* bytes queued and not yet written */
 };
 
-/* Take over an accepted, non-blocking socket: start the handshake.
- * Returns 0 or -1 (logged; fd is closed either way on failure).
+/* Connections run on libev loop l, start with start (the handshake's);
+ * freed, if not NULL, is called after each connection is freed.  Called
+ * once, before conn_new.
+ */
+void conn_init (struct ev_loop *l, conn_start_fn *start,
+                void (*freed) (void));
+
+/* Take over an accepted, non-blocking socket: start the protocol (the
+ * start of conn_init).  Returns 0 or -1 (logged; fd is closed either way
+ * on failure).
  */
 int conn_new (int fd);
 
@@ -408,14 +448,10 @@ void conn_mark_pending (struct conn *c);
 /* Run every connection marked pending. */
 void conn_run_pending (void);
 
-/* c stops parsing requests until conn_resume_paused: its next request
- * does not fit in the memory budget.
+/* c stops parsing requests until memory is freed (mem_wait): its next
+ * request does not fit in the memory budget.
  */
 void conn_pause_for_memory (struct conn *c);
-/* Whether a connection waits for memory. */
-bool conn_any_paused (void);
-/* Give every paused connection another try, oldest first. */
-void conn_resume_paused (void);
 
 /* Server shutdown: connections still in the handshake are closed; the
  * others finish what is in flight, answer new requests with ESHUTDOWN
@@ -427,32 +463,55 @@ void conn_shutdown_all (void);
 void conn_kill_all (void);
 
 /* ------------------------------------------------------------------ */
+/* nbd-meta.c                                                          */
+/* ------------------------------------------------------------------ */
+
+/* The metadata contexts served (NBD_OPT_SET_META_CONTEXT), described once
+ * in meta_contexts.  A set of them is a mask (conn.meta): context i is
+ * META_BIT (i).
+ */
+#define META_NR 2
+#define META_BIT(i) (1u << (i))
+#define META_ALL ((1u << META_NR) - 1)
+#define META_NAME_MAX 64        /* longest name */
+
+struct meta_context {
+  const char *name;             /* "namespace:leaf" */
+  uint32_t id;                  /* answered to SET_META_CONTEXT, and carried
+                                   by its NBD_REPLY_TYPE_BLOCK_STATUS chunks */
+  uint32_t (*status) (const struct qcow2_extent *x); /* how an extent of
+                                   the engine is reported in it */
+};
+extern const struct meta_context meta_contexts[META_NR];
+
+/* The contexts (a mask) query q (len bytes) selects.  list: for
+ * NBD_OPT_LIST_META_CONTEXT, where a namespace alone ("base:") stands for
+ * all its contexts; SET must ignore that form.  Anything else unknown
+ * selects nothing, as the protocol asks.
+ */
+unsigned meta_query (const char *q, uint32_t len, bool list);
+
+/* For log lines: ", name" for each context of mask, in buf (size bytes,
+ * cut if need be); "" for none.  Returns buf.
+ */
+const char *meta_names (unsigned mask, char *buf, size_t size);
+
+/* ------------------------------------------------------------------ */
 /* nbd-handshake.c                                                     */
 /* ------------------------------------------------------------------ */
 
-/* The metadata contexts served (NBD_OPT_SET_META_CONTEXT), as bits of
- * conn.meta, and their ids in NBD_REPLY_TYPE_BLOCK_STATUS chunks.
+/* The conn_start_fn of conn_init: queue the greeting of a new connection
+ * (it is in CONN_GREETING) and make the handshake its step; the handshake
+ * makes request_step the step when it ends.
  */
-#define META_BASE_ALLOCATION   (1u << 0) /* base:allocation */
-#define META_QEMU_DEPTH        (1u << 1) /* qemu:allocation-depth */
-#define META_ID_BASE_ALLOCATION  1
-#define META_ID_QEMU_DEPTH       2
-
-/* Queue the greeting of a new connection (it is in CONN_GREETING). */
 void handshake_start (struct conn *c);
-
-/* Parse one message of the handshake from the input.  Returns true when
- * something was consumed (call again), false when more input is needed or
- * the handshake cannot go on now.
- */
-bool handshake_step (struct conn *c);
 
 /* ------------------------------------------------------------------ */
 /* nbd-request.c                                                       */
 /* ------------------------------------------------------------------ */
 
-/* Parse one request of the transmission phase from the input and start
- * it.  Returns true when a request was consumed (call again), false when
+/* The step (conn_step_fn) of a connection in transmission: parse one
+ * request from the input and start it.  Returns true when a request was consumed (call again), false when
  * more input is needed, the connection is full (in-flight limits), or it
  * is no longer transmitting.
  */
@@ -476,18 +535,39 @@ void reply_simple (struct reply *r, uint64_t cookie, uint16_t cmd,
 void reply_structured_data (struct reply *r, uint64_t cookie, bool done,
                             uint64_t offset, void *data, size_t len);
 
-/* Fill r as an NBD_REPLY_TYPE_OFFSET_HOLE chunk: len > 0 bytes of zeros
- * at offset; done: the last chunk.
+/* A structured reply of several chunks being filled: the last chunk goes
+ * into *last, those before it into more[0..n), in the order they are to
+ * be queued.
  */
-void reply_structured_hole (struct reply *r, uint64_t cookie, bool done,
-                            uint64_t offset, uint32_t len);
+struct reply_chunks {
+  uint64_t cookie;
+  struct reply *last;
+  struct reply *more;           /* room for the chunks before the last */
+  size_t n;                     /* of more, filled */
+};
 
-/* Fill r as an NBD_REPLY_TYPE_BLOCK_STATUS chunk for the metadata context
- * id: n > 0 descriptors (pointed to, not copied); done: the last chunk.
+/* Fill rc with a structured READ reply of the data at offset whose zero
+ * map is ext[0..n) (n > 0, covering the data exactly): runs of zeros of
+ * at least SPARSE_MIN_HOLE bytes become OFFSET_HOLE chunks, the rest
+ * OFFSET_DATA chunks pointing into data, in order.  rc->more has room for
+ * n - 1 chunks.
  */
-void reply_structured_status (struct reply *r, uint64_t cookie, bool done,
-                              uint32_t id,
-                              struct nbd_block_descriptor *desc, size_t n);
+void reply_read_sparse (struct reply_chunks *rc, uint64_t offset,
+                        void *data, const struct qcow2_extent *ext,
+                        unsigned n);
+
+/* Fill rc with a BLOCK_STATUS reply: a chunk per context of meta (a
+ * non-empty META_BIT mask), in the order of meta_contexts, each of at
+ * most max descriptors that cover at most count bytes, from the engine's
+ * extents ext[0..n) (n > 0).  desc has room for META_NR * n descriptors
+ * (the chunks point into it) and rc->more for META_NR - 1 chunks.
+ * Returns 0, or -EIO when the extents give a context no descriptor (rc
+ * then holds nothing to queue).
+ */
+int reply_block_status (struct reply_chunks *rc, unsigned meta,
+                        const struct qcow2_extent *ext, unsigned n,
+                        uint64_t count, size_t max,
+                        struct nbd_block_descriptor *desc);
 
 /* Fill r as NBD_REPLY_TYPE_NONE with NBD_REPLY_FLAG_DONE (success). */
 void reply_structured_done (struct reply *r, uint64_t cookie);

@@ -8,9 +8,9 @@
  * closes the remaining connections without waiting for their replies to
  * be read (their engine requests still complete first).
  *
- * Memory: once connections have given back much of the heap memory they
- * held, the free part of the heap is returned to the system (see "Giving
- * the heap back" below).
+ * The memory accounting (memory.c) and the connections (conn.c) get the
+ * libev loop, and the connections their protocol, from loop_init: neither
+ * calls back into this file.
  */
 #ifdef HAVE_CONFIG_H
 #include <config.h>
@@ -19,7 +19,6 @@
 #include <assert.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <malloc.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -42,14 +41,7 @@
 /* Connections accepted per wakeup of a listener. */
 #define ACCEPT_BATCH 32
 
-/* The heap is trimmed once connections hold at least TRIM_MIN bytes
- * less than at their peak since the last trim, and have not taken them
- * back for TRIM_DELAY seconds.
- */
-#define TRIM_MIN (16u << 20)
-#define TRIM_DELAY 1.
-
-struct ev_loop *loop;
+static struct ev_loop *loop;
 
 struct listener {
   struct listener *next;        /* every listener */
@@ -67,12 +59,6 @@ static ev_signal sigterm_watcher;
 static ev_signal sigint_watcher;
 static ev_timer grace_timer;            /* shutdown taking too long */
 static ev_timer pause_timer;            /* accept paused after EMFILE */
-static ev_timer trim_timer;             /* heap to give back */
-
-static size_t heap_held;                /* bytes connections hold now */
-static size_t heap_peak;                /* the most since the last trim */
-static size_t max_memory = DEFAULT_MAX_MEMORY; /* --max-memory */
-static ev_timer resume_timer;           /* paused connections to retry */
 
 /* ------------------------------------------------------------------ */
 /* Listeners.                                                          */
@@ -329,114 +315,15 @@ loop_watch_export (struct export *e)
   ev_io_start (loop, &e->io);
 }
 
-/* ------------------------------------------------------------------ */
-/* Giving the heap back.                                               */
-/* ------------------------------------------------------------------ */
-
-/* main.c keeps request buffers (up to 32 MiB) in the heap rather than in
- * mappings of their own (M_MMAP_THRESHOLD), and the heap from shrinking
- * under them (M_TRIM_THRESHOLD): a freed buffer is reused by the next
- * request without the kernel zeroing its pages again, which is what makes
- * large requests fast.  The price is that glibc never gives back what a
- * burst made the heap grow to: after a client that did not read its
- * replies (a connection buffers up to 96 MiB) has gone, the daemon stays
- * at its peak, and as each burst finds the holes the last one left too
- * small or in the wrong place, the heap grows with every round.  Measured
- * after rounds of two such clients (tests/test-slow-reader.py does one):
- * 115, 147, 211, 275, 339, then 371 MiB of RSS for good, with nothing in
- * use; with the trim below, 2 MiB a second after each round.
- *
- * So connections count the heap they hold (read buffers and request
- * data), and once they hold TRIM_MIN bytes less than at their peak and
- * have not taken them back for TRIM_DELAY seconds, malloc_trim(0) returns
- * the free pages to the system: the top of the heap, and the whole pages
- * of the free chunks in its middle (MADV_DONTNEED), in every arena.  It
- * stays off the fast path: a client that keeps its buffers busy never
- * falls that far from its peak, one that takes them back within
- * TRIM_DELAY stops the countdown, and connections that come and go a few
- * at a time move 128 KiB each.  A trim costs a walk of the free lists
- * and the madvise calls (about 15 ms for 100 MiB), then the page faults
- * of the next burst: once per burst at most, and never more often than
- * every TRIM_DELAY.
- */
-
+/* Stop watching the engines: before their images are closed. */
 static void
-trim_cb (struct ev_loop *lp, ev_timer *w, int revents)
+unwatch_exports (void)
 {
-  double t;
-  int released;
+  struct export *e;
 
-  (void) lp; (void) w; (void) revents;
-  t = ev_time ();
-  buffer_pool_drain ();
-  released = malloc_trim (0);
-  log_debug ("heap trimmed in %.1f ms (%s); connections hold %zu KiB, "
-             "%zu KiB at their peak", (ev_time () - t) * 1000.,
-             released ? "memory given back" : "nothing to give back",
-             heap_held >> 10, heap_peak >> 10);
-  heap_peak = heap_held;
-}
-
-void
-loop_heap_hold (size_t n)
-{
-  heap_held += n;
-  if (heap_held > heap_peak)
-    heap_peak = heap_held;
-  /* Taken back: the countdown starts again when it is freed again. */
-  if (ev_is_active (&trim_timer) && heap_peak - heap_held < TRIM_MIN)
-    ev_timer_stop (loop, &trim_timer);
-}
-
-void
-loop_set_max_memory (size_t bytes)
-{
-  max_memory = bytes;
-}
-
-/* The memory budget.  Connections count what they hold (read buffers,
- * requests and their data and extent arrays), the engines what they hold
- * for requests (compressed data being decompressed), and a request is
- * parsed only when what it will hold fits beside them (loop_mem_admit);
- * otherwise its connection stops reading and waits on conn.c's paused
- * list until enough is freed.  One small request per connection always
- * goes, so that clients that do not read their replies, having filled the
- * budget, cannot starve the others: what the daemon holds stays under the
- * budget plus SMALL_REQUEST and a read buffer per connection (--shared
- * bounds them).
- */
-bool
-loop_mem_admit (size_t need, bool conn_idle)
-{
-  if (heap_held + export_mem_held () + need <= max_memory)
-    return true;
-  return conn_idle && need <= SMALL_REQUEST;
-}
-
-static void
-resume_cb (struct ev_loop *lp, ev_timer *w, int revents)
-{
-  (void) lp; (void) w; (void) revents;
-  conn_resume_paused ();
-}
-
-void
-loop_heap_release (size_t n)
-{
-  assert (heap_held >= n);
-  heap_held -= n;
-  /* Retried from the loop, not from inside whatever freed the memory
-   * (often the writing of a connection's replies).
-   */
-  if (conn_any_paused () && heap_held < max_memory
-      && !ev_is_active (&resume_timer)) {
-    ev_timer_set (&resume_timer, 0., 0.);
-    ev_timer_start (loop, &resume_timer);
-  }
-  if (heap_peak - heap_held >= TRIM_MIN && !ev_is_active (&trim_timer)) {
-    ev_timer_set (&trim_timer, TRIM_DELAY, 0.);
-    ev_timer_start (loop, &trim_timer);
-  }
+  for (e = export_first (); e; e = e->next)
+    if (ev_is_active (&e->io))
+      ev_io_stop (loop, &e->io);
 }
 
 /* ------------------------------------------------------------------ */
@@ -450,8 +337,9 @@ check_done (void)
     ev_break (loop, EVBREAK_ALL);
 }
 
-void
-loop_conn_freed (void)
+/* A connection has been freed (conn.c calls it, from conn_init). */
+static void
+conn_freed (void)
 {
   check_done ();
 }
@@ -527,8 +415,8 @@ loop_init (void)
   ev_signal_start (loop, &sigint_watcher);
   ev_timer_init (&grace_timer, grace_cb, SHUTDOWN_GRACE, 0.);
   ev_timer_init (&pause_timer, pause_cb, ACCEPT_PAUSE, 0.);
-  ev_timer_init (&trim_timer, trim_cb, TRIM_DELAY, 0.);
-  ev_timer_init (&resume_timer, resume_cb, 0., 0.);
+  mem_init (loop);
+  conn_init (loop, handshake_start, conn_freed);
   return 0;
 }
 
@@ -542,6 +430,7 @@ int
 loop_run (void)
 {
   ev_run (loop, 0);
+  unwatch_exports ();
   return 0;
 }
 
@@ -563,17 +452,14 @@ loop_cleanup (void)
   listeners = NULL;
 
   if (loop) {
+    unwatch_exports ();
     ev_signal_stop (loop, &sigterm_watcher);
     ev_signal_stop (loop, &sigint_watcher);
     if (ev_is_active (&grace_timer))
       ev_timer_stop (loop, &grace_timer);
     if (ev_is_active (&pause_timer))
       ev_timer_stop (loop, &pause_timer);
-    if (ev_is_active (&trim_timer))
-      ev_timer_stop (loop, &trim_timer);
-    if (ev_is_active (&resume_timer))
-      ev_timer_stop (loop, &resume_timer);
-    buffer_pool_drain ();
+    mem_cleanup ();
     ev_loop_destroy (loop);
     loop = NULL;
   }

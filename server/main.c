@@ -369,23 +369,204 @@ print_uri (const char *image, const char *name, const char *sock,
   fflush (stderr);
 }
 
+/* What the command line asks for. */
+struct options {
+  const char *sock, *addr, *port;       /* where to listen */
+  const char *name, *description;       /* the export */
+  const char *pid_file;
+  const char *image;
+  struct qcow2_opts opts;               /* how to open the image */
+  const char **allow_dirs;              /* opts.allow_dirs, ours to free */
+  size_t n_allow_dirs;
+  bool discard;                         /* --discard=unmap */
+  unsigned shared;                      /* --shared, 0: no limit */
+  unsigned handshake_limit;             /* --handshake-limit */
+};
+
+/* One word among a few, as the argument of option opt: its value, or a
+ * usage error listing them (choices, for the message).
+ */
+struct keyword {
+  const char *word;
+  int value;
+};
+
+static int
+keyword (const char *opt, const char *arg, const struct keyword *k,
+         const char *choices)
+{
+  for (; k->word; k++)
+    if (strcmp (arg, k->word) == 0)
+      return k->value;
+  bad_usage ("%s: '%s': use %s", opt, arg, choices);
+}
+
+static const struct keyword formats[] = {
+  { "qcow2", QCOW2_FORMAT_QCOW2 }, { "raw", QCOW2_FORMAT_RAW },
+  { "auto", QCOW2_FORMAT_AUTO }, { NULL, 0 },
+};
+static const struct keyword discards[] = {
+  { "unmap", true }, { "ignore", false }, { NULL, 0 },
+};
+static const struct keyword backings[] = {
+  { "confine", QCOW2_BACKING_CONFINE }, { "follow", QCOW2_BACKING_FOLLOW },
+  { "none", QCOW2_BACKING_NONE }, { NULL, 0 },
+};
+static const struct keyword caches[] = {
+  { "writeback", false }, { "none", true }, { NULL, 0 },
+};
+static const struct keyword aio_modes[] = {
+  { "io_uring", QCOW2_AIO_URING }, { "threads", QCOW2_AIO_THREADS },
+  { "auto", QCOW2_AIO_AUTO }, { NULL, 0 },
+};
+
+/* One option c (getopt_long's answer) with its argument optarg. */
+static void
+parse_option (int c, struct options *o)
+{
+  unsigned port_n;
+  uint64_t max_memory;
+
+  switch (c) {
+  case 'k': o->sock = optarg; break;
+  case 'b': o->addr = optarg; break;
+  case 'x': o->name = optarg; break;
+  case 'D': o->description = optarg; break;
+  case 'r': o->opts.read_only = true; break;
+  case 'U': o->opts.force_share = true; break;
+  case 't': break;              /* qnbd always serves until it is stopped */
+  case OPT_COMPRESS: o->opts.compress = true; break;
+  case OPT_ALLOW_DIR: o->allow_dirs[o->n_allow_dirs++] = optarg; break;
+  case OPT_PID_FILE: o->pid_file = optarg; break;
+  case 'v': log_verbosity++; break;
+  case 'p':
+    if (parse_uint (optarg, 65535, &port_n) < 0 || port_n == 0)
+      bad_usage ("--port: '%s' is not a port number", optarg);
+    o->port = optarg;
+    break;
+  case 'e':
+    if (parse_uint (optarg, UINT_MAX, &o->shared) < 0)
+      bad_usage ("--shared: '%s' is not a number", optarg);
+    break;
+  case OPT_HANDSHAKE_LIMIT:
+    if (parse_uint (optarg, UINT_MAX, &o->handshake_limit) < 0)
+      bad_usage ("--handshake-limit: '%s' is not a number of seconds",
+                 optarg);
+    break;
+  case 'f':
+    o->opts.format = keyword ("--format", optarg, formats,
+                              "qcow2, raw or auto");
+    break;
+  case 'l':
+    /* As with qemu-nbd, a snapshot is always served read-only. */
+    o->opts.snapshot = optarg;
+    o->opts.read_only = true;
+    break;
+  case OPT_DISCARD:
+    o->discard = keyword ("--discard", optarg, discards, "unmap or ignore");
+    break;
+  case OPT_BACKING:
+    o->opts.backing = keyword ("--backing", optarg, backings,
+                               "confine, follow or none");
+    break;
+  case OPT_CACHE:
+    o->opts.direct = keyword ("--cache", optarg, caches,
+                              "writeback or none");
+    break;
+  case OPT_AIO:
+    o->opts.aio_mode = keyword ("--aio", optarg, aio_modes,
+                                "io_uring or threads");
+    break;
+  case OPT_L2_CACHE_SIZE:
+    if (parse_size (optarg, &o->opts.l2_cache_bytes) < 0)
+      bad_usage ("--l2-cache-size: '%s' is not a size", optarg);
+    break;
+  case OPT_MAX_MEMORY:
+    if (parse_size (optarg, &max_memory) < 0 || max_memory == 0
+        || max_memory > SIZE_MAX)
+      bad_usage ("--max-memory: '%s' is not a size", optarg);
+    mem_set_max_memory ((size_t) max_memory);
+    break;
+  case 'h':
+    usage (stdout);
+    exit (EXIT_SUCCESS);
+  case OPT_VERSION:
+    printf ("qnbd %s\n", PACKAGE_VERSION);
+    exit (EXIT_SUCCESS);
+  default:
+    fprintf (stderr, "Try 'qnbd --help' for more information.\n");
+    exit (EXIT_FAILURE);
+  }
+}
+
+/* Fill o from the command line; a usage error exits. */
+static void
+parse_options (int argc, char *argv[], struct options *o)
+{
+  int c;
+
+  /* --allow-dir can be given at most once per argument. */
+  o->allow_dirs = calloc ((size_t) argc + 1, sizeof *o->allow_dirs);
+  if (o->allow_dirs == NULL) {
+    log_error ("%m");
+    exit (EXIT_FAILURE);
+  }
+  o->opts.allow_dirs = o->allow_dirs;
+
+  while ((c = getopt_long (argc, argv, short_options, long_options,
+                           NULL)) != -1)
+    parse_option (c, o);
+
+  if (optind != argc - 1)
+    bad_usage ("%s", optind >= argc ? "no image given" : "more than one image given");
+  o->image = argv[optind];
+  if (o->sock && (o->addr || o->port))
+    bad_usage ("%s", "--socket cannot be used with --port or --bind");
+  if (o->opts.force_share && !o->opts.read_only)
+    bad_usage ("%s", "--force-share needs --read-only (or --load-snapshot)");
+  if (o->port == NULL)
+    o->port = DEFAULT_PORT;
+}
+
+/* Set up the loop and listen where o says (or on the activated sockets
+ * systemd passed).  Returns 0 or -1 (logged).
+ */
+static int
+start_listening (const struct options *o, int activated)
+{
+  int i;
+
+  if (loop_init () < 0)
+    return -1;
+  loop_set_max_connections (o->shared);
+  conn_set_handshake_limit (o->handshake_limit);
+  if (activated > 0) {
+    if (o->sock || o->addr)
+      log_info ("socket activation: ignoring --socket/--port/--bind");
+    for (i = 0; i < activated; i++)
+      if (loop_listen_fd (LISTEN_FDS_START + i) < 0)
+        return -1;
+    return 0;
+  }
+  if (o->sock)
+    return loop_listen_unix (o->sock);
+  return loop_listen_tcp (o->addr, o->port);
+}
+
 int
 main (int argc, char *argv[])
 {
-  const char *sock = NULL, *addr = NULL, *port = NULL;
-  const char *name = "", *description = NULL, *pid_file = NULL;
-  const char *image;
-  struct qcow2_opts opts = {
-    .aio_mode = QCOW2_AIO_AUTO,
-    .format = QCOW2_FORMAT_QCOW2,
-    .backing = QCOW2_BACKING_CONFINE,
+  struct options o = {
+    .name = "",
+    .opts = {
+      .aio_mode = QCOW2_AIO_AUTO,
+      .format = QCOW2_FORMAT_QCOW2,
+      .backing = QCOW2_BACKING_CONFINE,
+    },
+    .discard = true,
+    .handshake_limit = DEFAULT_HANDSHAKE_LIMIT,
   };
-  const char **allow_dirs;
-  size_t n_allow_dirs = 0;
-  bool discard = true;
-  unsigned shared = 0, port_n, handshake_limit = DEFAULT_HANDSHAKE_LIMIT;
-  uint64_t max_memory;
-  int c, i, r, activated, status = EXIT_SUCCESS;
+  int r, activated, status = EXIT_SUCCESS;
   struct export *e;
 
   /* Request buffers (up to 32 MiB) are allocated and freed per request.
@@ -393,7 +574,7 @@ main (int argc, char *argv[])
    * zeroes every page of it on first touch: half the CPU of a 1 MiB read.
    * Keep them in the heap, and the heap from shrinking under them.
    * What a burst of them leaves free is given back later, once the
-   * connections have let go of it (loop.c, "Giving the heap back").
+   * connections have let go of it (memory.c, "Giving the heap back").
    */
   mallopt (M_MMAP_THRESHOLD, 64 << 20);
   mallopt (M_TRIM_THRESHOLD, 256 << 20);
@@ -403,186 +584,30 @@ main (int argc, char *argv[])
    */
   signal (SIGXFSZ, SIG_IGN);
 
-  /* --allow-dir can be given at most once per argument. */
-  allow_dirs = calloc ((size_t) argc + 1, sizeof *allow_dirs);
-  if (allow_dirs == NULL) {
-    log_error ("%m");
-    exit (EXIT_FAILURE);
-  }
-  opts.allow_dirs = allow_dirs;
-
-  for (;;) {
-    c = getopt_long (argc, argv, short_options, long_options, NULL);
-    if (c == -1)
-      break;
-    switch (c) {
-    case 'k':
-      sock = optarg;
-      break;
-    case 'p':
-      if (parse_uint (optarg, 65535, &port_n) < 0 || port_n == 0)
-        bad_usage ("--port: '%s' is not a port number", optarg);
-      port = optarg;
-      break;
-    case 'b':
-      addr = optarg;
-      break;
-    case 'x':
-      name = optarg;
-      break;
-    case 'r':
-      opts.read_only = true;
-      break;
-    case 'U':
-      opts.force_share = true;
-      break;
-    case 'e':
-      if (parse_uint (optarg, UINT_MAX, &shared) < 0)
-        bad_usage ("--shared: '%s' is not a number", optarg);
-      break;
-    case 't':
-      /* qnbd always serves until it is stopped. */
-      break;
-    case OPT_HANDSHAKE_LIMIT:
-      if (parse_uint (optarg, UINT_MAX, &handshake_limit) < 0)
-        bad_usage ("--handshake-limit: '%s' is not a number of seconds",
-                   optarg);
-      break;
-    case 'D':
-      description = optarg;
-      break;
-    case 'f':
-      if (strcmp (optarg, "qcow2") == 0)
-        opts.format = QCOW2_FORMAT_QCOW2;
-      else if (strcmp (optarg, "raw") == 0)
-        opts.format = QCOW2_FORMAT_RAW;
-      else if (strcmp (optarg, "auto") == 0)
-        opts.format = QCOW2_FORMAT_AUTO;
-      else
-        bad_usage ("--format: '%s': use qcow2, raw or auto", optarg);
-      break;
-    case 'l':
-      /* As with qemu-nbd, a snapshot is always served read-only. */
-      opts.snapshot = optarg;
-      opts.read_only = true;
-      break;
-    case OPT_COMPRESS:
-      opts.compress = true;
-      break;
-    case OPT_DISCARD:
-      if (strcmp (optarg, "unmap") == 0)
-        discard = true;
-      else if (strcmp (optarg, "ignore") == 0)
-        discard = false;
-      else
-        bad_usage ("--discard: '%s': use unmap or ignore", optarg);
-      break;
-    case OPT_BACKING:
-      if (strcmp (optarg, "confine") == 0)
-        opts.backing = QCOW2_BACKING_CONFINE;
-      else if (strcmp (optarg, "follow") == 0)
-        opts.backing = QCOW2_BACKING_FOLLOW;
-      else if (strcmp (optarg, "none") == 0)
-        opts.backing = QCOW2_BACKING_NONE;
-      else
-        bad_usage ("--backing: '%s': use confine, follow or none", optarg);
-      break;
-    case OPT_ALLOW_DIR:
-      allow_dirs[n_allow_dirs++] = optarg;
-      break;
-    case OPT_CACHE:
-      if (strcmp (optarg, "writeback") == 0)
-        opts.direct = false;
-      else if (strcmp (optarg, "none") == 0)
-        opts.direct = true;
-      else
-        bad_usage ("--cache: '%s': use writeback or none", optarg);
-      break;
-    case OPT_AIO:
-      if (strcmp (optarg, "io_uring") == 0)
-        opts.aio_mode = QCOW2_AIO_URING;
-      else if (strcmp (optarg, "threads") == 0)
-        opts.aio_mode = QCOW2_AIO_THREADS;
-      else if (strcmp (optarg, "auto") == 0)
-        opts.aio_mode = QCOW2_AIO_AUTO;
-      else
-        bad_usage ("--aio: '%s': use io_uring or threads", optarg);
-      break;
-    case OPT_L2_CACHE_SIZE:
-      if (parse_size (optarg, &opts.l2_cache_bytes) < 0)
-        bad_usage ("--l2-cache-size: '%s' is not a size", optarg);
-      break;
-    case OPT_MAX_MEMORY:
-      if (parse_size (optarg, &max_memory) < 0 || max_memory == 0
-          || max_memory > SIZE_MAX)
-        bad_usage ("--max-memory: '%s' is not a size", optarg);
-      loop_set_max_memory ((size_t) max_memory);
-      break;
-    case OPT_PID_FILE:
-      pid_file = optarg;
-      break;
-    case 'v':
-      log_verbosity++;
-      break;
-    case 'h':
-      usage (stdout);
-      exit (EXIT_SUCCESS);
-    case OPT_VERSION:
-      printf ("qnbd %s\n", PACKAGE_VERSION);
-      exit (EXIT_SUCCESS);
-    default:
-      fprintf (stderr, "Try 'qnbd --help' for more information.\n");
-      exit (EXIT_FAILURE);
-    }
-  }
-  if (optind != argc - 1)
-    bad_usage ("%s", optind >= argc ? "no image given" : "more than one image given");
-  image = argv[optind];
-  if (sock && (addr || port))
-    bad_usage ("%s", "--socket cannot be used with --port or --bind");
-  if (opts.force_share && !opts.read_only)
-    bad_usage ("%s", "--force-share needs --read-only (or --load-snapshot)");
-  if (port == NULL)
-    port = DEFAULT_PORT;
+  parse_options (argc, argv, &o);
 
   activated = socket_activation ();
 
-  if (n_allow_dirs && opts.backing != QCOW2_BACKING_CONFINE)
+  if (o.n_allow_dirs && o.opts.backing != QCOW2_BACKING_CONFINE)
     bad_usage ("%s", "--allow-dir only applies to --backing=confine");
 
   /* The image first: a bad one must fail before any socket exists. */
-  r = export_add (name, description, image, &opts, discard);
+  r = export_add (o.name, o.description, o.image, &o.opts, o.discard);
   /* Only the open needed them: the engine keeps their real paths. */
-  free (allow_dirs);
-  opts.allow_dirs = NULL;
+  free (o.allow_dirs);
+  o.opts.allow_dirs = NULL;
   if (r < 0)
     exit (EXIT_FAILURE);
 
-  if (loop_init () < 0)
+  if (start_listening (&o, activated) < 0)
     goto fail;
-  loop_set_max_connections (shared);
-  conn_set_handshake_limit (handshake_limit);
-  if (activated > 0) {
-    if (sock || addr)
-      log_info ("socket activation: ignoring --socket/--port/--bind");
-    for (i = 0; i < activated; i++)
-      if (loop_listen_fd (LISTEN_FDS_START + i) < 0)
-        goto fail;
-  }
-  else if (sock) {
-    if (loop_listen_unix (sock) < 0)
-      goto fail;
-  }
-  else if (loop_listen_tcp (addr, port) < 0)
-    goto fail;
-
   for (e = export_first (); e; e = e->next)
     loop_watch_export (e);
 
-  if (pid_file && write_pid_file (pid_file) < 0)
+  if (o.pid_file && write_pid_file (o.pid_file) < 0)
     goto fail;
   if (log_verbosity >= 1)
-    print_uri (image, name, sock, addr, port, activated);
+    print_uri (o.image, o.name, o.sock, o.addr, o.port, activated);
   notify_ready ();
 
   loop_run ();
@@ -590,13 +615,14 @@ main (int argc, char *argv[])
   if (export_close_all () < 0)
     status = EXIT_FAILURE;
   loop_cleanup ();
-  if (pid_file)
-    unlink (pid_file);
+  if (o.pid_file)
+    unlink (o.pid_file);
   log_debug ("exiting with status %d", status);
   return status;
 
  fail:
-  export_close_all ();
+  /* The loop first: it stops watching the images that close_all frees. */
   loop_cleanup ();
+  export_close_all ();
   exit (EXIT_FAILURE);
 }

@@ -5,17 +5,9 @@
  * message per call).  NBD_OPT_GO with an ACK, or NBD_OPT_EXPORT_NAME, ends
  * the handshake and the connection moves to transmission.
  *
- * Metadata contexts (NBD_OPT_LIST_META_CONTEXT, NBD_OPT_SET_META_CONTEXT)
- * served, for NBD_CMD_BLOCK_STATUS:
- *
- *   base:allocation         NBD_STATE_HOLE, NBD_STATE_ZERO
- *   qemu:allocation-depth   0: allocated nowhere in the backing chain,
- *                           1: in the image itself, 2: in its backing
- *                           file, and so on
- *
- * A query is a context's full name; LIST also takes a namespace alone
- * ("base:", "qemu:") for every context in it, and no query at all for
- * every context.
+ * The metadata contexts (NBD_OPT_LIST_META_CONTEXT,
+ * NBD_OPT_SET_META_CONTEXT) are those of the table in nbd-meta.c; LIST
+ * with no query at all lists every one.
  *
  * Option data is read whole into the connection's bounded read buffer;
  * an option longer than MAX_OPTION_LENGTH, a bad magic, unknown client
@@ -26,6 +18,7 @@
 #include <config.h>
 #endif
 
+#include <assert.h>
 #include <endian.h>
 #include <inttypes.h>
 #include <stdarg.h>
@@ -53,6 +46,8 @@ opt_name (uint32_t opt)
   }
 }
 
+static bool handshake_step (struct conn *c);
+
 void
 handshake_start (struct conn *c)
 {
@@ -62,6 +57,7 @@ handshake_start (struct conn *c)
     .flags = htobe16 (NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES),
   };
 
+  c->step = handshake_step;
   conn_queue_copy (c, &g, sizeof g, NULL, 0);
 }
 
@@ -131,6 +127,8 @@ transmission_flags (const struct conn *c, const struct export *e)
 static void
 enter_transmission (struct conn *c, struct export *e)
 {
+  char names[128];
+
   c->exp = e;
   c->eflags = transmission_flags (c, e);
   /* Contexts chosen for another export do not carry over. */
@@ -138,10 +136,10 @@ enter_transmission (struct conn *c, struct export *e)
     c->meta = 0;
   conn_handshake_done (c);
   c->state = CONN_TRANSMISSION;
-  log_info ("client %u: export '%s'%s%s%s%s", c->id, e->name,
+  c->step = request_step;
+  log_info ("client %u: export '%s'%s%s%s", c->id, e->name,
             c->structured ? ", structured replies" : "",
-            c->meta & META_BASE_ALLOCATION ? ", base:allocation" : "",
-            c->meta & META_QEMU_DEPTH ? ", qemu:allocation-depth" : "",
+            meta_names (c->meta, names, sizeof names),
             e->read_only ? ", read-only" : "");
 }
 
@@ -272,39 +270,6 @@ opt_list (struct conn *c, uint32_t len)
   send_opt_reply (c, NBD_OPT_LIST, NBD_REP_ACK, NULL, 0);
 }
 
-/* The metadata contexts, in the order they are listed. */
-static const struct meta_context {
-  const char *name;
-  unsigned bit;                 /* META_* */
-  uint32_t id;                  /* META_ID_* */
-} meta_contexts[] = {
-  { "base:allocation", META_BASE_ALLOCATION, META_ID_BASE_ALLOCATION },
-  { "qemu:allocation-depth", META_QEMU_DEPTH, META_ID_QEMU_DEPTH },
-};
-#define NR_META_CONTEXTS (sizeof meta_contexts / sizeof meta_contexts[0])
-
-/* The contexts (META_* bits) query q (len bytes) selects.  list: for
- * NBD_OPT_LIST_META_CONTEXT, where a namespace alone ("base:") stands for
- * all its contexts; SET must ignore that form.  Anything else unknown
- * selects nothing, as the protocol asks.
- */
-static unsigned
-meta_query (const char *q, uint32_t len, bool list)
-{
-  unsigned mask = 0;
-  size_t i;
-
-  for (i = 0; i < NR_META_CONTEXTS; i++) {
-    const char *name = meta_contexts[i].name;
-    size_t ns = strchr (name, ':') - name + 1;  /* "base:" */
-
-    if ((strlen (name) == len && memcmp (name, q, len) == 0) ||
-        (list && len == ns && memcmp (name, q, ns) == 0))
-      mask |= meta_contexts[i].bit;
-  }
-  return mask;
-}
-
 /* NBD_OPT_LIST_META_CONTEXT and NBD_OPT_SET_META_CONTEXT: export name
  * length, name, number of queries, then each query as length and string.
  * Each context found gets an NBD_REP_META_CONTEXT (id 0 for LIST), then
@@ -315,7 +280,8 @@ opt_meta_context (struct conn *c, uint32_t opt, const unsigned char *data,
                   uint32_t len)
 {
   bool list = opt == NBD_OPT_LIST_META_CONTEXT;
-  unsigned char buf[4 + 64];
+  unsigned char buf[4 + META_NAME_MAX];
+  char names[128];
   uint32_t namelen, nr, qlen, i, pos;
   unsigned mask = 0;
   struct export *e;
@@ -365,14 +331,15 @@ opt_meta_context (struct conn *c, uint32_t opt, const unsigned char *data,
 
   /* No query: LIST lists everything, SET selects nothing. */
   if (nr == 0 && list)
-    mask = META_BASE_ALLOCATION | META_QEMU_DEPTH;
+    mask = META_ALL;
 
-  for (k = 0; k < NR_META_CONTEXTS; k++) {
+  for (k = 0; k < META_NR; k++) {
     const struct meta_context *m = &meta_contexts[k];
     size_t nlen = strlen (m->name);
     uint32_t id = htobe32 (list ? 0 : m->id);
 
-    if (!(mask & m->bit))
+    assert (nlen <= META_NAME_MAX);
+    if (!(mask & META_BIT (k)))
       continue;
     memcpy (buf, &id, 4);
     memcpy (buf + 4, m->name, nlen);
@@ -385,9 +352,9 @@ opt_meta_context (struct conn *c, uint32_t opt, const unsigned char *data,
     c->meta = mask;
     c->meta_exp = e;
   }
-  log_debug ("client %u: %s: %s%s", c->id, opt_name (opt),
-             mask & META_BASE_ALLOCATION ? "base:allocation " : "",
-             mask & META_QEMU_DEPTH ? "qemu:allocation-depth" : "");
+  meta_names (mask, names, sizeof names);
+  log_debug ("client %u: %s: %s", c->id, opt_name (opt),
+             names[0] ? names + 2 : "");
   return;
 
  invalid:
@@ -522,7 +489,7 @@ recv_option (struct conn *c)
   return c->state == CONN_HANDSHAKE || c->state == CONN_TRANSMISSION;
 }
 
-bool
+static bool
 handshake_step (struct conn *c)
 {
   switch (c->state) {

@@ -20,13 +20,14 @@
  * CACHE asks where data is and reads it CACHE_CHUNK bytes at a time
  * (cache_step), and a TRIM with FUA is followed by a flush (trim_done).
  *
- * A structured reply of several chunks (a sparse READ, a BLOCK_STATUS for
- * two metadata contexts) queues one struct reply per chunk: the last is
- * the request's own reply, whose release frees the request; the others
- * live in req->chunks and release nothing.  The output queue writes and
- * releases in order, so the request outlives its earlier chunks, and the
- * data chunks point into the one read buffer (gathered by writev, never
- * copied).
+ * This file decides what to answer; nbd-reply.c builds every reply.  A
+ * structured reply of several chunks (a sparse READ, a BLOCK_STATUS for
+ * several metadata contexts) is one struct reply per chunk, filled there
+ * and queued here in order: the last is the request's own reply, whose
+ * release frees the request; the others live in req->chunks and release
+ * nothing.  The output queue writes and releases in order, so the request
+ * outlives its earlier chunks, and the data chunks point into the one read
+ * buffer (gathered by writev, never copied).
  */
 #ifdef HAVE_CONFIG_H
 #include <config.h>
@@ -73,15 +74,6 @@ struct request {
   bool cache_asked;             /* CACHE: ext is a fresh answer */
 };
 
-/* A run of a READ's data sent as one chunk: [off, off + len) from the
- * request's offset, zeros (an OFFSET_HOLE) or data.
- */
-struct span {
-  uint64_t off;
-  uint64_t len;
-  bool hole;
-};
-
 static const char *
 cmd_name (uint16_t type)
 {
@@ -104,7 +96,7 @@ charge (struct request *req, size_t n)
 {
   req->held += n;
   req->conn->buffered += n;
-  loop_heap_hold (n);
+  mem_hold (n);
 }
 
 /* Free a request whose reply has been written, dropped, or will never be
@@ -121,7 +113,7 @@ request_release (struct reply *r)
   c->in_flight--;
   c->buffered -= req->held;
   if (req->held)
-    loop_heap_release (req->held);
+    mem_release (req->held);
   buffer_put (req->data, req->data_len);
   free (req->ext);
   free (req->chunks);
@@ -138,29 +130,20 @@ chunk_release (struct reply *r)
   (void) r;
 }
 
-/* Queue one chunk of a reply of several: the last (done) is the request's
- * own reply, and req may be gone once it is queued.
+/* Queue the chunks nbd-reply.c filled into rc, in order: the last is the
+ * request's own reply, and req may be gone once it is queued.
  */
 static void
-queue_chunk (struct request *req, struct reply *r, bool done)
+queue_chunks (struct request *req, struct reply_chunks *rc)
 {
-  if (!done)
-    r->release = chunk_release;
-  conn_queue_reply (req->conn, r);
-}
+  size_t i;
 
-/* Queue a span of a READ as a chunk. */
-static void
-queue_span (struct request *req, struct reply *r, const struct span *s,
-            bool done)
-{
-  if (s->hole)
-    reply_structured_hole (r, req->cookie, done, req->offset + s->off,
-                           (uint32_t) s->len);
-  else
-    reply_structured_data (r, req->cookie, done, req->offset + s->off,
-                           (char *) req->data + s->off, s->len);
-  queue_chunk (req, r, done);
+  assert (rc->last == &req->reply);
+  for (i = 0; i < rc->n; i++) {
+    rc->more[i].release = chunk_release;
+    conn_queue_reply (req->conn, &rc->more[i]);
+  }
+  conn_queue_reply (req->conn, rc->last);
 }
 
 /* Whether the engine's zero map of a READ covers it exactly. */
@@ -182,18 +165,15 @@ read_map_usable (const struct request *req)
   return true;
 }
 
-/* Queue the reply of a successful structured READ.  Runs of zeros of at
- * least SPARSE_MIN_HOLE bytes become OFFSET_HOLE chunks and the rest
- * OFFSET_DATA chunks, in order, the last one with NBD_REPLY_FLAG_DONE.
- * With NBD_CMD_FLAG_DF (or no usable map, or no memory for the chunks)
- * the whole read is one OFFSET_DATA chunk.
+/* Queue the reply of a successful structured READ: sparse (its runs of
+ * zeros as holes, nbd-reply.c) but with NBD_CMD_FLAG_DF, no usable map,
+ * or no memory for the chunks, when the whole read is one OFFSET_DATA
+ * chunk.
  */
 static void
 send_read (struct request *req)
 {
-  struct span cur = { 0 };
-  uint64_t pos = 0;
-  unsigned i, k = 0;
+  struct reply_chunks rc = { .cookie = req->cookie, .last = &req->reply };
 
   if ((req->flags & NBD_CMD_FLAG_DF) || !read_map_usable (req) ||
       (req->ext_n > 1 &&
@@ -206,135 +186,42 @@ send_read (struct request *req)
 
   if (req->ext_n > 1)
     charge (req, (req->ext_n - 1) * sizeof *req->chunks);
-  /* Each extent after the first starts at most one new span, so there
-   * are at most ext_n - 1 spans before the last.
-   */
-  for (i = 0; i < req->ext_n; i++) {
-    const struct qcow2_extent *x = &req->ext[i];
-    bool hole = (x->flags & QCOW2_EXTENT_ZERO) && x->length >= SPARSE_MIN_HOLE;
-
-    if (i > 0 && hole == cur.hole)
-      cur.len += x->length;
-    else {
-      if (i > 0)
-        queue_span (req, &req->chunks[k++], &cur, false);
-      cur = (struct span) { .off = pos, .len = x->length, .hole = hole };
-    }
-    pos += x->length;
-  }
-  queue_span (req, &req->reply, &cur, true);
-}
-
-/* The status of an extent in a metadata context. */
-static uint32_t
-status_value (const struct qcow2_extent *x, unsigned context)
-{
-  uint32_t flags = 0;
-
-  if (context == META_QEMU_DEPTH)
-    return x->depth;
-  if (x->flags & QCOW2_EXTENT_HOLE)
-    flags |= NBD_STATE_HOLE;
-  if (x->flags & QCOW2_EXTENT_ZERO)
-    flags |= NBD_STATE_ZERO;
-  return flags;
-}
-
-/* Fill d with the descriptors of one context (META_*) from the engine's
- * extents: neighbours of equal status merged, at most max of them, and
- * none past the requested range.  Returns how many (0: none, which the
- * caller must not send).
- */
-static size_t
-status_descriptors (const struct request *req, unsigned context, size_t max,
-                    struct nbd_block_descriptor *d)
-{
-  uint64_t left = req->count;
-  size_t n = 0, i;
-
-  for (i = 0; i < req->ext_n && left > 0; i++) {
-    const struct qcow2_extent *x = &req->ext[i];
-    uint64_t len = x->length < left ? x->length : left;
-    uint32_t v = status_value (x, context);
-
-    if (len == 0)
-      continue;
-    if (n > 0 && d[n - 1].status_flags == v)
-      d[n - 1].length += len;   /* the sum stays below count */
-    else {
-      if (n == max)
-        break;
-      d[n].length = len;
-      d[n].status_flags = v;
-      n++;
-    }
-    left -= len;
-  }
-  for (i = 0; i < n; i++) {
-    d[i].length = htobe32 (d[i].length);
-    d[i].status_flags = htobe32 (d[i].status_flags);
-  }
-  return n;
+  rc.more = req->chunks;
+  reply_read_sparse (&rc, req->offset, req->data, req->ext, req->ext_n);
+  queue_chunks (req, &rc);
 }
 
 /* Queue the reply of a successful BLOCK_STATUS: one chunk per negotiated
- * context, from the one engine answer.  Returns 0, or a positive errno
- * (nothing queued) for an error reply.
+ * context, from the one engine answer (nbd-reply.c).  Returns 0, or a
+ * positive errno (nothing queued) for an error reply.
  */
 static int
 send_block_status (struct request *req)
 {
-  static const struct {
-    unsigned context;
-    uint32_t id;
-  } order[] = {
-    { META_BASE_ALLOCATION, META_ID_BASE_ALLOCATION },
-    { META_QEMU_DEPTH, META_ID_QEMU_DEPTH },
-  };
-  unsigned meta = req->conn->meta, nr = 0, done = 0, k = 0;
+  struct reply_chunks rc = { .cookie = req->cookie, .last = &req->reply };
   size_t max = (req->flags & NBD_CMD_FLAG_REQ_ONE) ? 1 : req->ext_n;
-  size_t n[2], i;
+  size_t ndesc = META_NR * (size_t) req->ext_n;
 
   if (req->ext_n == 0) {
     log_error ("client %u: BLOCK_STATUS: the engine found no extent",
                req->conn->id);
     return EIO;
   }
-  req->desc = calloc (2 * (size_t) req->ext_n, sizeof *req->desc);
-  req->chunks = calloc (1, sizeof *req->chunks);
+  req->desc = calloc (ndesc, sizeof *req->desc);
+  req->chunks = calloc (META_NR - 1, sizeof *req->chunks);
   if (req->desc == NULL || req->chunks == NULL)
     return ENOMEM;
-  charge (req, 2 * (size_t) req->ext_n * sizeof *req->desc
-          + sizeof *req->chunks);
-
-  /* Work out every chunk before queueing any: an error is still possible. */
-  for (i = 0; i < 2; i++) {
-    n[i] = 0;
-    if (!(meta & order[i].context))
-      continue;
-    n[i] = status_descriptors (req, order[i].context, max,
-                               req->desc + i * req->ext_n);
-    if (n[i] == 0) {
-      log_error ("client %u: BLOCK_STATUS: empty extents from the engine",
-                 req->conn->id);
-      return EIO;
-    }
-    nr++;
+  charge (req, ndesc * sizeof *req->desc
+          + (META_NR - 1) * sizeof *req->chunks);
+  rc.more = req->chunks;
+  /* validate_request checked that some context was negotiated. */
+  if (reply_block_status (&rc, req->conn->meta, req->ext, req->ext_n,
+                          req->count, max, req->desc) < 0) {
+    log_error ("client %u: BLOCK_STATUS: empty extents from the engine",
+               req->conn->id);
+    return EIO;
   }
-  assert (nr > 0);              /* validate_request checked */
-
-  for (i = 0; i < 2; i++) {
-    bool last;
-    struct reply *r;
-
-    if (n[i] == 0)
-      continue;
-    last = ++done == nr;
-    r = last ? &req->reply : &req->chunks[k++];
-    reply_structured_status (r, req->cookie, last, order[i].id,
-                             req->desc + i * req->ext_n, n[i]);
-    queue_chunk (req, r, last);
-  }
+  queue_chunks (req, &rc);
   return 0;
 }
 
@@ -715,120 +602,150 @@ start_read_map (struct conn *c, struct request *req)
                                        &req->ext_n, request_done, req));
 }
 
+/* Start a validated READ of more than nothing. */
+static void
+start_read (struct conn *c, struct request *req)
+{
+  int err = alloc_data (req, req->count);
+
+  if (err) {
+    send_error (req, err, NULL);
+    return;
+  }
+  if (c->structured && !(req->flags & NBD_CMD_FLAG_DF))
+    start_read_map (c, req);
+  else
+    note_submitted (req, qcow2_read (c->exp->q, req->offset, req->data,
+                                     req->count, request_done, req));
+}
+
+/* Start a validated WRITE of more than nothing: receive its payload. */
+static void
+start_write (struct conn *c, struct request *req)
+{
+  int err = alloc_data (req, req->count);
+
+  if (err) {
+    /* The payload must still be read past. */
+    req->err = err;
+    conn_recv_payload (c, NULL, req->count, skipped_payload_done, req);
+    return;
+  }
+  conn_recv_payload (c, req->data, req->count, write_payload_done, req);
+}
+
+/* Start a validated WRITE_ZEROES of more than nothing. */
+static void
+start_write_zeroes (struct conn *c, struct request *req)
+{
+  unsigned flags = 0;
+
+  if (req->flags & NBD_CMD_FLAG_FUA)
+    flags |= QCOW2_WRITE_FUA;
+  if (req->flags & NBD_CMD_FLAG_NO_HOLE)
+    flags |= QCOW2_ZERO_NO_HOLE;
+  if (req->flags & NBD_CMD_FLAG_FAST_ZERO)
+    flags |= QCOW2_ZERO_FAST;
+  note_submitted (req, qcow2_write_zeroes (c->exp->q, req->offset,
+                                           req->count, flags, request_done,
+                                           req));
+}
+
+/* Start a validated CACHE of more than nothing.  The data of the range is
+ * read into a scratch buffer that is then dropped: that loads the L2
+ * tables and fills the page cache.
+ */
+static void
+start_cache (struct conn *c, struct request *req)
+{
+  req->ext = calloc (CACHE_EXTENTS, sizeof *req->ext);
+  if (req->ext == NULL) {
+    log_error ("client %u: CACHE: out of memory", c->id);
+    send_error (req, ENOMEM, NULL);
+    return;
+  }
+  charge (req, CACHE_EXTENTS * sizeof *req->ext);
+  req->cache_next = req->offset;
+  cache_step (req);
+}
+
+/* Start a validated BLOCK_STATUS. */
+static void
+start_block_status (struct conn *c, struct request *req)
+{
+  /* REQ_ONE sends one extent per context: a few more than one are
+   * asked for, so that base:allocation can merge extents that differ
+   * only in depth.
+   */
+  size_t max = (req->flags & NBD_CMD_FLAG_REQ_ONE)
+    ? STATUS_REQ_ONE_EXTENTS : STATUS_MAX_EXTENTS;
+
+  req->ext = calloc (max, sizeof *req->ext);
+  if (req->ext == NULL) {
+    log_error ("client %u: BLOCK_STATUS: out of memory", c->id);
+    send_error (req, ENOMEM, NULL);
+    return;
+  }
+  charge (req, max * sizeof *req->ext);
+  note_submitted (req, qcow2_block_status (c->exp->q, req->offset,
+                                           req->count, req->ext, max,
+                                           &req->ext_n, request_done, req));
+}
+
 /* Start a validated request. */
 static void
 handle_request (struct conn *c, struct request *req)
 {
-  struct qcow2 *q = c->exp->q;
-  unsigned flags = 0;
-  size_t max;
-  int err;
-
   switch (req->type) {
   case NBD_CMD_READ:
-    if (req->count == 0) {
+    if (req->count == 0)
       send_reply (req);
-      return;
-    }
-    err = alloc_data (req, req->count);
-    if (err) {
-      send_error (req, err, NULL);
-      return;
-    }
-    if (c->structured && !(req->flags & NBD_CMD_FLAG_DF))
-      start_read_map (c, req);
     else
-      note_submitted (req, qcow2_read (q, req->offset, req->data,
-                                       req->count, request_done, req));
+      start_read (c, req);
     return;
 
   case NBD_CMD_WRITE:
-    if (req->count == 0) {
+    if (req->count == 0)
       send_reply (req);
-      return;
-    }
-    err = alloc_data (req, req->count);
-    if (err) {
-      /* The payload must still be read past. */
-      req->err = err;
-      conn_recv_payload (c, NULL, req->count, skipped_payload_done, req);
-      return;
-    }
-    conn_recv_payload (c, req->data, req->count, write_payload_done, req);
+    else
+      start_write (c, req);
     return;
 
   case NBD_CMD_FLUSH:
     /* A read-only export has nothing to flush. */
-    if (c->exp->read_only) {
+    if (c->exp->read_only)
       send_reply (req);
-      return;
-    }
-    note_submitted (req, qcow2_flush (q, request_done, req));
+    else
+      note_submitted (req, qcow2_flush (c->exp->q, request_done, req));
     return;
 
   case NBD_CMD_TRIM:
     /* With --discard=ignore a TRIM is a hint not taken, and FUA has
      * nothing to make durable.
      */
-    if (req->count == 0 || !c->exp->discard) {
+    if (req->count == 0 || !c->exp->discard)
       send_reply (req);
-      return;
-    }
-    note_submitted (req, qcow2_discard (q, req->offset, req->count,
-                                        trim_done, req));
+    else
+      note_submitted (req, qcow2_discard (c->exp->q, req->offset,
+                                          req->count, trim_done, req));
     return;
 
   case NBD_CMD_WRITE_ZEROES:
-    if (req->count == 0) {
+    if (req->count == 0)
       send_reply (req);
-      return;
-    }
-    if (req->flags & NBD_CMD_FLAG_FUA)
-      flags |= QCOW2_WRITE_FUA;
-    if (req->flags & NBD_CMD_FLAG_NO_HOLE)
-      flags |= QCOW2_ZERO_NO_HOLE;
-    if (req->flags & NBD_CMD_FLAG_FAST_ZERO)
-      flags |= QCOW2_ZERO_FAST;
-    note_submitted (req, qcow2_write_zeroes (q, req->offset, req->count,
-                                             flags, request_done, req));
+    else
+      start_write_zeroes (c, req);
     return;
 
   case NBD_CMD_CACHE:
-    if (req->count == 0) {
+    if (req->count == 0)
       send_reply (req);
-      return;
-    }
-    /* The data of the range is read into a scratch buffer that is then
-     * dropped: that loads the L2 tables and fills the page cache.
-     */
-    req->ext = calloc (CACHE_EXTENTS, sizeof *req->ext);
-    if (req->ext == NULL) {
-      log_error ("client %u: CACHE: out of memory", c->id);
-      send_error (req, ENOMEM, NULL);
-      return;
-    }
-    charge (req, CACHE_EXTENTS * sizeof *req->ext);
-    req->cache_next = req->offset;
-    cache_step (req);
+    else
+      start_cache (c, req);
     return;
 
   case NBD_CMD_BLOCK_STATUS:
-    /* REQ_ONE sends one extent per context: a few more than one are
-     * asked for, so that base:allocation can merge extents that differ
-     * only in depth.
-     */
-    max = (req->flags & NBD_CMD_FLAG_REQ_ONE)
-      ? STATUS_REQ_ONE_EXTENTS : STATUS_MAX_EXTENTS;
-    req->ext = calloc (max, sizeof *req->ext);
-    if (req->ext == NULL) {
-      log_error ("client %u: BLOCK_STATUS: out of memory", c->id);
-      send_error (req, ENOMEM, NULL);
-      return;
-    }
-    charge (req, max * sizeof *req->ext);
-    note_submitted (req, qcow2_block_status (q, req->offset, req->count,
-                                             req->ext, max, &req->ext_n,
-                                             request_done, req));
+    start_block_status (c, req);
     return;
 
   default:
@@ -836,7 +753,7 @@ handle_request (struct conn *c, struct request *req)
   }
 }
 
-/* The most a request will hold, from its header (loop_mem_admit): a
+/* The most a request will hold, from its header (mem_admit): a
  * bad one may be counted too high, never too low.
  */
 static size_t
@@ -865,8 +782,9 @@ request_need (const struct conn *c, const struct nbd_request *hdr)
     break;
   case NBD_CMD_BLOCK_STATUS:
     need += STATUS_MAX_EXTENTS * (sizeof (struct qcow2_extent)
-                                  + 2 * sizeof (struct nbd_block_descriptor))
-      + sizeof (struct reply);
+                                  + META_NR
+                                  * sizeof (struct nbd_block_descriptor))
+      + (META_NR - 1) * sizeof (struct reply);
     break;
   }
   return need;
@@ -882,13 +800,13 @@ request_step (struct conn *c)
   const char *why = NULL;
   int err;
 
-  if (c->state != CONN_TRANSMISSION || !conn_has_room (c) || c->mem_paused)
+  if (c->state != CONN_TRANSMISSION || !conn_has_room (c) || c->mem_wait.waiting)
     return false;
   p = conn_input (c, &avail);
   if (avail < sizeof hdr)
     return false;
   memcpy (&hdr, p, sizeof hdr);
-  if (!loop_mem_admit (request_need (c, &hdr), c->in_flight == 0)) {
+  if (!mem_admit (request_need (c, &hdr), c->in_flight == 0)) {
     /* Left unparsed until memory is freed. */
     conn_pause_for_memory (c);
     return false;

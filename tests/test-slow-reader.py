@@ -29,7 +29,7 @@ read and checked, both are closed, the daemon must give back their
 descriptors and, within TRIM_WAIT seconds, their memory: its VmRSS must
 fall under FREED_BOUND_MB (the heap is kept from shrinking while in use,
 for speed, and trimmed once connections have let go of much of it: see
-server/loop.c; without that the RSS stayed at the peak, and grew with
+server/memory.c; without that the RSS stayed at the peak, and grew with
 each round of slow readers).  Then it must serve the libnbd client again,
 exit 0 on SIGTERM, and leave a clean image holding exactly what was
 written.
