@@ -300,9 +300,8 @@ qcow2_flush (struct qcow2 *q, qcow2_done_fn *done, void *opaque)
     req->type = REQ_FLUSH;
     req->done = done;
     req->opaque = opaque;
-    req->state = RS_DONE;
     q->in_flight++;
-    req_run (req);
+    waitq_push (&q->completed, req);
     aio_kick (q->aio);
     return 0;
   }

@@ -9,12 +9,31 @@
  */
 #include <config.h>
 
+#include <assert.h>
 #include <errno.h>
 #include <string.h>
 #include <syslog.h>
 #include <unistd.h>
 
 #include "qcow2-internal.h"
+
+/* A raw request's states (req->state), its own machine: no segments.
+ *
+ *   state        does                                     resumed by
+ *   RAW_START    submit the request's one op (a flush:    -
+ *                fdatasync), or begin writing zeros
+ *   RAW_ZEROS    write-zeroes that keeps its space, or    I/O completion
+ *                where holes cannot be punched: zeros,
+ *                a cluster-sized buffer at a time
+ *   RAW_FUA      written: fdatasync when FUA was asked    I/O completion
+ *   RAW_DONE     queue the completion callback            I/O completion
+ */
+enum raw_state {
+  RAW_START,                    /* 0: where req_new starts every request */
+  RAW_ZEROS,
+  RAW_FUA,
+  RAW_DONE,
+};
 
 static void
 op_done (struct aio_op *op, int64_t ret)
@@ -35,7 +54,7 @@ op_done (struct aio_op *op, int64_t ret)
       /* No hole punching here: write the zeros instead. */
       req->err = 0;
       req->raw_pos = req->offset;
-      req->state = RS_LINK;
+      req->state = RAW_ZEROS;
     }
   }
   else if (op->type == AIO_READ && (uint64_t) ret < req->iov.iov_len)
@@ -116,29 +135,29 @@ raw_run (struct qcow2_req *req)
   if (req->outstanding)
     return;
   if (req->err)
-    req->state = RS_DONE;
+    req->state = RAW_DONE;
 
-  switch (req->state) {
-  case RS_SEGMENT:
+  switch ((enum raw_state) req->state) {
+  case RAW_START:
     switch (req->type) {
     case REQ_READ:
       if (req->ext) {
         *req->ext_n = 1;
         req->ext[0] = (struct qcow2_extent) { req->len, 0, 0 };
       }
-      req->state = RS_IO;
+      req->state = RAW_DONE;
       submit (req, AIO_READ, req->buf, req->len, req->offset);
       return;
     case REQ_WRITE:
-      req->state = RS_FUA;
+      req->state = RAW_FUA;
       submit (req, AIO_WRITE, req->buf, req->len, req->offset);
       return;
     case REQ_FLUSH:
-      req->state = RS_DONE;
+      req->state = RAW_DONE;
       submit (req, AIO_FSYNC, NULL, 0, 0);
       return;
     case REQ_DISCARD:
-      req->state = RS_DONE;
+      req->state = RAW_DONE;
       if (req->len)
         submit (req, AIO_PUNCH, NULL, req->len, req->offset);
       else
@@ -146,32 +165,32 @@ raw_run (struct qcow2_req *req)
       return;
     case REQ_ZERO:
       if (req->len && !(req->flags & QCOW2_ZERO_NO_HOLE)) {
-        req->state = RS_FUA;
+        req->state = RAW_FUA;
         submit (req, AIO_PUNCH, NULL, req->len, req->offset);
         return;
       }
       if (req->flags & QCOW2_ZERO_FAST) {
         req->err = -ENOTSUP;
-        req->state = RS_DONE;
+        req->state = RAW_DONE;
         waitq_wake (req);
         return;
       }
       req->raw_pos = req->offset;
-      req->state = RS_LINK;     /* writing zeros, a buffer at a time */
+      req->state = RAW_ZEROS;     /* writing zeros, a buffer at a time */
       waitq_wake (req);
       return;
     case REQ_STATUS:
       raw_status (req);
-      req->state = RS_DONE;
+      req->state = RAW_DONE;
       waitq_wake (req);
       return;
     default:
-      req->state = RS_DONE;
+      req->state = RAW_DONE;
       waitq_wake (req);
       return;
     }
 
-  case RS_LINK:
+  case RAW_ZEROS:
     if (req->raw_pos < req->offset + req->len) {
       uint64_t n = req->offset + req->len - req->raw_pos;
       if (n > q->cluster_size)
@@ -180,12 +199,12 @@ raw_run (struct qcow2_req *req)
       req->raw_pos += n;
       return;
     }
-    req->state = RS_FUA;
+    req->state = RAW_FUA;
     waitq_wake (req);
     return;
 
-  case RS_FUA:
-    req->state = RS_DONE;
+  case RAW_FUA:
+    req->state = RAW_DONE;
     if (req->flags & QCOW2_WRITE_FUA) {
       submit (req, AIO_FSYNC, NULL, 0, 0);
       return;
@@ -193,16 +212,10 @@ raw_run (struct qcow2_req *req)
     waitq_wake (req);
     return;
 
-  case RS_IO:
-    req->state = RS_DONE;
-    /* fall through */
-  case RS_DONE:
+  case RAW_DONE:
     waitq_push (&q->completed, req);
     return;
 
-  default:
-    req->state = RS_DONE;
-    waitq_wake (req);
-    return;
   }
+  assert (!"a raw request in a state of another machine");
 }

@@ -45,7 +45,10 @@ req_new (struct qcow2 *q, enum req_type type, uint64_t offset, uint64_t len,
   req->done = done;
   req->opaque = opaque;
   req->seg_off = offset;
-  req->state = type == REQ_FLUSH ? RS_FUA : RS_SEGMENT;
+  /* 0 is the first state of either machine: RS_SEGMENT (a flush goes on
+   * to RS_FUA from there), RAW_START on a raw image.
+   */
+  req->state = 0;
   return req;
 }
 

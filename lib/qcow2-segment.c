@@ -87,8 +87,9 @@ seg_next (struct qcow2_req *req)
       req->state = RS_CHILDREN;
       return false;             /* the last child wakes us */
     }
-    if ((req->type == REQ_WRITE || req->type == REQ_ZERO)
-        && (req->flags & QCOW2_WRITE_FUA)) {
+    if (req->type == REQ_FLUSH
+        || ((req->type == REQ_WRITE || req->type == REQ_ZERO)
+            && (req->flags & QCOW2_WRITE_FUA))) {
       req->state = RS_FUA;
       return true;
     }
