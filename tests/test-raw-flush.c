@@ -67,5 +67,8 @@ main (void)
   aio_fake_fail_next (a, AIO_FSYNC, 0, EIO);
   CHECK (sync_flush (q) == -EIO, "a flush whose fdatasync fails fails");
   qcow2_close (q);
+  aio_destroy (a);
+  free (buf);
+  free (path);
   return test_exit ();
 }
