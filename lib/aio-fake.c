@@ -465,6 +465,12 @@ aio_fake_faults_pending (const struct aio *a)
   return (unsigned) to_fake_const (a)->rules.len;
 }
 
+void
+aio_fake_clear_faults (struct aio *a)
+{
+  to_fake (a)->rules.len = 0;
+}
+
 /* The pointer stays valid until the next submit or clear. */
 const struct aio_fake_record *
 aio_fake_log (const struct aio *a, size_t *n)

@@ -55,8 +55,11 @@ void aio_fake_fail_next (struct aio *a, enum aio_op_type type,
 void aio_fake_refuse_submit (struct aio *a, enum aio_op_type type,
                              unsigned skip, int err);
 
-/* The number of faults (fail_next, refuse_submit) that have not fired. */
+/* The number of faults (fail_next, refuse_submit) that have not fired,
+ * and forgetting them.
+ */
 unsigned aio_fake_faults_pending (const struct aio *a);
+void aio_fake_clear_faults (struct aio *a);
 
 /* The log of every op submitted so far. */
 const struct aio_fake_record *aio_fake_log (const struct aio *a, size_t *n);

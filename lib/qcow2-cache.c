@@ -199,8 +199,9 @@ write_entry (struct cache_entry *e, bool for_flusher)
   e->for_flusher = for_flusher;
   r = submit (e, AIO_WRITE);
   if (r < 0) {
-    qlog (q, 3, "submitting the write-back of %s table at 0x%llx: %s",
-          e->cache->what, (unsigned long long) e->offset, strerror (-r));
+    qlog (q, 3, "submitting the write-back of %s at 0x%llx: %s",
+          e->cache == &q->l2c ? "an L2 table" : "a refcount block",
+          (unsigned long long) e->offset, strerror (-r));
     e->dirty = true;
     e->writing = false;
     e->for_flusher = false;
