@@ -46,5 +46,6 @@ main (void)
   qcow2_close (q);
   CHECK (shell ("qemu-img info %s | grep -q 'corrupt: true'", path) == 0,
          "the header says corrupt");
+  free (path);
   return test_exit ();
 }
