@@ -45,6 +45,7 @@ struct fake_entry {
 
 struct fake_rule {
   enum aio_op_type type;
+  bool at_submit;               /* refuses a submission, not a run */
   unsigned skip;                /* ops of this type to let through first */
   int err;                      /* positive errno */
 };
@@ -132,17 +133,18 @@ iov_total (const struct aio_op *op)
   return total;
 }
 
-/* Returns -err if a rule fails this op, else 0.  Every rule of the type
+/* Returns -err if a rule fails this op (when it runs, or when it is
+ * submitted if at_submit), else 0.  Every rule of the type and moment
  * that does not fire counts the op towards its skip.
  */
 static int
-fake_injected (struct fake *f, enum aio_op_type type)
+fake_injected (struct fake *f, enum aio_op_type type, bool at_submit)
 {
   struct fake_rule *rules = f->rules.data;
   int ret = 0;
 
   for (size_t i = 0; i < f->rules.len;) {
-    if (rules[i].type != type) {
+    if (rules[i].type != type || rules[i].at_submit != at_submit) {
       i++;
       continue;
     }
@@ -209,7 +211,7 @@ fake_finish (struct fake *f, const struct fake_entry *e, int64_t ret)
 static void
 fake_run (struct fake *f, const struct fake_entry *e)
 {
-  int64_t ret = fake_injected (f, e->op->type);
+  int64_t ret = fake_injected (f, e->op->type, false);
 
   if (ret == 0)
     ret = aio_run_sync (e->op);
@@ -223,7 +225,10 @@ fake_submit (struct aio *a, struct aio_op *op)
   struct fake_vec *q = f->hold ? &f->held : &f->staged;
   struct aio_fake_record *rec;
   struct fake_entry *e;
+  int r = fake_injected (f, op->type, true);
 
+  if (r < 0)
+    return r;
   /* Reserve both before changing anything, so that -ENOMEM leaves no
    * trace, as the contract of submit requires.
    */
@@ -421,9 +426,9 @@ aio_fake_release_all (struct aio *a, bool reverse)
   f->held.len = 0;
 }
 
-void
-aio_fake_fail_next (struct aio *a, enum aio_op_type type,
-                    unsigned skip, int err)
+static void
+add_rule (struct aio *a, enum aio_op_type type, bool at_submit,
+          unsigned skip, int err)
 {
   struct fake *f = to_fake (a);
   struct fake_rule *rule;
@@ -435,8 +440,35 @@ aio_fake_fail_next (struct aio *a, enum aio_op_type type,
     return;
   rule = (struct fake_rule *) f->rules.data + f->rules.len++;
   rule->type = type;
+  rule->at_submit = at_submit;
   rule->skip = skip;
   rule->err = err;
+}
+
+void
+aio_fake_fail_next (struct aio *a, enum aio_op_type type,
+                    unsigned skip, int err)
+{
+  add_rule (a, type, false, skip, err);
+}
+
+void
+aio_fake_refuse_submit (struct aio *a, enum aio_op_type type,
+                        unsigned skip, int err)
+{
+  add_rule (a, type, true, skip, err);
+}
+
+unsigned
+aio_fake_faults_pending (const struct aio *a)
+{
+  return (unsigned) to_fake_const (a)->rules.len;
+}
+
+void
+aio_fake_clear_faults (struct aio *a)
+{
+  to_fake (a)->rules.len = 0;
 }
 
 /* The pointer stays valid until the next submit or clear. */

@@ -47,6 +47,20 @@ void aio_fake_release_all (struct aio *a, bool reverse);
 void aio_fake_fail_next (struct aio *a, enum aio_op_type type,
                          unsigned skip, int err);
 
+/* Refuse the next submission of this type (after skip more of that type
+ * were accepted): aio_submit returns -err at once, as a real backend does
+ * when it cannot queue an op, and the op is neither run nor logged.
+ * err is a positive errno.
+ */
+void aio_fake_refuse_submit (struct aio *a, enum aio_op_type type,
+                             unsigned skip, int err);
+
+/* The number of faults (fail_next, refuse_submit) that have not fired,
+ * and forgetting them.
+ */
+unsigned aio_fake_faults_pending (const struct aio *a);
+void aio_fake_clear_faults (struct aio *a);
+
 /* The log of every op submitted so far. */
 const struct aio_fake_record *aio_fake_log (const struct aio *a, size_t *n);
 void aio_fake_clear_log (struct aio *a);

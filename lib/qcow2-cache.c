@@ -182,6 +182,10 @@ submit (struct cache_entry *e, enum aio_op_type type)
   return aio_submit (q->aio, &e->op);
 }
 
+/* Start writing e back.  Returns 0, or -errno with e still dirty: the
+ * overlap check refused it (and marked the image corrupt), or the backend
+ * refused the submission (logged here).
+ */
 static int
 write_entry (struct cache_entry *e, bool for_flusher)
 {
@@ -195,6 +199,9 @@ write_entry (struct cache_entry *e, bool for_flusher)
   e->for_flusher = for_flusher;
   r = submit (e, AIO_WRITE);
   if (r < 0) {
+    qlog (q, 3, "submitting the write-back of %s at 0x%llx: %s",
+          e->cache == &q->l2c ? "an L2 table" : "a refcount block",
+          (unsigned long long) e->offset, strerror (-r));
     e->dirty = true;
     e->writing = false;
     e->for_flusher = false;
@@ -342,22 +349,21 @@ cache_set_offset (struct cache_entry *e, uint64_t offset)
   hash_insert (c, e);
 }
 
-unsigned
-cache_write_dirty (struct cache *c)
+int
+cache_write_dirty (struct cache *c, unsigned *started)
 {
-  unsigned n = 0;
+  *started = 0;
   for (unsigned i = 0; i < c->n; i++) {
     struct cache_entry *e = &c->e[i];
     if (e->offset && e->dirty && !e->writing && !e->loading) {
+      /* The rest stay dirty too: the flusher's next run writes them. */
       int r = write_entry (e, true);
       if (r < 0)
-        qlog (c->q, 3, "submitting %s write-back: %s", c->what,
-              strerror (-r));
-      else
-        n++;
+        return r;
+      (*started)++;
     }
   }
-  return n;
+  return 0;
 }
 
 bool

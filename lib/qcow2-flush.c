@@ -198,6 +198,8 @@ flush_note_io (struct qcow2 *q, int64_t ret)
   struct flusher *fl = q->flusher;
   if (ret < 0 && !fl->err)
     fl->err = (int) ret;
+  /* Every completion is of an op counted when it was submitted. */
+  assert (fl->outstanding > 0);
   if (--fl->outstanding == 0 && fl->waiting_io) {
     fl->waiting_io = false;
     waitq_wake (&fl->req);
@@ -236,17 +238,28 @@ submit_op (struct qcow2 *q, enum aio_op_type type, void *buf, size_t len,
   fl->op.opaque = q;
   r = aio_submit (q->aio, &fl->op);
   if (r < 0) {
+    qlog (q, LOG_ERR, "submitting %s during metadata flush: %s",
+          type == AIO_FSYNC ? "fdatasync" : "write", strerror (-r));
     if (!fl->err)
       fl->err = r;
     return;
   }
   fl->outstanding++;
   if (type == AIO_FSYNC && q->dfd != q->fd) {
-    /* Guest data in an external data file must be durable too. */
+    /* Guest data in an external data file must be durable too: a sync
+     * that cannot be started fails the run like one that fails.
+     */
     fl->data_sync = fl->op;
     fl->data_sync.fd = q->dfd;
-    if (aio_submit (q->aio, &fl->data_sync) == 0)
-      fl->outstanding++;
+    r = aio_submit (q->aio, &fl->data_sync);
+    if (r < 0) {
+      qlog (q, LOG_ERR, "submitting fdatasync of the data file during "
+            "metadata flush: %s", strerror (-r));
+      if (!fl->err)
+        fl->err = r;
+      return;
+    }
+    fl->outstanding++;
   }
 }
 
@@ -348,6 +361,8 @@ punch_done (struct aio_op *op, int64_t ret)
   if (ret < 0 && ret != -EOPNOTSUPP)
     qlog (q, LOG_DEBUG, "punching freed clusters at 0x%llx: %s",
           (unsigned long long) op->offset, strerror ((int) -ret));
+  /* Counted when start_punches submitted it. */
+  assert (q->flusher->outstanding > 0);
   q->flusher->outstanding--;
   if (q->flusher->outstanding == 0 && q->flusher->waiting_io) {
     q->flusher->waiting_io = false;
@@ -745,12 +760,29 @@ step_incs (struct qcow2 *q)
   return step_apply (q, FL_RB);
 }
 
+/* Start the write-back of every dirty table of c.  One that cannot be
+ * started fails the run, as one that fails on completion does: the next
+ * state must not make the file point at a table that was never written
+ * (L1 at a fresh L2 table, whose cluster reads as zeros).  The tables
+ * stay dirty for the next run; the writes started are waited for.
+ */
+static void
+write_back (struct qcow2 *q, struct cache *c)
+{
+  struct flusher *fl = q->flusher;
+  unsigned started;
+  int r = cache_write_dirty (c, &started);
+
+  fl->outstanding += started;
+  if (r < 0 && !fl->err)
+    fl->err = r;
+}
+
 static bool
 step_rb (struct qcow2 *q)
 {
-  struct flusher *fl = q->flusher;
-  fl->outstanding += cache_write_dirty (&q->rbc);
-  fl->state = FL_SYNC_RB;
+  write_back (q, &q->rbc);
+  q->flusher->state = FL_SYNC_RB;
   return true;
 }
 
@@ -811,8 +843,15 @@ static bool
 step_header_sync (struct qcow2 *q)
 {
   submit_op (q, AIO_FSYNC, NULL, 0, 0);
-  /* The old table is unreferenced once the header is durable. */
-  extent_add (&q->decs, q->old_reftable_offset, q->old_reftable_clusters);
+  /* The old table is unreferenced once the header is durable.  Without
+   * memory for its decrements its clusters keep their refcount: a leak
+   * (qemu-img check -r leaks reclaims it), never corruption.
+   */
+  if (extent_add (&q->decs, q->old_reftable_offset,
+                  q->old_reftable_clusters) < 0)
+    qlog (q, LOG_WARNING, "out of memory: %u clusters of the old refcount "
+          "table at 0x%llx will leak", q->old_reftable_clusters,
+          (unsigned long long) q->old_reftable_offset);
   q->reftable_moved = false;
   q->flusher->state = FL_L2;
   return true;
@@ -823,7 +862,7 @@ step_l2 (struct qcow2 *q)
 {
   struct flusher *fl = q->flusher;
   fl->reftable_pending = false;
-  fl->outstanding += cache_write_dirty (&q->l2c);
+  write_back (q, &q->l2c);
   fl->state = FL_SYNC_L2;
   return true;
 }
@@ -901,9 +940,8 @@ step_decs_apply (struct qcow2 *q)
 static bool
 step_decs_rb (struct qcow2 *q)
 {
-  struct flusher *fl = q->flusher;
-  fl->outstanding += cache_write_dirty (&q->rbc);
-  fl->state = FL_DECS_SYNC;
+  write_back (q, &q->rbc);
+  q->flusher->state = FL_DECS_SYNC;
   return true;
 }
 

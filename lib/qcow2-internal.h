@@ -230,9 +230,12 @@ void cache_set_offset (struct cache_entry *e, uint64_t offset);
 void cache_put (struct cache_entry *e);
 void cache_mark_dirty (struct cache_entry *e);
 /* Start writing back every dirty entry for the flusher; each finished
- * write calls q->flush_io_done.  Returns the number of writes started.
+ * write calls q->flush_io_done.  Returns 0, or -errno when a write could
+ * not be started: that entry and those not tried yet stay dirty.  Either
+ * way *started is the number of writes started (their completions are
+ * owed to the flusher).
  */
-unsigned cache_write_dirty (struct cache *c);
+int cache_write_dirty (struct cache *c, unsigned *started);
 bool cache_has_dirty (const struct cache *c);
 
 /* ---- qcow2-refcount.c: refcount entries inside a refcount block ---- */

@@ -702,6 +702,34 @@ test_fake_faults (void)
   aio_destroy (a);
 }
 
+/* aio_fake_refuse_submit: the chosen submission fails at once; the op is
+ * not counted, logged or run, and run-time rules do not count it.
+ */
+static void
+test_fake_refuse (void)
+{
+  struct aio *a;
+  size_t n;
+  struct top t[3];
+
+  backend = "fake-refuse";
+  CHECK (aio_fake_create (&a) == 0);
+  aio_fake_refuse_submit (a, AIO_FSYNC, 1, EAGAIN);
+  aio_fake_fail_next (a, AIO_FSYNC, 1, EIO);
+  CHECK (aio_fake_faults_pending (a) == 2);
+  for (int i = 0; i < 3; i++)
+    top_init (&t[i], AIO_FSYNC, 0);
+  CHECK (aio_submit (a, &t[0].op) == 0);
+  CHECK (aio_submit (a, &t[1].op) == -EAGAIN);
+  CHECK (a->pending == 1 && aio_fake_faults_pending (a) == 1);
+  CHECK (aio_submit (a, &t[2].op) == 0);
+  CHECK (drain (a) == 2);
+  CHECK (t[0].ret == 0 && t[1].ndone == 0 && t[2].ret == -EIO);
+  aio_fake_log (a, &n);
+  CHECK (n == 2 && aio_fake_faults_pending (a) == 0);
+  aio_destroy (a);
+}
+
 /* Which files get which inline mode. */
 static void
 test_inline_mode (void)
@@ -789,6 +817,7 @@ main (void)
 
   test_fake_hold ();
   test_fake_faults ();
+  test_fake_refuse ();
 
   close (fd);
   unlink (path);

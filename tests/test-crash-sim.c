@@ -17,8 +17,9 @@
  * NO_HOLE), discards, flushes, FUA writes, reads, writes into compressed
  * clusters (an image from qemu-img convert -c), copy-on-write from a
  * backing file (v3 and v2), clusters shared with an internal snapshot,
- * lazy refcounts, and the compressed write cache (opts.compress); a small
- * L2 cache makes evictions start flushes of their own.  Every 25th crash
+ * lazy refcounts, the compressed write cache (opts.compress), and writes
+ * and syncs the backend refuses to queue (c4k-refused); a small L2 cache
+ * makes evictions start flushes of their own.  Every 25th crash
  * image is also opened read-write, written, closed and checked again
  * ("carried on"), as a server restarted after the power loss would.
  *
@@ -79,6 +80,8 @@ struct scenario {
   unsigned weight;              /* share of the crash states (qemu-img
                                    check is slow on c512-lazy's images) */
   uint32_t subcluster;          /* extended L2: what a discard releases */
+  unsigned refuse;              /* per 1000 requests: a write or fdatasync
+                                   submission refused (EAGAIN) soon after */
 };
 
 static const struct scenario scenarios[] = {
@@ -86,53 +89,60 @@ static const struct scenario scenarios[] = {
    * blocks of 64 entries and a one-cluster refcount table that must grow.
    */
   { "c512-refgrow", PLAIN, "cluster_size=512,refcount_bits=64", 8 << 20,
-    512, false, false, false, 16 * 512, 700, 24 << 10, 4, 0 },
+    512, false, false, false, 16 * 512, 700, 24 << 10, 4, 0, 0 },
   { "c4k", PLAIN, "cluster_size=4096", 8 << 20, 4096, false, false, false,
-    0, 500, 64 << 10, 6, 0 },
+    0, 500, 64 << 10, 6, 0, 0 },
   { "c4k-lazy", PLAIN, "cluster_size=4096,lazy_refcounts=on", 8 << 20,
-    4096, true, false, false, 0, 400, 64 << 10, 4, 0 },
+    4096, true, false, false, 0, 400, 64 << 10, 4, 0, 0 },
   { "c512-lazy", PLAIN,
     "cluster_size=512,lazy_refcounts=on,refcount_bits=64", 8 << 20, 512,
-    true, false, false, 16 * 512, 600, 24 << 10, 1, 0 },
+    true, false, false, 16 * 512, 600, 24 << 10, 1, 0, 0 },
   { "compressed-zlib", COMPRESSED, "cluster_size=4096", 8 << 20, 4096,
-    false, false, false, 0, 400, 32 << 10, 4, 0 },
+    false, false, false, 0, 400, 32 << 10, 4, 0, 0 },
 #ifdef HAVE_ZSTD
   { "compressed-zstd", COMPRESSED,
     "cluster_size=4096,compression_type=zstd", 4 << 20, 4096, false, false,
-    false, 0, 250, 32 << 10, 2, 0 },
+    false, 0, 250, 32 << 10, 2, 0, 0 },
 #endif
   { "backing-v3", BACKING, "cluster_size=4096", 8 << 20, 4096, false,
-    false, false, 0, 400, 32 << 10, 4, 0 },
+    false, false, 0, 400, 32 << 10, 4, 0, 0 },
   { "backing-v2", BACKING, "cluster_size=4096,compat=0.10", 8 << 20, 4096,
-    false, false, true, 0, 300, 32 << 10, 2, 0 },
+    false, false, true, 0, 300, 32 << 10, 2, 0, 0 },
   /* Every L2 table (32 KiB of disk each) is shared with the snapshot and
    * copied at its first write.
    */
   { "snapshot", SNAPSHOT, "cluster_size=512", 4 << 20, 512, false, false,
-    false, 16 * 512, 400, 16 << 10, 2, 0 },
+    false, 16 * 512, 400, 16 << 10, 2, 0, 0 },
   { "compress-cache", PLAIN, "cluster_size=4096", 8 << 20, 4096, false,
-    true, false, 0, 400, 32 << 10, 2, 0 },
+    true, false, 0, 400, 32 << 10, 2, 0, 0 },
   /* A 32 KiB disk: discards, write-zeroes and overwrites often drop every
    * compressed cluster packed so far into the open packing cluster (which
    * must not be freed while later ones are packed into it).
    */
   { "compress-trim", PLAIN, "cluster_size=4096", 32 << 10, 4096, false,
-    true, false, 0, 400, 16 << 10, 2, 0 },
+    true, false, 0, 400, 16 << 10, 2, 0, 0 },
   { "compress-trim-lazy", PLAIN, "cluster_size=4096,lazy_refcounts=on",
-    32 << 10, 4096, true, true, false, 0, 300, 16 << 10, 1, 0 },
+    32 << 10, 4096, true, true, false, 0, 300, 16 << 10, 1, 0, 0 },
   /* 64 KiB clusters: L2 tables cached and written in 4 KiB slices, with
    * several slices (each maps 32 MiB) of one table.
    */
   { "c64k-slices", PLAIN, "cluster_size=65536", 128 << 20, 65536, false,
-    false, false, 16 * 4096, 400, 128 << 10, 3, 0 },
+    false, false, 16 * 4096, 400, 128 << 10, 3, 0, 0 },
   /* Subclusters: 512 bytes, and 1 KiB over a backing file. */
   { "extl2", PLAIN, "cluster_size=16384,extended_l2=on", 8 << 20, 16384,
-    false, false, false, 0, 400, 64 << 10, 3, 512 },
+    false, false, false, 0, 400, 64 << 10, 3, 512, 0 },
   { "extl2-backing", BACKING, "cluster_size=32768,extended_l2=on", 8 << 20,
-    32768, false, false, false, 0, 400, 64 << 10, 3, 1024 },
+    32768, false, false, false, 0, 400, 64 << 10, 3, 1024, 0 },
   { "extl2-lazy", PLAIN,
     "cluster_size=16384,extended_l2=on,lazy_refcounts=on", 8 << 20, 16384,
-    true, false, false, 0, 300, 64 << 10, 2, 512 },
+    true, false, false, 0, 300, 64 << 10, 2, 512, 0 },
+  /* The backend now and then refuses to queue a write or an fdatasync
+   * (as io_uring does with a full ring): the request or flush that needed
+   * it fails, nothing that flush covered may be lost, and what it left
+   * dirty is written by the next.
+   */
+  { "c4k-refused", PLAIN, "cluster_size=4096", 8 << 20, 4096, false, false,
+    false, 16 * 4096, 400, 64 << 10, 2, 0, 30 },
 };
 
 /* ---- the workload ---- */
@@ -145,6 +155,9 @@ struct wl {
   uint64_t rng;
   unsigned in_flight;
   unsigned errors;
+  unsigned refusals;            /* submissions the backend was told to
+                                   refuse */
+  unsigned failed;              /* requests that failed because of them */
   unsigned grown;               /* "refcount table grown" messages */
   uint64_t recent[16];          /* offsets of recent writes, for overwrites */
   unsigned nrecent;
@@ -199,8 +212,11 @@ gop_done (void *opaque, int ret)
   for (unsigned i = 0; i < w->nzeroing; i++)
     if (w->zeroing[i] == g)
       w->zeroing[i] = w->zeroing[--w->nzeroing];
-  CHECK (ret == 0, "%s: %s failed: %s", w->sc->name, g->what,
-         strerror (-ret));
+  if (ret == -EAGAIN && w->sc->refuse)
+    w->failed++;
+  else
+    CHECK (ret == 0, "%s: %s failed: %s", w->sc->name, g->what,
+           strerror (-ret));
   w->in_flight--;
   free (g->buf);
   free (g);
@@ -366,6 +382,12 @@ run_workload (struct wl *w)
 
     if (submitted < w->sc->nreq && w->in_flight < maxq
         && (roll < 45 || held == 0)) {
+      if (w->sc->refuse && wrand (w) % 1000 < w->sc->refuse) {
+        enum aio_op_type type = wrand (w) % 3 ? AIO_WRITE : AIO_FSYNC;
+        aio_fake_refuse_submit (w->a, type, (unsigned) (wrand (w) % 8),
+                                EAGAIN);
+        w->refusals++;
+      }
       submit_one (w);
       submitted++;
       if (wrand (w) % 50 == 0)
@@ -725,10 +747,16 @@ run_round (const struct scenario *sc, unsigned round, unsigned states,
   aio_fake_record_data (w.a, true);
 
   run_workload (&w);
+  /* Those that did not fire would fail the close. */
+  aio_fake_clear_faults (w.a);
   r = qcow2_close (w.q);
   CHECK (r == 0, "%s: close: %s", sc->name, strerror (-r));
-  CHECK (w.errors == 0, "%s: the engine logged %u errors during the "
-         "workload", sc->name, w.errors);
+  /* A refused submission is logged as an error. */
+  CHECK (w.errors == 0 || sc->refuse, "%s: the engine logged %u errors "
+         "during the workload", sc->name, w.errors);
+  if (sc->refuse)
+    CHECK (w.failed > 0, "%s: no request failed of %u refusals", sc->name,
+           w.refusals);
   r = shell ("qemu-img check -q '%s' >/dev/null 2>&1", path);
   CHECK (r == 0 || r == 3, "%s: qemu-img check after close exited %d",
          sc->name, r);
@@ -746,6 +774,9 @@ run_round (const struct scenario *sc, unsigned round, unsigned states,
           sc->name, round, cs_requests (w.cs), st.ops, st.syncs, w.grown,
           st.crash_points, st.states, st.leaky, st.repaired, st.continued,
           st.failures, st.qemu_secs, st.engine_secs);
+  if (sc->refuse)
+    printf ("  %-16s round %u: %u submissions refused, %u requests failed\n",
+            sc->name, round, w.refusals, w.failed);
   fflush (stdout);
   total->states += st.states;
   total->crash_points += st.crash_points;
