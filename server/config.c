@@ -71,7 +71,7 @@ section_start (struct reader *r, const char *text, size_t len)
   if (strcmp (r->section, "server") == 0) {
     for (i = 0; i < r->n_names; i++)
       if (r->names[i] == NULL)
-        return fail (r, "a second section [", "server");
+        return fail (r, "duplicate section [", "server");
   }
   else if (strncmp (r->section, "export", 6) == 0 &&
            (r->section[6] == ' ' || r->section[6] == '\t')) {
@@ -80,7 +80,7 @@ section_start (struct reader *r, const char *text, size_t len)
       name++;
     for (i = 0; i < r->n_names; i++)
       if (r->names[i] && strcmp (r->names[i], name) == 0)
-        return fail (r, "a second section [", r->section);
+        return fail (r, "duplicate section [", r->section);
   }
   else
     return fail (r, "unknown section [", r->section);
