@@ -85,7 +85,7 @@ usage (FILE *fp)
 {
   fprintf (fp,
 "Usage: qnbd [OPTION]... IMAGE\n"
-"       qnbd -C FILE [-v]...\n"
+"       qnbd -C FILE [-v]... [--aio=MODE]\n"
 "Export the qcow2 (or raw) image IMAGE over the Network Block Device protocol.\n"
 "\n"
 "  -C, --config=FILE        serve the exports of the configuration file FILE\n"
@@ -421,6 +421,7 @@ struct options {
   struct export_options *exp;           /* the one options apply to */
   unsigned shared;                      /* --shared, 0: no limit */
   unsigned handshake_limit;             /* --handshake-limit */
+  enum qcow2_aio_mode aio_mode;         /* --aio, for every export */
   char **strings;                       /* copies of the file's values */
   size_t n_strings;
 };
@@ -596,7 +597,7 @@ new_export (struct options *o)
   *e = (struct export_options) {
     .name = "",
     .opts = {
-      .aio_mode = QCOW2_AIO_AUTO,
+      .aio_mode = o->aio_mode,
       .format = QCOW2_FORMAT_QCOW2,
       .backing = QCOW2_BACKING_CONFINE,
     },
@@ -791,7 +792,7 @@ parse_options (int argc, char *argv[], struct options *o)
   while ((c = getopt_long (argc, argv, short_options, long_options,
                            NULL)) != -1) {
     parse_option (c, optarg, o);
-    if (c != 'C' && c != 'v')
+    if (c != 'C' && c != 'v' && c != OPT_AIO)
       other = c;
   }
 
@@ -803,6 +804,7 @@ parse_options (int argc, char *argv[], struct options *o)
     if (other)
       bad_usage ("-C: --%s is a key of the configuration file, not an "
                  "option", option_name (other));
+    o->aio_mode = o->exp->opts.aio_mode;
     o->n_exports = 0;
     free (o->exp->allow_dirs);
     read_config (o);
@@ -879,6 +881,7 @@ main (int argc, char *argv[])
   /* Static: what it holds lives as long as the process. */
   static struct options o = {
     .handshake_limit = DEFAULT_HANDSHAKE_LIMIT,
+    .aio_mode = QCOW2_AIO_AUTO,
   };
   int activated, status = EXIT_SUCCESS;
   struct export *e;
