@@ -11,6 +11,7 @@ and -C with an IMAGE argument is refused.
 
 import os
 import re
+import struct
 import subprocess
 import threading
 
@@ -104,6 +105,31 @@ r = subprocess.run(["nbdinfo", "nbd+unix:///nope?socket=" + sock],
                    capture_output=True, text=True, timeout=60)
 assert r.returncode != 0, r.stdout
 assert "nope" in r.stderr, r.stderr
+
+
+# The same at the protocol level: INFO gets NBD_REP_ERR_UNKNOWN,
+# EXPORT_NAME (no error reply possible) a clean hang-up, and a known name
+# its own size.
+NBD_OPT_INFO, NBD_REP_ERR_UNKNOWN = 6, (1 << 31) + 6
+c = qt.RawClient(sock)
+c.client_flags()
+replies = c.option(NBD_OPT_INFO, struct.pack(">I", 4) + b"nope" +
+                   struct.pack(">H", 0))
+assert replies[-1][0] == NBD_REP_ERR_UNKNOWN, replies
+replies = c.option(NBD_OPT_INFO, struct.pack(">I", 3) + b"raw" +
+                   struct.pack(">H", 0))
+assert replies[-1][0] == qt.NBD_REP_ACK, replies
+c.s.sendall(qt.NBD_IHAVEOPT + struct.pack(">II", qt.NBD_OPT_EXPORT_NAME, 4)
+            + b"nope")
+assert c.s.recv(1) == b"", "EXPORT_NAME of an unknown name: no hang-up"
+c.close()
+c = qt.RawClient(("127.0.0.1", port))
+c.client_flags()
+c.s.sendall(qt.NBD_IHAVEOPT + struct.pack(">II", qt.NBD_OPT_EXPORT_NAME, 4)
+            + b"comp")
+size, eflags = struct.unpack(">QH", c.recv_exactly(10))
+assert size == SIZE
+c.close()
 
 
 def uri_of(name, tcp):
