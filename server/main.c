@@ -1,6 +1,7 @@
 /* server/main.c: the command line and startup of qnbd.
  *
- * Parse the options, open the image (an image that cannot be opened is one
+ * Parse the options (or the -C configuration file, whose keys go through
+ * the same parsing), open the images (an image that cannot be opened is one
  * line on stderr and exit status 1), listen (Unix socket, TCP, or the
  * sockets systemd passes), write the pid file, tell systemd we are ready,
  * run the loop until SIGTERM, then close the image, which flushes it.
