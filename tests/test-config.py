@@ -216,6 +216,9 @@ cases = [
      "bad9.conf:3: unknown key 'port' in [export a]"),
     ("[export a]\nfile = %s\nforce-share = yes\n" % img,
      "bad10.conf:1: force-share needs readonly"),
+    # A name longer than libinih keeps of a section header.
+    ("[export %s]\nfile = %s\nbad = 1\n" % ("n" * 60, img),
+     "bad11.conf:3: unknown key 'bad' in [export %s]" % ("n" * 60)),
     ("[export a]\nfile = %s\n" % os.path.join(tmp, "missing.qcow2"),
      "missing.qcow2: No such file or directory (export 'a')"),
 ]
