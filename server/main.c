@@ -803,8 +803,8 @@ parse_options (int argc, char *argv[], struct options *o)
       bad_usage ("%s", "-C: the exports are in the configuration file: "
                  "no IMAGE argument");
     if (other)
-      bad_usage ("-C: --%s is a key of the configuration file, not an "
-                 "option", option_name (other));
+      bad_usage ("--%s cannot be used with -C: the configuration file "
+                 "says it", option_name (other));
     o->aio_mode = o->exp->opts.aio_mode;
     o->n_exports = 0;
     free (o->exp->allow_dirs);
