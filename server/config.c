@@ -39,6 +39,7 @@ struct reader {
   char where[WHERE_MAX];           /* "path:line" of that line */
   char section_where[WHERE_MAX];   /* "path:line" of its header */
   char section[INI_MAX_LINE];           /* as libinih names it */
+  char name[INI_MAX_LINE];              /* the export's, from section */
   bool in_section;
   char **names;                         /* the export names seen */
   size_t n_names;
@@ -75,9 +76,15 @@ section_start (struct reader *r, const char *text, size_t len)
   }
   else if (strncmp (r->section, "export", 6) == 0 &&
            (r->section[6] == ' ' || r->section[6] == '\t')) {
-    name = r->section + 6;
-    while (*name == ' ' || *name == '\t')
-      name++;
+    /* Blanks around the name are not part of it. */
+    for (text = r->section + 6; *text == ' ' || *text == '\t'; text++)
+      ;
+    len = strlen (text);
+    while (len && (text[len - 1] == ' ' || text[len - 1] == '\t'))
+      len--;
+    memcpy (r->name, text, len);
+    r->name[len] = '\0';
+    name = r->name;
     for (i = 0; i < r->n_names; i++)
       if (r->names[i] && strcmp (r->names[i], name) == 0)
         return fail (r, "duplicate section [", r->section);

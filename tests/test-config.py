@@ -206,8 +206,8 @@ cases = [
      "bad4.conf:1: key 'file' missing in [export a]"),
     ("[export a]\nfile = %s\n[exports b]\nfile = %s\n" % (img, img),
      "bad5.conf:3: unknown section [exports b]"),
-    ("[export a]\nfile = %s\n\n[export a]\nfile = %s\n" % (img, img),
-     "bad6.conf:4: duplicate section [export a]"),
+    ("[export a]\nfile = %s\n\n[export  a ]\nfile = %s\n" % (img, img),
+     "bad6.conf:4: duplicate section [export  a ]"),
     ("[server]\nsocket = %s\n[export a]\nfile = %s\nthis is not ini\n"
      % (sock, img), "bad7.conf:5:"),
     ("[server]\nfile = %s\n" % img,
