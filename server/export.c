@@ -4,7 +4,7 @@
  * An image is opened once, whatever the number of connections to it: all
  * of them drive the same engine, which is what makes multi-conn safe (a
  * flush on one connection covers the writes completed on every other).
- * The command line gives one export today; the list is ready for more.
+ * The command line gives one export, a configuration file several.
  */
 #ifdef HAVE_CONFIG_H
 #include <config.h>
@@ -78,7 +78,9 @@ export_add (const char *name, const char *description, const char *path,
   r = qcow2_open (path, &o, &e->q, err, sizeof err);
   log_engine_quiet = false;
   if (r < 0) {
-    log_error ("%s: %s", path, err[0] ? err : strerror (-r));
+    /* Among several exports, say which one. */
+    log_error ("%s: %s%s%s%s", path, err[0] ? err : strerror (-r),
+               *name ? " (export '" : "", name, *name ? "')" : "");
     goto fail;
   }
   e->read_only = opts->read_only || qcow2_read_only (e->q);

@@ -123,6 +123,31 @@ void log_engine (void *opaque, int level, const char *msg);
 extern bool log_engine_quiet;
 
 /* ------------------------------------------------------------------ */
+/* config.c                                                            */
+/* ------------------------------------------------------------------ */
+
+/* What config_read calls for the file's contents, in order; where is
+ * "FILE:LINE" of the line concerned.  Each returns 0, or -1 once it has
+ * said why (config_read then stops and fails).
+ */
+struct config_ops {
+  /* A section starts: [server] (name NULL) or [export name]. */
+  int (*section) (void *opaque, const char *where, const char *name);
+  /* key = value, in the current section. */
+  int (*key) (void *opaque, const char *where, const char *key,
+              const char *value);
+  /* The section whose header is at where ends. */
+  int (*end) (void *opaque, const char *where);
+};
+
+/* Read the configuration file path.  Returns 0, or -1 after logging the
+ * file, the line and the cause (unknown sections, a second [server] or a
+ * second export of one name are config.c's own errors).
+ */
+int config_read (const char *path, const struct config_ops *ops,
+                 void *opaque);
+
+/* ------------------------------------------------------------------ */
 /* export.c                                                            */
 /* ------------------------------------------------------------------ */
 

@@ -1,6 +1,7 @@
 /* server/main.c: the command line and startup of qnbd.
  *
- * Parse the options, open the image (an image that cannot be opened is one
+ * Parse the options (or the -C configuration file, whose keys go through
+ * the same parsing), open the images (an image that cannot be opened is one
  * line on stderr and exit status 1), listen (Unix socket, TCP, or the
  * sockets systemd passes), write the pid file, tell systemd we are ready,
  * run the loop until SIGTERM, then close the image, which flushes it.
@@ -50,7 +51,7 @@ enum {
   OPT_VERSION,
 };
 
-static const char short_options[] = "b:D:e:f:hk:l:p:rtUvx:";
+static const char short_options[] = "b:C:D:e:f:hk:l:p:rtUvx:";
 static const struct option long_options[] = {
   { "aio",            required_argument, NULL, OPT_AIO },
   { "allow-dir",      required_argument, NULL, OPT_ALLOW_DIR },
@@ -58,6 +59,7 @@ static const struct option long_options[] = {
   { "bind",           required_argument, NULL, 'b' },
   { "cache",          required_argument, NULL, OPT_CACHE },
   { "compress",       no_argument,       NULL, OPT_COMPRESS },
+  { "config",         required_argument, NULL, 'C' },
   { "description",    required_argument, NULL, 'D' },
   { "discard",        required_argument, NULL, OPT_DISCARD },
   { "export-name",    required_argument, NULL, 'x' },
@@ -84,7 +86,12 @@ usage (FILE *fp)
 {
   fprintf (fp,
 "Usage: qnbd [OPTION]... IMAGE\n"
+"       qnbd -C FILE [-v]... [--aio=MODE]\n"
 "Export the qcow2 (or raw) image IMAGE over the Network Block Device protocol.\n"
+"\n"
+"  -C, --config=FILE        serve the exports of the configuration file FILE\n"
+"                           (see qnbd(8)); the other options are then its\n"
+"                           keys, not command-line options\n"
 "\n"
 "Listening (default: TCP port %s on every address):\n"
 "  -k, --socket=PATH        listen on the Unix socket PATH\n"
@@ -137,6 +144,13 @@ usage (FILE *fp)
            DEFAULT_PORT, DEFAULT_HANDSHAKE_LIMIT);
 }
 
+/* Where the configuration file key being parsed is, for bad_arg:
+ * its messages then name the file, the line, the key and the section.
+ */
+static struct {
+  const char *where, *key, *section;
+} config_pos;
+
 static void __attribute__ ((__noreturn__)) QNBD_PRINTF (1, 2)
 bad_usage (const char *fmt, ...)
 {
@@ -148,6 +162,20 @@ bad_usage (const char *fmt, ...)
   va_end (args);
   fprintf (stderr, "\nTry 'qnbd --help' for more information.\n");
   exit (EXIT_FAILURE);
+}
+
+/* A bad argument arg of the option opt ("--port"), or of the key being
+ * read from the configuration file: the message says what is wrong.
+ */
+static void __attribute__ ((__noreturn__))
+bad_arg (const char *opt, const char *arg, const char *what)
+{
+  if (config_pos.where) {
+    log_error ("%s: key '%s' in [%s]: '%s' %s", config_pos.where,
+               config_pos.key, config_pos.section, arg, what);
+    exit (EXIT_FAILURE);
+  }
+  bad_usage ("%s: '%s' %s", opt, arg, what);
 }
 
 /* A decimal number with an optional binary suffix (K, M, G, T). */
@@ -369,19 +397,51 @@ print_uri (const char *image, const char *name, const char *sock,
   fflush (stderr);
 }
 
-/* What the command line asks for. */
-struct options {
-  const char *sock, *addr, *port;       /* where to listen */
-  const char *name, *description;       /* the export */
-  const char *pid_file;
+/* One export: the command line's image, or a section of the
+ * configuration file.
+ */
+struct export_options {
+  const char *name, *description;
   const char *image;
   struct qcow2_opts opts;               /* how to open the image */
   const char **allow_dirs;              /* opts.allow_dirs, ours to free */
   size_t n_allow_dirs;
   bool discard;                         /* --discard=unmap */
+  char *where;                          /* "FILE:LINE" of its section */
+};
+
+/* What the command line (or the configuration file) asks for. */
+struct options {
+  const char **socks;                   /* where to listen */
+  size_t n_socks;
+  const char *addr, *port;
+  const char *pid_file;
+  const char *config;                   /* -C */
+  struct export_options *exports;
+  size_t n_exports;
+  struct export_options *exp;           /* the one options apply to */
   unsigned shared;                      /* --shared, 0: no limit */
   unsigned handshake_limit;             /* --handshake-limit */
+  enum qcow2_aio_mode aio_mode;         /* --aio, for every export */
+  char **strings;                       /* copies of the file's values */
+  size_t n_strings;
 };
+
+static void __attribute__ ((__noreturn__))
+out_of_memory (void)
+{
+  log_error ("%m");
+  exit (EXIT_FAILURE);
+}
+
+static void *
+grow (void *array, size_t n, size_t size)
+{
+  array = realloc (array, (n + 1) * size);
+  if (array == NULL)
+    out_of_memory ();
+  return array;
+}
 
 /* One word among a few, as the argument of option opt: its value, or a
  * usage error listing them (choices, for the message).
@@ -395,10 +455,13 @@ static int
 keyword (const char *opt, const char *arg, const struct keyword *k,
          const char *choices)
 {
+  char what[128];
+
   for (; k->word; k++)
     if (strcmp (arg, k->word) == 0)
       return k->value;
-  bad_usage ("%s: '%s': use %s", opt, arg, choices);
+  snprintf (what, sizeof what, "is not one of %s", choices);
+  bad_arg (opt, arg, what);
 }
 
 static const struct keyword formats[] = {
@@ -415,78 +478,103 @@ static const struct keyword backings[] = {
 static const struct keyword caches[] = {
   { "writeback", false }, { "none", true }, { NULL, 0 },
 };
+static const struct keyword booleans[] = {
+  { "true", true }, { "yes", true }, { "on", true }, { "1", true },
+  { "false", false }, { "no", false }, { "off", false }, { "0", false },
+  { NULL, 0 },
+};
 static const struct keyword aio_modes[] = {
   { "io_uring", QCOW2_AIO_URING }, { "threads", QCOW2_AIO_THREADS },
   { "auto", QCOW2_AIO_AUTO }, { NULL, 0 },
 };
 
-/* One option c (getopt_long's answer) with its argument optarg. */
+/* The export's --allow-dir list, kept NULL-terminated for the engine. */
 static void
-parse_option (int c, struct options *o)
+add_allow_dir (struct export_options *e, const char *dir)
 {
+  e->allow_dirs = grow (e->allow_dirs, e->n_allow_dirs + 1,
+                        sizeof *e->allow_dirs);
+  e->allow_dirs[e->n_allow_dirs++] = dir;
+  e->allow_dirs[e->n_allow_dirs] = NULL;
+  e->opts.allow_dirs = e->allow_dirs;
+}
+
+/* One option c (getopt_long's answer) with its argument arg.  The
+ * configuration file's keys come here too: one validation for both.
+ */
+static void
+parse_option (int c, const char *arg, struct options *o)
+{
+  struct export_options *e = o->exp;
   unsigned port_n;
   uint64_t max_memory;
 
   switch (c) {
-  case 'k': o->sock = optarg; break;
-  case 'b': o->addr = optarg; break;
-  case 'x': o->name = optarg; break;
-  case 'D': o->description = optarg; break;
-  case 'r': o->opts.read_only = true; break;
-  case 'U': o->opts.force_share = true; break;
+  case 'k':
+    /* A second --socket replaces the first; the file may list several. */
+    if (!config_pos.where)
+      o->n_socks = 0;
+    o->socks = grow (o->socks, o->n_socks, sizeof *o->socks);
+    o->socks[o->n_socks++] = arg;
+    break;
+  case 'b': o->addr = arg; break;
+  case 'x': e->name = arg; break;
+  case 'D': e->description = arg; break;
+  case 'r': e->opts.read_only = true; break;
+  case 'U': e->opts.force_share = true; break;
   case 't': break;              /* qnbd always serves until it is stopped */
-  case OPT_COMPRESS: o->opts.compress = true; break;
-  case OPT_ALLOW_DIR: o->allow_dirs[o->n_allow_dirs++] = optarg; break;
-  case OPT_PID_FILE: o->pid_file = optarg; break;
+  case OPT_COMPRESS: e->opts.compress = true; break;
+  case OPT_ALLOW_DIR: add_allow_dir (e, arg); break;
+  case OPT_PID_FILE: o->pid_file = arg; break;
   case 'v': log_verbosity++; break;
   case 'p':
-    if (parse_uint (optarg, 65535, &port_n) < 0 || port_n == 0)
-      bad_usage ("--port: '%s' is not a port number", optarg);
-    o->port = optarg;
+    if (parse_uint (arg, 65535, &port_n) < 0 || port_n == 0)
+      bad_arg ("--port", arg, "is not a port number");
+    o->port = arg;
     break;
   case 'e':
-    if (parse_uint (optarg, UINT_MAX, &o->shared) < 0)
-      bad_usage ("--shared: '%s' is not a number", optarg);
+    if (parse_uint (arg, UINT_MAX, &o->shared) < 0)
+      bad_arg ("--shared", arg, "is not a number");
     break;
   case OPT_HANDSHAKE_LIMIT:
-    if (parse_uint (optarg, UINT_MAX, &o->handshake_limit) < 0)
-      bad_usage ("--handshake-limit: '%s' is not a number of seconds",
-                 optarg);
+    if (parse_uint (arg, UINT_MAX, &o->handshake_limit) < 0)
+      bad_arg ("--handshake-limit", arg, "is not a number of seconds");
     break;
   case 'f':
-    o->opts.format = keyword ("--format", optarg, formats,
+    e->opts.format = keyword ("--format", arg, formats,
                               "qcow2, raw or auto");
     break;
   case 'l':
     /* As with qemu-nbd, a snapshot is always served read-only. */
-    o->opts.snapshot = optarg;
-    o->opts.read_only = true;
+    e->opts.snapshot = arg;
+    e->opts.read_only = true;
     break;
   case OPT_DISCARD:
-    o->discard = keyword ("--discard", optarg, discards, "unmap or ignore");
+    e->discard = keyword ("--discard", arg, discards, "unmap or ignore");
     break;
   case OPT_BACKING:
-    o->opts.backing = keyword ("--backing", optarg, backings,
+    e->opts.backing = keyword ("--backing", arg, backings,
                                "confine, follow or none");
     break;
   case OPT_CACHE:
-    o->opts.direct = keyword ("--cache", optarg, caches,
+    e->opts.direct = keyword ("--cache", arg, caches,
                               "writeback or none");
     break;
   case OPT_AIO:
-    o->opts.aio_mode = keyword ("--aio", optarg, aio_modes,
+    e->opts.aio_mode = keyword ("--aio", arg, aio_modes,
                                 "io_uring or threads");
     break;
   case OPT_L2_CACHE_SIZE:
-    if (parse_size (optarg, &o->opts.l2_cache_bytes) < 0)
-      bad_usage ("--l2-cache-size: '%s' is not a size", optarg);
+    if (parse_size (arg, &e->opts.l2_cache_bytes) < 0)
+      bad_arg ("--l2-cache-size", arg, "is not a size");
     break;
   case OPT_MAX_MEMORY:
-    if (parse_size (optarg, &max_memory) < 0 || max_memory == 0
+    if (parse_size (arg, &max_memory) < 0 || max_memory == 0
         || max_memory > SIZE_MAX)
-      bad_usage ("--max-memory: '%s' is not a size", optarg);
+      bad_arg ("--max-memory", arg, "is not a size");
     mem_set_max_memory ((size_t) max_memory);
     break;
+  case 'C': o->config = arg; break;
   case 'h':
     usage (stdout);
     exit (EXIT_SUCCESS);
@@ -499,33 +587,239 @@ parse_option (int c, struct options *o)
   }
 }
 
+/* A new export with the defaults, which options then change. */
+static struct export_options *
+new_export (struct options *o)
+{
+  struct export_options *e;
+
+  o->exports = grow (o->exports, o->n_exports, sizeof *o->exports);
+  e = &o->exports[o->n_exports++];
+  *e = (struct export_options) {
+    .name = "",
+    .opts = {
+      .aio_mode = o->aio_mode,
+      .format = QCOW2_FORMAT_QCOW2,
+      .backing = QCOW2_BACKING_CONFINE,
+    },
+    .discard = true,
+  };
+  return e;
+}
+
+/* What an export must not combine; where names its section, NULL on the
+ * command line.
+ */
+static void
+check_export (const struct export_options *e)
+{
+  const char *err = NULL;
+
+  if (e->opts.force_share && !e->opts.read_only)
+    err = e->where ? "force-share needs readonly (or snapshot)"
+      : "--force-share needs --read-only (or --load-snapshot)";
+  else if (e->n_allow_dirs && e->opts.backing != QCOW2_BACKING_CONFINE)
+    err = e->where ? "allow-dir only applies to backing=confine"
+      : "--allow-dir only applies to --backing=confine";
+  if (err == NULL)
+    return;
+  if (e->where == NULL)
+    bad_usage ("%s", err);
+  log_error ("%s: %s in [export %s]", e->where, err, e->name);
+  exit (EXIT_FAILURE);
+}
+
+/* The keys of the configuration file: the long option each one is, and
+ * the section it belongs in.  "file" is the export's image.
+ */
+#define KEY_FILE (-1)
+static const struct config_key {
+  const char *key;
+  int opt;
+  bool server;                  /* [server], else [export NAME] */
+  bool repeatable;
+} config_keys[] = {
+  { "socket", 'k', true, true },
+  { "port", 'p', true, false },
+  { "bind", 'b', true, false },
+  { "shared", 'e', true, false },
+  { "handshake-limit", OPT_HANDSHAKE_LIMIT, true, false },
+  { "max-memory", OPT_MAX_MEMORY, true, false },
+  { "pid-file", OPT_PID_FILE, true, false },
+  { "file", KEY_FILE, false, false },
+  { "format", 'f', false, false },
+  { "readonly", 'r', false, false },
+  { "description", 'D', false, false },
+  { "discard", OPT_DISCARD, false, false },
+  { "compress", OPT_COMPRESS, false, false },
+  { "snapshot", 'l', false, false },
+  { "force-share", 'U', false, false },
+  { "backing", OPT_BACKING, false, false },
+  { "allow-dir", OPT_ALLOW_DIR, false, true },
+  { "cache", OPT_CACHE, false, false },
+  { "l2-cache-size", OPT_L2_CACHE_SIZE, false, false },
+};
+#define N_CONFIG_KEYS (sizeof config_keys / sizeof config_keys[0])
+
+/* What the reading of the configuration file keeps between calls. */
+struct config_state {
+  struct options *o;
+  bool seen[N_CONFIG_KEYS];     /* in the current section */
+  char section[NBD_MAX_STRING + 16];
+};
+
+static int
+config_section (void *opaque, const char *where, const char *name)
+{
+  struct config_state *st = opaque;
+  struct options *o = st->o;
+
+  memset (st->seen, 0, sizeof st->seen);
+  o->exp = NULL;
+  if (name == NULL) {
+    snprintf (st->section, sizeof st->section, "server");
+    return 0;
+  }
+  snprintf (st->section, sizeof st->section, "export %s", name);
+  o->exp = new_export (o);
+  o->strings = grow (o->strings, o->n_strings + 1, sizeof *o->strings);
+  o->exp->name = o->strings[o->n_strings++] = strdup (name);
+  o->strings = grow (o->strings, o->n_strings + 1, sizeof *o->strings);
+  o->exp->where = o->strings[o->n_strings++] = strdup (where);
+  if (o->exp->name == NULL || o->exp->where == NULL)
+    out_of_memory ();
+  return 0;
+}
+
+static int
+config_key (void *opaque, const char *where, const char *key,
+            const char *value)
+{
+  struct config_state *st = opaque;
+  struct options *o = st->o;
+  const struct config_key *k;
+  char *copy;
+  size_t i;
+
+  for (i = 0; i < N_CONFIG_KEYS; i++)
+    if (strcmp (config_keys[i].key, key) == 0 &&
+        config_keys[i].server == (o->exp == NULL))
+      break;
+  if (i == N_CONFIG_KEYS) {
+    log_error ("%s: unknown key '%s' in [%s]", where, key, st->section);
+    return -1;
+  }
+  k = &config_keys[i];
+  if (st->seen[i] && !k->repeatable) {
+    log_error ("%s: key '%s' given twice in [%s]", where, key, st->section);
+    return -1;
+  }
+  st->seen[i] = true;
+
+  /* The values outlive libinih's line buffer. */
+  o->strings = grow (o->strings, o->n_strings + 1, sizeof *o->strings);
+  copy = o->strings[o->n_strings++] = strdup (value);
+  if (copy == NULL)
+    out_of_memory ();
+
+  config_pos.where = where;
+  config_pos.key = key;
+  config_pos.section = st->section;
+  if (k->opt == KEY_FILE)
+    o->exp->image = copy;
+  else {
+    bool flag = false;
+    for (i = 0; i < sizeof long_options / sizeof long_options[0]; i++)
+      if (long_options[i].val == k->opt)
+        flag = long_options[i].has_arg == no_argument;
+    /* Switches take a boolean; false leaves the default (off). */
+    if (!flag || keyword ("", copy, booleans, "true or false"))
+      parse_option (k->opt, copy, o);
+  }
+  config_pos.where = NULL;
+  return 0;
+}
+
+static int
+config_end (void *opaque, const char *where)
+{
+  struct config_state *st = opaque;
+  struct export_options *e = st->o->exp;
+
+  if (e == NULL)
+    return 0;
+  if (e->image == NULL) {
+    log_error ("%s: key 'file' missing in [%s]", where, st->section);
+    return -1;
+  }
+  check_export (e);
+  return 0;
+}
+
+/* Fill o from the configuration file o->config. */
+static void
+read_config (struct options *o)
+{
+  static const struct config_ops ops = {
+    .section = config_section, .key = config_key, .end = config_end,
+  };
+  struct config_state st = { .o = o };
+
+  if (config_read (o->config, &ops, &st) < 0)
+    exit (EXIT_FAILURE);
+  if (o->n_exports == 0) {
+    log_error ("%s: no [export NAME] section", o->config);
+    exit (EXIT_FAILURE);
+  }
+}
+
+/* The long name of option c, for messages. */
+static const char *
+option_name (int c)
+{
+  for (const struct option *l = long_options; l->name; l++)
+    if (l->val == c)
+      return l->name;
+  return "?";
+}
+
 /* Fill o from the command line; a usage error exits. */
 static void
 parse_options (int argc, char *argv[], struct options *o)
 {
-  int c;
+  int c, other = 0;
 
-  /* --allow-dir can be given at most once per argument. */
-  o->allow_dirs = calloc ((size_t) argc + 1, sizeof *o->allow_dirs);
-  if (o->allow_dirs == NULL) {
-    log_error ("%m");
-    exit (EXIT_FAILURE);
-  }
-  o->opts.allow_dirs = o->allow_dirs;
-
+  o->exp = new_export (o);
   while ((c = getopt_long (argc, argv, short_options, long_options,
-                           NULL)) != -1)
-    parse_option (c, o);
+                           NULL)) != -1) {
+    parse_option (c, optarg, o);
+    if (c != 'C' && c != 'v' && c != OPT_AIO)
+      other = c;
+  }
 
-  if (optind != argc - 1)
-    bad_usage ("%s", optind >= argc ? "no image given" : "more than one image given");
-  o->image = argv[optind];
-  if (o->sock && (o->addr || o->port))
-    bad_usage ("%s", "--socket cannot be used with --port or --bind");
-  if (o->opts.force_share && !o->opts.read_only)
-    bad_usage ("%s", "--force-share needs --read-only (or --load-snapshot)");
-  if (o->port == NULL)
-    o->port = DEFAULT_PORT;
+  if (o->config) {
+    /* One place says what is served: the file. */
+    if (optind != argc)
+      bad_usage ("%s", "-C: the exports are in the configuration file: "
+                 "no IMAGE argument");
+    if (other)
+      bad_usage ("--%s cannot be used with -C: the configuration file "
+                 "says it", option_name (other));
+    o->aio_mode = o->exp->opts.aio_mode;
+    o->n_exports = 0;
+    free (o->exp->allow_dirs);
+    read_config (o);
+  }
+  else {
+    if (optind != argc - 1)
+      bad_usage ("%s", optind >= argc ? "no image given"
+                 : "more than one image given");
+    o->exp->image = argv[optind];
+    if (o->n_socks && (o->addr || o->port))
+      bad_usage ("%s", "--socket cannot be used with --port or --bind");
+    check_export (o->exp);
+  }
+  o->exp = NULL;
 }
 
 /* Set up the loop and listen where o says (or on the activated sockets
@@ -535,38 +829,62 @@ static int
 start_listening (const struct options *o, int activated)
 {
   int i;
+  size_t j;
 
   if (loop_init () < 0)
     return -1;
   loop_set_max_connections (o->shared);
   conn_set_handshake_limit (o->handshake_limit);
   if (activated > 0) {
-    if (o->sock || o->addr)
+    if (o->n_socks || o->addr)
       log_info ("socket activation: ignoring --socket/--port/--bind");
     for (i = 0; i < activated; i++)
       if (loop_listen_fd (LISTEN_FDS_START + i) < 0)
         return -1;
     return 0;
   }
-  if (o->sock)
-    return loop_listen_unix (o->sock);
-  return loop_listen_tcp (o->addr, o->port);
+  for (j = 0; j < o->n_socks; j++)
+    if (loop_listen_unix (o->socks[j]) < 0)
+      return -1;
+  /* TCP by default, and beside sockets when the file asks for it. */
+  if (o->n_socks && !o->addr && !o->port)
+    return 0;
+  return loop_listen_tcp (o->addr, o->port ? o->port : DEFAULT_PORT);
+}
+
+/* Open every export: a bad image fails before any socket exists. */
+static void
+open_exports (struct options *o)
+{
+  int r = 0;
+
+  for (size_t i = 0; i < o->n_exports && r == 0; i++) {
+    struct export_options *e = &o->exports[i];
+
+    r = export_add (e->name, e->description, e->image, &e->opts,
+                    e->discard);
+  }
+  /* Only the open needed them: the engine keeps their real paths. */
+  for (size_t i = 0; i < o->n_exports; i++) {
+    free (o->exports[i].allow_dirs);
+    o->exports[i].allow_dirs = NULL;
+    o->exports[i].opts.allow_dirs = NULL;
+  }
+  if (r < 0) {
+    export_close_all ();
+    exit (EXIT_FAILURE);
+  }
 }
 
 int
 main (int argc, char *argv[])
 {
-  struct options o = {
-    .name = "",
-    .opts = {
-      .aio_mode = QCOW2_AIO_AUTO,
-      .format = QCOW2_FORMAT_QCOW2,
-      .backing = QCOW2_BACKING_CONFINE,
-    },
-    .discard = true,
+  /* Static: what it holds lives as long as the process. */
+  static struct options o = {
     .handshake_limit = DEFAULT_HANDSHAKE_LIMIT,
+    .aio_mode = QCOW2_AIO_AUTO,
   };
-  int r, activated, status = EXIT_SUCCESS;
+  int activated, status = EXIT_SUCCESS;
   struct export *e;
 
   /* Request buffers (up to 32 MiB) are allocated and freed per request.
@@ -588,16 +906,7 @@ main (int argc, char *argv[])
 
   activated = socket_activation ();
 
-  if (o.n_allow_dirs && o.opts.backing != QCOW2_BACKING_CONFINE)
-    bad_usage ("%s", "--allow-dir only applies to --backing=confine");
-
-  /* The image first: a bad one must fail before any socket exists. */
-  r = export_add (o.name, o.description, o.image, &o.opts, o.discard);
-  /* Only the open needed them: the engine keeps their real paths. */
-  free (o.allow_dirs);
-  o.opts.allow_dirs = NULL;
-  if (r < 0)
-    exit (EXIT_FAILURE);
+  open_exports (&o);
 
   if (start_listening (&o, activated) < 0)
     goto fail;
@@ -607,7 +916,10 @@ main (int argc, char *argv[])
   if (o.pid_file && write_pid_file (o.pid_file) < 0)
     goto fail;
   if (log_verbosity >= 1)
-    print_uri (o.image, o.name, o.sock, o.addr, o.port, activated);
+    for (size_t i = 0; i < o.n_exports; i++)
+      print_uri (o.exports[i].image, o.exports[i].name,
+                 o.n_socks ? o.socks[0] : NULL, o.addr,
+                 o.port ? o.port : DEFAULT_PORT, activated);
   notify_ready ();
 
   loop_run ();
