@@ -34,7 +34,8 @@ for harness in "$here"/fuzz-*.c; do
             for f in "$top"/server/*.c; do
                 [ "$(basename "$f")" = main.c ] || extra+=("$f")
             done
-            extra+=(-I"$top/server" -lev) ;;
+            # config.c reads configuration files with libinih.
+            extra+=(-I"$top/server" -lev $(pkg-config --libs inih)) ;;
     esac
     "$cc" "${flags[@]}" "$top"/lib/*.c "$harness" "${extra[@]}" "${libs[@]}" \
         -o "$work/$name"
