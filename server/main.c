@@ -47,6 +47,9 @@ enum {
   OPT_L2_CACHE_SIZE,
   OPT_MAX_MEMORY,
   OPT_PID_FILE,
+  OPT_TLS,
+  OPT_TLS_CERTIFICATES,
+  OPT_TLS_VERIFY_PEER,
   OPT_VERSION,
 };
 
@@ -74,6 +77,9 @@ static const struct option long_options[] = {
   { "read-only",      no_argument,       NULL, 'r' },
   { "shared",         required_argument, NULL, 'e' },
   { "socket",         required_argument, NULL, 'k' },
+  { "tls",            required_argument, NULL, OPT_TLS },
+  { "tls-certificates", required_argument, NULL, OPT_TLS_CERTIFICATES },
+  { "tls-verify-peer", no_argument,      NULL, OPT_TLS_VERIFY_PEER },
   { "verbose",        no_argument,       NULL, 'v' },
   { "version",        no_argument,       NULL, OPT_VERSION },
   { NULL, 0, NULL, 0 },
@@ -99,6 +105,10 @@ usage (FILE *fp)
 "      --pid-file=PATH      write the process id to PATH once listening\n"
 "      --max-memory=SIZE    stop taking requests while they hold SIZE\n"
 "                           bytes (suffixes K, M, G; default: 512M)\n"
+"      --tls=off|on|require TLS (STARTTLS): off (default), on: offered,\n"
+"                           require: nothing is served without it\n"
+"      --tls-certificates=DIR  ca-cert.pem, server-cert.pem, server-key.pem\n"
+"      --tls-verify-peer    require a client certificate signed by the CA\n"
 "\n"
 "The export:\n"
 "  -x, --export-name=NAME   export name (default: \"\")\n"
@@ -381,6 +391,9 @@ struct options {
   bool discard;                         /* --discard=unmap */
   unsigned shared;                      /* --shared, 0: no limit */
   unsigned handshake_limit;             /* --handshake-limit */
+  int tls;                              /* --tls, enum tls_mode */
+  const char *tls_certificates;         /* --tls-certificates */
+  bool tls_verify_peer;                 /* --tls-verify-peer */
 };
 
 /* One word among a few, as the argument of option opt: its value, or a
@@ -415,6 +428,10 @@ static const struct keyword backings[] = {
 static const struct keyword caches[] = {
   { "writeback", false }, { "none", true }, { NULL, 0 },
 };
+static const struct keyword tls_modes[] = {
+  { "off", TLS_OFF }, { "on", TLS_ON }, { "require", TLS_REQUIRE },
+  { NULL, 0 },
+};
 static const struct keyword aio_modes[] = {
   { "io_uring", QCOW2_AIO_URING }, { "threads", QCOW2_AIO_THREADS },
   { "auto", QCOW2_AIO_AUTO }, { NULL, 0 },
@@ -438,6 +455,11 @@ parse_option (int c, struct options *o)
   case OPT_COMPRESS: o->opts.compress = true; break;
   case OPT_ALLOW_DIR: o->allow_dirs[o->n_allow_dirs++] = optarg; break;
   case OPT_PID_FILE: o->pid_file = optarg; break;
+  case OPT_TLS:
+    o->tls = keyword ("--tls", optarg, tls_modes, "off, on or require");
+    break;
+  case OPT_TLS_CERTIFICATES: o->tls_certificates = optarg; break;
+  case OPT_TLS_VERIFY_PEER: o->tls_verify_peer = true; break;
   case 'v': log_verbosity++; break;
   case 'p':
     if (parse_uint (optarg, 65535, &port_n) < 0 || port_n == 0)
@@ -599,7 +621,8 @@ main (int argc, char *argv[])
   if (r < 0)
     exit (EXIT_FAILURE);
 
-  if (start_listening (&o, activated) < 0)
+  if (tls_init (o.tls, o.tls_certificates, o.tls_verify_peer) < 0 ||
+      start_listening (&o, activated) < 0)
     goto fail;
   for (e = export_first (); e; e = e->next)
     loop_watch_export (e);
@@ -615,6 +638,7 @@ main (int argc, char *argv[])
   if (export_close_all () < 0)
     status = EXIT_FAILURE;
   loop_cleanup ();
+  tls_cleanup ();
   if (o.pid_file)
     unlink (o.pid_file);
   log_debug ("exiting with status %d", status);

@@ -1,0 +1,193 @@
+#!/usr/bin/env bash
+# test-tls.sh: NBD_OPT_STARTTLS with x509 certificates made here by
+# certtool: libnbd (nbdinfo, nbdsh, nbdcopy with nbds:// URIs) and
+# qemu-img/qemu-io read and write over TLS; with --tls=require a
+# plaintext client gets nothing (and the log names no export); a client
+# whose certificates come from another CA fails the handshake; with
+# --tls-verify-peer a client without a certificate fails.
+
+source "${srcdir:-.}/functions.sh"
+set -e
+set -x
+
+requires certtool
+requires qemu-img qemu-io nbdinfo nbdsh nbdcopy "$PYTHON"
+
+# make_ca DIR: a CA key and self-signed certificate in DIR.
+make_ca ()
+{
+    mkdir -p "$1"
+    certtool --generate-privkey > "$1/ca-key.pem"
+    cat > "$1/ca.info" <<EOF
+cn = qnbd test CA $1
+ca
+cert_signing_key
+expiration_days = 2
+EOF
+    certtool --generate-self-signed --load-privkey "$1/ca-key.pem" \
+             --template "$1/ca.info" --outfile "$1/ca-cert.pem"
+}
+
+# make_cert CADIR DIR ROLE: ROLE-key.pem and ROLE-cert.pem (ROLE server
+# or client) in DIR, signed by the CA of CADIR, with its ca-cert.pem.
+make_cert ()
+{
+    local cadir=$1 dir=$2 role=$3 usage
+    mkdir -p "$dir"
+    if [ "$role" = server ]; then
+        usage="tls_www_server"
+    else
+        usage="tls_www_client"
+    fi
+    certtool --generate-privkey > "$dir/$role-key.pem"
+    cat > "$dir/$role.info" <<EOF
+organization = qnbd test
+cn = localhost
+dns_name = localhost
+ip_address = 127.0.0.1
+$usage
+encryption_key
+signing_key
+expiration_days = 2
+EOF
+    certtool --generate-certificate --load-privkey "$dir/$role-key.pem" \
+             --load-ca-certificate "$cadir/ca-cert.pem" \
+             --load-ca-privkey "$cadir/ca-key.pem" \
+             --template "$dir/$role.info" --outfile "$dir/$role-cert.pem"
+    cp "$cadir/ca-cert.pem" "$dir/ca-cert.pem"
+}
+
+pki=$tmpdir/pki
+make_ca "$pki/ca"
+make_cert "$pki/ca" "$pki/server" server
+make_cert "$pki/ca" "$pki/client" client
+# A client that trusts the right CA but has no certificate of its own.
+mkdir -p "$pki/anon"
+cp "$pki/ca/ca-cert.pem" "$pki/anon/"
+# A client of another CA: it trusts neither the server nor is trusted.
+make_ca "$pki/other"
+make_cert "$pki/other" "$pki/wrong" client
+
+img=$tmpdir/disk.qcow2
+qemu-img create -f qcow2 "$img" 64M
+
+# tls_uri: the URI of the running server for a client with certificates
+# in the directory $1.
+tls_uri ()
+{
+    echo "nbds+unix:///?socket=$sock&tls-certificates=$1"
+}
+
+# --- --tls=on: libnbd reads and writes over TLS. --------------------
+start_qnbd -v --tls=on --tls-certificates="$pki/server" "$img"
+nbdinfo "$(tls_uri "$pki/client")"
+# Plaintext is still served with --tls=on.
+nbdinfo --size "$uri"
+
+nbdsh -u "$(tls_uri "$pki/client")" -c '
+assert h.get_tls_negotiated()
+buf = b"".join(bytes([i % 251]) * 512 for i in range(256))
+h.pwrite(buf, 1 << 20)
+h.flush()
+assert h.pread(len(buf), 1 << 20) == buf
+'
+
+# nbdcopy both ways: 8 MiB of data out and back.
+head -c $((8 << 20)) /dev/urandom > "$tmpdir/data"
+truncate -s 64M "$tmpdir/data"
+nbdcopy "$tmpdir/data" "$(tls_uri "$pki/client")"
+nbdcopy "$(tls_uri "$pki/client")" "$tmpdir/back"
+cmp "$tmpdir/data" "$tmpdir/back"
+rm -f "$tmpdir/back"
+
+# A client of another CA does not get through the handshake.
+if nbdinfo "$(tls_uri "$pki/wrong")" 2> "$tmpdir/wrong.err"; then
+    echo "$0: a client of another CA was served" >&2
+    exit 1
+fi
+cat "$tmpdir/wrong.err"
+stop_qnbd
+
+# --- qemu-img and qemu-io over TCP on 127.0.0.1. ---------------------
+port=$("$PYTHON" -c '
+import socket
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+print(s.getsockname()[1])')
+"$QNBD" -b 127.0.0.1 -p "$port" --pid-file "$tmpdir/tcp.pid" \
+        --tls=require --tls-certificates="$pki/server" "$img" \
+        2> "$tmpdir/tcp.err" &
+tcp_pid=$!
+cleanup_fn kill "$tcp_pid"
+for (( i = 0; i < 100; i++ )); do
+    [ -s "$tmpdir/tcp.pid" ] && break
+    sleep 0.1
+done
+test -s "$tmpdir/tcp.pid"
+obj="tls-creds-x509,id=tls0,endpoint=client,dir=$pki/client"
+opts="driver=nbd,host=127.0.0.1,port=$port,tls-creds=tls0"
+qemu-img info --object "$obj" --image-opts "$opts"
+qemu-io --object "$obj" --image-opts "$opts" \
+        -c 'write -P 0x5a 4M 1M' -c 'read -P 0x5a 4M 1M'
+qemu-io --object "$obj" --image-opts "$opts" -r -c 'read -P 0x5a 4M 1M'
+# No certificate of its own: fine without --tls-verify-peer.
+qemu-io --object "tls-creds-x509,id=tls0,endpoint=client,dir=$pki/anon" \
+        --image-opts "$opts" -r -c 'read -P 0x5a 4M 1M'
+kill "$tcp_pid"
+wait "$tcp_pid" || true
+
+# --- --tls=require: nothing without TLS. -----------------------------
+start_qnbd -v -v -x secret-name --tls=require \
+           --tls-certificates="$pki/server" "$img"
+uri="nbd+unix:///secret-name?socket=$sock"
+if nbdinfo "$uri" 2> "$tmpdir/plain.err"; then
+    echo "$0: a plaintext client was served under --tls=require" >&2
+    exit 1
+fi
+cat "$tmpdir/plain.err"
+# Every option but STARTTLS and ABORT is refused with TLS_REQD, and
+# EXPORT_NAME hangs up: nothing about the export leaks.
+nbdsh -c '
+import nbd
+h.set_tls(nbd.TLS_DISABLE)
+h.set_opt_mode(True)
+h.connect_uri("nbd+unix:///secret-name?socket='"$sock"'")
+for call in (lambda: h.opt_list(lambda n, d: 0),
+             lambda: h.opt_info(),
+             lambda: h.opt_list_meta_context(lambda n: 0),
+             lambda: h.opt_go()):
+    try:
+        call()
+    except nbd.Error as e:
+        print(e)
+        # libnbd reports NBD_REP_ERR_TLS_REQD as EPERM.
+        assert e.errno == errno.EPERM or "TLS" in str(e), e
+    else:
+        raise AssertionError("served without TLS")
+'
+nbdinfo --list "$(tls_uri "$pki/client")" > "$tmpdir/list"
+grep -F secret-name "$tmpdir/list"
+stop_qnbd
+err=${_qnbd_errfile[$qnbd_pid]}
+# The export's name shows in the log only once TLS was on (the list).
+n_plain=$(grep -c "export 'secret-name'" "$err" || true)
+test "$n_plain" -le 1
+
+# --- --tls-verify-peer: a client certificate from our CA is needed. --
+start_qnbd --tls=require --tls-verify-peer \
+           --tls-certificates="$pki/server" "$img"
+nbdsh -u "$(tls_uri "$pki/client")" -c '
+assert h.pread(1 << 20, 4 << 20) == b"\x5a" * (1 << 20)
+'
+if nbdinfo "$(tls_uri "$pki/anon")" 2> "$tmpdir/anon.err"; then
+    echo "$0: a client without a certificate was served" >&2
+    exit 1
+fi
+cat "$tmpdir/anon.err"
+if nbdinfo "$(tls_uri "$pki/wrong")" 2> "$tmpdir/wrong.err"; then
+    echo "$0: a client of another CA was served" >&2
+    exit 1
+fi
+stop_qnbd
+
+check_image "$img"
