@@ -515,11 +515,13 @@ enum tls_mode {
   TLS_REQUIRE,                  /* nothing but STARTTLS and ABORT before it */
 };
 
-/* Load the credentials for mode (x509 from certdir: ca-cert.pem,
- * server-cert.pem, server-key.pem); with verify_peer clients must show a
- * certificate signed by that CA.  Returns 0 or -1 (logged).
+/* Load the credentials for mode: x509 from certdir (ca-cert.pem,
+ * server-cert.pem, server-key.pem), and/or the PSK keys file psk_file
+ * (username:hexkey lines); at least one.  With verify_peer, x509 clients
+ * must show a certificate signed by that CA.  Returns 0 or -1 (logged).
  */
-int tls_init (enum tls_mode mode, const char *certdir, bool verify_peer);
+int tls_init (enum tls_mode mode, const char *certdir, const char *psk_file,
+              bool verify_peer);
 
 /* The mode of tls_init (TLS_OFF without it). */
 enum tls_mode tls_mode (void);

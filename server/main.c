@@ -49,6 +49,7 @@ enum {
   OPT_PID_FILE,
   OPT_TLS,
   OPT_TLS_CERTIFICATES,
+  OPT_TLS_PSK,
   OPT_TLS_VERIFY_PEER,
   OPT_VERSION,
 };
@@ -79,6 +80,7 @@ static const struct option long_options[] = {
   { "socket",         required_argument, NULL, 'k' },
   { "tls",            required_argument, NULL, OPT_TLS },
   { "tls-certificates", required_argument, NULL, OPT_TLS_CERTIFICATES },
+  { "tls-psk",        required_argument, NULL, OPT_TLS_PSK },
   { "tls-verify-peer", no_argument,      NULL, OPT_TLS_VERIFY_PEER },
   { "verbose",        no_argument,       NULL, 'v' },
   { "version",        no_argument,       NULL, OPT_VERSION },
@@ -108,6 +110,7 @@ usage (FILE *fp)
 "      --tls=off|on|require TLS (STARTTLS): off (default), on: offered,\n"
 "                           require: nothing is served without it\n"
 "      --tls-certificates=DIR  ca-cert.pem, server-cert.pem, server-key.pem\n"
+"      --tls-psk=FILE       pre-shared keys, username:hexkey lines\n"
 "      --tls-verify-peer    require a client certificate signed by the CA\n"
 "\n"
 "The export:\n"
@@ -393,6 +396,7 @@ struct options {
   unsigned handshake_limit;             /* --handshake-limit */
   int tls;                              /* --tls, enum tls_mode */
   const char *tls_certificates;         /* --tls-certificates */
+  const char *tls_psk;                  /* --tls-psk */
   bool tls_verify_peer;                 /* --tls-verify-peer */
 };
 
@@ -459,6 +463,7 @@ parse_option (int c, struct options *o)
     o->tls = keyword ("--tls", optarg, tls_modes, "off, on or require");
     break;
   case OPT_TLS_CERTIFICATES: o->tls_certificates = optarg; break;
+  case OPT_TLS_PSK: o->tls_psk = optarg; break;
   case OPT_TLS_VERIFY_PEER: o->tls_verify_peer = true; break;
   case 'v': log_verbosity++; break;
   case 'p':
@@ -621,7 +626,8 @@ main (int argc, char *argv[])
   if (r < 0)
     exit (EXIT_FAILURE);
 
-  if (tls_init (o.tls, o.tls_certificates, o.tls_verify_peer) < 0 ||
+  if (tls_init (o.tls, o.tls_certificates, o.tls_psk,
+                o.tls_verify_peer) < 0 ||
       start_listening (&o, activated) < 0)
     goto fail;
   for (e = export_first (); e; e = e->next)

@@ -1,4 +1,4 @@
-/* server/tls.c: TLS sessions for NBD_OPT_STARTTLS (GnuTLS, x509).
+/* server/tls.c: TLS sessions for NBD_OPT_STARTTLS (GnuTLS: x509, PSK).
  *
  * A session is a transport of conn.c (struct conn_transport): conn.c
  * reads and writes through tls_recv and tls_send, which first drive the
@@ -10,7 +10,9 @@
  * asks tls_pending before it waits.
  *
  * The credentials are loaded once, at startup, from the directory of
- * --tls-certificates, with the file names qemu and nbdkit use.
+ * --tls-certificates, with the file names qemu and nbdkit use, or from the
+ * keys file of --tls-psk ("username:hexkey" lines, which GnuTLS reads
+ * itself).  With both, a client may use either.
  */
 #ifdef HAVE_CONFIG_H
 #include <config.h>
@@ -29,6 +31,8 @@
 static enum tls_mode mode = TLS_OFF;
 static bool verify_peer;
 static gnutls_certificate_credentials_t x509_creds;
+static gnutls_psk_server_credentials_t psk_creds;
+static gnutls_priority_t psk_priority;  /* the defaults, plus PSK */
 
 enum tls_mode
 tls_mode (void)
@@ -49,8 +53,35 @@ cert_path (char *buf, size_t size, const char *dir, const char *name)
   return 0;
 }
 
+/* The keys of --tls-psk.  Returns 0 or -1 (logged). */
+static int
+load_psk (const char *file)
+{
+  int r;
+
+  if (access (file, R_OK) < 0) {
+    log_error ("--tls-psk: %s: %m", file);
+    return -1;
+  }
+  r = gnutls_psk_allocate_server_credentials (&psk_creds);
+  if (r == 0)
+    r = gnutls_psk_set_server_credentials_file (psk_creds, file);
+  if (r == 0)
+    r = gnutls_priority_init (&psk_priority,
+                              "@SYSTEM:+ECDHE-PSK:+DHE-PSK:+PSK", NULL);
+  if (r == GNUTLS_E_INVALID_REQUEST)    /* no system priority file */
+    r = gnutls_priority_init (&psk_priority,
+                              "NORMAL:+ECDHE-PSK:+DHE-PSK:+PSK", NULL);
+  if (r < 0) {
+    log_error ("--tls-psk: %s: %s", file, gnutls_strerror (r));
+    return -1;
+  }
+  return 0;
+}
+
 int
-tls_init (enum tls_mode m, const char *certdir, bool verify)
+tls_init (enum tls_mode m, const char *certdir, const char *psk_file,
+          bool verify)
 {
   char ca[4096], cert[4096], key[4096];
   int r;
@@ -59,11 +90,15 @@ tls_init (enum tls_mode m, const char *certdir, bool verify)
   verify_peer = verify;
   if (m == TLS_OFF)
     return 0;
-  if (certdir == NULL) {
-    log_error ("--tls=%s needs --tls-certificates=DIR",
+  if (certdir == NULL && psk_file == NULL) {
+    log_error ("--tls=%s needs --tls-certificates=DIR or --tls-psk=FILE",
                m == TLS_ON ? "on" : "require");
     return -1;
   }
+  if (psk_file && load_psk (psk_file) < 0)
+    return -1;
+  if (certdir == NULL)
+    return 0;
   if (cert_path (ca, sizeof ca, certdir, "ca-cert.pem") < 0 ||
       cert_path (cert, sizeof cert, certdir, "server-cert.pem") < 0 ||
       cert_path (key, sizeof key, certdir, "server-key.pem") < 0)
@@ -107,6 +142,12 @@ tls_cleanup (void)
   if (x509_creds)
     gnutls_certificate_free_credentials (x509_creds);
   x509_creds = NULL;
+  if (psk_creds)
+    gnutls_psk_free_server_credentials (psk_creds);
+  psk_creds = NULL;
+  if (psk_priority)
+    gnutls_priority_deinit (psk_priority);
+  psk_priority = NULL;
 }
 
 /* GnuTLS said r (< 0) on c: EAGAIN with c->xport_wait set, or EPROTO
@@ -146,8 +187,12 @@ tls_handshake (struct conn *c, gnutls_session_t s)
     return tls_fail (c, s, r, "handshake");
   c->tls_ready = true;
   desc = gnutls_session_get_desc (s);
-  log_info ("client %u: TLS session %s%s", c->id, desc ? desc : "",
-            verify_peer ? ", client certificate verified" : "");
+  if (gnutls_auth_get_type (s) == GNUTLS_CRD_PSK)
+    log_info ("client %u: TLS session %s, PSK user '%s'", c->id,
+              desc ? desc : "", gnutls_psk_server_get_username (s));
+  else
+    log_info ("client %u: TLS session %s%s", c->id, desc ? desc : "",
+              verify_peer ? ", client certificate verified" : "");
   gnutls_free (desc);
   return 0;
 }
@@ -218,23 +263,28 @@ tls_start (struct conn *c)
   gnutls_session_t s;
   int r;
 
-  assert (mode != TLS_OFF && x509_creds != NULL);
+  assert (mode != TLS_OFF && (x509_creds != NULL || psk_creds != NULL));
   r = gnutls_init (&s, GNUTLS_SERVER | GNUTLS_NONBLOCK);
   if (r < 0) {
     log_error ("client %u: TLS: %s", c->id, gnutls_strerror (r));
     conn_set_dead (c);
     return -1;
   }
-  r = gnutls_set_default_priority (s);
-  if (r == 0)
+  if (psk_priority)
+    r = gnutls_priority_set (s, psk_priority);
+  else
+    r = gnutls_set_default_priority (s);
+  if (r == 0 && x509_creds)
     r = gnutls_credentials_set (s, GNUTLS_CRD_CERTIFICATE, x509_creds);
+  if (r == 0 && psk_creds)
+    r = gnutls_credentials_set (s, GNUTLS_CRD_PSK, psk_creds);
   if (r < 0) {
     log_error ("client %u: TLS: %s", c->id, gnutls_strerror (r));
     gnutls_deinit (s);
     conn_set_dead (c);
     return -1;
   }
-  if (verify_peer) {
+  if (verify_peer && x509_creds) {
     /* The handshake fails without a certificate the CA signed. */
     gnutls_certificate_server_set_request (s, GNUTLS_CERT_REQUIRE);
     gnutls_session_set_verify_cert (s, NULL, 0);

@@ -4,7 +4,9 @@
 # qemu-img/qemu-io read and write over TLS; with --tls=require a
 # plaintext client gets nothing (and the log names no export); a client
 # whose certificates come from another CA fails the handshake; with
-# --tls-verify-peer a client without a certificate fails.
+# --tls-verify-peer a client without a certificate fails.  With
+# --tls-psk, libnbd and qemu-io connect with the right key, not with
+# another.
 
 source "${srcdir:-.}/functions.sh"
 set -e
@@ -219,5 +221,32 @@ if nbdinfo "$(tls_uri "$pki/wrong")" 2> "$tmpdir/wrong.err"; then
 fi
 cat "$tmpdir/wrong.err"
 stop_qnbd
+
+# --- --tls-psk: a keys file as qemu and nbdkit use. ------------------
+# psk_key: 32 random bytes in hex.
+psk_key ()
+{
+    head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n'
+}
+mkdir -p "$pki/psk" "$pki/badpsk"
+printf 'alice:%s\n' "$(psk_key)" > "$pki/psk/keys.psk"
+printf 'alice:%s\n' "$(psk_key)" > "$pki/badpsk/keys.psk"
+start_qnbd -v --tls=require --tls-psk="$pki/psk/keys.psk" "$img"
+psk_uri="nbds+unix://alice@/?socket=$sock"
+nbdinfo --size "$psk_uri&tls-psk-file=$pki/psk/keys.psk"
+nbdcopy "$tmpdir/data" "$psk_uri&tls-psk-file=$pki/psk/keys.psk"
+nbdcopy "$psk_uri&tls-psk-file=$pki/psk/keys.psk" "$tmpdir/back"
+cmp "$tmpdir/data" "$tmpdir/back"
+qemu-io --object "tls-creds-psk,id=tls0,endpoint=client,dir=$pki/psk,username=alice" \
+        --image-opts "driver=nbd,path=$sock,tls-creds=tls0" \
+        -c 'write -P 0x6b 8M 64k' -c 'read -P 0x6b 8M 64k'
+if nbdinfo --size "$psk_uri&tls-psk-file=$pki/badpsk/keys.psk" \
+        2> "$tmpdir/badpsk.err"; then
+    echo "$0: a client with the wrong key was served" >&2
+    exit 1
+fi
+cat "$tmpdir/badpsk.err"
+stop_qnbd
+grep -F "PSK user 'alice'" "${_qnbd_errfile[$qnbd_pid]}"
 
 check_image "$img"
