@@ -8,6 +8,8 @@ With --tls=on:
 - structured replies negotiated before STARTTLS are forgotten:
   SET_META_CONTEXT is refused, GO gives no DF flag and a READ gets a
   simple reply, with the data written before, over TLS;
+- a request header that arrives in one TLS record with the previous
+  request's payload is served (GnuTLS holds it, the socket is quiet);
 - bytes sent after STARTTLS before its reply close the connection.
 With --tls=require:
 - LIST gets NBD_REP_ERR_TLS_REQD with no export in it, EXPORT_NAME gets a
@@ -111,6 +113,20 @@ c.s.sendall(qt.nbd_request(qt.NBD_CMD_READ, 7, 0, 4096))
 err, cookie = c.simple_reply()
 assert (err, cookie) == (0, 7), (err, cookie)
 assert c.recv_exactly(4096) == b"\x33" * 4096
+
+# A WRITE header in a record of its own, then its payload and a READ
+# header in one record: the payload is read straight into its buffer and
+# GnuTLS keeps the READ header, which the socket will never announce.
+c.s.sendall(qt.nbd_request(qt.NBD_CMD_WRITE, 9, 65536, 4096))
+c.s.sendall(b"\x44" * 4096 + qt.nbd_request(qt.NBD_CMD_READ, 10, 0, 4096))
+seen = set()
+for _ in range(2):
+    err, cookie = c.simple_reply()
+    assert err == 0 and cookie in (9, 10) and cookie not in seen, \
+        (err, cookie)
+    seen.add(cookie)
+    if cookie == 10:
+        assert c.recv_exactly(4096) == b"\x33" * 4096
 c.s.sendall(qt.nbd_request(qt.NBD_CMD_DISC, 8, 0, 0))
 c.close()
 
