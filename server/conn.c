@@ -28,6 +28,13 @@
  * it to the transmission phase's step when it ends.  Waiting for memory
  * is memory.c's line (mem_wait), with conn_mem_wake as the callback.
  *
+ * Bytes go through the socket directly, or through c->xport (a TLS
+ * session of tls.c) once conn_start_transport's switch happened: after
+ * the reply queued before it is written, with nothing read in between.
+ * A transport that waits (EAGAIN) names what for in c->xport_wait, which
+ * joins the watcher's interest; input it already holds is fed to the
+ * watcher as a read event, since the socket will not announce it.
+ *
  * Completion callbacks run inside qcow2_process(); they queue replies and
  * mark the connection pending.  conn_run_pending(), called by the loop
  * right after qcow2_process(), then writes each pending connection's
