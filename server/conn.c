@@ -28,6 +28,13 @@
  * it to the transmission phase's step when it ends.  Waiting for memory
  * is memory.c's line (mem_wait), with conn_mem_wake as the callback.
  *
+ * Bytes go through the socket directly, or through c->xport (a TLS
+ * session of tls.c) once conn_start_transport's switch happened: after
+ * the reply queued before it is written, with nothing read in between.
+ * A transport that waits (EAGAIN) names what for in c->xport_wait, which
+ * joins the watcher's interest; input it already holds is fed to the
+ * watcher as a read event, since the socket will not announce it.
+ *
  * Completion callbacks run inside qcow2_process(); they queue replies and
  * mark the connection pending.  conn_run_pending(), called by the loop
  * right after qcow2_process(), then writes each pending connection's
@@ -234,6 +241,9 @@ finish_payload (struct conn *c, bool ok)
 static bool
 want_read (const struct conn *c)
 {
+  /* Bytes after STARTTLS belong to the next transport. */
+  if (c->xport_next)
+    return false;
   switch (c->state) {
   case CONN_GREETING:
   case CONN_HANDSHAKE:
@@ -310,11 +320,15 @@ conn_recv (struct conn *c)
     return;
 
   do
-    r = readv (c->fd, iov, n);
+    r = c->xport ? c->xport->recv (c, iov, n) : readv (c->fd, iov, n);
   while (r < 0 && errno == EINTR);
   if (r < 0) {
     if (errno == EAGAIN || errno == EWOULDBLOCK)
       return;
+    if (c->xport) {                     /* logged by the transport */
+      conn_set_dead (c);
+      return;
+    }
     if (errno == ECONNRESET)
       log_debug ("client %u: read: %m", c->id);
     else
@@ -365,7 +379,7 @@ process_input (struct conn *c)
     switch (c->state) {
     case CONN_GREETING:
     case CONN_HANDSHAKE:
-      if (c->out_bytes > HANDSHAKE_MAX_OUTPUT)
+      if (c->out_bytes > HANDSHAKE_MAX_OUTPUT || c->xport_next)
         return;
       /* fall through */
     case CONN_TRANSMISSION:
@@ -482,12 +496,19 @@ conn_send (struct conn *c)
     }
     msg.msg_iovlen = i;
 
-    n = sendmsg (c->fd, &msg, MSG_NOSIGNAL);
+    if (c->xport)
+      n = c->xport->send (c, iov, i);
+    else
+      n = sendmsg (c->fd, &msg, MSG_NOSIGNAL);
     if (n < 0) {
       if (errno == EINTR)
         continue;
       if (errno == EAGAIN || errno == EWOULDBLOCK)
         break;
+      if (c->xport) {                   /* logged by the transport */
+        conn_set_dead (c);
+        break;
+      }
       /* A client that hangs up without reading its replies is common
        * (NBD_OPT_ABORT, a killed client): not worth more than debug.
        */
@@ -515,7 +536,29 @@ conn_send (struct conn *c)
       done++;
     }
   }
+
+  /* The last plaintext reply (STARTTLS's) is out: switch. */
+  if (c->xport_next && c->out_head == NULL && c->fd >= 0) {
+    c->xport = c->xport_next;
+    c->xport_next = NULL;
+  }
   return done;
+}
+
+int
+conn_start_transport (struct conn *c, const struct conn_transport *t,
+                      void *data)
+{
+  assert (c->xport_next == NULL && c->xport_data == NULL);
+  c->xport_next = t;
+  c->xport_data = data;
+  if (c->rend != c->rstart) {
+    log_info ("client %u: sent data before the reply that switches "
+              "the transport, disconnecting", c->id);
+    conn_set_dead (c);
+    return -1;
+  }
+  return 0;
 }
 
 /* ------------------------------------------------------------------ */
@@ -563,9 +606,14 @@ conn_set_dead (struct conn *c)
     mem_cancel (&c->mem_wait);
 
   conn_handshake_done (c);
-  if (ev_is_active (&c->io))
-    ev_io_stop (conn_loop, &c->io);
+  /* Also when inactive: it may have an event fed (pending input). */
+  ev_io_stop (conn_loop, &c->io);
   c->events = 0;
+  if (c->xport_next || c->xport)
+    (c->xport_next ? c->xport_next : c->xport)->close (c);
+  c->xport = c->xport_next = NULL;
+  c->xport_data = NULL;
+  c->xport_wait = 0;
   close (c->fd);
   c->fd = -1;
 
@@ -606,6 +654,7 @@ conn_update_watchers (struct conn *c)
     events |= EV_READ;
   if (c->out_head)
     events |= EV_WRITE;
+  events |= c->xport_wait;
 
   if (events != c->events) {
     if (ev_is_active (&c->io))
@@ -616,6 +665,10 @@ conn_update_watchers (struct conn *c)
     }
     c->events = events;
   }
+
+  /* Input the transport holds would never make the socket readable. */
+  if (c->xport && want_read (c) && c->xport->pending (c))
+    ev_feed_event (conn_loop, &c->io, EV_READ);
 
   /* A live connection always waits for something: its socket, the
    * engine, or memory.  Otherwise nothing would ever wake it again.
@@ -642,6 +695,11 @@ conn_io_cb (struct ev_loop *l, ev_io *w, int revents)
   struct conn *c = w->data;
 
   (void) l;
+  /* What the transport waited for came: it goes on in recv or send. */
+  if (revents & c->xport_wait) {
+    revents |= EV_READ;
+    c->xport_wait = 0;
+  }
   if (revents & EV_READ)
     conn_recv (c);
   if (c->state != CONN_DEAD)

@@ -348,6 +348,29 @@ typedef void conn_start_fn (struct conn *c);
  */
 typedef void conn_payload_fn (struct conn *c, void *opaque, bool ok);
 
+/* How a connection's bytes reach its socket, when not directly (plain
+ * readv/sendmsg): a TLS session (tls.c).  conn.c calls only through this
+ * table, so it does not depend on the library behind it.
+ */
+struct conn_transport {
+  /* Like readv and writev on c->fd: bytes moved (the transport may move
+   * fewer than asked, e.g. only into iov[0]), 0 at the end of input
+   * (recv), or -1 with errno set.  EAGAIN: nothing now, and c->xport_wait
+   * says which readiness of the socket (EV_READ, EV_WRITE) to wait for.
+   * Another error has been logged, with its cause, by the transport.
+   */
+  ssize_t (*recv) (struct conn *c, const struct iovec *iov, int n);
+  ssize_t (*send) (struct conn *c, const struct iovec *iov, int n);
+  /* Input already read from the socket but not yet returned by recv:
+   * the socket may never become readable again for it.
+   */
+  bool (*pending) (struct conn *c);
+  /* Free the transport's state (c->xport_data); the socket is still
+   * open and is closed by conn.c afterwards.
+   */
+  void (*close) (struct conn *c);
+};
+
 /* A client connection.  Found from its watcher through io.data. */
 struct conn {
   struct conn *prev, *next;     /* every connection (conn.c) */
@@ -400,6 +423,16 @@ struct conn {
   size_t buffered;              /* bytes held by in-flight requests (their
                                    structs, data, extent arrays) */
   struct mem_waiter mem_wait;   /* waits for memory when .waiting */
+
+  /* The transport (NULL: the plain socket), and the one that takes over
+   * once the output queue has drained (conn_start_transport).
+   */
+  const struct conn_transport *xport, *xport_next;
+  void *xport_data;             /* the transport's state */
+  int xport_wait;               /* EV_READ/EV_WRITE the transport waits
+                                   for (its last EAGAIN), 0: none */
+  bool tls;                     /* STARTTLS accepted (nbd-handshake.c) */
+  bool tls_ready;               /* its TLS handshake is over (tls.c) */
 
   /* Output queue. */
   struct reply *out_head;
@@ -465,6 +498,16 @@ void conn_closing (struct conn *c);
 /* Close the socket now and drop everything queued (broken stream). */
 void conn_set_dead (struct conn *c);
 
+/* Once every queued reply is written, carry the stream over transport t
+ * with state data (its close is called when the connection ends, even
+ * if it never took over); until then no input is read or parsed.  Input
+ * already received and not parsed is a protocol violation (the client
+ * had to wait for the reply): then the connection is closed and -1
+ * returned.  Returns 0.
+ */
+int conn_start_transport (struct conn *c, const struct conn_transport *t,
+                          void *data);
+
 /* Note that c needs attention after the engine's completions: its replies
  * are written and its watchers updated by conn_run_pending.
  */
@@ -486,6 +529,36 @@ void conn_shutdown_all (void);
 
 /* Close every connection at once (the shutdown took too long). */
 void conn_kill_all (void);
+
+/* ------------------------------------------------------------------ */
+/* tls.c                                                               */
+/* ------------------------------------------------------------------ */
+
+enum tls_mode {
+  TLS_OFF,                      /* STARTTLS not supported */
+  TLS_ON,                       /* STARTTLS offered, plaintext allowed */
+  TLS_REQUIRE,                  /* nothing but STARTTLS and ABORT before it */
+};
+
+/* Load the credentials for mode: x509 from certdir (ca-cert.pem,
+ * server-cert.pem, server-key.pem), and/or the PSK keys file psk_file
+ * (username:hexkey lines); at least one.  With verify_peer, x509 clients
+ * must show a certificate signed by that CA.  Returns 0 or -1 (logged).
+ */
+int tls_init (enum tls_mode mode, const char *certdir, const char *psk_file,
+              bool verify_peer);
+
+/* The mode of tls_init (TLS_OFF without it). */
+enum tls_mode tls_mode (void);
+
+/* STARTTLS was accepted on c and its reply queued: a TLS session takes
+ * the stream over once that reply is written (its handshake driven by the
+ * connection's watcher).  Returns 0, or -1 (logged, c is dead).
+ */
+int tls_start (struct conn *c);
+
+/* Free the credentials (at exit). */
+void tls_cleanup (void);
 
 /* ------------------------------------------------------------------ */
 /* nbd-meta.c                                                          */

@@ -48,6 +48,10 @@ enum {
   OPT_L2_CACHE_SIZE,
   OPT_MAX_MEMORY,
   OPT_PID_FILE,
+  OPT_TLS,
+  OPT_TLS_CERTIFICATES,
+  OPT_TLS_PSK,
+  OPT_TLS_VERIFY_PEER,
   OPT_VERSION,
 };
 
@@ -76,6 +80,10 @@ static const struct option long_options[] = {
   { "read-only",      no_argument,       NULL, 'r' },
   { "shared",         required_argument, NULL, 'e' },
   { "socket",         required_argument, NULL, 'k' },
+  { "tls",            required_argument, NULL, OPT_TLS },
+  { "tls-certificates", required_argument, NULL, OPT_TLS_CERTIFICATES },
+  { "tls-psk",        required_argument, NULL, OPT_TLS_PSK },
+  { "tls-verify-peer", no_argument,      NULL, OPT_TLS_VERIFY_PEER },
   { "verbose",        no_argument,       NULL, 'v' },
   { "version",        no_argument,       NULL, OPT_VERSION },
   { NULL, 0, NULL, 0 },
@@ -106,6 +114,11 @@ usage (FILE *fp)
 "      --pid-file=PATH      write the process id to PATH once listening\n"
 "      --max-memory=SIZE    stop taking requests while they hold SIZE\n"
 "                           bytes (suffixes K, M, G; default: 512M)\n"
+"      --tls=off|on|require TLS (STARTTLS): off (default), on: offered,\n"
+"                           require: nothing is served without it\n"
+"      --tls-certificates=DIR  ca-cert.pem, server-cert.pem, server-key.pem\n"
+"      --tls-psk=FILE       pre-shared keys, username:hexkey lines\n"
+"      --tls-verify-peer    require a client certificate signed by the CA\n"
 "\n"
 "The export:\n"
 "  -x, --export-name=NAME   export name (default: \"\")\n"
@@ -425,6 +438,10 @@ struct options {
   enum qcow2_aio_mode aio_mode;         /* --aio, for every export */
   char **strings;                       /* copies of the file's values */
   size_t n_strings;
+  int tls;                              /* --tls, enum tls_mode */
+  const char *tls_certificates;         /* --tls-certificates */
+  const char *tls_psk;                  /* --tls-psk */
+  bool tls_verify_peer;                 /* --tls-verify-peer */
 };
 
 static void __attribute__ ((__noreturn__))
@@ -483,6 +500,10 @@ static const struct keyword booleans[] = {
   { "false", false }, { "no", false }, { "off", false }, { "0", false },
   { NULL, 0 },
 };
+static const struct keyword tls_modes[] = {
+  { "off", TLS_OFF }, { "on", TLS_ON }, { "require", TLS_REQUIRE },
+  { NULL, 0 },
+};
 static const struct keyword aio_modes[] = {
   { "io_uring", QCOW2_AIO_URING }, { "threads", QCOW2_AIO_THREADS },
   { "auto", QCOW2_AIO_AUTO }, { NULL, 0 },
@@ -526,6 +547,12 @@ parse_option (int c, const char *arg, struct options *o)
   case OPT_COMPRESS: e->opts.compress = true; break;
   case OPT_ALLOW_DIR: add_allow_dir (e, arg); break;
   case OPT_PID_FILE: o->pid_file = arg; break;
+  case OPT_TLS:
+    o->tls = keyword ("--tls", arg, tls_modes, "off, on or require");
+    break;
+  case OPT_TLS_CERTIFICATES: o->tls_certificates = arg; break;
+  case OPT_TLS_PSK: o->tls_psk = arg; break;
+  case OPT_TLS_VERIFY_PEER: o->tls_verify_peer = true; break;
   case 'v': log_verbosity++; break;
   case 'p':
     if (parse_uint (arg, 65535, &port_n) < 0 || port_n == 0)
@@ -646,6 +673,10 @@ static const struct config_key {
   { "handshake-limit", OPT_HANDSHAKE_LIMIT, true, false },
   { "max-memory", OPT_MAX_MEMORY, true, false },
   { "pid-file", OPT_PID_FILE, true, false },
+  { "tls", OPT_TLS, true, false },
+  { "tls-certificates", OPT_TLS_CERTIFICATES, true, false },
+  { "tls-psk", OPT_TLS_PSK, true, false },
+  { "tls-verify-peer", OPT_TLS_VERIFY_PEER, true, false },
   { "file", KEY_FILE, false, false },
   { "format", 'f', false, false },
   { "readonly", 'r', false, false },
@@ -908,7 +939,9 @@ main (int argc, char *argv[])
 
   open_exports (&o);
 
-  if (start_listening (&o, activated) < 0)
+  if (tls_init (o.tls, o.tls_certificates, o.tls_psk,
+                o.tls_verify_peer) < 0 ||
+      start_listening (&o, activated) < 0)
     goto fail;
   for (e = export_first (); e; e = e->next)
     loop_watch_export (e);
@@ -927,6 +960,7 @@ main (int argc, char *argv[])
   if (export_close_all () < 0)
     status = EXIT_FAILURE;
   loop_cleanup ();
+  tls_cleanup ();
   if (o.pid_file)
     unlink (o.pid_file);
   log_debug ("exiting with status %d", status);

@@ -362,6 +362,57 @@ opt_meta_context (struct conn *c, uint32_t opt, const unsigned char *data,
                   "malformed %s request", opt_name (opt));
 }
 
+/* NBD_OPT_STARTTLS: the reply goes out in plaintext, then the TLS
+ * session takes the stream over.
+ */
+static void
+opt_starttls (struct conn *c, uint32_t len)
+{
+  if (tls_mode () == TLS_OFF) {
+    send_opt_error (c, NBD_OPT_STARTTLS, NBD_REP_ERR_UNSUP,
+                    "TLS is not enabled on this server");
+    return;
+  }
+  if (c->tls) {
+    send_opt_error (c, NBD_OPT_STARTTLS, NBD_REP_ERR_INVALID,
+                    "STARTTLS on a TLS connection");
+    return;
+  }
+  if (len != 0) {
+    send_opt_error (c, NBD_OPT_STARTTLS, NBD_REP_ERR_INVALID,
+                    "STARTTLS with data");
+    return;
+  }
+  if (send_opt_reply (c, NBD_OPT_STARTTLS, NBD_REP_ACK, NULL, 0) < 0)
+    return;
+  /* The protocol: what was negotiated in plaintext does not count. */
+  c->tls = true;
+  c->structured = false;
+  c->meta = 0;
+  c->meta_exp = NULL;
+  tls_start (c);
+}
+
+/* Whether option opt may be answered before TLS; if not, refuse it
+ * without saying anything about the exports.
+ */
+static bool
+tls_allows (struct conn *c, uint32_t opt)
+{
+  if (c->tls || tls_mode () != TLS_REQUIRE ||
+      opt == NBD_OPT_STARTTLS || opt == NBD_OPT_ABORT)
+    return true;
+  if (opt == NBD_OPT_EXPORT_NAME) {
+    /* No error reply is possible: only a hang-up. */
+    log_info ("client %u: EXPORT_NAME without TLS, disconnecting", c->id);
+    conn_set_dead (c);
+    return false;
+  }
+  send_opt_error (c, opt, NBD_REP_ERR_TLS_REQD,
+                  "TLS is required: use STARTTLS first");
+  return false;
+}
+
 /* One option of length len, its data in data. */
 static void
 handle_option (struct conn *c, uint32_t opt, const unsigned char *data,
@@ -370,6 +421,8 @@ handle_option (struct conn *c, uint32_t opt, const unsigned char *data,
   log_debug ("client %u: option %s (%" PRIu32 ", %" PRIu32 " bytes)",
              c->id, opt_name (opt), opt, len);
 
+  if (!tls_allows (c, opt))
+    return;
   switch (opt) {
   case NBD_OPT_EXPORT_NAME:
     opt_export_name (c, data, len);
@@ -405,8 +458,12 @@ handle_option (struct conn *c, uint32_t opt, const unsigned char *data,
     opt_meta_context (c, opt, data, len);
     break;
 
+  case NBD_OPT_STARTTLS:
+    opt_starttls (c, len);
+    break;
+
   default:
-    /* STARTTLS, extended headers: not yet. */
+    /* Extended headers: not yet. */
     send_opt_error (c, opt, NBD_REP_ERR_UNSUP,
                     "option %s (%" PRIu32 ") not supported",
                     opt_name (opt), opt);
