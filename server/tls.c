@@ -161,6 +161,20 @@ tls_fail (struct conn *c, gnutls_session_t s, int r, const char *what)
     errno = EAGAIN;
     return -1;
   }
+  if (r == GNUTLS_E_CERTIFICATE_VERIFICATION_ERROR) {
+    /* Why the client's certificate was refused, which gnutls_strerror
+     * does not say (expired, signed by another CA, ...).
+     */
+    gnutls_datum_t why = { NULL, 0 };
+    if (gnutls_certificate_verification_status_print
+          (gnutls_session_get_verify_cert_status (s), GNUTLS_CRT_X509,
+           &why, 0) == 0) {
+      log_info ("client %u: TLS %s: %s", c->id, what, (char *) why.data);
+      gnutls_free (why.data);
+      errno = EPROTO;
+      return -1;
+    }
+  }
   if (r == GNUTLS_E_PREMATURE_TERMINATION || r == GNUTLS_E_PUSH_ERROR ||
       r == GNUTLS_E_PULL_ERROR)
     log_debug ("client %u: TLS %s: %s", c->id, what, gnutls_strerror (r));
