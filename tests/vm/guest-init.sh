@@ -40,6 +40,8 @@ if [ "${VM_NET:-0}" = 1 ]; then
 fi
 
 echo "guest: kernel $(uname -r), $(date -u), running /test.sh"
+# The trace shows seconds since boot.
+export PS4='+ [$(cut -d" " -f1 /proc/uptime)] '
 if sh -e -x /test.sh; then
     result PASS
 else
