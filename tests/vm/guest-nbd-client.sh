@@ -42,7 +42,7 @@ dd if=/dev/urandom of=/mnt/random1 bs=1M count=8
 mkdir /mnt/dir
 set +x
 i=0
-while [ "$i" -lt 100 ]; do
+while [ "$i" -lt 40 ]; do
     echo "small file $i" > "/mnt/dir/f$i"
     i=$((i + 1))
 done
@@ -62,7 +62,7 @@ cmp /data/pattern /mnt/pattern
 md5sum -c /tmp/random1.md5
 set +x
 i=0
-while [ "$i" -lt 100 ]; do
+while [ "$i" -lt 40 ]; do
     test "$(cat "/mnt/dir/f$i")" = "small file $i"
     i=$((i + 1))
 done

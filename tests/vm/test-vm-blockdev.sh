@@ -58,4 +58,4 @@ want=$(vm_console_value blockdev "QNBD-VM-MD5 random")
 test -n "$want"
 got=$(debugfs -R 'cat /random' "$tmpdir/disk.raw" | md5sum | cut -d' ' -f1)
 test "$got" = "$want"
-test "$(debugfs -R 'cat /dir/f42' "$tmpdir/disk.raw")" = "small file 42"
+test "$(debugfs -R 'cat /dir/f32' "$tmpdir/disk.raw")" = "small file 32"

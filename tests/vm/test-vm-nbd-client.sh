@@ -67,4 +67,11 @@ for f in random1 random2; do
     got=$(debugfs -R "cat /$f" "$tmpdir/disk.raw" | md5sum | cut -d' ' -f1)
     test "$got" = "$want"
 done
-test "$(debugfs -R 'cat /dir/f42' "$tmpdir/disk.raw")" = "small file 42"
+test "$(debugfs -R 'cat /dir/f32' "$tmpdir/disk.raw")" = "small file 32"
+# The files deleted under -o discard are gone.
+debugfs -R 'ls /dir' "$tmpdir/disk.raw" > "$tmpdir/dir.list"
+grep -qw f32 "$tmpdir/dir.list"
+if grep -qw f15 "$tmpdir/dir.list"; then
+    echo "$0: /dir/f15 was deleted in the guest but is still there" >&2
+    exit 1
+fi

@@ -18,6 +18,13 @@
 vmdir=$srcdir/vm
 : "${QNBD_VM_TIMEOUT:=240}"
 
+# The log ends with the test's duration (bash's SECONDS since it began).
+_vm_took ()
+{
+    echo "$0: ran for ${SECONDS}s" >&2
+}
+cleanup_fn _vm_took
+
 # vm_requires: skip (77) unless this host can boot a guest at all: QEMU,
 # a kernel we may read and its modules, a static busybox, cpio.  Sets
 # vm_kernel, vm_kver, vm_accel.
