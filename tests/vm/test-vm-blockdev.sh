@@ -12,7 +12,7 @@ set -e
 set -x
 
 vm_requires
-requires certtool mkfs.ext4 e2fsck debugfs qemu-img "$PYTHON"
+vm_needs certtool mkfs.ext4 e2fsck debugfs qemu-img "$PYTHON"
 
 pki=$tmpdir/pki
 make_ca "$pki/ca"

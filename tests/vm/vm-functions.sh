@@ -13,9 +13,12 @@
 #   QNBD_VM_KERNEL    the kernel image (default: the newest readable
 #                     /boot/vmlinuz-* whose /lib/modules exists)
 #   QNBD_VM_TIMEOUT   seconds a guest may run before it is killed (240)
-#   QNBD_VM_ACCEL     kvm or tcg (default: kvm when /dev/kvm is usable)
+#   QNBD_VM_ACCEL     kvm or tcg (default: kvm when /dev/kvm can be opened,
+#                     falling back to tcg)
 
 vmdir=$srcdir/vm
+# mkfs.ext4, e2fsck, debugfs and nbd-client live in sbin.
+PATH=$PATH:/usr/sbin:/sbin
 : "${QNBD_VM_TIMEOUT:=240}"
 
 # The log ends with the test's duration (bash's SECONDS since it began).
@@ -25,18 +28,19 @@ _vm_took ()
 }
 cleanup_fn _vm_took
 
-# vm_requires: skip (77) unless this host can boot a guest at all: QEMU,
-# a kernel we may read and its modules, a static busybox, cpio.  Sets
-# vm_kernel, vm_kver, vm_accel.
+# vm_requires: skip (77) only where this host cannot boot a guest at all:
+# no QEMU, or no kernel we may read with its modules.  What else the
+# test needs is checked by vm_needs, which fails.  Sets vm_kernel,
+# vm_kver, vm_accel.
 vm_requires ()
 {
     local -
     set +x
     local k
-    requires qemu-system-x86_64 cpio gzip ldd
+    requires qemu-system-x86_64
     vm_kernel=${QNBD_VM_KERNEL:-}
     if [ -z "$vm_kernel" ]; then
-        for k in $(ls -v /boot/vmlinuz-* 2>/dev/null | sort -rV); do
+        for k in $(ls /boot/vmlinuz-* 2>/dev/null | sort -rV); do
             if [ -r "$k" ] && [ -d "/lib/modules/${k#/boot/vmlinuz-}" ]; then
                 vm_kernel=$k
                 break
@@ -53,19 +57,37 @@ vm_requires ()
         echo "$0: SKIP: no /lib/modules/$vm_kver/modules.dep for $vm_kernel" >&2
         exit 77
     fi
-    if ! { [ -x /bin/busybox ] && ! ldd /bin/busybox >/dev/null 2>&1; }; then
-        echo "$0: SKIP: no static /bin/busybox (apt-get install busybox-static)" >&2
-        exit 77
-    fi
     vm_accel=${QNBD_VM_ACCEL:-}
     if [ -z "$vm_accel" ]; then
         if [ -r /dev/kvm ] && [ -w /dev/kvm ]; then
-            vm_accel=kvm
+            # (TCG still, should KVM refuse to start.)
+            vm_accel=kvm:tcg
         else
             vm_accel=tcg
         fi
     fi
     echo "guest kernel $vm_kernel, accelerator $vm_accel" >&2
+    vm_needs cpio gzip ldd
+    if ! { [ -x /bin/busybox ] && ! ldd /bin/busybox >/dev/null 2>&1; }; then
+        echo "$0: FAIL: no static /bin/busybox (apt-get install busybox-static)" >&2
+        exit 1
+    fi
+}
+
+# vm_needs CMD...: fail unless every CMD is on PATH (with /usr/sbin and
+# /sbin): the VM tests skip only where QEMU cannot run.
+vm_needs ()
+{
+    local -
+    set +x
+    local c
+    for c in "$@"; do
+        if ! PATH=$PATH:/usr/sbin:/sbin command -v "$c" >/dev/null 2>&1; then
+            echo "$0: FAIL: required program '$c' not found (.ci/run lists" \
+                 "the packages of make check-vm)" >&2
+            exit 1
+        fi
+    done
 }
 
 # vm_free_port: a TCP port on 127.0.0.1 that nobody listens on now.
@@ -135,14 +157,13 @@ vm_initramfs ()
 # printed "QNBD-VM-RESULT: PASS".
 vm_boot ()
 {
-    local name=$1 initrd=$2 console st=0 t0 cpu=max
+    local name=$1 initrd=$2 console st=0 t0
     shift 2
     console=$tmpdir/$name.console
     t0=$(date +%s)
-    [ "$vm_accel" = kvm ] && cpu=host
     timeout -k 10 "$QNBD_VM_TIMEOUT" \
         qemu-system-x86_64 -nodefaults -no-user-config -display none \
-        -machine q35,accel="$vm_accel" -cpu "$cpu" -smp 1 -m 512 \
+        -machine q35,accel="$vm_accel" -cpu max -smp 1 -m 512 \
         -kernel "$vm_kernel" -initrd "$initrd" \
         -append "console=ttyS0 panic=-1 loglevel=4 rdinit=/init" \
         -serial "file:$console" -monitor none -no-reboot \
