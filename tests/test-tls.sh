@@ -16,50 +16,6 @@ requires certtool
 requires qemu-img qemu-io nbdinfo nbdcopy "$PYTHON"
 requires_python_nbd
 
-# make_ca DIR: a CA key and self-signed certificate in DIR.
-make_ca ()
-{
-    mkdir -p "$1"
-    certtool --generate-privkey > "$1/ca-key.pem"
-    cat > "$1/ca.info" <<EOF
-cn = qnbd test CA $1
-ca
-cert_signing_key
-expiration_days = 2
-EOF
-    certtool --generate-self-signed --load-privkey "$1/ca-key.pem" \
-             --template "$1/ca.info" --outfile "$1/ca-cert.pem"
-}
-
-# make_cert CADIR DIR ROLE: ROLE-key.pem and ROLE-cert.pem (ROLE server
-# or client) in DIR, signed by the CA of CADIR, with its ca-cert.pem.
-make_cert ()
-{
-    local cadir=$1 dir=$2 role=$3 usage
-    mkdir -p "$dir"
-    if [ "$role" = server ]; then
-        usage="tls_www_server"
-    else
-        usage="tls_www_client"
-    fi
-    certtool --generate-privkey > "$dir/$role-key.pem"
-    cat > "$dir/$role.info" <<EOF
-organization = qnbd test
-cn = localhost
-dns_name = localhost
-ip_address = 127.0.0.1
-$usage
-encryption_key
-signing_key
-expiration_days = 2
-EOF
-    certtool --generate-certificate --load-privkey "$dir/$role-key.pem" \
-             --load-ca-certificate "$cadir/ca-cert.pem" \
-             --load-ca-privkey "$cadir/ca-key.pem" \
-             --template "$dir/$role.info" --outfile "$dir/$role-cert.pem"
-    cp "$cadir/ca-cert.pem" "$dir/ca-cert.pem"
-}
-
 pki=$tmpdir/pki
 make_ca "$pki/ca"
 make_cert "$pki/ca" "$pki/server" server
