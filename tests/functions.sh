@@ -320,11 +320,16 @@ EOF
              --template "$1/ca.info" --outfile "$1/ca-cert.pem"
 }
 
-# make_cert CADIR DIR ROLE: ROLE-key.pem and ROLE-cert.pem (ROLE server
-# or client) in DIR, signed by the CA of CADIR, with its ca-cert.pem.
+# make_cert CADIR DIR ROLE [expired]: ROLE-key.pem and ROLE-cert.pem
+# (ROLE server or client) in DIR, signed by the CA of CADIR, with its
+# ca-cert.pem; with "expired", valid only during 2020.
 make_cert ()
 {
-    local cadir=$1 dir=$2 role=$3 usage
+    local cadir=$1 dir=$2 role=$3 usage dates="expiration_days = 2"
+    if [ "${4:-}" = expired ]; then
+        dates='activation_date = "2020-01-01 00:00:00"
+expiration_date = "2021-01-01 00:00:00"'
+    fi
     mkdir -p "$dir"
     if [ "$role" = server ]; then
         usage="tls_www_server"
@@ -340,7 +345,7 @@ ip_address = 127.0.0.1
 $usage
 encryption_key
 signing_key
-expiration_days = 2
+$dates
 EOF
     certtool --generate-certificate --load-privkey "$dir/$role-key.pem" \
              --load-ca-certificate "$cadir/ca-cert.pem" \

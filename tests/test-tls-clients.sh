@@ -13,54 +13,12 @@ set -x
 
 requires certtool nbd-client nbdinfo qemu-img "$PYTHON"
 
-# cert_template FILE ROLE [DATES]: a certtool template for a ROLE (server
-# or client) certificate for localhost; DATES "old" makes it one that
-# expired in 2021.
-cert_template ()
-{
-    local file=$1 role=$2 dates=${3:-}
-    {
-        echo "cn = localhost"
-        echo "dns_name = localhost"
-        echo "ip_address = 127.0.0.1"
-        echo "tls_www_$role"
-        echo "encryption_key"
-        echo "signing_key"
-        if [ "$dates" = old ]; then
-            echo 'activation_date = "2020-01-01 00:00:00"'
-            echo 'expiration_date = "2021-01-01 00:00:00"'
-        else
-            echo "expiration_days = 2"
-        fi
-    } > "$file"
-}
-
-# make_cert DIR ROLE [DATES]: DIR/ROLE-key.pem and DIR/ROLE-cert.pem
-# signed by the CA in $pki/ca, with its ca-cert.pem.
-make_cert ()
-{
-    local dir=$1 role=$2
-    mkdir -p "$dir"
-    certtool --generate-privkey > "$dir/$role-key.pem"
-    cert_template "$dir/$role.info" "$role" "${3:-}"
-    certtool --generate-certificate --load-privkey "$dir/$role-key.pem" \
-             --load-ca-certificate "$pki/ca/ca-cert.pem" \
-             --load-ca-privkey "$pki/ca/ca-key.pem" \
-             --template "$dir/$role.info" --outfile "$dir/$role-cert.pem"
-    cp "$pki/ca/ca-cert.pem" "$dir/"
-}
-
 pki=$tmpdir/pki
-mkdir -p "$pki/ca"
-certtool --generate-privkey > "$pki/ca/ca-key.pem"
-printf 'cn = qnbd test CA\nca\ncert_signing_key\nexpiration_days = 2\n' \
-       > "$pki/ca/ca.info"
-certtool --generate-self-signed --load-privkey "$pki/ca/ca-key.pem" \
-         --template "$pki/ca/ca.info" --outfile "$pki/ca/ca-cert.pem"
-make_cert "$pki/server" server
-make_cert "$pki/client" client
-make_cert "$pki/old-server" server old
-make_cert "$pki/old-client" client old
+make_ca "$pki/ca"
+make_cert "$pki/ca" "$pki/server" server
+make_cert "$pki/ca" "$pki/client" client
+make_cert "$pki/ca" "$pki/old-server" server expired
+make_cert "$pki/ca" "$pki/old-client" client expired
 
 img=$tmpdir/disk.qcow2
 qemu-img create -f qcow2 "$img" 16M
