@@ -771,7 +771,8 @@ handshake_timeout_cb (struct ev_loop *l, ev_timer *w, int revents)
 }
 
 /* --idle-timeout: a connection with a request in flight (or a reply
- * unwritten, or a payload on its way) is busy, not idle; one that has
+ * unwritten, a payload on its way, a request waiting for memory or input
+ * not parsed yet) is busy, not idle: it waits for us.  One that has
  * been quiet for long enough is closed, the rest are looked at again
  * when their time would be up.
  */
@@ -785,7 +786,8 @@ idle_timeout_cb (struct ev_loop *l, ev_timer *w, int revents)
   assert (c->state != CONN_DEAD);
   if (c->state != CONN_TRANSMISSION)
     return;                     /* closing: it ends by itself */
-  if (c->in_flight > 0 || c->out_head || c->rx_want > 0)
+  if (c->in_flight > 0 || c->out_head || c->rx_want > 0 ||
+      c->mem_wait.waiting || c->rend != c->rstart)
     c->last_active = now;
   left = c->last_active + idle_timeout - now;
   if (left > 0) {

@@ -17,7 +17,8 @@ tlsonly NBD_REP_ERR_TLS_REQD; LIST_META_CONTEXT is refused alike; one that
 lists and then GOes an export it may not use is refused and may then GO
 one it may; EXPORT_NAME of a refused export hangs up.  A Unix client sees
 open and unixonly.  Over TLS, alice's certificate opens dn, bob's does not
-(POLICY after STARTTLS, TLS_REQD before it); with PSK (libnbd) alice opens
+(POLICY after STARTTLS, TLS_REQD before it), a certificate with alice's
+DN from another CA gets no TLS session; with PSK (libnbd) alice opens
 psk, bob does not, and alice's PSK does not open dn.  tlsonly serves TLS
 clients only.  nbdinfo --list shows what LIST allows.  Each refusal is one
 log line naming client, export and rule.  Then the configurations these
@@ -26,6 +27,7 @@ keys cannot work in are refused at startup, naming the line.
 
 import os
 import re
+import ssl
 import subprocess
 
 import qnbdtest as qt
@@ -136,6 +138,17 @@ assert c.info("dn") == "POLICY"
 assert c.info("dn", qt.NBD_OPT_GO) == "POLICY"
 assert c.info("tlsonly", qt.NBD_OPT_GO) == "ACK"
 assert c.read(0, 4096) == pattern_of("tlsonly")
+c.close()
+
+# A certificate of another CA with alice's very DN: no TLS at all.
+evil = al.Pki(os.path.join(tmp, "evil")).client("alice")
+c = al.TlsClient(sock)
+try:
+    c.starttls(ca, evil)
+    got = c.list()
+    raise AssertionError("another CA's alice was served: %r" % got)
+except (ssl.SSLError, EOFError, ConnectionResetError, BrokenPipeError) as e:
+    qt.log("another CA's alice: %r" % e)
 c.close()
 
 # Over TCP, TLS does not lift the address rule.

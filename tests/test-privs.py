@@ -5,7 +5,8 @@ open) runs with every uid and gid of
 /proc/PID/status those of nobody/nogroup and no supplementary group, the
 export still reads and writes, and at exit the socket and the pid file,
 given to nobody in a sticky directory, are removed.  The same from the
-keys of a -C file.  Unknown users and groups are refused before anything
+keys of a -C file.  With --tls-psk the keys file, which GnuTLS reads at
+each handshake, must be readable by the user.  Unknown users and groups are refused before anything
 is opened.  Not as root (setpriv, as nobody): --user is refused with a
 clear error.  The test skips when not run as root.
 """
@@ -16,6 +17,7 @@ import pwd
 import shutil
 import stat
 import subprocess
+import time
 
 import qnbdtest as qt
 import accesslib as al
@@ -51,6 +53,10 @@ def ids(pid):
 
 
 def check_dropped(srv):
+    # The pid file is written as root, just before the drop.
+    deadline = time.monotonic() + 10
+    while ids(srv.pid)["Uid"][0] == "0" and time.monotonic() < deadline:
+        time.sleep(0.05)
     st = ids(srv.pid)
     qt.log("qnbd: %r" % st)
     assert st["Uid"] == [str(nobody.pw_uid)] * 4, st
@@ -89,6 +95,28 @@ check_dropped(srv)
 read_write(srv, 2)
 assert srv.stop() == 0
 qt.check_image(img)
+
+# GnuTLS reads the PSK keys file at each handshake: one nobody cannot
+# read is refused at startup, one it can serves PSK clients.
+keys = al.psk_file(os.path.join(tmp, "keys.psk"), ["alice"])
+os.chmod(keys, 0o600)
+st, out = qt.run(qt.QNBD, "-k", os.path.join(run, "psk.sock"),
+                 "--user=nobody", "--tls=require", "--tls-psk=" + keys,
+                 img, check=False)
+assert st == 1 and "read at each handshake" in out, out
+os.chmod(keys, 0o644)
+srv = qt.Server(img, "--user=nobody", "--tls=require", "--tls-psk=" + keys,
+                directory=run)
+h = nbd.NBD()
+h.set_tls(nbd.TLS_REQUIRE)
+h.set_tls_psk_file(keys)
+h.set_tls_username("alice")
+h.connect_unix(srv.sock)
+assert h.get_tls_negotiated()
+h.pwrite(b"\x33" * 4096, 0)
+assert h.pread(4096, 0) == b"\x33" * 4096
+h.shutdown()
+assert srv.stop() == 0
 
 # Names that do not exist, before anything is opened.
 for args, why in ((["--user=no-such-user-qnbd"], "no such user"),
