@@ -594,7 +594,8 @@ parse_access_option (int c, const char *arg, struct options *o)
     if (access_add_dn (export_access (o->exp), arg) < 0)
       bad_arg ("--allow-tls-dn", arg, "is not a DN");
     return true;
-  case OPT_TLS_REQUIRED: export_access (o->exp)->tls_required = true;
+  case OPT_TLS_REQUIRED:
+    export_access (o->exp)->tls_required = true;
     return true;
   case OPT_MAX_CONNECTIONS:
     if (parse_uint (arg, UINT_MAX, &o->shared) < 0)
@@ -1115,8 +1116,11 @@ main (int argc, char *argv[])
 
   if (o.pid_file && write_pid_file (o.pid_file) < 0)
     goto fail;
-  if (drop_privileges (&o, activated) < 0)
+  if (drop_privileges (&o, activated) < 0) {
+    if (o.pid_file)
+      unlink (o.pid_file);
     goto fail;
+  }
   if (log_verbosity >= 1)
     for (size_t i = 0; i < o.n_exports; i++)
       print_uri (o.exports[i].image, o.exports[i].name,
