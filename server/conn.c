@@ -18,7 +18,9 @@
  * handshake_timer): a client that connects and then says nothing, or
  * stops between options, would otherwise hold a descriptor, and a place
  * under --shared, for ever.  In transmission a connection may stay idle as
- * long as it likes.  A dead connection is freed only when no request of it
+ * long as it likes, unless --idle-timeout says otherwise (its idle_timer):
+ * with nothing in flight and no byte received nor reply written for that
+ * long, it is closed like one that sent NBD_CMD_DISC.  A dead connection is freed only when no request of it
  * is still inside the engine: each such request holds a reference
  * (engine_refs), because its completion callback will still run.
  *
@@ -70,6 +72,7 @@ static struct conn *conns;              /* every connection; order unused */
 static unsigned nr_conns;
 static unsigned last_id;
 static unsigned handshake_limit = DEFAULT_HANDSHAKE_LIMIT; /* s, 0: none */
+static unsigned idle_timeout;           /* s, 0: none */
 
 /* Connections to run after the engine's completions.  LIFO: the order
  * does not matter, each is run once.
@@ -79,6 +82,7 @@ static struct conn *pending_head;
 static void conn_io_cb (struct ev_loop *l, ev_io *w, int revents);
 static void handshake_timeout_cb (struct ev_loop *l, ev_timer *w,
                                   int revents);
+static void idle_timeout_cb (struct ev_loop *l, ev_timer *w, int revents);
 static void conn_step (struct conn *c);
 static void conn_update_watchers (struct conn *c);
 static void conn_mem_wake (struct mem_waiter *w);
@@ -95,6 +99,8 @@ int
 conn_new (int fd)
 {
   struct conn *c;
+  struct sockaddr_storage ss;
+  socklen_t sslen = sizeof ss;
 
   c = calloc (1, sizeof *c);
   if (c == NULL || (c->rbuf = malloc (CONN_RBUF_SIZE)) == NULL) {
@@ -116,6 +122,11 @@ conn_new (int fd)
   c->handshake_timer.data = c;
   if (handshake_limit > 0)
     ev_timer_start (conn_loop, &c->handshake_timer);
+  ev_timer_init (&c->idle_timer, idle_timeout_cb, idle_timeout, 0.);
+  c->idle_timer.data = c;
+  /* Unknown (family 0) if it fails: allow-address then refuses it. */
+  if (getpeername (fd, (struct sockaddr *) &ss, &sslen) == 0)
+    access_peer_from (&c->peer, (struct sockaddr *) &ss, sslen);
 
   c->next = conns;
   if (conns)
@@ -140,6 +151,17 @@ conn_count (void)
   return nr_conns;
 }
 
+unsigned
+conn_count_peer (const struct peer_addr *p)
+{
+  unsigned n = 0;
+
+  for (struct conn *c = conns; c; c = c->next)
+    if (access_peer_same (&c->peer, p))
+      n++;
+  return n;
+}
+
 void
 conn_set_handshake_limit (unsigned seconds)
 {
@@ -147,10 +169,22 @@ conn_set_handshake_limit (unsigned seconds)
 }
 
 void
+conn_set_idle_timeout (unsigned seconds)
+{
+  idle_timeout = seconds;
+}
+
+void
 conn_handshake_done (struct conn *c)
 {
+  assert (c->state != CONN_DEAD);
   if (ev_is_active (&c->handshake_timer))
     ev_timer_stop (conn_loop, &c->handshake_timer);
+  if (idle_timeout > 0) {
+    c->last_active = ev_now (conn_loop);
+    ev_timer_set (&c->idle_timer, idle_timeout, 0.);
+    ev_timer_start (conn_loop, &c->idle_timer);
+  }
 }
 
 static void
@@ -167,6 +201,7 @@ conn_free (struct conn *c)
   assert (!c->mem_wait.waiting);
   assert (!ev_is_active (&c->io));
   assert (!ev_is_active (&c->handshake_timer));
+  assert (!ev_is_active (&c->idle_timer));
 
   if (c->prev)
     c->prev->next = c->next;
@@ -340,6 +375,7 @@ conn_recv (struct conn *c)
     conn_eof (c);
     return;
   }
+  c->last_active = ev_now (conn_loop);
 
   if (direct > 0) {
     size_t d = (size_t) r < direct ? (size_t) r : direct;
@@ -536,6 +572,8 @@ conn_send (struct conn *c)
       done++;
     }
   }
+  if (done)
+    c->last_active = ev_now (conn_loop);
 
   /* The last plaintext reply (STARTTLS's) is out: switch. */
   if (c->xport_next && c->out_head == NULL && c->fd >= 0) {
@@ -605,7 +643,10 @@ conn_set_dead (struct conn *c)
   if (c->mem_wait.waiting)
     mem_cancel (&c->mem_wait);
 
-  conn_handshake_done (c);
+  if (ev_is_active (&c->handshake_timer))
+    ev_timer_stop (conn_loop, &c->handshake_timer);
+  if (ev_is_active (&c->idle_timer))
+    ev_timer_stop (conn_loop, &c->idle_timer);
   /* Also when inactive: it may have an event fed (pending input). */
   ev_io_stop (conn_loop, &c->io);
   c->events = 0;
@@ -725,6 +766,37 @@ handshake_timeout_cb (struct ev_loop *l, ev_timer *w, int revents)
   /* No engine request refers to it (requests start in transmission), so
    * this frees it, unless the loop is about to run it as pending.
    */
+  if (!c->pending)
+    conn_update_watchers (c);
+}
+
+/* --idle-timeout: a connection with a request in flight (or a reply
+ * unwritten, a payload on its way, a request waiting for memory or input
+ * not parsed yet) is busy, not idle: it waits for us.  One that has
+ * been quiet for long enough is closed, the rest are looked at again
+ * when their time would be up.
+ */
+static void
+idle_timeout_cb (struct ev_loop *l, ev_timer *w, int revents)
+{
+  struct conn *c = w->data;
+  ev_tstamp now = ev_now (l), left;
+
+  (void) revents;
+  assert (c->state != CONN_DEAD);
+  if (c->state != CONN_TRANSMISSION)
+    return;                     /* closing: it ends by itself */
+  if (c->in_flight > 0 || c->out_head || c->rx_want > 0 ||
+      c->mem_wait.waiting || c->rend != c->rstart)
+    c->last_active = now;
+  left = c->last_active + idle_timeout - now;
+  if (left > 0) {
+    ev_timer_set (w, left, 0.);
+    ev_timer_start (l, w);
+    return;
+  }
+  log_info ("client %u: idle for %u s, disconnecting", c->id, idle_timeout);
+  conn_closing (c);
   if (!c->pending)
     conn_update_watchers (c);
 }

@@ -222,6 +222,7 @@ export_close_all (void)
       else
         log_debug ("export '%s' closed", e->name);
     }
+    access_free (e->access);
     free (e->name);
     free (e->description);
     free (e->path);

@@ -12,6 +12,8 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/socket.h>
+#include <sys/types.h>
 #include <sys/uio.h>
 
 #include <ev.h>
@@ -123,6 +125,114 @@ void log_engine (void *opaque, int level, const char *msg);
 extern bool log_engine_quiet;
 
 /* ------------------------------------------------------------------ */
+/* access.c                                                            */
+/* ------------------------------------------------------------------ */
+
+/* A client's address, as the access rules and the per-client connection
+ * limit see it: an IPv4-mapped IPv6 address is the IPv4 address.
+ */
+struct peer_addr {
+  int family;                   /* AF_INET, AF_INET6, AF_UNIX (no address),
+                                   0: unknown */
+  unsigned char a[16];          /* the address (4 bytes for AF_INET) */
+};
+
+/* One network of allow-address. */
+struct access_net {
+  int family;                   /* AF_INET or AF_INET6 */
+  unsigned char a[16];
+  unsigned bits;                /* prefix length */
+};
+
+/* Who may use an export (its allow-* and tls-required keys): plain data,
+ * read by access_check.  NULL, or an empty rule, lets everyone in.
+ */
+struct access {
+  bool address_rule;            /* allow-address given: it must match */
+  bool unix_ok;                 /* "unix" listed: Unix-socket clients */
+  struct access_net *nets;
+  size_t n_nets;
+  char **dns;                   /* allow-tls-dn, subject DNs as GnuTLS
+                                   prints them */
+  size_t n_dns;
+  char **psk_users;             /* allow-psk-user */
+  size_t n_psk_users;
+  bool tls_required;            /* tls-required */
+};
+
+/* The peer_addr of the socket address sa (len bytes). */
+void access_peer_from (struct peer_addr *p, const struct sockaddr *sa,
+                       socklen_t len);
+/* Whether a and b are the same address (all Unix clients are one). */
+bool access_peer_same (const struct peer_addr *a, const struct peer_addr *b);
+/* p as text for log lines, in buf (at least INET6_ADDRSTRLEN bytes) or a
+ * constant ("unix").
+ */
+const char *access_peer_name (const struct peer_addr *p, char *buf,
+                              size_t size);
+
+/* Add to a: the networks of list (allow-address: "unix", ADDR or
+ * ADDR/BITS, separated by spaces or commas); the PSK usernames of list;
+ * one DN.  Return 0, or -1 with the word that is wrong (or that could
+ * not be stored) in bad (size bytes).
+ */
+int access_add_addresses (struct access *a, const char *list, char *bad,
+                          size_t size);
+int access_add_psk_users (struct access *a, const char *list, char *bad,
+                          size_t size);
+int access_add_dn (struct access *a, const char *dn);
+
+enum access_verdict {
+  ACCESS_OK,
+  ACCESS_REFUSED,               /* NBD_REP_ERR_POLICY */
+  ACCESS_TLS_REQUIRED,          /* STARTTLS may let it in: TLS_REQD */
+};
+
+struct conn;
+
+/* Whether connection c may use an export with rules a (NULL: anyone);
+ * when not, *why says which rule refused it.
+ */
+enum access_verdict access_check (const struct access *a,
+                                  const struct conn *c, const char **why);
+
+/* Whether a has rules that only a TLS client can pass. */
+bool access_needs_tls (const struct access *a);
+
+/* Free a (NULL: nothing). */
+void access_free (struct access *a);
+
+/* ------------------------------------------------------------------ */
+/* privs.c                                                             */
+/* ------------------------------------------------------------------ */
+
+/* The user and group of --user and --group. */
+struct privs {
+  const char *user;             /* its name (for initgroups), or NULL;
+                                   allocated, kept for the process's life */
+  uid_t uid;
+  gid_t gid;
+  bool set_uid, set_gid;
+};
+
+/* Look up user and group (names or numbers; either may be NULL) into p.
+ * Only root can change them: otherwise, as when a name is unknown,
+ * returns -1 after saying why.  Returns 0.
+ */
+int privs_init (struct privs *p, const char *user, const char *group);
+
+/* Give path (a file we created) to p's user and group, so that the
+ * dropped user may remove it.  Returns 0 or -1 (logged).
+ */
+int privs_chown (const struct privs *p, const char *path);
+
+/* Become p's user and group for good: supplementary groups, group, then
+ * user, and check that root cannot be had back.  Returns 0 or -1
+ * (logged; the process must then exit).
+ */
+int privs_drop (const struct privs *p);
+
+/* ------------------------------------------------------------------ */
 /* config.c                                                            */
 /* ------------------------------------------------------------------ */
 
@@ -167,6 +277,8 @@ struct export {
   bool probed_raw;              /* not qcow2, served as raw because the
                                    format was probed (-f auto): writes may
                                    not give it a qcow2 magic (export_write_ok) */
+  struct access *access;        /* who may use it (access.c), NULL: anyone;
+                                   freed with the export */
   ev_io io;                     /* on qcow2_fd (q); io.data == this */
 };
 
@@ -227,6 +339,11 @@ int loop_init (void);
 
 /* Maximum simultaneous connections (0: no limit). */
 void loop_set_max_connections (unsigned n);
+
+/* Maximum simultaneous connections from one client address (0: no
+ * limit); Unix-socket clients are not counted.
+ */
+void loop_set_max_per_client (unsigned n);
 
 /* Listen on a new Unix socket at path (a stale socket file is removed
  * first; the file is removed again at exit).  Returns 0 or -1 (logged).
@@ -381,6 +498,10 @@ struct conn {
   ev_io io;                     /* on fd; io.data == this */
   ev_timer handshake_timer;     /* --handshake-limit, from the accept to
                                    transmission; handshake_timer.data == this */
+  ev_timer idle_timer;          /* --idle-timeout, in transmission;
+                                   idle_timer.data == this */
+  ev_tstamp last_active;        /* last bytes read, or reply written */
+  struct peer_addr peer;        /* the client's address */
   int events;                   /* EV_READ/EV_WRITE interest set on io */
   enum conn_state state;
   conn_step_fn *step;           /* the protocol's parser for this state:
@@ -433,6 +554,9 @@ struct conn {
                                    for (its last EAGAIN), 0: none */
   bool tls;                     /* STARTTLS accepted (nbd-handshake.c) */
   bool tls_ready;               /* its TLS handshake is over (tls.c) */
+  char *tls_dn;                 /* the verified client certificate's
+                                   subject DN, or NULL (tls.c) */
+  char *tls_psk_user;           /* the PSK username, or NULL (tls.c) */
 
   /* Output queue. */
   struct reply *out_head;
@@ -456,13 +580,22 @@ int conn_new (int fd);
 /* Number of live connections (not yet freed). */
 unsigned conn_count (void);
 
+/* Number of live connections from address p. */
+unsigned conn_count_peer (const struct peer_addr *p);
+
+/* Seconds a connection in transmission may stay idle (nothing in flight,
+ * nothing received) before it is closed (0: for ever, the default).
+ */
+void conn_set_idle_timeout (unsigned seconds);
+
 /* Seconds a new connection gets to finish its handshake before it is
  * closed (0: no limit).  Default DEFAULT_HANDSHAKE_LIMIT.
  */
 void conn_set_handshake_limit (unsigned seconds);
 
 /* The handshake of c is over (NBD_OPT_GO or NBD_OPT_EXPORT_NAME
- * succeeded): the handshake limit no longer applies to it.
+ * succeeded): the handshake limit no longer applies to it, the idle
+ * timeout does from now on.
  */
 void conn_handshake_done (struct conn *c);
 

@@ -23,6 +23,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <signal.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -41,6 +42,11 @@
 /* Connections accepted per wakeup of a listener. */
 #define ACCEPT_BATCH 32
 
+/* Seconds between two log lines about connections refused at accept: a
+ * flood of them must not flood the log.
+ */
+#define REFUSE_LOG_INTERVAL 10.
+
 static struct ev_loop *loop;
 
 struct listener {
@@ -53,6 +59,7 @@ struct listener {
 
 static struct listener *listeners;
 static unsigned max_connections;        /* 0: no limit */
+static unsigned max_per_client;         /* 0: no limit */
 static bool shutting_down;
 
 static ev_signal sigterm_watcher;
@@ -87,15 +94,59 @@ pause_cb (struct ev_loop *lp, ev_timer *w, int revents)
     set_listeners_active (true);
 }
 
+/* Whether a connection from p is over a limit; if so, say it (at most
+ * once every REFUSE_LOG_INTERVAL seconds, with the number not said).
+ */
+static bool
+over_limit (const struct peer_addr *p)
+{
+  static ev_tstamp last_said = -REFUSE_LOG_INTERVAL;
+  static unsigned unsaid;
+  char buf[INET6_ADDRSTRLEN], more[64] = "";
+  unsigned n = conn_count (), from = 0;
+
+  if (!max_connections || n < max_connections) {
+    /* Unix-socket clients are all one address, and all local. */
+    if (!max_per_client || p->family == AF_UNIX)
+      return false;
+    from = conn_count_peer (p);
+    if (from < max_per_client)
+      return false;
+  }
+
+  if (ev_now (loop) - last_said < REFUSE_LOG_INTERVAL) {
+    unsaid++;
+    return true;
+  }
+  if (unsaid)
+    snprintf (more, sizeof more, " (and %u more refused before)", unsaid);
+  if (from)
+    log_warning ("refusing a connection from %s: already %u from it "
+                 "(max-connections-per-client)%s",
+                 access_peer_name (p, buf, sizeof buf), from, more);
+  else
+    log_warning ("refusing a connection from %s: already %u "
+                 "(max-connections)%s",
+                 access_peer_name (p, buf, sizeof buf), n, more);
+  last_said = ev_now (loop);
+  unsaid = 0;
+  return true;
+}
+
 static void
 accept_cb (struct ev_loop *lp, ev_io *w, int revents)
 {
   struct listener *l = w->data;
+  struct sockaddr_storage ss;
+  socklen_t sslen;
+  struct peer_addr peer;
   int i, fd, one = 1;
 
   (void) lp; (void) revents;
   for (i = 0; i < ACCEPT_BATCH; i++) {
-    fd = accept4 (l->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    sslen = sizeof ss;
+    fd = accept4 (l->fd, (struct sockaddr *) &ss, &sslen,
+                  SOCK_NONBLOCK | SOCK_CLOEXEC);
     if (fd < 0) {
       switch (errno) {
       case EINTR:
@@ -123,9 +174,8 @@ accept_cb (struct ev_loop *lp, ev_io *w, int revents)
       }
     }
 
-    if (max_connections && conn_count () >= max_connections) {
-      log_info ("refusing a connection: already %u (--shared %u)",
-                conn_count (), max_connections);
+    access_peer_from (&peer, (struct sockaddr *) &ss, sslen);
+    if (over_limit (&peer)) {
       close (fd);
       continue;
     }
@@ -424,6 +474,12 @@ void
 loop_set_max_connections (unsigned n)
 {
   max_connections = n;
+}
+
+void
+loop_set_max_per_client (unsigned n)
+{
+  max_per_client = n;
 }
 
 int

@@ -53,6 +53,16 @@ enum {
   OPT_TLS_PSK,
   OPT_TLS_VERIFY_PEER,
   OPT_VERSION,
+  /* Access control, limits, privileges. */
+  OPT_ALLOW_ADDRESS,
+  OPT_ALLOW_PSK_USER,
+  OPT_ALLOW_TLS_DN,
+  OPT_GROUP,
+  OPT_IDLE_TIMEOUT,
+  OPT_MAX_CONNECTIONS,
+  OPT_MAX_PER_CLIENT,
+  OPT_TLS_REQUIRED,
+  OPT_USER,
 };
 
 static const char short_options[] = "b:C:D:e:f:hk:l:p:rtUvx:";
@@ -86,6 +96,16 @@ static const struct option long_options[] = {
   { "tls-verify-peer", no_argument,      NULL, OPT_TLS_VERIFY_PEER },
   { "verbose",        no_argument,       NULL, 'v' },
   { "version",        no_argument,       NULL, OPT_VERSION },
+  { "allow-address",  required_argument, NULL, OPT_ALLOW_ADDRESS },
+  { "allow-psk-user", required_argument, NULL, OPT_ALLOW_PSK_USER },
+  { "allow-tls-dn",   required_argument, NULL, OPT_ALLOW_TLS_DN },
+  { "group",          required_argument, NULL, OPT_GROUP },
+  { "idle-timeout",   required_argument, NULL, OPT_IDLE_TIMEOUT },
+  { "max-connections", required_argument, NULL, OPT_MAX_CONNECTIONS },
+  { "max-connections-per-client", required_argument, NULL,
+    OPT_MAX_PER_CLIENT },
+  { "tls-required",   no_argument,       NULL, OPT_TLS_REQUIRED },
+  { "user",           required_argument, NULL, OPT_USER },
   { NULL, 0, NULL, 0 },
 };
 
@@ -119,6 +139,21 @@ usage (FILE *fp)
 "      --tls-certificates=DIR  ca-cert.pem, server-cert.pem, server-key.pem\n"
 "      --tls-psk=FILE       pre-shared keys, username:hexkey lines\n"
 "      --tls-verify-peer    require a client certificate signed by the CA\n"
+"      --max-connections=N  the same as --shared\n"
+"      --max-connections-per-client=N  at most N connections at once from\n"
+"                           one address (0: no limit; Unix sockets: none)\n"
+"      --idle-timeout=N     close connections that have nothing in flight\n"
+"                           and send nothing for N seconds (0: never)\n"
+"      --user=USER, --group=GROUP  once listening and the images open,\n"
+"                           run as USER and GROUP (root only)\n"
+"\n"
+"Who may use the export (the rules given must all pass):\n"
+"      --allow-address=LIST addresses (ADDR[/BITS], \"unix\" for Unix-\n"
+"                           socket clients), by spaces or commas (repeatable)\n"
+"      --allow-tls-dn=DN    TLS clients whose verified certificate has this\n"
+"                           subject DN (repeatable; --tls-verify-peer)\n"
+"      --allow-psk-user=LIST  TLS clients with these PSK usernames\n"
+"      --tls-required       only clients that did STARTTLS\n"
 "\n"
 "The export:\n"
 "  -x, --export-name=NAME   export name (default: \"\")\n"
@@ -421,6 +456,8 @@ struct export_options {
   size_t n_allow_dirs;
   bool discard;                         /* --discard=unmap */
   char *where;                          /* "FILE:LINE" of its section */
+  struct access *access;                /* --allow-*, --tls-required; then
+                                           the export's */
 };
 
 /* What the command line (or the configuration file) asks for. */
@@ -442,6 +479,10 @@ struct options {
   const char *tls_certificates;         /* --tls-certificates */
   const char *tls_psk;                  /* --tls-psk */
   bool tls_verify_peer;                 /* --tls-verify-peer */
+  unsigned max_per_client;              /* --max-connections-per-client */
+  unsigned idle_timeout;                /* --idle-timeout */
+  const char *user, *group;             /* --user, --group */
+  struct privs privs;                   /* what they are */
 };
 
 static void __attribute__ ((__noreturn__))
@@ -520,6 +561,60 @@ add_allow_dir (struct export_options *e, const char *dir)
   e->opts.allow_dirs = e->allow_dirs;
 }
 
+/* The export's access rules, made on first use. */
+static struct access *
+export_access (struct export_options *e)
+{
+  if (e->access == NULL && (e->access = calloc (1, sizeof *e->access)) == NULL)
+    out_of_memory ();
+  return e->access;
+}
+
+/* The options of access control, limits and privileges (c); false
+ * when c is not one of them.
+ */
+static bool
+parse_access_option (int c, const char *arg, struct options *o)
+{
+  char bad[300];
+
+  switch (c) {
+  case OPT_ALLOW_ADDRESS:
+    if (access_add_addresses (export_access (o->exp), arg, bad,
+                              sizeof bad) < 0)
+      bad_arg ("--allow-address", bad, "is not an address, ADDR/BITS "
+               "or unix");
+    return true;
+  case OPT_ALLOW_PSK_USER:
+    if (access_add_psk_users (export_access (o->exp), arg, bad,
+                              sizeof bad) < 0)
+      bad_arg ("--allow-psk-user", bad, "is not a username");
+    return true;
+  case OPT_ALLOW_TLS_DN:
+    if (access_add_dn (export_access (o->exp), arg) < 0)
+      bad_arg ("--allow-tls-dn", arg, "is not a DN");
+    return true;
+  case OPT_TLS_REQUIRED:
+    export_access (o->exp)->tls_required = true;
+    return true;
+  case OPT_MAX_CONNECTIONS:
+    if (parse_uint (arg, UINT_MAX, &o->shared) < 0)
+      bad_arg ("--max-connections", arg, "is not a number");
+    return true;
+  case OPT_MAX_PER_CLIENT:
+    if (parse_uint (arg, UINT_MAX, &o->max_per_client) < 0)
+      bad_arg ("--max-connections-per-client", arg, "is not a number");
+    return true;
+  case OPT_IDLE_TIMEOUT:
+    if (parse_uint (arg, UINT_MAX, &o->idle_timeout) < 0)
+      bad_arg ("--idle-timeout", arg, "is not a number of seconds");
+    return true;
+  case OPT_USER: o->user = arg; return true;
+  case OPT_GROUP: o->group = arg; return true;
+  default: return false;
+  }
+}
+
 /* One option c (getopt_long's answer) with its argument arg.  The
  * configuration file's keys come here too: one validation for both.
  */
@@ -530,6 +625,8 @@ parse_option (int c, const char *arg, struct options *o)
   unsigned port_n;
   uint64_t max_memory;
 
+  if (parse_access_option (c, arg, o))
+    return;
   switch (c) {
   case 'k':
     /* A second --socket replaces the first; the file may list several. */
@@ -689,6 +786,15 @@ static const struct config_key {
   { "allow-dir", OPT_ALLOW_DIR, false, true },
   { "cache", OPT_CACHE, false, false },
   { "l2-cache-size", OPT_L2_CACHE_SIZE, false, false },
+  { "max-connections", OPT_MAX_CONNECTIONS, true, false },
+  { "max-connections-per-client", OPT_MAX_PER_CLIENT, true, false },
+  { "idle-timeout", OPT_IDLE_TIMEOUT, true, false },
+  { "user", OPT_USER, true, false },
+  { "group", OPT_GROUP, true, false },
+  { "allow-address", OPT_ALLOW_ADDRESS, false, true },
+  { "allow-tls-dn", OPT_ALLOW_TLS_DN, false, true },
+  { "allow-psk-user", OPT_ALLOW_PSK_USER, false, true },
+  { "tls-required", OPT_TLS_REQUIRED, false, false },
 };
 #define N_CONFIG_KEYS (sizeof config_keys / sizeof config_keys[0])
 
@@ -814,6 +920,31 @@ option_name (int c)
   return "?";
 }
 
+/* What an export's access rules need of the server's TLS settings. */
+static void
+check_access (const struct options *o, const struct export_options *e)
+{
+  const struct access *a = e->access;
+  const char *err = NULL;
+
+  if (a == NULL)
+    return;
+  if (access_needs_tls (a) && o->tls == TLS_OFF)
+    err = "tls-required, allow-tls-dn and allow-psk-user need tls on or "
+      "require";
+  else if (a->n_dns && (!o->tls_verify_peer || !o->tls_certificates))
+    err = "allow-tls-dn needs tls-certificates and tls-verify-peer "
+      "(a DN is only worth what its verification is)";
+  else if (a->n_psk_users && !o->tls_psk)
+    err = "allow-psk-user needs tls-psk";
+  if (err == NULL)
+    return;
+  if (e->where == NULL)
+    bad_usage ("%s", err);
+  log_error ("%s: %s, in [export %s]", e->where, err, e->name);
+  exit (EXIT_FAILURE);
+}
+
 /* Fill o from the command line; a usage error exits. */
 static void
 parse_options (int argc, char *argv[], struct options *o)
@@ -851,6 +982,8 @@ parse_options (int argc, char *argv[], struct options *o)
     check_export (o->exp);
   }
   o->exp = NULL;
+  for (size_t i = 0; i < o->n_exports; i++)
+    check_access (o, &o->exports[i]);
 }
 
 /* Set up the loop and listen where o says (or on the activated sockets
@@ -865,7 +998,9 @@ start_listening (const struct options *o, int activated)
   if (loop_init () < 0)
     return -1;
   loop_set_max_connections (o->shared);
+  loop_set_max_per_client (o->max_per_client);
   conn_set_handshake_limit (o->handshake_limit);
+  conn_set_idle_timeout (o->idle_timeout);
   if (activated > 0) {
     if (o->n_socks || o->addr)
       log_info ("socket activation: ignoring --socket/--port/--bind");
@@ -894,6 +1029,11 @@ open_exports (struct options *o)
 
     r = export_add (e->name, e->description, e->image, &e->opts,
                     e->discard);
+    /* The rules now belong to the export (and are freed with it). */
+    if (r == 0) {
+      export_find (e->name, strlen (e->name))->access = e->access;
+      e->access = NULL;
+    }
   }
   /* Only the open needed them: the engine keeps their real paths. */
   for (size_t i = 0; i < o->n_exports; i++) {
@@ -905,6 +1045,31 @@ open_exports (struct options *o)
     export_close_all ();
     exit (EXIT_FAILURE);
   }
+}
+
+/* --user, --group: the pid file and our Unix sockets go to the user
+ * first, so that it may remove them at exit (which also needs the
+ * directory writable by it, or sticky as /tmp is).
+ */
+static int
+drop_privileges (const struct options *o, int activated)
+{
+  if (!o->privs.set_uid && !o->privs.set_gid)
+    return 0;
+  if (o->pid_file && privs_chown (&o->privs, o->pid_file) < 0)
+    return -1;
+  for (size_t i = 0; activated == 0 && i < o->n_socks; i++)
+    if (privs_chown (&o->privs, o->socks[i]) < 0)
+      return -1;
+  if (privs_drop (&o->privs) < 0)
+    return -1;
+  /* GnuTLS reads the keys file at each PSK handshake, as the user. */
+  if (o->tls_psk && access (o->tls_psk, R_OK) < 0) {
+    log_error ("--tls-psk: %s: %m, once running as --user/--group "
+               "(it is read at each handshake)", o->tls_psk);
+    return -1;
+  }
+  return 0;
 }
 
 int
@@ -934,6 +1099,9 @@ main (int argc, char *argv[])
   signal (SIGXFSZ, SIG_IGN);
 
   parse_options (argc, argv, &o);
+  /* Before the images are opened: a mistake costs nothing yet. */
+  if (privs_init (&o.privs, o.user, o.group) < 0)
+    exit (EXIT_FAILURE);
 
   activated = socket_activation ();
 
@@ -948,6 +1116,11 @@ main (int argc, char *argv[])
 
   if (o.pid_file && write_pid_file (o.pid_file) < 0)
     goto fail;
+  if (drop_privileges (&o, activated) < 0) {
+    if (o.pid_file)
+      unlink (o.pid_file);
+    goto fail;
+  }
   if (log_verbosity >= 1)
     for (size_t i = 0; i < o.n_exports; i++)
       print_uri (o.exports[i].image, o.exports[i].name,

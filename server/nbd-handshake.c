@@ -9,6 +9,11 @@
  * NBD_OPT_SET_META_CONTEXT) are those of the table in nbd-meta.c; LIST
  * with no query at all lists every one.
  *
+ * Each export's allowlist (access.c) is checked wherever an option names
+ * the export: a refused client gets NBD_REP_ERR_POLICY (NBD_REP_ERR_TLS_REQD
+ * when STARTTLS could let it in), a hang-up for EXPORT_NAME, and LIST
+ * shows it only the exports it may use.
+ *
  * Option data is read whole into the connection's bounded read buffer;
  * an option longer than MAX_OPTION_LENGTH, a bad magic, unknown client
  * flags or too many options close the connection.  Anything else a client
@@ -21,6 +26,7 @@
 #include <assert.h>
 #include <endian.h>
 #include <inttypes.h>
+#include <netinet/in.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
@@ -124,6 +130,36 @@ transmission_flags (const struct conn *c, const struct export *e)
   return flags;
 }
 
+/* Whether c may use e.  If not, one log line says who, which export and
+ * why, and the client is answered for option opt: an error reply, or a
+ * hang-up for EXPORT_NAME, which has no error reply.
+ */
+static bool
+may_use (struct conn *c, uint32_t opt, const struct export *e)
+{
+  char buf[INET6_ADDRSTRLEN];
+  enum access_verdict v;
+  const char *why;
+
+  v = access_check (e->access, c, &why);
+  if (v == ACCESS_OK)
+    return true;
+  log_warning ("client %u (%s%s%s): export '%s' refused: %s", c->id,
+               access_peer_name (&c->peer, buf, sizeof buf),
+               c->tls_psk_user ? ", PSK user " : c->tls_dn ? ", " : "",
+               c->tls_psk_user ? c->tls_psk_user : c->tls_dn ? c->tls_dn : "",
+               e->name, why);
+  if (opt == NBD_OPT_EXPORT_NAME)
+    conn_set_dead (c);
+  else if (v == ACCESS_TLS_REQUIRED)
+    send_opt_error (c, opt, NBD_REP_ERR_TLS_REQD,
+                    "export '%s' needs TLS: use STARTTLS first", e->name);
+  else
+    send_opt_error (c, opt, NBD_REP_ERR_POLICY,
+                    "export '%s': access denied", e->name);
+  return false;
+}
+
 static void
 enter_transmission (struct conn *c, struct export *e)
 {
@@ -157,6 +193,8 @@ opt_export_name (struct conn *c, const unsigned char *data, uint32_t len)
     conn_set_dead (c);
     return;
   }
+  if (!may_use (c, NBD_OPT_EXPORT_NAME, e))
+    return;
   memset (&r, 0, sizeof r);
   r.size = htobe64 (qcow2_size (e->q));
   r.eflags = htobe16 (transmission_flags (c, e));
@@ -203,6 +241,8 @@ opt_info_go (struct conn *c, uint32_t opt, const unsigned char *data,
                     (int) (namelen < 200 ? namelen : 200), name);
     return;
   }
+  if (!may_use (c, opt, e))
+    return;
 
   ie.info = htobe16 (NBD_INFO_EXPORT);
   ie.size = htobe64 (qcow2_size (e->q));
@@ -257,6 +297,11 @@ opt_list (struct conn *c, uint32_t len)
     size_t nlen = strlen (e->name);
     size_t dlen = e->description ? strlen (e->description) : 0;
     uint32_t be = htobe32 (nlen);
+    const char *why;
+
+    /* Not even the names of the others. */
+    if (access_check (e->access, c, &why) != ACCESS_OK)
+      continue;
 
     /* Name length, name, then the description for humans. */
     memcpy (buf, &be, 4);
@@ -328,6 +373,8 @@ opt_meta_context (struct conn *c, uint32_t opt, const unsigned char *data,
                     (const char *) data + 4);
     return;
   }
+  if (!may_use (c, opt, e))
+    return;
 
   /* No query: LIST lists everything, SET selects nothing. */
   if (nr == 0 && list)

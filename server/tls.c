@@ -22,9 +22,11 @@
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <unistd.h>
 
 #include <gnutls/gnutls.h>
+#include <gnutls/x509.h>
 
 #include "internal.h"
 
@@ -184,6 +186,57 @@ tls_fail (struct conn *c, gnutls_session_t s, int r, const char *what)
   return -1;
 }
 
+/* Who the client is, for the exports' allowlists (access.c): its PSK
+ * username, or the subject DN of its certificate when it was verified.
+ * Returns 0, or -1 (logged) when out of memory.
+ */
+static int
+tls_peer_identity (struct conn *c, gnutls_session_t s)
+{
+  const gnutls_datum_t *certs;
+  gnutls_x509_crt_t crt;
+  gnutls_datum_t dn = { NULL, 0 };
+  unsigned n = 0;
+  int r;
+
+  if (gnutls_auth_get_type (s) == GNUTLS_CRD_PSK) {
+    const char *user = gnutls_psk_server_get_username (s);
+
+    if (user && (c->tls_psk_user = strdup (user)) == NULL)
+      goto oom;
+    return 0;
+  }
+  /* Without --tls-verify-peer a certificate proves nothing. */
+  if (!verify_peer || gnutls_certificate_type_get (s) != GNUTLS_CRT_X509)
+    return 0;
+  certs = gnutls_certificate_get_peers (s, &n);
+  if (certs == NULL || n == 0)
+    return 0;
+  r = gnutls_x509_crt_init (&crt);
+  if (r < 0) {
+    log_error ("client %u: TLS: %s", c->id, gnutls_strerror (r));
+    return -1;
+  }
+  r = gnutls_x509_crt_import (crt, &certs[0], GNUTLS_X509_FMT_DER);
+  if (r == 0)
+    r = gnutls_x509_crt_get_dn2 (crt, &dn);
+  gnutls_x509_crt_deinit (crt);
+  if (r < 0) {
+    log_info ("client %u: TLS: its certificate's DN: %s", c->id,
+              gnutls_strerror (r));
+    return 0;
+  }
+  c->tls_dn = strndup ((const char *) dn.data, dn.size);
+  gnutls_free (dn.data);
+  if (c->tls_dn == NULL)
+    goto oom;
+  return 0;
+
+ oom:
+  log_error ("client %u: %m", c->id);
+  return -1;
+}
+
 /* Drive the TLS handshake: 0 when it is over, else tls_fail's answer. */
 static int
 tls_handshake (struct conn *c, gnutls_session_t s)
@@ -200,13 +253,19 @@ tls_handshake (struct conn *c, gnutls_session_t s)
   if (r < 0)
     return tls_fail (c, s, r, "handshake");
   c->tls_ready = true;
+  if (tls_peer_identity (c, s) < 0) {
+    errno = ENOMEM;
+    return -1;
+  }
   desc = gnutls_session_get_desc (s);
-  if (gnutls_auth_get_type (s) == GNUTLS_CRD_PSK)
+  if (c->tls_psk_user)
     log_info ("client %u: TLS session %s, PSK user '%s'", c->id,
-              desc ? desc : "", gnutls_psk_server_get_username (s));
+              desc ? desc : "", c->tls_psk_user);
+  else if (c->tls_dn)
+    log_info ("client %u: TLS session %s, client certificate verified: "
+              "'%s'", c->id, desc ? desc : "", c->tls_dn);
   else
-    log_info ("client %u: TLS session %s%s", c->id, desc ? desc : "",
-              verify_peer ? ", client certificate verified" : "");
+    log_info ("client %u: TLS session %s", c->id, desc ? desc : "");
   gnutls_free (desc);
   return 0;
 }
@@ -262,6 +321,9 @@ tls_close (struct conn *c)
   if (c->tls_ready && c->xport != NULL)
     gnutls_bye (s, GNUTLS_SHUT_WR);
   gnutls_deinit (s);
+  free (c->tls_dn);
+  free (c->tls_psk_user);
+  c->tls_dn = c->tls_psk_user = NULL;
 }
 
 static const struct conn_transport tls_transport = {
