@@ -176,11 +176,23 @@ conn_free (struct conn *c)
     c->next->prev = c->prev;
   nr_conns--;
   log_debug ("client %u: freed", c->id);
+  if (c->exp)
+    export_detach (c->exp);
   free (c->rbuf);
   free (c);
   mem_release (CONN_RBUF_SIZE);
   if (conn_freed)
     conn_freed ();
+}
+
+void
+conn_forget_export (const struct export *e)
+{
+  for (struct conn *c = conns; c; c = c->next) {
+    assert (c->exp != e);
+    if (c->meta_exp == e)
+      c->meta_exp = NULL;
+  }
 }
 
 /* ------------------------------------------------------------------ */

@@ -168,6 +168,17 @@ struct export {
                                    format was probed (-f auto): writes may
                                    not give it a qcow2 magic (export_write_ok) */
   ev_io io;                     /* on qcow2_fd (q); io.data == this */
+
+  /* Reload (reload.c).  An export is what a client negotiated: a reload
+   * never changes one in place.  It retires it (no new clients: not
+   * found, not listed) and, for settings that need no reopen, adds a new
+   * export over the same open image (export_update).  A retired export is
+   * removed once its last client has gone.
+   */
+  bool retired;
+  unsigned clients;             /* connections in transmission on it */
+  bool q_owner;                 /* the one of the exports sharing q that
+                                   closes it */
 };
 
 /* Open the image at path and add it under name; discard says whether
@@ -210,10 +221,58 @@ bool export_write_ok (const struct export *e, uint64_t offset,
 void export_block_size (const struct export *e, uint32_t *minimum,
                         uint32_t *preferred, uint32_t *maximum);
 
+/* The export "" means when none is called so: the first not retired. */
+struct export *export_default (void);
+
+/* ---- export.c, for reload.c ---- */
+
+/* Exports not retired. */
+unsigned export_count (void);
+/* A connection enters transmission on e (not retired) / is freed. */
+void export_attach (struct export *e);
+void export_detach (struct export *e);
+/* hook (e) is called when a retired export loses its last client (from
+ * inside the connection's free, maybe from the engine's callbacks: the
+ * hook must not close e there).
+ */
+void export_set_idle_hook (void (*hook) (struct export *e));
+/* No new client gets e. */
+void export_retire (struct export *e);
+/* A new export with old's name and open image but these settings, in
+ * old's place; old is retired.  A per-export setting that needs no reopen
+ * is one more parameter here.  Returns it, or NULL (logged).
+ */
+struct export *export_update (struct export *old, const char *description,
+                              bool discard);
+/* Take the retired export e, without clients and no longer watched, out
+ * of the list; close its image (flushed, marked clean) unless another
+ * export shares it.  Returns 0, or -1 if the close failed (logged).
+ */
+int export_remove (struct export *e);
+
 /* Close every export (flushing it) and free the list.  Returns 0, or -1
  * if some image failed to close cleanly (logged).
  */
 int export_close_all (void);
+
+/* ------------------------------------------------------------------ */
+/* notify.c                                                            */
+/* ------------------------------------------------------------------ */
+
+/* What systemd is told through NOTIFY_SOCKET (nothing when it is not
+ * set).  Timers run on libev loop l (loop_init); notify_cleanup stops
+ * them (at exit).
+ */
+void notify_init (struct ev_loop *l);
+void notify_cleanup (void);
+/* READY=1 with STATUS=: listening, or a reload is over. */
+void notify_ready (void);
+/* RELOADING=1 with MONOTONIC_USEC=: a reload starts. */
+void notify_reloading (void);
+/* The number of exports or connections changed: STATUS= now, or at the
+ * end of the interval if one was sent less than a second ago.
+ */
+void notify_status_changed (void);
 
 /* ------------------------------------------------------------------ */
 /* loop.c                                                              */
@@ -245,6 +304,14 @@ int loop_listen_fd (int fd);
 
 /* Watch the engine descriptor of e and run its completions. */
 void loop_watch_export (struct export *e);
+/* Stop that (before e is removed). */
+void loop_unwatch_export (struct export *e);
+
+/* SIGHUP calls fn (main.c's reload), from the loop. */
+void loop_on_reload (void (*fn) (void));
+
+/* The libev loop of loop_init. */
+struct ev_loop *loop_get (void);
 
 /* Run until a SIGTERM/SIGINT has been handled and every connection has
  * gone; then stop watching the engines (the images may be closed).
@@ -530,6 +597,11 @@ void conn_shutdown_all (void);
 /* Close every connection at once (the shutdown took too long). */
 void conn_kill_all (void);
 
+/* The export e is about to be freed (reload.c): no connection attached to
+ * it; those whose meta contexts were chosen for it forget that choice.
+ */
+void conn_forget_export (const struct export *e);
+
 /* ------------------------------------------------------------------ */
 /* tls.c                                                               */
 /* ------------------------------------------------------------------ */
@@ -559,6 +631,35 @@ int tls_start (struct conn *c);
 
 /* Free the credentials (at exit). */
 void tls_cleanup (void);
+
+/* ------------------------------------------------------------------ */
+/* reload.c                                                            */
+/* ------------------------------------------------------------------ */
+
+/* One export of a configuration file, as reload.c compares them.  The
+ * strings (and opts) must live as long as the daemon: a reopen may use
+ * them long after the reload.
+ */
+struct reload_export {
+  const char *name, *description, *image;
+  const struct qcow2_opts *opts;
+  bool discard;
+  /* Its section's keys as read, "key=value" lines: those whose change
+   * needs the image reopened, and the others.
+   */
+  const char *sig_open, *sig_live;
+};
+
+/* The exports xs[0..n) are open (startup).  Returns 0 or -1 (logged). */
+int reload_init (const struct reload_export *xs, size_t n);
+
+/* A configuration file read again, whole and valid: apply its exports
+ * (see reload.c).  Problems are logged; the rest still applies.
+ */
+void reload_apply (const struct reload_export *xs, size_t n);
+
+/* Free what reload.c holds (at exit, before loop_cleanup). */
+void reload_cleanup (void);
 
 /* ------------------------------------------------------------------ */
 /* nbd-meta.c                                                          */

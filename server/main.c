@@ -162,6 +162,7 @@ usage (FILE *fp)
  */
 static struct {
   const char *where, *key, *section;
+  bool failed;                  /* bad_arg said why: the file is refused */
 } config_pos;
 
 static void __attribute__ ((__noreturn__)) QNBD_PRINTF (1, 2)
@@ -178,15 +179,19 @@ bad_usage (const char *fmt, ...)
 }
 
 /* A bad argument arg of the option opt ("--port"), or of the key being
- * read from the configuration file: the message says what is wrong.
+ * read from the configuration file: the message says what is wrong.  A
+ * key returns (config_pos.failed is set: the file is refused, at startup
+ * or by a reload that must leave the running state alone); an option
+ * exits.
  */
-static void __attribute__ ((__noreturn__))
+static void
 bad_arg (const char *opt, const char *arg, const char *what)
 {
   if (config_pos.where) {
     log_error ("%s: key '%s' in [%s]: '%s' %s", config_pos.where,
                config_pos.key, config_pos.section, arg, what);
-    exit (EXIT_FAILURE);
+    config_pos.failed = true;
+    return;
   }
   bad_usage ("%s: '%s' %s", opt, arg, what);
 }
@@ -260,38 +265,6 @@ socket_activation (void)
   unsetenv ("LISTEN_FDS");
   unsetenv ("LISTEN_FDNAMES");
   return n;
-}
-
-/* Tell systemd (Type=notify) that we are ready, if it asked. */
-static void
-notify_ready (void)
-{
-  const char *path = getenv ("NOTIFY_SOCKET");
-  struct sockaddr_un sun = { .sun_family = AF_UNIX };
-  static const char msg[] = "READY=1";
-  size_t len;
-  int fd;
-
-  if (path == NULL || *path == '\0')
-    return;
-  len = strlen (path);
-  if ((path[0] != '/' && path[0] != '@') || len >= sizeof sun.sun_path) {
-    log_warning ("NOTIFY_SOCKET=%s: unusable address", path);
-    return;
-  }
-  memcpy (sun.sun_path, path, len);
-  if (path[0] == '@')
-    sun.sun_path[0] = '\0';     /* abstract namespace */
-
-  fd = socket (AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-  if (fd < 0) {
-    log_warning ("NOTIFY_SOCKET: socket: %m");
-    return;
-  }
-  if (sendto (fd, msg, sizeof msg - 1, MSG_NOSIGNAL, (struct sockaddr *) &sun,
-              offsetof (struct sockaddr_un, sun_path) + len) < 0)
-    log_warning ("NOTIFY_SOCKET=%s: %m", path);
-  close (fd);
 }
 
 /* Create a fresh temporary file beside path for writing: never through a
@@ -421,6 +394,8 @@ struct export_options {
   size_t n_allow_dirs;
   bool discard;                         /* --discard=unmap */
   char *where;                          /* "FILE:LINE" of its section */
+  char *sig[2];                         /* its keys as read, for reload:
+                                           [0] RELOAD_LIVE, [1] REOPEN */
 };
 
 /* What the command line (or the configuration file) asks for. */
@@ -430,6 +405,9 @@ struct options {
   const char *addr, *port;
   const char *pid_file;
   const char *config;                   /* -C */
+  uint64_t max_memory;                  /* --max-memory, 0: not given */
+  char *sig_restart;                    /* [server] keys a reload cannot
+                                           apply, "key=value" lines */
   struct export_options *exports;
   size_t n_exports;
   struct export_options *exp;           /* the one options apply to */
@@ -479,6 +457,7 @@ keyword (const char *opt, const char *arg, const struct keyword *k,
       return k->value;
   snprintf (what, sizeof what, "is not one of %s", choices);
   bad_arg (opt, arg, what);
+  return 0;                     /* a key: the file is refused */
 }
 
 static const struct keyword formats[] = {
@@ -599,7 +578,8 @@ parse_option (int c, const char *arg, struct options *o)
     if (parse_size (arg, &max_memory) < 0 || max_memory == 0
         || max_memory > SIZE_MAX)
       bad_arg ("--max-memory", arg, "is not a size");
-    mem_set_max_memory ((size_t) max_memory);
+    else
+      o->max_memory = max_memory;
     break;
   case 'C': o->config = arg; break;
   case 'h':
@@ -635,9 +615,10 @@ new_export (struct options *o)
 }
 
 /* What an export must not combine; where names its section, NULL on the
+ * command line.  Returns 0, or -1 for a section (logged); exits for the
  * command line.
  */
-static void
+static int
 check_export (const struct export_options *e)
 {
   const char *err = NULL;
@@ -649,48 +630,74 @@ check_export (const struct export_options *e)
     err = e->where ? "allow-dir only applies to backing=confine"
       : "--allow-dir only applies to --backing=confine";
   if (err == NULL)
-    return;
+    return 0;
   if (e->where == NULL)
     bad_usage ("%s", err);
   log_error ("%s: %s in [export %s]", e->where, err, e->name);
-  exit (EXIT_FAILURE);
+  return -1;
 }
 
 /* The keys of the configuration file: the long option each one is, and
  * the section it belongs in.  "file" is the export's image.
+ *
+ * What a reload (SIGHUP) does when a key changes: RELOAD_LIVE (the
+ * default) applies it to new connections (an export key) or at once
+ * (a [server] limit); RELOAD_REOPEN opens the export's image again;
+ * RELOAD_RESTART is only logged (it needs a restart).
  */
+enum { RELOAD_LIVE, RELOAD_REOPEN, RELOAD_RESTART };
 #define KEY_FILE (-1)
 static const struct config_key {
   const char *key;
   int opt;
   bool server;                  /* [server], else [export NAME] */
   bool repeatable;
+  int reload;                   /* RELOAD_* */
 } config_keys[] = {
-  { "socket", 'k', true, true },
-  { "port", 'p', true, false },
-  { "bind", 'b', true, false },
-  { "shared", 'e', true, false },
-  { "handshake-limit", OPT_HANDSHAKE_LIMIT, true, false },
-  { "max-memory", OPT_MAX_MEMORY, true, false },
-  { "pid-file", OPT_PID_FILE, true, false },
-  { "tls", OPT_TLS, true, false },
-  { "tls-certificates", OPT_TLS_CERTIFICATES, true, false },
-  { "tls-psk", OPT_TLS_PSK, true, false },
-  { "tls-verify-peer", OPT_TLS_VERIFY_PEER, true, false },
-  { "file", KEY_FILE, false, false },
-  { "format", 'f', false, false },
-  { "readonly", 'r', false, false },
-  { "description", 'D', false, false },
-  { "discard", OPT_DISCARD, false, false },
-  { "compress", OPT_COMPRESS, false, false },
-  { "snapshot", 'l', false, false },
-  { "force-share", 'U', false, false },
-  { "backing", OPT_BACKING, false, false },
-  { "allow-dir", OPT_ALLOW_DIR, false, true },
-  { "cache", OPT_CACHE, false, false },
-  { "l2-cache-size", OPT_L2_CACHE_SIZE, false, false },
+  { "socket", 'k', true, true, RELOAD_RESTART },
+  { "port", 'p', true, false, RELOAD_RESTART },
+  { "bind", 'b', true, false, RELOAD_RESTART },
+  { "shared", 'e', true, false, RELOAD_LIVE },
+  { "handshake-limit", OPT_HANDSHAKE_LIMIT, true, false, RELOAD_LIVE },
+  { "max-memory", OPT_MAX_MEMORY, true, false, RELOAD_LIVE },
+  { "pid-file", OPT_PID_FILE, true, false, RELOAD_RESTART },
+  { "tls", OPT_TLS, true, false, RELOAD_RESTART },
+  { "tls-certificates", OPT_TLS_CERTIFICATES, true, false, RELOAD_RESTART },
+  { "tls-psk", OPT_TLS_PSK, true, false, RELOAD_RESTART },
+  { "tls-verify-peer", OPT_TLS_VERIFY_PEER, true, false, RELOAD_RESTART },
+  { "file", KEY_FILE, false, false, RELOAD_REOPEN },
+  { "format", 'f', false, false, RELOAD_REOPEN },
+  { "readonly", 'r', false, false, RELOAD_REOPEN },
+  { "description", 'D', false, false, RELOAD_LIVE },
+  { "discard", OPT_DISCARD, false, false, RELOAD_LIVE },
+  { "compress", OPT_COMPRESS, false, false, RELOAD_REOPEN },
+  { "snapshot", 'l', false, false, RELOAD_REOPEN },
+  { "force-share", 'U', false, false, RELOAD_REOPEN },
+  { "backing", OPT_BACKING, false, false, RELOAD_REOPEN },
+  { "allow-dir", OPT_ALLOW_DIR, false, true, RELOAD_REOPEN },
+  { "cache", OPT_CACHE, false, false, RELOAD_REOPEN },
+  { "l2-cache-size", OPT_L2_CACHE_SIZE, false, false, RELOAD_REOPEN },
 };
 #define N_CONFIG_KEYS (sizeof config_keys / sizeof config_keys[0])
+
+/* Add the line "key=value" to *sig (NULL: nothing).  Returns 0 or -1. */
+static int
+append_sig (char **sig, const char *key, const char *value)
+{
+  size_t old, len;
+  char *p;
+
+  if (sig == NULL)
+    return 0;
+  old = *sig ? strlen (*sig) : 0;
+  len = strlen (key) + 1 + strlen (value) + 1;
+  p = realloc (*sig, old + len + 1);
+  if (p == NULL)
+    return -1;
+  snprintf (p + old, len + 1, "%s=%s\n", key, value);
+  *sig = p;
+  return 0;
+}
 
 /* What the reading of the configuration file keeps between calls. */
 struct config_state {
@@ -753,6 +760,11 @@ config_key (void *opaque, const char *where, const char *key,
   if (copy == NULL)
     out_of_memory ();
 
+  if (append_sig (k->reload == RELOAD_LIVE && o->exp ? &o->exp->sig[0]
+                  : k->reload == RELOAD_REOPEN ? &o->exp->sig[1]
+                  : k->reload == RELOAD_RESTART ? &o->sig_restart : NULL,
+                  key, value) < 0)
+    out_of_memory ();
   config_pos.where = where;
   config_pos.key = key;
   config_pos.section = st->section;
@@ -768,7 +780,7 @@ config_key (void *opaque, const char *where, const char *key,
       parse_option (k->opt, copy, o);
   }
   config_pos.where = NULL;
-  return 0;
+  return config_pos.failed ? -1 : 0;
 }
 
 static int
@@ -783,12 +795,13 @@ config_end (void *opaque, const char *where)
     log_error ("%s: key 'file' missing in [%s]", where, st->section);
     return -1;
   }
-  check_export (e);
-  return 0;
+  return check_export (e);
 }
 
-/* Fill o from the configuration file o->config. */
-static void
+/* Fill o from the configuration file o->config.  Returns 0, or -1 once
+ * the file, the line and the cause are logged.
+ */
+static int
 read_config (struct options *o)
 {
   static const struct config_ops ops = {
@@ -796,12 +809,14 @@ read_config (struct options *o)
   };
   struct config_state st = { .o = o };
 
+  config_pos.failed = false;
   if (config_read (o->config, &ops, &st) < 0)
-    exit (EXIT_FAILURE);
+    return -1;
   if (o->n_exports == 0) {
     log_error ("%s: no [export NAME] section", o->config);
-    exit (EXIT_FAILURE);
+    return -1;
   }
+  return 0;
 }
 
 /* The long name of option c, for messages. */
@@ -839,7 +854,8 @@ parse_options (int argc, char *argv[], struct options *o)
     o->aio_mode = o->exp->opts.aio_mode;
     o->n_exports = 0;
     free (o->exp->allow_dirs);
-    read_config (o);
+    if (read_config (o) < 0)
+      exit (EXIT_FAILURE);
   }
   else {
     if (optind != argc - 1)
@@ -853,6 +869,125 @@ parse_options (int argc, char *argv[], struct options *o)
   o->exp = NULL;
 }
 
+/* ------------------------------------------------------------------ */
+/* Reload (SIGHUP): the -C file read again, into a new struct options.  */
+/* ------------------------------------------------------------------ */
+
+/* The options in force, and those of earlier reloads: a pending reopen
+ * (reload.c) still points at their strings, so none is freed.
+ */
+static struct options *running;
+struct generation {
+  struct generation *prev;
+  struct options *o;
+};
+static struct generation *generations;
+
+/* Free what read_config allocated in o (a file a reload refused). */
+static void
+free_options (struct options *o)
+{
+  for (size_t i = 0; i < o->n_exports; i++) {
+    free (o->exports[i].allow_dirs);
+    free (o->exports[i].sig[0]);
+    free (o->exports[i].sig[1]);
+  }
+  for (size_t i = 0; i < o->n_strings; i++)
+    free (o->strings[i]);
+  free (o->strings);
+  free (o->exports);
+  free (o->socks);
+  free (o->sig_restart);
+  free (o);
+}
+
+/* Hand o's exports to reload.c (apply: reload_apply, else reload_init).
+ * Returns 0 or -1 (logged).
+ */
+static int
+reload_exports (const struct options *o, bool apply)
+{
+  struct reload_export *xs = calloc (o->n_exports, sizeof *xs);
+
+  if (xs == NULL) {
+    log_error ("reload: %m");
+    return -1;
+  }
+  for (size_t i = 0; i < o->n_exports; i++) {
+    const struct export_options *e = &o->exports[i];
+
+    xs[i] = (struct reload_export) {
+      .name = e->name, .description = e->description, .image = e->image,
+      .opts = &e->opts, .discard = e->discard,
+      .sig_live = e->sig[0] ? e->sig[0] : "",
+      .sig_open = e->sig[1] ? e->sig[1] : "",
+    };
+  }
+  if (apply)
+    reload_apply (xs, o->n_exports);
+  else if (reload_init (xs, o->n_exports) < 0) {
+    free (xs);
+    return -1;
+  }
+  free (xs);
+  return 0;
+}
+
+/* The limits of [server] that apply without a restart. */
+static void
+apply_limits (const struct options *o)
+{
+  loop_set_max_connections (o->shared);
+  conn_set_handshake_limit (o->handshake_limit);
+  mem_set_max_memory (o->max_memory ? (size_t) o->max_memory
+                      : DEFAULT_MAX_MEMORY);
+}
+
+/* SIGHUP (loop.c): read the -C file again; apply it only if all of it
+ * is good.
+ */
+static void
+reload_config (void)
+{
+  struct options *o = calloc (1, sizeof *o);
+  struct generation *g = calloc (1, sizeof *g);
+  const char *a, *b;
+
+  notify_reloading ();
+  if (o == NULL || g == NULL) {
+    log_error ("reload: %m");
+    free (o);
+    free (g);
+    notify_ready ();
+    return;
+  }
+  log_info ("reload: reading %s", running->config);
+  o->config = running->config;
+  o->aio_mode = running->aio_mode;
+  o->handshake_limit = DEFAULT_HANDSHAKE_LIMIT;
+  if (read_config (o) < 0) {
+    log_error ("reload: %s refused: the running configuration stays",
+               o->config);
+    free_options (o);
+    free (g);
+    notify_ready ();
+    return;
+  }
+  a = running->sig_restart ? running->sig_restart : "";
+  b = o->sig_restart ? o->sig_restart : "";
+  if (strcmp (a, b) != 0)
+    log_warning ("reload: %s: the listen addresses, pid-file and TLS "
+                 "settings of [server] changed: they apply after a restart",
+                 o->config);
+  apply_limits (o);
+  reload_exports (o, true);
+  g->o = running;
+  g->prev = generations;
+  generations = g;
+  running = o;
+  notify_ready ();
+}
+
 /* Set up the loop and listen where o says (or on the activated sockets
  * systemd passed).  Returns 0 or -1 (logged).
  */
@@ -864,8 +999,7 @@ start_listening (const struct options *o, int activated)
 
   if (loop_init () < 0)
     return -1;
-  loop_set_max_connections (o->shared);
-  conn_set_handshake_limit (o->handshake_limit);
+  apply_limits (o);
   if (activated > 0) {
     if (o->n_socks || o->addr)
       log_info ("socket activation: ignoring --socket/--port/--bind");
@@ -945,6 +1079,12 @@ main (int argc, char *argv[])
     goto fail;
   for (e = export_first (); e; e = e->next)
     loop_watch_export (e);
+  if (o.config) {
+    running = &o;
+    if (reload_exports (&o, false) < 0)
+      goto fail;
+    loop_on_reload (reload_config);
+  }
 
   if (o.pid_file && write_pid_file (o.pid_file) < 0)
     goto fail;
@@ -957,6 +1097,7 @@ main (int argc, char *argv[])
 
   loop_run ();
 
+  reload_cleanup ();
   if (export_close_all () < 0)
     status = EXIT_FAILURE;
   loop_cleanup ();
@@ -968,6 +1109,7 @@ main (int argc, char *argv[])
 
  fail:
   /* The loop first: it stops watching the images that close_all frees. */
+  reload_cleanup ();
   loop_cleanup ();
   export_close_all ();
   exit (EXIT_FAILURE);
