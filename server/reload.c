@@ -208,8 +208,8 @@ reopen (struct export *e, const struct reload_export *x)
   export_retire (e);
   if (users)
     log_info ("reload: export '%s' changed: reopened (%s) when its %u "
-              "client%s %s left; new clients wait for it", x->name,
-              x->image, users, users == 1 ? "" : "s",
+              "client%s %s left; until then new clients do not get it",
+              x->name, x->image, users, users == 1 ? "" : "s",
               users == 1 ? "has" : "have");
 }
 
