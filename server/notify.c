@@ -143,8 +143,12 @@ notify_reloading (void)
 void
 notify_status_changed (void)
 {
+  const char *path = getenv ("NOTIFY_SOCKET");
   char buf[96];
 
+  /* Called at every accept and close: nothing to do without systemd. */
+  if (path == NULL || *path == '\0')
+    return;
   if (loop && ev_is_active (&status_timer)) {
     status_stale = true;
     return;

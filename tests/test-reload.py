@@ -40,9 +40,10 @@ images = {n: qt.create_image(tmp, n + ".qcow2", SIZE)
           for n in ("a", "b", "c", "d", "f")}
 
 
-def write_cfg(exports, extra=""):
-    """exports: (name, key lines) in order."""
-    text = "[server]\nsocket = %s\npid-file = %s\n" % (sock, pidfile)
+def write_cfg(exports, extra="", server=""):
+    """exports: (name, key lines) in order; server: more [server] lines."""
+    text = "[server]\nsocket = %s\npid-file = %s\n%s" % (sock, pidfile,
+                                                         server)
     for name, keys in exports:
         text += "\n[export %s]\n%s\n" % (name, keys)
     text += extra
@@ -295,6 +296,7 @@ write_cfg([("b", file_of("b") + "\ndescription = the new b"),
            ("f", file_of("f"))])
 reload("b's description")
 assert listed()["b"] == "the new b", listed()
+assert "need a restart" not in srv.stderr()
 use(hb, 6)
 hb2 = connect("b")
 use(hb2, 7)
@@ -307,8 +309,11 @@ hb2.shutdown()
 write_cfg([("b", file_of("b") + "\ndescription = the new b\nreadonly = yes"),
            ("c", file_of("c")),
            ("d", file_of("d")),
-           ("f", file_of("f"))])
-reload("b read-only")
+           ("f", file_of("f"))],
+          server="max-memory = 64M\ntls = off\n")
+reload("b read-only; [server] max-memory and tls")
+assert "the listen addresses, pid-file and TLS settings of [server] " \
+    "changed: they apply after a restart" in srv.stderr(), srv.stderr()
 assert "reopened (%s) when its 1 client has left" % images["b"] \
     in srv.stderr(), srv.stderr()
 use(hb, 8)                      # still what it negotiated: writable
@@ -325,6 +330,24 @@ hb.shutdown()
 # The client of c saw nothing; systemd saw every reload.
 # ---------------------------------------------------------------------
 
+# A storm of connections: STATUS= at most about once a second.
+with notes_lock:
+    before = len(notes)
+t0 = time.monotonic()
+for i in range(40):
+    h = connect("f")
+    h.shutdown()
+elapsed = time.monotonic() - t0
+time.sleep(1.2)
+with notes_lock:
+    storm = notes[before:]
+qt.log("%d connections in %.2f s: %d notifications" %
+       (40, elapsed, len(storm)))
+assert 1 <= len(storm) <= elapsed + 3, storm
+# The last one has the count of the end of the storm: c's client.
+wait_for("STATUS= after the storm",
+         lambda: notes[-1].split("\n")[-1] == "STATUS=4 exports, 1 client", 5)
+
 stop_all.set()
 writer.join(60)
 assert not writer.is_alive(), "the client of c is stuck"
@@ -337,4 +360,13 @@ assert count_notes("RELOADING=1") == 5
 assert srv.stop() == 0
 for n in ("b", "c", "d", "f"):
     qt.check_image(images[n])
+
+# Without -C, SIGHUP is logged and ignored.
+single = qt.Server(images["f"], "-v")
+h = single.connect()
+single.proc.send_signal(signal.SIGHUP)
+wait_for("SIGHUP ignored", lambda: "SIGHUP: ignored" in single.stderr())
+use(h, 9)
+h.shutdown()
+assert single.stop() == 0
 qt.log("PASS")
