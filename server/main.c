@@ -639,46 +639,65 @@ check_export (const struct export_options *e)
 
 /* The keys of the configuration file: the long option each one is, and
  * the section it belongs in.  "file" is the export's image.
- *
- * What a reload (SIGHUP) does when a key changes: RELOAD_LIVE (the
- * default) applies it to new connections (an export key) or at once
- * (a [server] limit); RELOAD_REOPEN opens the export's image again;
- * RELOAD_RESTART is only logged (it needs a restart).
  */
-enum { RELOAD_LIVE, RELOAD_REOPEN, RELOAD_RESTART };
 #define KEY_FILE (-1)
 static const struct config_key {
   const char *key;
   int opt;
   bool server;                  /* [server], else [export NAME] */
   bool repeatable;
-  int reload;                   /* RELOAD_* */
 } config_keys[] = {
-  { "socket", 'k', true, true, RELOAD_RESTART },
-  { "port", 'p', true, false, RELOAD_RESTART },
-  { "bind", 'b', true, false, RELOAD_RESTART },
-  { "shared", 'e', true, false, RELOAD_LIVE },
-  { "handshake-limit", OPT_HANDSHAKE_LIMIT, true, false, RELOAD_LIVE },
-  { "max-memory", OPT_MAX_MEMORY, true, false, RELOAD_LIVE },
-  { "pid-file", OPT_PID_FILE, true, false, RELOAD_RESTART },
-  { "tls", OPT_TLS, true, false, RELOAD_RESTART },
-  { "tls-certificates", OPT_TLS_CERTIFICATES, true, false, RELOAD_RESTART },
-  { "tls-psk", OPT_TLS_PSK, true, false, RELOAD_RESTART },
-  { "tls-verify-peer", OPT_TLS_VERIFY_PEER, true, false, RELOAD_RESTART },
-  { "file", KEY_FILE, false, false, RELOAD_REOPEN },
-  { "format", 'f', false, false, RELOAD_REOPEN },
-  { "readonly", 'r', false, false, RELOAD_REOPEN },
-  { "description", 'D', false, false, RELOAD_LIVE },
-  { "discard", OPT_DISCARD, false, false, RELOAD_LIVE },
-  { "compress", OPT_COMPRESS, false, false, RELOAD_REOPEN },
-  { "snapshot", 'l', false, false, RELOAD_REOPEN },
-  { "force-share", 'U', false, false, RELOAD_REOPEN },
-  { "backing", OPT_BACKING, false, false, RELOAD_REOPEN },
-  { "allow-dir", OPT_ALLOW_DIR, false, true, RELOAD_REOPEN },
-  { "cache", OPT_CACHE, false, false, RELOAD_REOPEN },
-  { "l2-cache-size", OPT_L2_CACHE_SIZE, false, false, RELOAD_REOPEN },
+  { "socket", 'k', true, true },
+  { "port", 'p', true, false },
+  { "bind", 'b', true, false },
+  { "shared", 'e', true, false },
+  { "handshake-limit", OPT_HANDSHAKE_LIMIT, true, false },
+  { "max-memory", OPT_MAX_MEMORY, true, false },
+  { "pid-file", OPT_PID_FILE, true, false },
+  { "tls", OPT_TLS, true, false },
+  { "tls-certificates", OPT_TLS_CERTIFICATES, true, false },
+  { "tls-psk", OPT_TLS_PSK, true, false },
+  { "tls-verify-peer", OPT_TLS_VERIFY_PEER, true, false },
+  { "file", KEY_FILE, false, false },
+  { "format", 'f', false, false },
+  { "readonly", 'r', false, false },
+  { "description", 'D', false, false },
+  { "discard", OPT_DISCARD, false, false },
+  { "compress", OPT_COMPRESS, false, false },
+  { "snapshot", 'l', false, false },
+  { "force-share", 'U', false, false },
+  { "backing", OPT_BACKING, false, false },
+  { "allow-dir", OPT_ALLOW_DIR, false, true },
+  { "cache", OPT_CACHE, false, false },
+  { "l2-cache-size", OPT_L2_CACHE_SIZE, false, false },
 };
 #define N_CONFIG_KEYS (sizeof config_keys / sizeof config_keys[0])
+
+/* What a reload (SIGHUP) does when a key changes ("RELOAD" in
+ * qnbd.conf(5)).  An export key in reopen_keys needs the image opened
+ * again; any other export key is swapped in for new connections.  A
+ * [server] key in live_server_keys applies at once (apply_limits); any
+ * other one needs a restart (the reload says so).
+ */
+enum { RELOAD_LIVE, RELOAD_REOPEN, RELOAD_RESTART };
+static const char *const reopen_keys[] = {
+  "file", "format", "readonly", "compress", "snapshot", "force-share",
+  "backing", "allow-dir", "cache", "l2-cache-size", NULL,
+};
+static const char *const live_server_keys[] = {
+  "shared", "handshake-limit", "max-memory", NULL,
+};
+
+static int
+reload_class (const struct config_key *k)
+{
+  const char *const *list = k->server ? live_server_keys : reopen_keys;
+
+  for (; *list; list++)
+    if (strcmp (*list, k->key) == 0)
+      return k->server ? RELOAD_LIVE : RELOAD_REOPEN;
+  return k->server ? RELOAD_RESTART : RELOAD_LIVE;
+}
 
 /* Add the line "key=value" to *sig (NULL: nothing).  Returns 0 or -1. */
 static int
@@ -736,7 +755,7 @@ config_key (void *opaque, const char *where, const char *key,
   struct config_state *st = opaque;
   struct options *o = st->o;
   const struct config_key *k;
-  char *copy;
+  char *copy, **sig;
   size_t i;
 
   for (i = 0; i < N_CONFIG_KEYS; i++)
@@ -760,10 +779,12 @@ config_key (void *opaque, const char *where, const char *key,
   if (copy == NULL)
     out_of_memory ();
 
-  if (append_sig (k->reload == RELOAD_LIVE && o->exp ? &o->exp->sig[0]
-                  : k->reload == RELOAD_REOPEN ? &o->exp->sig[1]
-                  : k->reload == RELOAD_RESTART ? &o->sig_restart : NULL,
-                  key, value) < 0)
+  switch (reload_class (k)) {
+  case RELOAD_LIVE: sig = o->exp ? &o->exp->sig[0] : NULL; break;
+  case RELOAD_REOPEN: sig = &o->exp->sig[1]; break;
+  default: sig = &o->sig_restart; break;
+  }
+  if (append_sig (sig, key, value) < 0)
     out_of_memory ();
   config_pos.where = where;
   config_pos.key = key;
