@@ -964,6 +964,49 @@ apply_limits (const struct options *o)
                       : DEFAULT_MAX_MEMORY);
 }
 
+/* The lines of sig (NULL: none) for key, in order, into buf. */
+static void
+key_lines (const char *sig, const char *key, char *buf, size_t size)
+{
+  size_t klen = strlen (key), n = 0;
+
+  buf[0] = '\0';
+  for (const char *l = sig; l && *l; l = strchr (l, '\n') + 1) {
+    size_t len = strchr (l, '\n') + 1 - l;
+
+    if (strncmp (l, key, klen) == 0 && l[klen] == '=' && n + len < size) {
+      memcpy (buf + n, l, len);
+      n += len;
+      buf[n] = '\0';
+    }
+  }
+}
+
+/* Say which [server] keys changed that apply only after a restart (the
+ * listen addresses, pid-file, TLS): old and new are their sig_restart.
+ */
+static void
+warn_restart (const char *old, const char *new, const char *path)
+{
+  char changed[256] = "", a[1024], b[1024];
+  size_t n = 0;
+
+  for (size_t i = 0; i < N_CONFIG_KEYS; i++) {
+    const struct config_key *k = &config_keys[i];
+
+    if (!k->server || reload_class (k) != RELOAD_RESTART)
+      continue;
+    key_lines (old, k->key, a, sizeof a);
+    key_lines (new, k->key, b, sizeof b);
+    if (strcmp (a, b) != 0 && n < sizeof changed)
+      n += snprintf (changed + n, sizeof changed - n, "%s%s",
+                     n ? ", " : "", k->key);
+  }
+  if (n)
+    log_warning ("reload: %s: [server] %s changed: applies after a "
+                 "restart, not now", path, changed);
+}
+
 /* SIGHUP (loop.c): read the -C file again; apply it only if all of it
  * is good.
  */
@@ -972,7 +1015,6 @@ reload_config (void)
 {
   struct options *o = calloc (1, sizeof *o);
   struct generation *g = calloc (1, sizeof *g);
-  const char *a, *b;
 
   notify_reloading ();
   if (o == NULL || g == NULL) {
@@ -994,12 +1036,7 @@ reload_config (void)
     notify_ready ();
     return;
   }
-  a = running->sig_restart ? running->sig_restart : "";
-  b = o->sig_restart ? o->sig_restart : "";
-  if (strcmp (a, b) != 0)
-    log_warning ("reload: %s: the listen addresses, pid-file and TLS "
-                 "settings of [server] changed: they apply after a restart",
-                 o->config);
+  warn_restart (running->sig_restart, o->sig_restart, o->config);
   apply_limits (o);
   reload_exports (o, true);
   g->o = running;
