@@ -1057,7 +1057,8 @@ start_listening (const struct options *o, int activated)
 
   if (loop_init () < 0)
     return -1;
-  apply_limits (o);
+  loop_set_max_connections (o->shared);
+  conn_set_handshake_limit (o->handshake_limit);
   if (activated > 0) {
     if (o->n_socks || o->addr)
       log_info ("socket activation: ignoring --socket/--port/--bind");
@@ -1126,6 +1127,8 @@ main (int argc, char *argv[])
   signal (SIGXFSZ, SIG_IGN);
 
   parse_options (argc, argv, &o);
+  if (o.max_memory)
+    mem_set_max_memory ((size_t) o.max_memory);
 
   activated = socket_activation ();
 
