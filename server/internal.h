@@ -240,7 +240,8 @@ void export_set_idle_hook (void (*hook) (struct export *e));
 void export_retire (struct export *e);
 /* A new export with old's name and open image but these settings, in
  * old's place; old is retired.  A per-export setting that needs no reopen
- * is one more parameter here.  Returns it, or NULL (logged).
+ * is one more parameter here, or is attached by main.c's made hook
+ * (reload_init).  Returns it, or NULL (logged).
  */
 struct export *export_update (struct export *old, const char *description,
                               bool discard);
@@ -648,10 +649,17 @@ struct reload_export {
    * needs the image reopened, and the others.
    */
   const char *sig_open, *sig_live;
+  void *opaque;                 /* main.c's, for made below */
 };
 
-/* The exports xs[0..n) are open (startup).  Returns 0 or -1 (logged). */
-int reload_init (const struct reload_export *xs, size_t n);
+/* The exports xs[0..n) are open (startup).  made, if not NULL, is called
+ * with each export a reload makes (opened, or with new settings over the
+ * same image) and the opaque of its reload_export, before any client can
+ * get it: where main.c attaches to an export what export_add does not
+ * take.  Returns 0 or -1 (logged).
+ */
+int reload_init (const struct reload_export *xs, size_t n,
+                 void (*made) (struct export *e, void *opaque));
 
 /* A configuration file read again, whole and valid: apply its exports
  * (see reload.c).  Problems are logged; the rest still applies.

@@ -942,11 +942,12 @@ reload_exports (const struct options *o, bool apply)
       .opts = &e->opts, .discard = e->discard,
       .sig_live = e->sig[0] ? e->sig[0] : "",
       .sig_open = e->sig[1] ? e->sig[1] : "",
+      .opaque = (void *) e,
     };
   }
   if (apply)
     reload_apply (xs, o->n_exports);
-  else if (reload_init (xs, o->n_exports) < 0) {
+  else if (reload_init (xs, o->n_exports, NULL) < 0) {
     free (xs);
     return -1;
   }

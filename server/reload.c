@@ -49,6 +49,8 @@ struct pending {
 };
 static struct pending *pendings;
 
+static void (*made_hook) (struct export *e, void *opaque);
+
 static ev_timer sweep_timer;
 static bool sweep_ready;        /* sweep_timer initialised */
 
@@ -104,6 +106,8 @@ open_export (const struct reload_export *x)
   }
   for (e = export_first (); e->next; e = e->next)
     ;
+  if (made_hook)
+    made_hook (e, x->opaque);
   loop_watch_export (e);
   return 0;
 }
@@ -240,6 +244,8 @@ apply_one (const struct reload_export *x)
   struct export *e2 = export_update (e, x->description, x->discard);
   if (e2 == NULL)
     return;                     /* logged; the old settings stay */
+  if (made_hook)
+    made_hook (e2, x->opaque);
   loop_watch_export (e2);
   log_info ("reload: export '%s': new settings for new connections%s",
             x->name, e->clients ? " (those attached keep theirs)" : "");
@@ -280,8 +286,10 @@ remember (const struct reload_export *xs, size_t n)
 }
 
 int
-reload_init (const struct reload_export *xs, size_t n)
+reload_init (const struct reload_export *xs, size_t n,
+             void (*made) (struct export *e, void *opaque))
 {
+  made_hook = made;
   ev_timer_init (&sweep_timer, sweep_cb, 0., 0.);
   sweep_ready = true;
   export_set_idle_hook (export_idle);
