@@ -203,6 +203,7 @@ assert set(listed()) == {"a", "b", "c"}
 # The client of c: writes and verifies all along, must see no error.
 c_errors = []
 c_rounds = [0]
+c_slowest = [0.0]               # seconds, the longest write+read round
 
 
 def c_writer():
@@ -210,6 +211,7 @@ def c_writer():
         h = connect("c")
         i = 0
         while not stop_all.is_set():
+            t = time.monotonic()
             off = (i * 65536 * 5) % (SIZE - 65536)
             data = qt.pattern(off, 65536, i % 251)
             h.pwrite(data, off)
@@ -218,6 +220,7 @@ def c_writer():
                 h.flush()
             i += 1
             c_rounds[0] = i
+            c_slowest[0] = max(c_slowest[0], time.monotonic() - t)
         h.flush()
         h.shutdown()
     except Exception as e:
@@ -352,7 +355,8 @@ stop_all.set()
 writer.join(60)
 assert not writer.is_alive(), "the client of c is stuck"
 assert not c_errors, c_errors
-qt.log("client of c: %d rounds, no error" % c_rounds[0])
+qt.log("client of c: %d rounds, no error, slowest %.1f ms" %
+       (c_rounds[0], c_slowest[0] * 1000))
 wait_for("STATUS with no client",
          lambda: any("STATUS=4 exports, 0 clients" in m.split("\n")
                      for m in notes[-3:]), 10)
