@@ -599,7 +599,8 @@ void conn_shutdown_all (void);
 void conn_kill_all (void);
 
 /* The export e is about to be freed (reload.c): no connection attached to
- * it; those whose meta contexts were chosen for it forget that choice.
+ * it; those whose meta contexts were chosen for it now point at the
+ * export serving its name, or at none.
  */
 void conn_forget_export (const struct export *e);
 

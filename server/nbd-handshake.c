@@ -132,8 +132,10 @@ enter_transmission (struct conn *c, struct export *e)
   c->exp = e;
   export_attach (e);            /* until the connection is freed */
   c->eflags = transmission_flags (c, e);
-  /* Contexts chosen for another export do not carry over. */
-  if (c->meta_exp != e)
+  /* Contexts chosen for another export do not carry over; by name: a
+   * reload may have put a new export under it since (reload.c).
+   */
+  if (c->meta_exp == NULL || strcmp (c->meta_exp->name, e->name) != 0)
     c->meta = 0;
   conn_handshake_done (c);
   c->state = CONN_TRANSMISSION;

@@ -227,7 +227,7 @@ def c_writer():
         c_errors.append(repr(e))
 
 
-writer = threading.Thread(target=c_writer)
+writer = threading.Thread(target=c_writer, daemon=True)  # a failure exits
 writer.start()
 wait_for("the client of c", lambda: c_rounds[0] > 10)
 
@@ -293,6 +293,17 @@ hf.shutdown()
 
 hb = connect("b")
 use(hb, 5)
+# A client in the middle of its handshake: contexts chosen for b before
+# the reload still hold when it enters b after it.
+NBD_OPT_SET_META_CONTEXT, NBD_REP_META_CONTEXT = 10, 4
+NBD_CMD_BLOCK_STATUS, NBD_REPLY_TYPE_BLOCK_STATUS = 7, 5
+raw = qt.RawClient(sock)
+raw.client_flags()
+assert raw.option(qt.NBD_OPT_STRUCTURED_REPLY)[-1][0] == qt.NBD_REP_ACK
+q = b"base:allocation"
+r = raw.option(NBD_OPT_SET_META_CONTEXT, struct.pack(">I", 1) + b"b" +
+               struct.pack(">II", 1, len(q)) + q)
+assert [t for t, _ in r] == [NBD_REP_META_CONTEXT, qt.NBD_REP_ACK], r
 write_cfg([("b", file_of("b") + "\ndescription = the new b"),
            ("c", file_of("c")),
            ("d", file_of("d")),
@@ -304,6 +315,19 @@ use(hb, 6)
 hb2 = connect("b")
 use(hb2, 7)
 hb2.shutdown()
+r = raw.option(qt.NBD_OPT_GO, struct.pack(">I", 1) + b"b" +
+               struct.pack(">H", 0))
+assert r[-1][0] == qt.NBD_REP_ACK, r
+raw.s.sendall(struct.pack(">IHHQQI", qt.NBD_REQUEST_MAGIC, 0,
+                          NBD_CMD_BLOCK_STATUS, 1, 0, 65536))
+magic, flags, rtype, cookie, n = struct.unpack(">IHHQI",
+                                               raw.recv_exactly(20))
+body = raw.recv_exactly(n)
+assert magic == qt.NBD_STRUCTURED_REPLY_MAGIC and cookie == 1, magic
+assert rtype == NBD_REPLY_TYPE_BLOCK_STATUS, (rtype, body)
+raw.s.sendall(struct.pack(">IHHQQI", qt.NBD_REQUEST_MAGIC, 0,
+                          qt.NBD_CMD_DISC, 2, 0, 0))
+raw.close()
 
 # ---------------------------------------------------------------------
 # (e) b read-only while hb is attached: after it leaves.
