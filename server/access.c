@@ -302,10 +302,23 @@ access_needs_tls (const struct access *a)
   return a && (a->tls_required || a->n_dns || a->n_psk_users);
 }
 
+struct access *
+access_ref (struct access *a)
+{
+  if (a) {
+    assert (a->refs > 0);
+    a->refs++;
+  }
+  return a;
+}
+
 void
 access_free (struct access *a)
 {
   if (a == NULL)
+    return;
+  assert (a->refs > 0);
+  if (--a->refs > 0)
     return;
   for (size_t i = 0; i < a->n_dns; i++)
     free (a->dns[i]);

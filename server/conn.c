@@ -211,11 +211,36 @@ conn_free (struct conn *c)
     c->next->prev = c->prev;
   nr_conns--;
   log_debug ("client %u: freed", c->id);
+  if (c->exp)
+    export_detach (c->exp);
   free (c->rbuf);
   free (c);
   mem_release (CONN_RBUF_SIZE);
   if (conn_freed)
     conn_freed ();
+}
+
+void
+conn_forget_export (const struct export *e)
+{
+  struct export *now = NULL;
+  bool looked = false;
+
+  for (struct conn *c = conns; c; c = c->next) {
+    assert (c->exp != e);
+    if (c->meta_exp != e)
+      continue;
+    /* What the contexts were chosen for is a name (see
+     * enter_transmission): keep it through the export serving it now.
+     */
+    if (!looked) {
+      now = export_find (e->name, strlen (e->name));
+      if (now && strcmp (now->name, e->name) != 0)
+        now = NULL;             /* the default export, not this name */
+      looked = true;
+    }
+    c->meta_exp = now;
+  }
 }
 
 /* ------------------------------------------------------------------ */

@@ -10,6 +10,7 @@
 #include <config.h>
 #endif
 
+#include <assert.h>
 #include <errno.h>
 #include <inttypes.h>
 #include <stdlib.h>
@@ -19,6 +20,9 @@
 
 static struct export *exports;          /* in creation order */
 static struct export **exports_tail = &exports;
+
+/* Told when a retired export has lost its last client (reload.c). */
+static void (*idle_hook) (struct export *e);
 
 /* Whether the environment variable name is set to "0". */
 static bool
@@ -46,7 +50,7 @@ export_add (const char *name, const char *description, const char *path,
     return -1;
   }
   for (e = exports; e; e = e->next) {
-    if (strcmp (e->name, name) == 0) {
+    if (!e->retired && strcmp (e->name, name) == 0) {
       log_error ("export name '%s' is used twice", name);
       return -1;
     }
@@ -85,6 +89,7 @@ export_add (const char *name, const char *description, const char *path,
   }
   e->read_only = opts->read_only || qcow2_read_only (e->q);
   e->discard = discard;
+  e->q_owner = true;
 
   /* Probing is only safe for images that can never become qcow2 (see
    * export_write_ok); say what happened so that -f raw can be made
@@ -122,13 +127,24 @@ export_first (void)
   return exports;
 }
 
+struct export *
+export_default (void)
+{
+  struct export *e;
+
+  for (e = exports; e && e->retired; e = e->next)
+    ;
+  return e;
+}
+
 size_t
 export_mem_held (void)
 {
   size_t n = 0;
 
   for (struct export *e = exports; e; e = e->next)
-    n += qcow2_mem_held (e->q);
+    if (e->q_owner)
+      n += qcow2_mem_held (e->q);
   return n;
 }
 
@@ -138,12 +154,13 @@ export_find (const char *name, size_t len)
   struct export *e;
 
   for (e = exports; e; e = e->next) {
-    if (strlen (e->name) == len && memcmp (e->name, name, len) == 0)
+    if (!e->retired && strlen (e->name) == len &&
+        memcmp (e->name, name, len) == 0)
       return e;
   }
   /* "" is the default export (NBD protocol), which is the first one. */
   if (len == 0)
-    return exports;
+    return export_default ();
   return NULL;
 }
 
@@ -213,7 +230,8 @@ export_close_all (void)
 
   for (e = exports; e; e = next) {
     next = e->next;
-    if (e->q) {
+    /* An image shared by several exports (reload.c) closes once. */
+    if (e->q && e->q_owner) {
       r = qcow2_close (e->q);
       if (r < 0) {
         log_error ("%s: closing the image: %s", e->path, strerror (-r));
@@ -231,4 +249,121 @@ export_close_all (void)
   exports = NULL;
   exports_tail = &exports;
   return ret;
+}
+
+/* ------------------------------------------------------------------ */
+/* Reload: exports retired, replaced, removed.                         */
+/* ------------------------------------------------------------------ */
+
+void
+export_set_idle_hook (void (*hook) (struct export *e))
+{
+  idle_hook = hook;
+}
+
+void
+export_attach (struct export *e)
+{
+  assert (!e->retired);
+  e->clients++;
+}
+
+void
+export_detach (struct export *e)
+{
+  assert (e->clients > 0);
+  e->clients--;
+  if (e->clients == 0 && e->retired && idle_hook)
+    idle_hook (e);
+}
+
+void
+export_retire (struct export *e)
+{
+  e->retired = true;
+}
+
+unsigned
+export_count (void)
+{
+  unsigned n = 0;
+
+  for (struct export *e = exports; e; e = e->next)
+    n += !e->retired;
+  return n;
+}
+
+struct export *
+export_update (struct export *old, const char *description, bool discard)
+{
+  struct export *e;
+
+  assert (!old->retired);
+  if (description && strlen (description) > NBD_MAX_STRING) {
+    log_error ("export '%s': description is longer than %d bytes",
+               old->name, NBD_MAX_STRING);
+    return NULL;
+  }
+  e = calloc (1, sizeof *e);
+  if (e == NULL ||
+      (e->name = strdup (old->name)) == NULL ||
+      (e->path = strdup (old->path)) == NULL ||
+      (description && (e->description = strdup (description)) == NULL)) {
+    log_error ("export '%s': %m", old->name);
+    goto fail;
+  }
+  e->q = old->q;
+  e->read_only = old->read_only;
+  e->probed_raw = old->probed_raw;
+  e->discard = discard;
+  /* The new one lives longer (the old one only serves those attached). */
+  e->q_owner = old->q_owner;
+  old->q_owner = false;
+
+  /* Right after the old one: the default export stays first. */
+  e->next = old->next;
+  old->next = e;
+  if (exports_tail == &old->next)
+    exports_tail = &e->next;
+  old->retired = true;
+  return e;
+
+ fail:
+  if (e) {
+    free (e->name);
+    free (e->path);
+    free (e);
+  }
+  return NULL;
+}
+
+int
+export_remove (struct export *e)
+{
+  struct export **p, *x;
+  int r = 0;
+
+  assert (e->retired && e->clients == 0);
+  for (p = &exports; *p != e; p = &(*p)->next)
+    assert (*p != NULL);
+  *p = e->next;
+  if (exports_tail == &e->next)
+    exports_tail = p;
+
+  if (e->q_owner) {
+    /* Another export still serves this image: it closes it later. */
+    for (x = exports; x && x->q != e->q; x = x->next)
+      ;
+    if (x)
+      x->q_owner = true;
+    else if ((r = qcow2_close (e->q)) < 0)
+      log_error ("%s: closing the image: %s", e->path, strerror (-r));
+    else
+      log_info ("export '%s' closed (%s)", e->name, e->path);
+  }
+  free (e->name);
+  free (e->description);
+  free (e->path);
+  free (e);
+  return r < 0 ? -1 : 0;
 }

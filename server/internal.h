@@ -158,6 +158,10 @@ struct access {
   char **psk_users;             /* allow-psk-user */
   size_t n_psk_users;
   bool tls_required;            /* tls-required */
+  unsigned refs;                /* the export_options of a configuration
+                                   and each export made from them (a
+                                   reload may make several, see
+                                   access_ref) */
 };
 
 /* The peer_addr of the socket address sa (len bytes). */
@@ -199,7 +203,12 @@ enum access_verdict access_check (const struct access *a,
 /* Whether a has rules that only a TLS client can pass. */
 bool access_needs_tls (const struct access *a);
 
-/* Free a (NULL: nothing). */
+/* a (made with refs 1) is used once more: by an export a reload made
+ * from the same options.  Returns a.
+ */
+struct access *access_ref (struct access *a);
+
+/* Drop one use of a, freed with the last (NULL: nothing). */
 void access_free (struct access *a);
 
 /* ------------------------------------------------------------------ */
@@ -280,6 +289,17 @@ struct export {
   struct access *access;        /* who may use it (access.c), NULL: anyone;
                                    freed with the export */
   ev_io io;                     /* on qcow2_fd (q); io.data == this */
+
+  /* Reload (reload.c).  An export is what a client negotiated: a reload
+   * never changes one in place.  It retires it (no new clients: not
+   * found, not listed) and, for settings that need no reopen, adds a new
+   * export over the same open image (export_update).  A retired export is
+   * removed once its last client has gone.
+   */
+  bool retired;
+  unsigned clients;             /* connections in transmission on it */
+  bool q_owner;                 /* the one of the exports sharing q that
+                                   closes it */
 };
 
 /* Open the image at path and add it under name; discard says whether
@@ -322,10 +342,59 @@ bool export_write_ok (const struct export *e, uint64_t offset,
 void export_block_size (const struct export *e, uint32_t *minimum,
                         uint32_t *preferred, uint32_t *maximum);
 
+/* The export "" means when none is called so: the first not retired. */
+struct export *export_default (void);
+
+/* ---- export.c, for reload.c ---- */
+
+/* Exports not retired. */
+unsigned export_count (void);
+/* A connection enters transmission on e (not retired) / is freed. */
+void export_attach (struct export *e);
+void export_detach (struct export *e);
+/* hook (e) is called when a retired export loses its last client (from
+ * inside the connection's free, maybe from the engine's callbacks: the
+ * hook must not close e there).
+ */
+void export_set_idle_hook (void (*hook) (struct export *e));
+/* No new client gets e. */
+void export_retire (struct export *e);
+/* A new export with old's name and open image but these settings, in
+ * old's place; old is retired.  A per-export setting that needs no reopen
+ * is one more parameter here, or is attached by main.c's made hook
+ * (reload_init).  Returns it, or NULL (logged).
+ */
+struct export *export_update (struct export *old, const char *description,
+                              bool discard);
+/* Take the retired export e, without clients and no longer watched, out
+ * of the list; close its image (flushed, marked clean) unless another
+ * export shares it.  Returns 0, or -1 if the close failed (logged).
+ */
+int export_remove (struct export *e);
+
 /* Close every export (flushing it) and free the list.  Returns 0, or -1
  * if some image failed to close cleanly (logged).
  */
 int export_close_all (void);
+
+/* ------------------------------------------------------------------ */
+/* notify.c                                                            */
+/* ------------------------------------------------------------------ */
+
+/* What systemd is told through NOTIFY_SOCKET (nothing when it is not
+ * set).  Timers run on libev loop l (loop_init); notify_cleanup stops
+ * them (at exit).
+ */
+void notify_init (struct ev_loop *l);
+void notify_cleanup (void);
+/* READY=1 with STATUS=: listening, or a reload is over. */
+void notify_ready (void);
+/* RELOADING=1 with MONOTONIC_USEC=: a reload starts. */
+void notify_reloading (void);
+/* The number of exports or connections changed: STATUS= now, or at the
+ * end of the interval if one was sent less than a second ago.
+ */
+void notify_status_changed (void);
 
 /* ------------------------------------------------------------------ */
 /* loop.c                                                              */
@@ -362,6 +431,14 @@ int loop_listen_fd (int fd);
 
 /* Watch the engine descriptor of e and run its completions. */
 void loop_watch_export (struct export *e);
+/* Stop that (before e is removed). */
+void loop_unwatch_export (struct export *e);
+
+/* SIGHUP calls fn (main.c's reload), from the loop. */
+void loop_on_reload (void (*fn) (void));
+
+/* The libev loop of loop_init. */
+struct ev_loop *loop_get (void);
 
 /* Run until a SIGTERM/SIGINT has been handled and every connection has
  * gone; then stop watching the engines (the images may be closed).
@@ -663,6 +740,12 @@ void conn_shutdown_all (void);
 /* Close every connection at once (the shutdown took too long). */
 void conn_kill_all (void);
 
+/* The export e is about to be freed (reload.c): no connection attached to
+ * it; those whose meta contexts were chosen for it now point at the
+ * export serving its name, or at none.
+ */
+void conn_forget_export (const struct export *e);
+
 /* ------------------------------------------------------------------ */
 /* tls.c                                                               */
 /* ------------------------------------------------------------------ */
@@ -692,6 +775,42 @@ int tls_start (struct conn *c);
 
 /* Free the credentials (at exit). */
 void tls_cleanup (void);
+
+/* ------------------------------------------------------------------ */
+/* reload.c                                                            */
+/* ------------------------------------------------------------------ */
+
+/* One export of a configuration file, as reload.c compares them.  The
+ * strings (and opts) must live as long as the daemon: a reopen may use
+ * them long after the reload.
+ */
+struct reload_export {
+  const char *name, *description, *image;
+  const struct qcow2_opts *opts;
+  bool discard;
+  /* Its section's keys as read, "key=value" lines: those whose change
+   * needs the image reopened, and the others.
+   */
+  const char *sig_open, *sig_live;
+  void *opaque;                 /* main.c's, for made below */
+};
+
+/* The exports xs[0..n) are open (startup).  made, if not NULL, is called
+ * with each export a reload makes (opened, or with new settings over the
+ * same image) and the opaque of its reload_export, before any client can
+ * get it: where main.c attaches to an export what export_add does not
+ * take.  Returns 0 or -1 (logged).
+ */
+int reload_init (const struct reload_export *xs, size_t n,
+                 void (*made) (struct export *e, void *opaque));
+
+/* A configuration file read again, whole and valid: apply its exports
+ * (see reload.c).  Problems are logged; the rest still applies.
+ */
+void reload_apply (const struct reload_export *xs, size_t n);
+
+/* Free what reload.c holds (at exit, before loop_cleanup). */
+void reload_cleanup (void);
 
 /* ------------------------------------------------------------------ */
 /* nbd-meta.c                                                          */

@@ -8,6 +8,9 @@
  * closes the remaining connections without waiting for their replies to
  * be read (their engine requests still complete first).
  *
+ * SIGHUP calls the reload function main.c gave (loop_on_reload); without
+ * one (no -C file) it is logged and ignored.
+ *
  * The memory accounting (memory.c) and the connections (conn.c) get the
  * libev loop, and the connections their protocol, from loop_init: neither
  * calls back into this file.
@@ -64,6 +67,8 @@ static bool shutting_down;
 
 static ev_signal sigterm_watcher;
 static ev_signal sigint_watcher;
+static ev_signal sighup_watcher;
+static void (*reload_fn) (void);        /* SIGHUP, or NULL: ignored */
 static ev_timer grace_timer;            /* shutdown taking too long */
 static ev_timer pause_timer;            /* accept paused after EMFILE */
 
@@ -366,6 +371,13 @@ loop_watch_export (struct export *e)
 }
 
 /* Stop watching the engines: before their images are closed. */
+void
+loop_unwatch_export (struct export *e)
+{
+  if (ev_is_active (&e->io))
+    ev_io_stop (loop, &e->io);
+}
+
 static void
 unwatch_exports (void)
 {
@@ -391,6 +403,7 @@ check_done (void)
 static void
 conn_freed (void)
 {
+  notify_status_changed ();
   check_done ();
 }
 
@@ -441,6 +454,32 @@ signal_cb (struct ev_loop *lp, ev_signal *w, int revents)
   check_done ();
 }
 
+static void
+sighup_cb (struct ev_loop *lp, ev_signal *w, int revents)
+{
+  (void) lp; (void) w; (void) revents;
+  if (shutting_down)
+    return;
+  if (reload_fn == NULL) {
+    log_info ("SIGHUP: ignored (no -C configuration file to read again)");
+    return;
+  }
+  reload_fn ();
+}
+
+void
+loop_on_reload (void (*fn) (void))
+{
+  reload_fn = fn;
+}
+
+struct ev_loop *
+loop_get (void)
+{
+  assert (loop != NULL);
+  return loop;
+}
+
 /* ------------------------------------------------------------------ */
 /* Setup and teardown.                                                 */
 /* ------------------------------------------------------------------ */
@@ -463,9 +502,13 @@ loop_init (void)
   ev_signal_start (loop, &sigterm_watcher);
   ev_signal_init (&sigint_watcher, signal_cb, SIGINT);
   ev_signal_start (loop, &sigint_watcher);
+  /* Before any reload function exists too: SIGHUP must not kill us. */
+  ev_signal_init (&sighup_watcher, sighup_cb, SIGHUP);
+  ev_signal_start (loop, &sighup_watcher);
   ev_timer_init (&grace_timer, grace_cb, SHUTDOWN_GRACE, 0.);
   ev_timer_init (&pause_timer, pause_cb, ACCEPT_PAUSE, 0.);
   mem_init (loop);
+  notify_init (loop);
   conn_init (loop, handshake_start, conn_freed);
   return 0;
 }
@@ -511,6 +554,8 @@ loop_cleanup (void)
     unwatch_exports ();
     ev_signal_stop (loop, &sigterm_watcher);
     ev_signal_stop (loop, &sigint_watcher);
+    ev_signal_stop (loop, &sighup_watcher);
+    notify_cleanup ();
     if (ev_is_active (&grace_timer))
       ev_timer_stop (loop, &grace_timer);
     if (ev_is_active (&pause_timer))

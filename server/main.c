@@ -10,6 +10,7 @@
 #include <config.h>
 #endif
 
+#include <assert.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
@@ -197,6 +198,7 @@ usage (FILE *fp)
  */
 static struct {
   const char *where, *key, *section;
+  bool failed;                  /* bad_arg said why: the file is refused */
 } config_pos;
 
 static void __attribute__ ((__noreturn__)) QNBD_PRINTF (1, 2)
@@ -213,15 +215,19 @@ bad_usage (const char *fmt, ...)
 }
 
 /* A bad argument arg of the option opt ("--port"), or of the key being
- * read from the configuration file: the message says what is wrong.
+ * read from the configuration file: the message says what is wrong.  A
+ * key returns (config_pos.failed is set: the file is refused, at startup
+ * or by a reload that must leave the running state alone); an option
+ * exits.
  */
-static void __attribute__ ((__noreturn__))
+static void
 bad_arg (const char *opt, const char *arg, const char *what)
 {
   if (config_pos.where) {
     log_error ("%s: key '%s' in [%s]: '%s' %s", config_pos.where,
                config_pos.key, config_pos.section, arg, what);
-    exit (EXIT_FAILURE);
+    config_pos.failed = true;
+    return;
   }
   bad_usage ("%s: '%s' %s", opt, arg, what);
 }
@@ -295,38 +301,6 @@ socket_activation (void)
   unsetenv ("LISTEN_FDS");
   unsetenv ("LISTEN_FDNAMES");
   return n;
-}
-
-/* Tell systemd (Type=notify) that we are ready, if it asked. */
-static void
-notify_ready (void)
-{
-  const char *path = getenv ("NOTIFY_SOCKET");
-  struct sockaddr_un sun = { .sun_family = AF_UNIX };
-  static const char msg[] = "READY=1";
-  size_t len;
-  int fd;
-
-  if (path == NULL || *path == '\0')
-    return;
-  len = strlen (path);
-  if ((path[0] != '/' && path[0] != '@') || len >= sizeof sun.sun_path) {
-    log_warning ("NOTIFY_SOCKET=%s: unusable address", path);
-    return;
-  }
-  memcpy (sun.sun_path, path, len);
-  if (path[0] == '@')
-    sun.sun_path[0] = '\0';     /* abstract namespace */
-
-  fd = socket (AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-  if (fd < 0) {
-    log_warning ("NOTIFY_SOCKET: socket: %m");
-    return;
-  }
-  if (sendto (fd, msg, sizeof msg - 1, MSG_NOSIGNAL, (struct sockaddr *) &sun,
-              offsetof (struct sockaddr_un, sun_path) + len) < 0)
-    log_warning ("NOTIFY_SOCKET=%s: %m", path);
-  close (fd);
 }
 
 /* Create a fresh temporary file beside path for writing: never through a
@@ -458,6 +432,8 @@ struct export_options {
   char *where;                          /* "FILE:LINE" of its section */
   struct access *access;                /* --allow-*, --tls-required; then
                                            the export's */
+  char *sig[2];                         /* its keys as read, for reload:
+                                           [0] RELOAD_LIVE, [1] REOPEN */
 };
 
 /* What the command line (or the configuration file) asks for. */
@@ -467,6 +443,9 @@ struct options {
   const char *addr, *port;
   const char *pid_file;
   const char *config;                   /* -C */
+  uint64_t max_memory;                  /* --max-memory, 0: not given */
+  char *sig_restart;                    /* [server] keys a reload cannot
+                                           apply, "key=value" lines */
   struct export_options *exports;
   size_t n_exports;
   struct export_options *exp;           /* the one options apply to */
@@ -520,6 +499,7 @@ keyword (const char *opt, const char *arg, const struct keyword *k,
       return k->value;
   snprintf (what, sizeof what, "is not one of %s", choices);
   bad_arg (opt, arg, what);
+  return 0;                     /* a key: the file is refused */
 }
 
 static const struct keyword formats[] = {
@@ -565,8 +545,11 @@ add_allow_dir (struct export_options *e, const char *dir)
 static struct access *
 export_access (struct export_options *e)
 {
-  if (e->access == NULL && (e->access = calloc (1, sizeof *e->access)) == NULL)
-    out_of_memory ();
+  if (e->access == NULL) {
+    if ((e->access = calloc (1, sizeof *e->access)) == NULL)
+      out_of_memory ();
+    e->access->refs = 1;
+  }
   return e->access;
 }
 
@@ -696,7 +679,8 @@ parse_option (int c, const char *arg, struct options *o)
     if (parse_size (arg, &max_memory) < 0 || max_memory == 0
         || max_memory > SIZE_MAX)
       bad_arg ("--max-memory", arg, "is not a size");
-    mem_set_max_memory ((size_t) max_memory);
+    else
+      o->max_memory = max_memory;
     break;
   case 'C': o->config = arg; break;
   case 'h':
@@ -732,9 +716,10 @@ new_export (struct options *o)
 }
 
 /* What an export must not combine; where names its section, NULL on the
+ * command line.  Returns 0, or -1 for a section (logged); exits for the
  * command line.
  */
-static void
+static int
 check_export (const struct export_options *e)
 {
   const char *err = NULL;
@@ -746,11 +731,11 @@ check_export (const struct export_options *e)
     err = e->where ? "allow-dir only applies to backing=confine"
       : "--allow-dir only applies to --backing=confine";
   if (err == NULL)
-    return;
+    return 0;
   if (e->where == NULL)
     bad_usage ("%s", err);
   log_error ("%s: %s in [export %s]", e->where, err, e->name);
-  exit (EXIT_FAILURE);
+  return -1;
 }
 
 /* The keys of the configuration file: the long option each one is, and
@@ -798,6 +783,51 @@ static const struct config_key {
 };
 #define N_CONFIG_KEYS (sizeof config_keys / sizeof config_keys[0])
 
+/* What a reload (SIGHUP) does when a key changes ("RELOAD" in
+ * qnbd.conf(5)).  An export key in reopen_keys needs the image opened
+ * again; any other export key is swapped in for new connections.  A
+ * [server] key in live_server_keys applies at once (apply_limits); any
+ * other one needs a restart (the reload says so).
+ */
+enum { RELOAD_LIVE, RELOAD_REOPEN, RELOAD_RESTART };
+static const char *const reopen_keys[] = {
+  "file", "format", "readonly", "compress", "snapshot", "force-share",
+  "backing", "allow-dir", "cache", "l2-cache-size", NULL,
+};
+static const char *const live_server_keys[] = {
+  "shared", "handshake-limit", "max-memory", NULL,
+};
+
+static int
+reload_class (const struct config_key *k)
+{
+  const char *const *list = k->server ? live_server_keys : reopen_keys;
+
+  for (; *list; list++)
+    if (strcmp (*list, k->key) == 0)
+      return k->server ? RELOAD_LIVE : RELOAD_REOPEN;
+  return k->server ? RELOAD_RESTART : RELOAD_LIVE;
+}
+
+/* Add the line "key=value" to *sig (NULL: nothing).  Returns 0 or -1. */
+static int
+append_sig (char **sig, const char *key, const char *value)
+{
+  size_t old, len;
+  char *p;
+
+  if (sig == NULL)
+    return 0;
+  old = *sig ? strlen (*sig) : 0;
+  len = strlen (key) + 1 + strlen (value) + 1;
+  p = realloc (*sig, old + len + 1);
+  if (p == NULL)
+    return -1;
+  snprintf (p + old, len + 1, "%s=%s\n", key, value);
+  *sig = p;
+  return 0;
+}
+
 /* What the reading of the configuration file keeps between calls. */
 struct config_state {
   struct options *o;
@@ -835,7 +865,7 @@ config_key (void *opaque, const char *where, const char *key,
   struct config_state *st = opaque;
   struct options *o = st->o;
   const struct config_key *k;
-  char *copy;
+  char *copy, **sig;
   size_t i;
 
   for (i = 0; i < N_CONFIG_KEYS; i++)
@@ -859,6 +889,13 @@ config_key (void *opaque, const char *where, const char *key,
   if (copy == NULL)
     out_of_memory ();
 
+  switch (reload_class (k)) {
+  case RELOAD_LIVE: sig = o->exp ? &o->exp->sig[0] : NULL; break;
+  case RELOAD_REOPEN: sig = &o->exp->sig[1]; break;
+  default: sig = &o->sig_restart; break;
+  }
+  if (append_sig (sig, key, value) < 0)
+    out_of_memory ();
   config_pos.where = where;
   config_pos.key = key;
   config_pos.section = st->section;
@@ -874,7 +911,7 @@ config_key (void *opaque, const char *where, const char *key,
       parse_option (k->opt, copy, o);
   }
   config_pos.where = NULL;
-  return 0;
+  return config_pos.failed ? -1 : 0;
 }
 
 static int
@@ -889,12 +926,13 @@ config_end (void *opaque, const char *where)
     log_error ("%s: key 'file' missing in [%s]", where, st->section);
     return -1;
   }
-  check_export (e);
-  return 0;
+  return check_export (e);
 }
 
-/* Fill o from the configuration file o->config. */
-static void
+/* Fill o from the configuration file o->config.  Returns 0, or -1 once
+ * the file, the line and the cause are logged.
+ */
+static int
 read_config (struct options *o)
 {
   static const struct config_ops ops = {
@@ -902,12 +940,14 @@ read_config (struct options *o)
   };
   struct config_state st = { .o = o };
 
+  config_pos.failed = false;
   if (config_read (o->config, &ops, &st) < 0)
-    exit (EXIT_FAILURE);
+    return -1;
   if (o->n_exports == 0) {
     log_error ("%s: no [export NAME] section", o->config);
-    exit (EXIT_FAILURE);
+    return -1;
   }
+  return 0;
 }
 
 /* The long name of option c, for messages. */
@@ -970,7 +1010,8 @@ parse_options (int argc, char *argv[], struct options *o)
     o->aio_mode = o->exp->opts.aio_mode;
     o->n_exports = 0;
     free (o->exp->allow_dirs);
-    read_config (o);
+    if (read_config (o) < 0)
+      exit (EXIT_FAILURE);
   }
   else {
     if (optind != argc - 1)
@@ -984,6 +1025,176 @@ parse_options (int argc, char *argv[], struct options *o)
   o->exp = NULL;
   for (size_t i = 0; i < o->n_exports; i++)
     check_access (o, &o->exports[i]);
+}
+
+/* ------------------------------------------------------------------ */
+/* Reload (SIGHUP): the -C file read again, into a new struct options.  */
+/* ------------------------------------------------------------------ */
+
+/* The options in force, and those of earlier reloads: a pending reopen
+ * (reload.c) still points at their strings, so none is freed.
+ */
+static struct options *running;
+struct generation {
+  struct generation *prev;
+  struct options *o;
+};
+static struct generation *generations;
+
+/* Free what read_config allocated in o (a file a reload refused). */
+static void
+free_options (struct options *o)
+{
+  for (size_t i = 0; i < o->n_exports; i++) {
+    free (o->exports[i].allow_dirs);
+    free (o->exports[i].sig[0]);
+    free (o->exports[i].sig[1]);
+    access_free (o->exports[i].access);
+  }
+  for (size_t i = 0; i < o->n_strings; i++)
+    free (o->strings[i]);
+  free (o->strings);
+  free (o->exports);
+  free (o->socks);
+  free (o->sig_restart);
+  free (o);
+}
+
+/* reload.c made e from the export_options opaque: its access rules are
+ * those of its section (shared with any other export made from them).
+ */
+static void
+export_made (struct export *e, void *opaque)
+{
+  struct export_options *eo = opaque;
+
+  assert (e->access == NULL);
+  e->access = access_ref (eo->access);
+}
+
+/* Hand o's exports to reload.c (apply: reload_apply, else reload_init).
+ * Returns 0 or -1 (logged).
+ */
+static int
+reload_exports (const struct options *o, bool apply)
+{
+  struct reload_export *xs = calloc (o->n_exports, sizeof *xs);
+
+  if (xs == NULL) {
+    log_error ("reload: %m");
+    return -1;
+  }
+  for (size_t i = 0; i < o->n_exports; i++) {
+    const struct export_options *e = &o->exports[i];
+
+    xs[i] = (struct reload_export) {
+      .name = e->name, .description = e->description, .image = e->image,
+      .opts = &e->opts, .discard = e->discard,
+      .sig_live = e->sig[0] ? e->sig[0] : "",
+      .sig_open = e->sig[1] ? e->sig[1] : "",
+      .opaque = (void *) e,
+    };
+  }
+  if (apply)
+    reload_apply (xs, o->n_exports);
+  else if (reload_init (xs, o->n_exports, export_made) < 0) {
+    free (xs);
+    return -1;
+  }
+  free (xs);
+  return 0;
+}
+
+/* The limits of [server] that apply without a restart. */
+static void
+apply_limits (const struct options *o)
+{
+  loop_set_max_connections (o->shared);
+  conn_set_handshake_limit (o->handshake_limit);
+  mem_set_max_memory (o->max_memory ? (size_t) o->max_memory
+                      : DEFAULT_MAX_MEMORY);
+}
+
+/* The lines of sig (NULL: none) for key, in order, into buf. */
+static void
+key_lines (const char *sig, const char *key, char *buf, size_t size)
+{
+  size_t klen = strlen (key), n = 0;
+
+  buf[0] = '\0';
+  for (const char *l = sig; l && *l; l = strchr (l, '\n') + 1) {
+    size_t len = strchr (l, '\n') + 1 - l;
+
+    if (strncmp (l, key, klen) == 0 && l[klen] == '=' && n + len < size) {
+      memcpy (buf + n, l, len);
+      n += len;
+      buf[n] = '\0';
+    }
+  }
+}
+
+/* Say which [server] keys changed that apply only after a restart (the
+ * listen addresses, pid-file, TLS): old and new are their sig_restart.
+ */
+static void
+warn_restart (const char *old, const char *new, const char *path)
+{
+  char changed[256] = "", a[1024], b[1024];
+  size_t n = 0;
+
+  for (size_t i = 0; i < N_CONFIG_KEYS; i++) {
+    const struct config_key *k = &config_keys[i];
+
+    if (!k->server || reload_class (k) != RELOAD_RESTART)
+      continue;
+    key_lines (old, k->key, a, sizeof a);
+    key_lines (new, k->key, b, sizeof b);
+    if (strcmp (a, b) != 0 && n < sizeof changed)
+      n += snprintf (changed + n, sizeof changed - n, "%s%s",
+                     n ? ", " : "", k->key);
+  }
+  if (n)
+    log_warning ("reload: %s: [server] %s changed: applies after a "
+                 "restart, not now", path, changed);
+}
+
+/* SIGHUP (loop.c): read the -C file again; apply it only if all of it
+ * is good.
+ */
+static void
+reload_config (void)
+{
+  struct options *o = calloc (1, sizeof *o);
+  struct generation *g = calloc (1, sizeof *g);
+
+  notify_reloading ();
+  if (o == NULL || g == NULL) {
+    log_error ("reload: %m");
+    free (o);
+    free (g);
+    notify_ready ();
+    return;
+  }
+  log_info ("reload: reading %s", running->config);
+  o->config = running->config;
+  o->aio_mode = running->aio_mode;
+  o->handshake_limit = DEFAULT_HANDSHAKE_LIMIT;
+  if (read_config (o) < 0) {
+    log_error ("reload: %s refused: the running configuration stays",
+               o->config);
+    free_options (o);
+    free (g);
+    notify_ready ();
+    return;
+  }
+  warn_restart (running->sig_restart, o->sig_restart, o->config);
+  apply_limits (o);
+  reload_exports (o, true);
+  g->o = running;
+  g->prev = generations;
+  generations = g;
+  running = o;
+  notify_ready ();
 }
 
 /* Set up the loop and listen where o says (or on the activated sockets
@@ -1102,6 +1313,8 @@ main (int argc, char *argv[])
   /* Before the images are opened: a mistake costs nothing yet. */
   if (privs_init (&o.privs, o.user, o.group) < 0)
     exit (EXIT_FAILURE);
+  if (o.max_memory)
+    mem_set_max_memory ((size_t) o.max_memory);
 
   activated = socket_activation ();
 
@@ -1113,6 +1326,12 @@ main (int argc, char *argv[])
     goto fail;
   for (e = export_first (); e; e = e->next)
     loop_watch_export (e);
+  if (o.config) {
+    running = &o;
+    if (reload_exports (&o, false) < 0)
+      goto fail;
+    loop_on_reload (reload_config);
+  }
 
   if (o.pid_file && write_pid_file (o.pid_file) < 0)
     goto fail;
@@ -1130,6 +1349,7 @@ main (int argc, char *argv[])
 
   loop_run ();
 
+  reload_cleanup ();
   if (export_close_all () < 0)
     status = EXIT_FAILURE;
   loop_cleanup ();
@@ -1141,6 +1361,7 @@ main (int argc, char *argv[])
 
  fail:
   /* The loop first: it stops watching the images that close_all frees. */
+  reload_cleanup ();
   loop_cleanup ();
   export_close_all ();
   exit (EXIT_FAILURE);

@@ -166,9 +166,12 @@ enter_transmission (struct conn *c, struct export *e)
   char names[128];
 
   c->exp = e;
+  export_attach (e);            /* until the connection is freed */
   c->eflags = transmission_flags (c, e);
-  /* Contexts chosen for another export do not carry over. */
-  if (c->meta_exp != e)
+  /* Contexts chosen for another export do not carry over; by name: a
+   * reload may have put a new export under it since (reload.c).
+   */
+  if (c->meta_exp == NULL || strcmp (c->meta_exp->name, e->name) != 0)
     c->meta = 0;
   conn_handshake_done (c);
   c->state = CONN_TRANSMISSION;
@@ -294,6 +297,8 @@ opt_list (struct conn *c, uint32_t len)
     return;
   }
   for (e = export_first (); e; e = e->next) {
+    if (e->retired)             /* removed or replaced by a reload */
+      continue;
     size_t nlen = strlen (e->name);
     size_t dlen = e->description ? strlen (e->description) : 0;
     uint32_t be = htobe32 (nlen);

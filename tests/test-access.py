@@ -28,7 +28,9 @@ keys cannot work in are refused at startup, naming the line.
 import os
 import re
 import ssl
+import signal
 import subprocess
+import time
 
 import qnbdtest as qt
 import accesslib as al
@@ -223,6 +225,36 @@ try:
     raise AssertionError("tlsonly served in plaintext")
 except nbd.Error as e:
     qt.log("plaintext tlsonly: refused: %s" % e)
+
+# --- A reload changes the rules for new connections -----------------
+# "far" now admits 127.0.0.1, "open" gets a rule that refuses it, and a
+# new export "late" comes with its own rule: each applies at once.
+EXPORTS["far"] = "allow-address = 127.0.0.1\n"
+EXPORTS["open"] = "allow-address = 10.0.0.0/8\n"
+EXPORTS["late"] = "allow-address = unix\n"
+images["late"] = qt.create_image(tmp, "late.qcow2", 4 << 20)
+text2 = text.split("\n[export ")[0]
+for name, rules in EXPORTS.items():
+    text2 += "\n[export %s]\nfile = %s\n%s" % (name, images[name], rules)
+with open(cfg, "w") as f:
+    f.write(text2)
+before = srv.stderr().count("reload: export 'late' added")
+srv.proc.send_signal(signal.SIGHUP)
+deadline = time.monotonic() + 30
+while srv.stderr().count("reload: export 'late' added") == before:
+    assert time.monotonic() < deadline, "the reload did not happen"
+    time.sleep(0.1)
+c = al.TlsClient(tcp)
+assert c.list() == ["far", "local", "mapped"], c.list()
+assert c.info("open", qt.NBD_OPT_GO) == "POLICY"
+assert c.info("late") == "POLICY"
+assert c.info("far", qt.NBD_OPT_GO) == "ACK"
+assert c.read(0, 4096) == pattern_of("far")
+c.close()
+c = al.TlsClient(sock)
+assert c.list() == ["late", "unixonly"], c.list()
+assert c.info("late", qt.NBD_OPT_GO) == "ACK"
+c.close()
 
 assert srv.stop() == 0
 log = srv.stderr()
