@@ -12,7 +12,10 @@ to its listen entries by address:
    exit), and the passed socket no entry names is served with a warning
    naming it by its LISTEN_FDNAMES name; every one reaches every export;
 3. a passed descriptor that is not a listening socket is refused: exit 1,
-   naming it.
+   naming it;
+4. one image with -b 127.0.0.1 -p PORT and a passed Unix socket: qnbd
+   listens on that TCP address itself (not passed) and serves the Unix
+   socket with a warning.
 """
 
 import fcntl
@@ -207,4 +210,22 @@ text = err.read()
 qt.log(text)
 assert status == 1, "qnbd took a socket pair for a listener: %r" % status
 assert "'bogus'" in text and "not a listening stream socket" in text, text
+
+# 4. A TCP entry systemd did not pass.
+port = qt.free_port()
+path4 = os.path.join(tmp, "four.sock")
+proc, err = start([unix_listener(path4)], ["four"],
+                  ['-v', '-b', '127.0.0.1', '-p', str(port), img], "qnbd4.err")
+try:
+    greeting(socket.AF_UNIX, path4)
+    greeting(socket.AF_INET, ("127.0.0.1", port))
+    write_read("nbd://127.0.0.1:%d/{}" % port, "", 1 << 20)
+    write_read("nbd+unix:///{}?socket=" + path4, "", 2 << 20)
+finally:
+    status, text = stop(proc, err)
+assert status == 0, "qnbd exited with status %d" % status
+assert "127.0.0.1 port %d not passed: listening there" % port in text
+assert re.search(r"warning: .*'four' \(fd 3, %s\) matches no listen entry"
+                 % re.escape(path4), text), text
+qt.check_image(img)
 qt.log("PASS")
