@@ -34,8 +34,10 @@ for harness in "$here"/fuzz-*.c; do
             for f in "$top"/server/*.c; do
                 [ "$(basename "$f")" = main.c ] || extra+=("$f")
             done
-            # config.c reads configuration files with libinih.
-            extra+=(-I"$top/server" -lev $(pkg-config --libs inih)) ;;
+            # config.c reads configuration files with libinih, tls.c
+            # speaks TLS with GnuTLS.
+            extra+=(-I"$top/server" -lev $(pkg-config --libs inih)
+                    $(pkg-config --cflags --libs gnutls)) ;;
     esac
     "$cc" "${flags[@]}" "$top"/lib/*.c "$harness" "${extra[@]}" "${libs[@]}" \
         -o "$work/$name"

@@ -95,6 +95,30 @@
 #define DEFAULT_HANDSHAKE_LIMIT 10
 
 /* ------------------------------------------------------------------ */
+/* activation.c                                                        */
+/* ------------------------------------------------------------------ */
+
+/* Socket activation: the listening sockets systemd passed us (LISTEN_PID,
+ * LISTEN_FDS, LISTEN_FDNAMES; the variables are then removed).  Returns
+ * their number, 0 when not activated, or -1 (logged) when one is not a
+ * listening stream socket.
+ */
+int activation_init (void);
+
+/* Listen on every passed socket, and on each listen entry systemd did not
+ * pass: the Unix sockets socks[0..n_socks), and TCP on addr (NULL: every
+ * address) and port when port is not NULL.  A passed socket is matched to
+ * an entry by its address; one that matches none is served with a warning
+ * (unless there is no entry at all).  After activation_init returned > 0.
+ * Returns 0 or -1 (logged).
+ */
+int activation_listen (const char *const *socks, size_t n_socks,
+                       const char *addr, const char *port);
+
+/* Free what activation_init kept (at exit). */
+void activation_cleanup (void);
+
+/* ------------------------------------------------------------------ */
 /* main.c                                                              */
 /* ------------------------------------------------------------------ */
 

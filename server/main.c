@@ -35,9 +35,6 @@
 
 #define DEFAULT_PORT "10809"
 
-/* First descriptor systemd passes (SD_LISTEN_FDS_START). */
-#define LISTEN_FDS_START 3
-
 enum {
   OPT_CACHE = 256,
   OPT_AIO,
@@ -189,7 +186,8 @@ usage (FILE *fp)
 "      --version            show the version and exit\n"
 "\n"
 "Started by systemd with socket activation (LISTEN_FDS), qnbd serves the\n"
-"sockets it is given and ignores --socket, --port and --bind.\n",
+"sockets it is given, and creates only those of --socket, --port and\n"
+"--bind that systemd did not pass (see qnbd(8), SOCKET ACTIVATION).\n",
            DEFAULT_PORT, DEFAULT_HANDSHAKE_LIMIT);
 }
 
@@ -278,29 +276,6 @@ parse_uint (const char *s, unsigned max, unsigned *out)
     return -1;
   *out = v;
   return 0;
-}
-
-/* The descriptors systemd passed us, or 0 when not socket-activated.
- * The environment variables are removed so that children do not see
- * them.
- */
-static int
-socket_activation (void)
-{
-  const char *s;
-  unsigned pid, n;
-
-  s = getenv ("LISTEN_PID");
-  if (s == NULL || parse_uint (s, UINT_MAX, &pid) < 0 ||
-      (pid_t) pid != getpid ())
-    return 0;
-  s = getenv ("LISTEN_FDS");
-  if (s == NULL || parse_uint (s, 1024, &n) < 0)
-    return 0;
-  unsetenv ("LISTEN_PID");
-  unsetenv ("LISTEN_FDS");
-  unsetenv ("LISTEN_FDNAMES");
-  return n;
 }
 
 /* Create a fresh temporary file beside path for writing: never through a
@@ -1203,7 +1178,6 @@ reload_config (void)
 static int
 start_listening (const struct options *o, int activated)
 {
-  int i;
   size_t j;
 
   if (loop_init () < 0)
@@ -1212,14 +1186,11 @@ start_listening (const struct options *o, int activated)
   loop_set_max_per_client (o->max_per_client);
   conn_set_handshake_limit (o->handshake_limit);
   conn_set_idle_timeout (o->idle_timeout);
-  if (activated > 0) {
-    if (o->n_socks || o->addr)
-      log_info ("socket activation: ignoring --socket/--port/--bind");
-    for (i = 0; i < activated; i++)
-      if (loop_listen_fd (LISTEN_FDS_START + i) < 0)
-        return -1;
-    return 0;
-  }
+  /* systemd's sockets, matched to the entries (activation.c). */
+  if (activated > 0)
+    return activation_listen (o->socks, o->n_socks, o->addr,
+                              o->addr || o->port ? (o->port ? o->port
+                                                    : DEFAULT_PORT) : NULL);
   for (j = 0; j < o->n_socks; j++)
     if (loop_listen_unix (o->socks[j]) < 0)
       return -1;
@@ -1316,7 +1287,9 @@ main (int argc, char *argv[])
   if (o.max_memory)
     mem_set_max_memory ((size_t) o.max_memory);
 
-  activated = socket_activation ();
+  activated = activation_init ();
+  if (activated < 0)
+    exit (EXIT_FAILURE);
 
   open_exports (&o);
 
@@ -1353,6 +1326,7 @@ main (int argc, char *argv[])
   if (export_close_all () < 0)
     status = EXIT_FAILURE;
   loop_cleanup ();
+  activation_cleanup ();
   tls_cleanup ();
   if (o.pid_file)
     unlink (o.pid_file);
