@@ -39,6 +39,7 @@
 
 enum {
   OPT_CACHE = 256,
+  OPT_CACHE_SIZE,
   OPT_AIO,
   OPT_ALLOW_DIR,
   OPT_BACKING,
@@ -62,6 +63,7 @@ static const struct option long_options[] = {
   { "backing",        required_argument, NULL, OPT_BACKING },
   { "bind",           required_argument, NULL, 'b' },
   { "cache",          required_argument, NULL, OPT_CACHE },
+  { "cache-size",     required_argument, NULL, OPT_CACHE_SIZE },
   { "compress",       no_argument,       NULL, OPT_COMPRESS },
   { "config",         required_argument, NULL, 'C' },
   { "description",    required_argument, NULL, 'D' },
@@ -114,6 +116,8 @@ usage (FILE *fp)
 "      --pid-file=PATH      write the process id to PATH once listening\n"
 "      --max-memory=SIZE    stop taking requests while they hold SIZE\n"
 "                           bytes (suffixes K, M, G; default: 512M)\n"
+"      --cache-size=SIZE    the metadata caches of all exports together\n"
+"                           hold at most SIZE bytes (default: 64M)\n"
 "      --tls=off|on|require TLS (STARTTLS): off (default), on: offered,\n"
 "                           require: nothing is served without it\n"
 "      --tls-certificates=DIR  ca-cert.pem, server-cert.pem, server-key.pem\n"
@@ -442,6 +446,7 @@ struct options {
   const char *tls_certificates;         /* --tls-certificates */
   const char *tls_psk;                  /* --tls-psk */
   bool tls_verify_peer;                 /* --tls-verify-peer */
+  uint64_t cache_size;                  /* --cache-size */
 };
 
 static void __attribute__ ((__noreturn__))
@@ -601,6 +606,10 @@ parse_option (int c, const char *arg, struct options *o)
       bad_arg ("--max-memory", arg, "is not a size");
     mem_set_max_memory ((size_t) max_memory);
     break;
+  case OPT_CACHE_SIZE:
+    if (parse_size (arg, &o->cache_size) < 0 || o->cache_size == 0)
+      bad_arg ("--cache-size", arg, "is not a size");
+    break;
   case 'C': o->config = arg; break;
   case 'h':
     usage (stdout);
@@ -672,6 +681,7 @@ static const struct config_key {
   { "shared", 'e', true, false },
   { "handshake-limit", OPT_HANDSHAKE_LIMIT, true, false },
   { "max-memory", OPT_MAX_MEMORY, true, false },
+  { "cache-size", OPT_CACHE_SIZE, true, false },
   { "pid-file", OPT_PID_FILE, true, false },
   { "tls", OPT_TLS, true, false },
   { "tls-certificates", OPT_TLS_CERTIFICATES, true, false },
@@ -914,6 +924,7 @@ main (int argc, char *argv[])
   static struct options o = {
     .handshake_limit = DEFAULT_HANDSHAKE_LIMIT,
     .aio_mode = QCOW2_AIO_AUTO,
+    .cache_size = DEFAULT_CACHE_SIZE,
   };
   int activated, status = EXIT_SUCCESS;
   struct export *e;
@@ -937,6 +948,8 @@ main (int argc, char *argv[])
 
   activated = socket_activation ();
 
+  if (export_set_cache_size (o.cache_size) < 0)
+    exit (EXIT_FAILURE);
   open_exports (&o);
 
   if (tls_init (o.tls, o.tls_certificates, o.tls_psk,
@@ -959,6 +972,7 @@ main (int argc, char *argv[])
 
   if (export_close_all () < 0)
     status = EXIT_FAILURE;
+  export_free_cache_budget ();
   loop_cleanup ();
   tls_cleanup ();
   if (o.pid_file)
