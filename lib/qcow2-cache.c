@@ -46,8 +46,6 @@ cache_init (struct cache *c, struct qcow2 *q, const char *what, unsigned n,
             unsigned min, uint32_t entry_bytes,
             struct qcow2_cache_budget *b)
 {
-  /* Fewer and a request could wait for a slot that never comes. */
-  assert (min == 0 || min >= CACHE_MAX_PINS);
   memset (c, 0, sizeof *c);
   c->q = q;
   c->what = what;
@@ -334,7 +332,7 @@ take_victim (struct cache *c, struct qcow2_req *req, int *err)
     return clean;
   }
   /* The budget never refuses an entry below the minimum: there is one to
-   * reuse, and enough of them for any request (CACHE_MAX_PINS).
+   * reuse, and enough of them for any request (CACHE_MAX_PINS_*).
    */
   assert (c->count >= c->min && c->count > 0);
 

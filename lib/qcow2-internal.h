@@ -224,13 +224,15 @@ struct cache_entry {
   bool for_flusher;             /* write-back counted by the flusher */
 };
 
-/* Most entries of one cache a request pins at once: an L2 table shared
- * with a snapshot and the copy that replaces it (new_l2_table, in
- * qcow2-segment.c).  The flusher pins one refcount block at a time.  A
- * request waiting for a slot holds none, so a cache that can always have
- * this many entries always lets some request go on.
+/* Most entries of a cache one request pins at once: of the L2 cache, a
+ * table shared with a snapshot and the copy that replaces it
+ * (new_l2_table, in qcow2-segment.c); of the refcount cache, the one
+ * block the flusher works on (apply_work, in qcow2-flush.c).  A request
+ * waiting for a slot holds none, so a cache that can always have this
+ * many entries always lets some request go on.
  */
-#define CACHE_MAX_PINS 2
+#define CACHE_MAX_PINS_L2 2
+#define CACHE_MAX_PINS_RB 1
 
 struct cache {
   struct qcow2 *q;
@@ -256,7 +258,7 @@ enum cache_get_result {
 };
 
 /* A cache of at most n entries of entry_bytes, always allowed min of
- * them (at least CACHE_MAX_PINS, or 0 for a cache that is never used),
+ * them (CACHE_MAX_PINS_*, or 0 for a cache that is never used),
  * the rest as the budget b (NULL: none) has room.  Entries are created
  * when first needed.  Returns 0, -ENOMEM, or -ENOBUFS when b cannot hold
  * the minimum.

@@ -62,8 +62,8 @@ class ConfigServer(qt.Server):
         self._wait_ready(False)
 
 
-# Each reserves about 17 KiB (two L2 and two refcount tables of 4 KiB
-# with their bookkeeping): 40 take about 700 KiB of the 1 MiB.
+# Each reserves about 13 KiB (two L2 tables and a refcount block of 4 KiB
+# with their bookkeeping): 40 take about half of the 1 MiB.
 srv = ConfigServer(write_cfg("ok.conf", "1M"))
 offsets = [(k * 8 + 3) * 1024 * 1024 + 4096 * k for k in range(32)]
 
