@@ -215,6 +215,8 @@ finish (struct img *im)
   CHECK (qemu_img_check_clean (im->path), "%s: check", im->name);
   CHECK (qemu_img_compare (im->path, im->shadow, im->size), "%s: compare",
          im->name);
+  free (im->shadow);
+  free (im->path);
 }
 
 static void
@@ -246,10 +248,10 @@ shared (const void *arg)
          (unsigned long long) qcow2_testing_budget_peak (b),
          (unsigned long long) total);
   CHECK (qcow2_cache_budget_used (b) == 0, "closed, still used");
-  qcow2_cache_budget_free (b);
   printf ("shared: budget %llu bytes, peak %llu\n",
           (unsigned long long) total,
           (unsigned long long) qcow2_testing_budget_peak (b));
+  qcow2_cache_budget_free (b);
 }
 
 static void
