@@ -19,10 +19,18 @@
 
 #include <assert.h>
 #include <errno.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "qcow2-internal.h"
+
+/* What one entry costs: its table and its bookkeeping. */
+static uint64_t
+entry_cost (const struct cache *c)
+{
+  return c->entry_bytes + sizeof (struct cache_entry);
+}
 
 static unsigned
 bucket_of (const struct cache *c, uint64_t offset)
@@ -31,44 +39,54 @@ bucket_of (const struct cache *c, uint64_t offset)
   return (unsigned) ((k * 0x9e3779b97f4a7c15ull) >> 32) & (c->nbuckets - 1);
 }
 
+static bool shrink_one (struct budget_member *m);
+
 int
 cache_init (struct cache *c, struct qcow2 *q, const char *what, unsigned n,
-            uint32_t entry_bytes)
+            unsigned min, uint32_t entry_bytes,
+            struct qcow2_cache_budget *b)
 {
   memset (c, 0, sizeof *c);
   c->q = q;
   c->what = what;
   c->entry_bytes = entry_bytes;
   c->entry_bits = (unsigned) __builtin_ctz (entry_bytes);
-  c->n = n;
-  c->nbuckets = 1;
-  while (c->nbuckets < n)
-    c->nbuckets <<= 1;
-  c->e = calloc (n, sizeof *c->e);
-  c->buckets = malloc (c->nbuckets * sizeof *c->buckets);
-  if (!c->e || !c->buckets)
+  c->min = min;
+  c->n = n > min ? n : min;
+  c->nbuckets = 16;
+  c->buckets = calloc (c->nbuckets, sizeof *c->buckets);
+  if (!c->buckets)
     return -ENOMEM;
-  for (unsigned i = 0; i < c->nbuckets; i++)
-    c->buckets[i] = -1;
-  for (unsigned i = 0; i < n; i++) {
-    c->e[i].hnext = -1;
-    c->e[i].cache = c;
-  }
-  return 0;
+  c->budget.shrink = shrink_one;
+  return budget_join (b, &c->budget, min * entry_cost (c));
+}
+
+/* Forget entry i: the slot of the last entry takes its place. */
+static void
+drop_entry (struct cache *c, unsigned i)
+{
+  struct cache_entry *e = c->e[i];
+
+  free (e->buf);
+  free (e);
+  c->e[i] = c->e[--c->count];
+  if (c->hand >= c->count)
+    c->hand = 0;
+  budget_release (&c->budget, entry_cost (c));
 }
 
 void
 cache_free (struct cache *c)
 {
-  if (c->e)
-    for (unsigned i = 0; i < c->n; i++) {
-      /* Freed at close, after every request ended: nothing holds an
-       * entry, waits on one or has a claim on one.
-       */
-      assert (c->e[i].ref == 0 && !c->e[i].claims
-              && !c->e[i].waiters.head);
-      free (c->e[i].buf);
-    }
+  while (c->count) {
+    struct cache_entry *e = c->e[c->count - 1];
+    /* Freed at close, after every request ended: nothing holds an
+     * entry, waits on one or has a claim on one.
+     */
+    assert (e->ref == 0 && !e->claims && !e->waiters.head);
+    drop_entry (c, c->count - 1);
+  }
+  budget_leave (&c->budget);
   free (c->e);
   free (c->buckets);
   c->e = NULL;
@@ -78,22 +96,22 @@ cache_free (struct cache *c)
 static struct cache_entry *
 find (const struct cache *c, uint64_t offset)
 {
-  for (int i = c->buckets[bucket_of (c, offset)]; i >= 0; i = c->e[i].hnext)
-    if (c->e[i].offset == offset)
-      return &c->e[i];
+  for (struct cache_entry *e = c->buckets[bucket_of (c, offset)]; e;
+       e = e->hnext)
+    if (e->offset == offset)
+      return e;
   return NULL;
 }
 
 static void
 hash_remove (struct cache *c, struct cache_entry *e)
 {
-  int idx = (int) (e - c->e);
-  int *p = &c->buckets[bucket_of (c, e->offset)];
-  while (*p >= 0 && *p != idx)
-    p = &c->e[*p].hnext;
-  if (*p == idx)
+  struct cache_entry **p = &c->buckets[bucket_of (c, e->offset)];
+  while (*p && *p != e)
+    p = &(*p)->hnext;
+  if (*p == e)
     *p = e->hnext;
-  e->hnext = -1;
+  e->hnext = NULL;
 }
 
 static void
@@ -101,7 +119,94 @@ hash_insert (struct cache *c, struct cache_entry *e)
 {
   unsigned b = bucket_of (c, e->offset);
   e->hnext = c->buckets[b];
-  c->buckets[b] = (int) (e - c->e);
+  c->buckets[b] = e;
+}
+
+/* Room for one more entry in e and in the hash (chains stay short). */
+static int
+make_room (struct cache *c)
+{
+  if (c->count == c->alloc) {
+    unsigned alloc = c->alloc ? 2 * c->alloc : 16;
+    struct cache_entry **v;
+
+    if (alloc > c->n)
+      alloc = c->n;
+    v = realloc (c->e, alloc * sizeof *v);
+    if (!v)
+      return -ENOMEM;
+    c->e = v;
+    c->alloc = alloc;
+  }
+  if (c->count == c->nbuckets) {
+    struct cache_entry **old = c->buckets;
+    struct cache_entry **v = calloc (2 * c->nbuckets, sizeof *v);
+
+    if (!v)
+      return -ENOMEM;
+    c->buckets = v;
+    c->nbuckets *= 2;
+    free (old);
+    /* An entry is hashed exactly when it has an offset. */
+    for (unsigned i = 0; i < c->count; i++)
+      if (c->e[i]->offset)
+        hash_insert (c, c->e[i]);
+  }
+  return 0;
+}
+
+/* A new, free entry (offset 0), counted against the budget by the
+ * caller.  Returns it, or NULL with *err = -ENOMEM.
+ */
+static struct cache_entry *
+new_entry (struct cache *c, int *err)
+{
+  struct cache_entry *e = NULL;
+
+  if (make_room (c) == 0 && (e = calloc (1, sizeof *e)) != NULL) {
+    e->buf = buffer_alloc_zero (c->entry_bytes);
+    if (!e->buf) {
+      free (e);
+      e = NULL;
+    }
+  }
+  if (!e) {
+    *err = -ENOMEM;
+    return NULL;
+  }
+  e->cache = c;
+  c->e[c->count++] = e;
+  return e;
+}
+
+/* The budget asks for memory back: drop a clean entry nothing uses, one
+ * the clock hand would pass over last (a second chance, as for victims).
+ */
+static bool
+shrink_one (struct budget_member *m)
+{
+  struct cache *c = (struct cache *) ((char *) m
+                                      - offsetof (struct cache, budget));
+
+  if (c->count <= c->min)
+    return false;
+  for (unsigned step = 0; step < 2 * c->count; step++) {
+    unsigned i = c->hand;
+    struct cache_entry *e = c->e[i];
+    c->hand = c->hand + 1 == c->count ? 0 : c->hand + 1;
+    if (e->ref || e->loading || e->writing || e->dirty || e->claims
+        || e->waiters.head)
+      continue;
+    if (e->offset && e->used) {
+      e->used = false;
+      continue;
+    }
+    if (e->offset)
+      hash_remove (c, e);
+    drop_entry (c, i);
+    return true;
+  }
+  return false;
 }
 
 void
@@ -219,11 +324,23 @@ take_victim (struct cache *c, struct qcow2_req *req, int *err)
   struct cache_entry *clean = NULL, *dirty = NULL;
   *err = 0;
 
+  /* Grow while the cap and the budget allow it. */
+  if (c->count < c->n && budget_take (&c->budget, entry_cost (c))) {
+    clean = new_entry (c, err);
+    if (!clean)
+      budget_release (&c->budget, entry_cost (c));
+    return clean;
+  }
+  /* The budget never refuses an entry below the minimum: there is one to
+   * reuse, and enough of them for any request (CACHE_MAX_PINS_*).
+   */
+  assert (c->count >= c->min && c->count > 0);
+
   /* Two turns of the hand: the first may only clear "used" bits. */
-  for (unsigned step = 0; step < 2 * c->n; step++) {
-    struct cache_entry *e = &c->e[c->hand];
-    c->hand = c->hand + 1 == c->n ? 0 : c->hand + 1;
-    if (e->offset == 0) {
+  for (unsigned step = 0; step < 2 * c->count; step++) {
+    struct cache_entry *e = c->e[c->hand];
+    c->hand = c->hand + 1 == c->count ? 0 : c->hand + 1;
+    if (e->offset == 0 && !e->ref) {
       clean = e;
       break;
     }
@@ -242,13 +359,6 @@ take_victim (struct cache *c, struct qcow2_req *req, int *err)
   }
 
   if (clean) {
-    if (!clean->buf) {
-      clean->buf = buffer_alloc_zero (c->entry_bytes);
-      if (!clean->buf) {
-        *err = -ENOMEM;
-        return NULL;
-      }
-    }
     if (clean->offset)
       hash_remove (c, clean);
     clean->offset = 0;
@@ -280,6 +390,7 @@ cache_get (struct cache *c, uint64_t offset, struct qcow2_req *req,
   struct cache_entry *e = find (c, offset);
   int r;
 
+  budget_touch (&c->budget);
   if (e) {
     if (e->loading) {
       waitq_push (&e->waiters, req);
@@ -314,7 +425,10 @@ cache_get_empty (struct cache *c, struct qcow2_req *req,
                  struct cache_entry **out)
 {
   int r;
-  struct cache_entry *e = take_victim (c, req, &r);
+  struct cache_entry *e;
+
+  budget_touch (&c->budget);
+  e = take_victim (c, req, &r);
 
   if (!e)
     return r < 0 ? r : CACHE_WAIT;
@@ -353,8 +467,8 @@ int
 cache_write_dirty (struct cache *c, unsigned *started)
 {
   *started = 0;
-  for (unsigned i = 0; i < c->n; i++) {
-    struct cache_entry *e = &c->e[i];
+  for (unsigned i = 0; i < c->count; i++) {
+    struct cache_entry *e = c->e[i];
     if (e->offset && e->dirty && !e->writing && !e->loading) {
       /* The rest stay dirty too: the flusher's next run writes them. */
       int r = write_entry (e, true);
@@ -369,8 +483,8 @@ cache_write_dirty (struct cache *c, unsigned *started)
 bool
 cache_has_dirty (const struct cache *c)
 {
-  for (unsigned i = 0; i < c->n; i++)
-    if (c->e[i].offset && (c->e[i].dirty || c->e[i].writing))
+  for (unsigned i = 0; i < c->count; i++)
+    if (c->e[i]->offset && (c->e[i]->dirty || c->e[i]->writing))
       return true;
   return false;
 }

@@ -515,6 +515,10 @@ apply_work (struct qcow2 *q)
         return r;
       continue;
     }
+    /* The one refcount block pinned below (a read-only image, which
+     * reserves none, never gets here).
+     */
+    assert (q->rbc.min >= CACHE_MAX_PINS_RB);
     rboff = be64toh (q->reftable[rbi]) & REFT_OFFSET_MASK;
     if (rboff == 0) {
       if (fl->decrement)

@@ -160,6 +160,40 @@ void waitq_wake (struct qcow2_req *req);
 /* The first waiter, taken off w (NULL when empty). */
 struct qcow2_req *waitq_pop (struct waitq *w);
 
+/* ---- qcow2-budget.c: one memory budget for many images' caches ---- */
+
+/* One cache's share of a struct qcow2_cache_budget (qcow2.h). */
+struct budget_member {
+  struct qcow2_cache_budget *b; /* NULL: no budget, only the cache's cap */
+  struct budget_member *prev, *next;  /* the budget's members */
+  uint64_t bytes;               /* held now */
+  uint64_t min_bytes;           /* reserved at join: always available */
+  uint64_t stamp;               /* the budget's tick at its last use */
+  /* Set by the owner: give back one entry held beyond min_bytes that
+   * nothing uses and that is clean (calling budget_release); false when
+   * there is none.
+   */
+  bool (*shrink) (struct budget_member *m);
+};
+
+/* Join b (NULL: none) reserving min_bytes.  Returns 0, or -ENOBUFS when
+ * the budget cannot hold that reservation.
+ */
+int budget_join (struct qcow2_cache_budget *b, struct budget_member *m,
+                 uint64_t min_bytes);
+/* Leave the budget, giving back everything m counted. */
+void budget_leave (struct budget_member *m);
+/* m is being used: the members least recently touched give memory back
+ * first.
+ */
+void budget_touch (struct budget_member *m);
+/* May m hold bytes more?  true (counted) inside its reservation or while
+ * the budget has room, which colder members are asked to make; false
+ * when it has none.
+ */
+bool budget_take (struct budget_member *m, uint64_t bytes);
+void budget_release (struct budget_member *m, uint64_t bytes);
+
 /* ---- qcow2-corrupt.c: an image that contradicts itself ---- */
 
 /* Stop all writes to an image found inconsistent and mark it corrupt on
@@ -174,7 +208,7 @@ int corrupt_check_cluster (struct qcow2 *q, uint64_t off, const char *what);
 
 struct cache_entry {
   uint64_t offset;              /* host offset of the table; 0 = free slot */
-  void *buf;                    /* cluster_size bytes, big-endian as on disk */
+  void *buf;                    /* entry_bytes, big-endian as on disk */
   unsigned ref;                 /* pins; pinned entries are never evicted */
   bool used;                    /* used since the clock hand last passed */
   bool loading;                 /* read in flight */
@@ -183,12 +217,22 @@ struct cache_entry {
   int load_err;                 /* -errno of a failed load */
   struct waitq waiters;         /* requests waiting for the load */
   struct claim *claims;         /* L2 only: in-flight allocations */
-  int hnext;                    /* hash chain (index), -1 ends */
+  struct cache_entry *hnext;    /* hash chain */
   struct cache *cache;
   struct aio_op op;             /* the load or write-back */
   struct iovec iov;
   bool for_flusher;             /* write-back counted by the flusher */
 };
+
+/* Most entries of a cache one request pins at once: of the L2 cache, a
+ * table shared with a snapshot and the copy that replaces it
+ * (new_l2_table, in qcow2-segment.c); of the refcount cache, the one
+ * block the flusher works on (apply_work, in qcow2-flush.c).  A request
+ * waiting for a slot holds none, so a cache that can always have this
+ * many entries always lets some request go on.
+ */
+#define CACHE_MAX_PINS_L2 2
+#define CACHE_MAX_PINS_RB 1
 
 struct cache {
   struct qcow2 *q;
@@ -196,12 +240,16 @@ struct cache {
   unsigned entry_shift;         /* L2: 1 when entries are 128 bits */
   uint32_t entry_bytes;         /* bytes per cached table (or L2 slice) */
   unsigned entry_bits;          /* log2 of entry_bytes */
-  unsigned n;                   /* entries */
-  struct cache_entry *e;
-  int *buckets;                 /* hash heads (index), -1 empty */
-  unsigned nbuckets;            /* power of two */
+  unsigned n;                   /* most entries (the cache's own cap) */
+  unsigned min;                 /* entries it may always have */
+  unsigned count;               /* entries that exist (each has a buffer) */
+  unsigned alloc;               /* room in e */
+  struct cache_entry **e;       /* created as the cache grows, in no order */
+  struct cache_entry **buckets; /* hash heads */
+  unsigned nbuckets;            /* power of two, at least count */
   unsigned hand;                /* CLOCK: the next entry to consider */
   struct waitq full;            /* requests waiting for an unpinned slot */
+  struct budget_member budget;  /* its share of the daemon's budget */
 };
 
 enum cache_get_result {
@@ -209,8 +257,15 @@ enum cache_get_result {
   CACHE_WAIT,                   /* req queued; rerun it when woken */
 };
 
+/* A cache of at most n entries of entry_bytes, always allowed min of
+ * them (CACHE_MAX_PINS_*, or 0 for a cache that is never used),
+ * the rest as the budget b (NULL: none) has room.  Entries are created
+ * when first needed.  Returns 0, -ENOMEM, or -ENOBUFS when b cannot hold
+ * the minimum.
+ */
 int cache_init (struct cache *c, struct qcow2 *q, const char *what,
-                unsigned n, uint32_t entry_bytes);
+                unsigned n, unsigned min, uint32_t entry_bytes,
+                struct qcow2_cache_budget *b);
 void cache_free (struct cache *c);
 /* Find or load the table at offset and pin it.  Returns CACHE_READY with
  * *out set, CACHE_WAIT after queueing req (on the load, on a full cache, or

@@ -475,14 +475,22 @@ setup_caches (struct qcow2 *q, const struct qcow2_opts *opts, char *err,
     FAIL (-ENOMEM, "out of memory");
   choose_l2_slices (q, opts);
   r = cache_init (&q->l2c, q, "L2", l2_cache_entries (q, opts->l2_cache_bytes),
-                  q->l2_slice_bytes);
+                  CACHE_MAX_PINS_L2, q->l2_slice_bytes, opts->budget);
   q->l2c.entry_shift = q->extl2 ? 1 : 0;
   if (r == 0) {
     unsigned n = RB_CACHE_BYTES >> q->cluster_bits;
-    r = cache_init (&q->rbc, q, "refcount", n < 4 ? 4 : n, q->cluster_size);
+    /* Only the flusher uses refcount blocks: never a read-only image. */
+    r = cache_init (&q->rbc, q, "refcount", n < 4 ? 4 : n,
+                    q->read_only ? 0 : CACHE_MAX_PINS_RB, q->cluster_size,
+                    opts->budget);
   }
   if (r == 0)
     r = flush_init (q);
+  if (r == -ENOBUFS)
+    FAIL (r, "the metadata cache budget has no room left for the "
+          "smallest cache of this image (%u+%u bytes of tables)",
+          CACHE_MAX_PINS_L2 * q->l2_slice_bytes,
+          q->read_only ? 0 : CACHE_MAX_PINS_RB * q->cluster_size);
   if (r < 0)
     FAIL (r, "out of memory for the caches");
   return 0;

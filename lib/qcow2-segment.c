@@ -143,6 +143,8 @@ new_l2_table (struct qcow2_req *req, uint64_t l1i, uint64_t slice,
   r = overlap_l2_reserve (q);
   if (r < 0)
     return r;
+  /* The second entry this request pins when old is one. */
+  assert (q->l2c.min >= (old ? 2u : 1u) && CACHE_MAX_PINS_L2 >= 2);
   r = cache_get_empty (&q->l2c, req, &e);
   if (r != CACHE_READY)
     return r;

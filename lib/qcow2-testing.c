@@ -33,3 +33,9 @@ qcow2_testing_image_fd (const struct qcow2 *q)
 {
   return q->fd;
 }
+
+uint64_t
+qcow2_testing_cache_bytes (const struct qcow2 *q)
+{
+  return q->l2c.budget.bytes + q->rbc.budget.bytes;
+}

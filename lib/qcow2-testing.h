@@ -10,6 +10,7 @@
 #include <stdint.h>
 
 struct qcow2;
+struct qcow2_cache_budget;
 
 /* Make the nth call from now (1: the next) of the engine's extent-list
  * append fail with -ENOMEM, as under memory pressure; 0: none.
@@ -48,5 +49,13 @@ enum qcow2_testing_region qcow2_testing_classify (const struct qcow2 *q,
  * external data file), as the I/O backend sees it in its ops.
  */
 int qcow2_testing_image_fd (const struct qcow2 *q);
+
+/* The highest qcow2_cache_budget_used of b since it was made. */
+uint64_t qcow2_testing_budget_peak (const struct qcow2_cache_budget *b);
+
+/* Bytes the metadata caches of q (not of its backing files) hold now:
+ * their tables and each one's bookkeeping, as a budget counts them.
+ */
+uint64_t qcow2_testing_cache_bytes (const struct qcow2 *q);
 
 #endif /* QNBD_QCOW2_TESTING_H */

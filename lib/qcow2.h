@@ -18,6 +18,7 @@
 
 struct aio;
 struct qcow2;
+struct qcow2_cache_budget;
 
 /* Completion of one request: ret is 0 or -errno. */
 typedef void qcow2_done_fn (void *opaque, int ret);
@@ -62,6 +63,11 @@ struct qcow2_opts {
   enum qcow2_aio_mode aio_mode;
   struct aio *aio;              /* use this backend (tests); NULL: create */
   uint64_t l2_cache_bytes;      /* 0: default (covers the disk, bounded) */
+  struct qcow2_cache_budget *budget; /* shared by the metadata caches of
+                                   the images opened with it (backing
+                                   files included); NULL: each image's
+                                   caches are bounded only by their own
+                                   size */
   const char *snapshot;         /* serve this internal snapshot (name or id),
                                    read-only; NULL: the active image */
   bool compress;                /* store whole-cluster writes compressed */
@@ -88,6 +94,21 @@ struct qcow2_extent {
 };
 #define QCOW2_EXTENT_HOLE (1u << 0)  /* not allocated (as NBD_STATE_HOLE) */
 #define QCOW2_EXTENT_ZERO (1u << 1)  /* reads as zeros (as NBD_STATE_ZERO) */
+
+/* One memory budget for the metadata caches (L2 slices, refcount blocks)
+ * of many images: bytes counts their tables and the bookkeeping of each.
+ * Every image opened with it reserves a small minimum at open (enough to
+ * make progress; an open that finds no room for it fails with -ENOBUFS)
+ * and grows past it only while the budget has room, taking clean tables
+ * back from the images used least recently when it has none.  An
+ * image's own bound (l2_cache_bytes, or the default) still applies.
+ * Returns NULL when out of memory.
+ */
+struct qcow2_cache_budget *qcow2_cache_budget_new (uint64_t bytes);
+/* Free a budget that no open image uses any more (NULL: nothing). */
+void qcow2_cache_budget_free (struct qcow2_cache_budget *b);
+/* Bytes counted against it now: never more than its size. */
+uint64_t qcow2_cache_budget_used (const struct qcow2_cache_budget *b);
 
 /* Open path.  On failure returns -errno and writes a one-line reason (without
  * the path) into err.  Opening reads the header, L1 and refcount table

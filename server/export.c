@@ -13,6 +13,7 @@
 #include <assert.h>
 #include <errno.h>
 #include <inttypes.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -23,6 +24,9 @@ static struct export **exports_tail = &exports;
 
 /* Told when a retired export has lost its last client (reload.c). */
 static void (*idle_hook) (struct export *e);
+/* Shared by the metadata caches of every export (--cache-size). */
+static struct qcow2_cache_budget *cache_budget;
+static uint64_t cache_size;
 
 /* Whether the environment variable name is set to "0". */
 static bool
@@ -30,6 +34,19 @@ env_is_zero (const char *name)
 {
   const char *v = getenv (name);
   return v && strcmp (v, "0") == 0;
+}
+
+/* What to add to the message of an open that failed with r. */
+static const char *
+cache_budget_hint (int r)
+{
+  static char hint[80];
+
+  if (r != -ENOBUFS || !cache_budget)
+    return "";
+  snprintf (hint, sizeof hint, "; the exports' cache-size (%" PRIu64
+            " bytes) is too small", cache_size);
+  return hint;
 }
 
 int
@@ -74,6 +91,7 @@ export_add (const char *name, const char *description, const char *path,
   /* The engine's messages name the image. */
   o.log = log_engine;
   o.log_opaque = e->path;
+  o.budget = cache_budget;
 
   /* An image that cannot be opened is reported in exactly one line: what
    * the engine logs on the way is only for -vv.
@@ -83,8 +101,9 @@ export_add (const char *name, const char *description, const char *path,
   log_engine_quiet = false;
   if (r < 0) {
     /* Among several exports, say which one. */
-    log_error ("%s: %s%s%s%s", path, err[0] ? err : strerror (-r),
-               *name ? " (export '" : "", name, *name ? "')" : "");
+    log_error ("%s: %s%s%s%s%s", path, err[0] ? err : strerror (-r),
+               *name ? " (export '" : "", name, *name ? "')" : "",
+               cache_budget_hint (r));
     goto fail;
   }
   e->read_only = opts->read_only || qcow2_read_only (e->q);
@@ -366,4 +385,32 @@ export_remove (struct export *e)
   free (e->path);
   free (e);
   return r < 0 ? -1 : 0;
+}
+
+int
+export_set_cache_size (uint64_t bytes)
+{
+  struct qcow2_cache_budget *b;
+
+  /* Images keep the budget they were opened with. */
+  if (cache_budget && qcow2_cache_budget_used (cache_budget) > 0) {
+    log_error ("cache-size cannot change while exports are open");
+    return -1;
+  }
+  b = qcow2_cache_budget_new (bytes);
+  if (!b) {
+    log_error ("cache-size: %m");
+    return -1;
+  }
+  qcow2_cache_budget_free (cache_budget);
+  cache_budget = b;
+  cache_size = bytes;
+  return 0;
+}
+
+void
+export_free_cache_budget (void)
+{
+  qcow2_cache_budget_free (cache_budget);
+  cache_budget = NULL;
 }

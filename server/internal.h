@@ -75,6 +75,12 @@
  * (except as mem_admit says) until replies drain.
  */
 #define DEFAULT_MAX_MEMORY  (512u * 1024 * 1024)
+/* The default of --cache-size: what the metadata caches (L2 slices,
+ * refcount blocks) of all exports hold together.  One image's caches
+ * stop at 36 MiB by themselves (32 MiB of L2), so a single export is
+ * not held back by it.
+ */
+#define DEFAULT_CACHE_SIZE  (64u * 1024 * 1024)
 /* A request of at most this many bytes may always start on a connection
  * that has nothing else in flight.
  */
@@ -400,6 +406,13 @@ int export_remove (struct export *e);
  * if some image failed to close cleanly (logged).
  */
 int export_close_all (void);
+
+/* The metadata caches of every export opened from now on share bytes
+ * (--cache-size).  Returns 0, or -1 (logged) when out of memory.
+ */
+int export_set_cache_size (uint64_t bytes);
+/* Free that budget, once every export is closed. */
+void export_free_cache_budget (void);
 
 /* ------------------------------------------------------------------ */
 /* notify.c                                                            */

@@ -37,6 +37,7 @@
 
 enum {
   OPT_CACHE = 256,
+  OPT_CACHE_SIZE,
   OPT_AIO,
   OPT_ALLOW_DIR,
   OPT_BACKING,
@@ -70,6 +71,7 @@ static const struct option long_options[] = {
   { "backing",        required_argument, NULL, OPT_BACKING },
   { "bind",           required_argument, NULL, 'b' },
   { "cache",          required_argument, NULL, OPT_CACHE },
+  { "cache-size",     required_argument, NULL, OPT_CACHE_SIZE },
   { "compress",       no_argument,       NULL, OPT_COMPRESS },
   { "config",         required_argument, NULL, 'C' },
   { "description",    required_argument, NULL, 'D' },
@@ -132,6 +134,8 @@ usage (FILE *fp)
 "      --pid-file=PATH      write the process id to PATH once listening\n"
 "      --max-memory=SIZE    stop taking requests while they hold SIZE\n"
 "                           bytes (suffixes K, M, G; default: 512M)\n"
+"      --cache-size=SIZE    the metadata caches of all exports together\n"
+"                           hold at most SIZE bytes (default: 64M)\n"
 "      --tls=off|on|require TLS (STARTTLS): off (default), on: offered,\n"
 "                           require: nothing is served without it\n"
 "      --tls-certificates=DIR  ca-cert.pem, server-cert.pem, server-key.pem\n"
@@ -437,6 +441,7 @@ struct options {
   unsigned idle_timeout;                /* --idle-timeout */
   const char *user, *group;             /* --user, --group */
   struct privs privs;                   /* what they are */
+  uint64_t cache_size;                  /* --cache-size */
 };
 
 static void __attribute__ ((__noreturn__))
@@ -657,6 +662,10 @@ parse_option (int c, const char *arg, struct options *o)
     else
       o->max_memory = max_memory;
     break;
+  case OPT_CACHE_SIZE:
+    if (parse_size (arg, &o->cache_size) < 0 || o->cache_size == 0)
+      bad_arg ("--cache-size", arg, "is not a size");
+    break;
   case 'C': o->config = arg; break;
   case 'h':
     usage (stdout);
@@ -729,6 +738,7 @@ static const struct config_key {
   { "shared", 'e', true, false },
   { "handshake-limit", OPT_HANDSHAKE_LIMIT, true, false },
   { "max-memory", OPT_MAX_MEMORY, true, false },
+  { "cache-size", OPT_CACHE_SIZE, true, false },
   { "pid-file", OPT_PID_FILE, true, false },
   { "tls", OPT_TLS, true, false },
   { "tls-certificates", OPT_TLS_CERTIFICATES, true, false },
@@ -1261,6 +1271,7 @@ main (int argc, char *argv[])
   static struct options o = {
     .handshake_limit = DEFAULT_HANDSHAKE_LIMIT,
     .aio_mode = QCOW2_AIO_AUTO,
+    .cache_size = DEFAULT_CACHE_SIZE,
   };
   int activated, status = EXIT_SUCCESS;
   struct export *e;
@@ -1291,6 +1302,8 @@ main (int argc, char *argv[])
   if (activated < 0)
     exit (EXIT_FAILURE);
 
+  if (export_set_cache_size (o.cache_size) < 0)
+    exit (EXIT_FAILURE);
   open_exports (&o);
 
   if (tls_init (o.tls, o.tls_certificates, o.tls_psk,
@@ -1325,6 +1338,7 @@ main (int argc, char *argv[])
   reload_cleanup ();
   if (export_close_all () < 0)
     status = EXIT_FAILURE;
+  export_free_cache_budget ();
   loop_cleanup ();
   activation_cleanup ();
   tls_cleanup ();

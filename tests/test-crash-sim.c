@@ -82,6 +82,8 @@ struct scenario {
   uint32_t subcluster;          /* extended L2: what a discard releases */
   unsigned refuse;              /* per 1000 requests: a write or fdatasync
                                    submission refused (EAGAIN) soon after */
+  uint64_t budget;              /* bytes of a metadata-cache budget shared
+                                   with a busy neighbour image; 0: none */
 };
 
 static const struct scenario scenarios[] = {
@@ -89,60 +91,68 @@ static const struct scenario scenarios[] = {
    * blocks of 64 entries and a one-cluster refcount table that must grow.
    */
   { "c512-refgrow", PLAIN, "cluster_size=512,refcount_bits=64", 8 << 20,
-    512, false, false, false, 16 * 512, 700, 24 << 10, 4, 0, 0 },
+    512, false, false, false, 16 * 512, 700, 24 << 10, 4, 0, 0, 0 },
   { "c4k", PLAIN, "cluster_size=4096", 8 << 20, 4096, false, false, false,
-    0, 500, 64 << 10, 6, 0, 0 },
+    0, 500, 64 << 10, 6, 0, 0, 0 },
   { "c4k-lazy", PLAIN, "cluster_size=4096,lazy_refcounts=on", 8 << 20,
-    4096, true, false, false, 0, 400, 64 << 10, 4, 0, 0 },
+    4096, true, false, false, 0, 400, 64 << 10, 4, 0, 0, 0 },
   { "c512-lazy", PLAIN,
     "cluster_size=512,lazy_refcounts=on,refcount_bits=64", 8 << 20, 512,
-    true, false, false, 16 * 512, 600, 24 << 10, 1, 0, 0 },
+    true, false, false, 16 * 512, 600, 24 << 10, 1, 0, 0, 0 },
   { "compressed-zlib", COMPRESSED, "cluster_size=4096", 8 << 20, 4096,
-    false, false, false, 0, 400, 32 << 10, 4, 0, 0 },
+    false, false, false, 0, 400, 32 << 10, 4, 0, 0, 0 },
 #ifdef HAVE_ZSTD
   { "compressed-zstd", COMPRESSED,
     "cluster_size=4096,compression_type=zstd", 4 << 20, 4096, false, false,
-    false, 0, 250, 32 << 10, 2, 0, 0 },
+    false, 0, 250, 32 << 10, 2, 0, 0, 0 },
 #endif
   { "backing-v3", BACKING, "cluster_size=4096", 8 << 20, 4096, false,
-    false, false, 0, 400, 32 << 10, 4, 0, 0 },
+    false, false, 0, 400, 32 << 10, 4, 0, 0, 0 },
   { "backing-v2", BACKING, "cluster_size=4096,compat=0.10", 8 << 20, 4096,
-    false, false, true, 0, 300, 32 << 10, 2, 0, 0 },
+    false, false, true, 0, 300, 32 << 10, 2, 0, 0, 0 },
   /* Every L2 table (32 KiB of disk each) is shared with the snapshot and
    * copied at its first write.
    */
   { "snapshot", SNAPSHOT, "cluster_size=512", 4 << 20, 512, false, false,
-    false, 16 * 512, 400, 16 << 10, 2, 0, 0 },
+    false, 16 * 512, 400, 16 << 10, 2, 0, 0, 0 },
   { "compress-cache", PLAIN, "cluster_size=4096", 8 << 20, 4096, false,
-    true, false, 0, 400, 32 << 10, 2, 0, 0 },
+    true, false, 0, 400, 32 << 10, 2, 0, 0, 0 },
   /* A 32 KiB disk: discards, write-zeroes and overwrites often drop every
    * compressed cluster packed so far into the open packing cluster (which
    * must not be freed while later ones are packed into it).
    */
   { "compress-trim", PLAIN, "cluster_size=4096", 32 << 10, 4096, false,
-    true, false, 0, 400, 16 << 10, 2, 0, 0 },
+    true, false, 0, 400, 16 << 10, 2, 0, 0, 0 },
   { "compress-trim-lazy", PLAIN, "cluster_size=4096,lazy_refcounts=on",
-    32 << 10, 4096, true, true, false, 0, 300, 16 << 10, 1, 0, 0 },
+    32 << 10, 4096, true, true, false, 0, 300, 16 << 10, 1, 0, 0, 0 },
   /* 64 KiB clusters: L2 tables cached and written in 4 KiB slices, with
    * several slices (each maps 32 MiB) of one table.
    */
   { "c64k-slices", PLAIN, "cluster_size=65536", 128 << 20, 65536, false,
-    false, false, 16 * 4096, 400, 128 << 10, 3, 0, 0 },
+    false, false, 16 * 4096, 400, 128 << 10, 3, 0, 0, 0 },
   /* Subclusters: 512 bytes, and 1 KiB over a backing file. */
   { "extl2", PLAIN, "cluster_size=16384,extended_l2=on", 8 << 20, 16384,
-    false, false, false, 0, 400, 64 << 10, 3, 512, 0 },
+    false, false, false, 0, 400, 64 << 10, 3, 512, 0, 0 },
   { "extl2-backing", BACKING, "cluster_size=32768,extended_l2=on", 8 << 20,
-    32768, false, false, false, 0, 400, 64 << 10, 3, 1024, 0 },
+    32768, false, false, false, 0, 400, 64 << 10, 3, 1024, 0, 0 },
   { "extl2-lazy", PLAIN,
     "cluster_size=16384,extended_l2=on,lazy_refcounts=on", 8 << 20, 16384,
-    true, false, false, 0, 300, 64 << 10, 2, 512, 0 },
+    true, false, false, 0, 300, 64 << 10, 2, 512, 0, 0 },
   /* The backend now and then refuses to queue a write or an fdatasync
    * (as io_uring does with a full ring): the request or flush that needed
    * it fails, nothing that flush covered may be lost, and what it left
    * dirty is written by the next.
    */
   { "c4k-refused", PLAIN, "cluster_size=4096", 8 << 20, 4096, false, false,
-    false, 16 * 4096, 400, 64 << 10, 2, 0, 30 },
+    false, 16 * 4096, 400, 64 << 10, 2, 0, 30, 0 },
+  /* A 64 KiB budget shared with another image (4 KiB clusters, 128 L2
+   * tables) that a neighbour keeps writing: this one (256 tables) holds
+   * its reservation and what is left, the neighbour's growth takes clean
+   * tables from it, which it must then read again, and its dirty victims
+   * are still cleaned by the flusher.
+   */
+  { "c512-budget", PLAIN, "cluster_size=512", 8 << 20, 512, false, false,
+    false, 0, 500, 24 << 10, 2, 0, 0, 64 << 10 },
 };
 
 /* ---- the workload ---- */
@@ -168,6 +178,9 @@ struct wl {
   bool avoid_zero_race;
   struct gop *zeroing[64];
   unsigned nzeroing;
+  struct qcow2 *nb;             /* the neighbour sharing the budget */
+  uint64_t nb_size;
+  unsigned nb_took;             /* times it took tables from this image */
 };
 
 struct gop {
@@ -369,6 +382,26 @@ submit_one (struct wl *w)
 /* Run the workload with hold on: requests are submitted while the I/O of
  * earlier ones is held, and held ops run in a random order.
  */
+/* The neighbour writes a block of its disk and reads it back, on real
+ * I/O, so that its caches grow into the shared budget.
+ */
+static void
+neighbour_io (struct wl *w)
+{
+  static uint8_t buf[4096], back[4096];
+  uint64_t off = (wrand (w) % (w->nb_size / sizeof buf)) * sizeof buf;
+
+  uint64_t before = qcow2_testing_cache_bytes (w->q);
+
+  fill_pattern (buf, sizeof buf, off);
+  CHECK (sync_write (w->nb, off, buf, sizeof buf, 0) == 0
+         && sync_read (w->nb, off, back, sizeof back) == 0
+         && memcmp (buf, back, sizeof buf) == 0,
+         "%s: the neighbour at %" PRIu64, w->sc->name, off);
+  if (qcow2_testing_cache_bytes (w->q) < before)
+    w->nb_took++;
+}
+
 static void
 run_workload (struct wl *w)
 {
@@ -402,6 +435,8 @@ run_workload (struct wl *w)
       else
         aio_fake_release (w->a, (unsigned) (wrand (w) % held));
     }
+    if (w->nb && wrand (w) % 4 == 0)
+      neighbour_io (w);
     qcow2_process (w->q);
     if (aio_fake_held (w->a) == 0 && w->in_flight > 0
         && submitted >= w->sc->nreq) {
@@ -694,6 +729,27 @@ repro_discard_overtaken (bool discard)
 
 /* ---- one round: image, workload, crash states ---- */
 
+/* A budget of sc->budget bytes for o, and a neighbour image opened with
+ * it (real I/O, not recorded: only the image under test is judged).
+ */
+static void
+open_neighbour (struct wl *w, struct qcow2_opts *o, unsigned round)
+{
+  struct qcow2_opts no = { 0 };
+  char name[64], err[256], *path;
+
+  snprintf (name, sizeof name, "%s-%u-neighbour.qcow2", w->sc->name, round);
+  w->nb_size = 256 << 20;
+  path = make_image (name, "cluster_size=4096", w->nb_size);
+  o->budget = qcow2_cache_budget_new (w->sc->budget);
+  no.budget = o->budget;
+  if (!o->budget || qcow2_open (path, &no, &w->nb, err, sizeof err) < 0) {
+    fprintf (stderr, "%s: neighbour: %s\n", w->sc->name, err);
+    exit (1);
+  }
+  free (path);
+}
+
 static unsigned
 run_round (const struct scenario *sc, unsigned round, unsigned states,
            uint64_t seed, struct cs_stats *total, double *workload_secs)
@@ -717,6 +773,8 @@ run_round (const struct scenario *sc, unsigned round, unsigned states,
   o.log_opaque = &w;
   o.l2_cache_bytes = sc->l2_cache;
   o.compress = sc->compress;
+  if (sc->budget)
+    open_neighbour (&w, &o, round);
   if (qcow2_open (path, &o, &w.q, err, sizeof err) < 0) {
     fprintf (stderr, "%s: open: %s\n", sc->name, err);
     exit (1);
@@ -783,6 +841,15 @@ run_round (const struct scenario *sc, unsigned round, unsigned states,
   total->leaky += st.leaky;
   total->failures += st.failures;
 
+  if (w.nb) {
+    CHECK (w.nb_took > 0, "%s: the neighbour never took a table",
+           sc->name);
+    CHECK (qcow2_testing_budget_peak (o.budget) <= sc->budget,
+           "%s: budget peak %" PRIu64, sc->name,
+           qcow2_testing_budget_peak (o.budget));
+    CHECK (qcow2_close (w.nb) == 0, "%s: neighbour close", sc->name);
+    qcow2_cache_budget_free (o.budget);
+  }
   cs_free (w.cs);
   aio_destroy (w.a);
   free (initial);
