@@ -633,6 +633,12 @@ int header_parse (struct qcow2 *q, const void *buf, size_t len,
  * (the flusher writes it asynchronously).  0 or -errno.
  */
 int header_write_sync (struct qcow2 *q);
+/* The header cluster (len bytes) of a new image from q's header fields,
+ * its backing format and data file names, and backing_name (or NULL).
+ * 0, or -EINVAL with a reason in err when it does not fit.
+ */
+int header_build (const struct qcow2 *q, const char *backing_name, void *buf,
+                  size_t len, char *err, size_t errlen);
 /* Set or clear the dirty bit in the header, durably (synchronous). */
 int header_set_dirty (struct qcow2 *q, bool dirty);
 /* Open-time bounds: what is read at open must lie in the file, so that a
