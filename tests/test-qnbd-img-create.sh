@@ -1,0 +1,144 @@
+#!/usr/bin/env bash
+# test-qnbd-img-create.sh: images made by "qnbd-img create" over a matrix
+# of options (cluster sizes 512 B to 2 MiB, refcount bits 1 to 64, compat
+# 0.10 and 1.1, extended L2, lazy refcounts, zstd, every preallocation
+# mode, backing files, external data files): qemu-img check finds each
+# clean, qemu-img info shows the options asked for, the preallocation
+# asked for is there (and metadata preallocation wrote no data), qemu-io
+# writes and reads back a pattern across cluster boundaries (and still
+# reads the backing file where nothing was written), and qnbd serves the
+# image with its size and that data.  Bad option sets are refused.
+
+source "${srcdir:-.}/functions.sh"
+set -e
+set -x
+
+requires qemu-img qemu-io nbdinfo jq
+: "${QNBD_IMG:=$PWD/../tools/qnbd-img}"
+
+M=$(( 1024 * 1024 ))
+# Every disk; the pattern is written at 3 MiB - 1536, 2 MiB + 2560 long.
+S=$(( 16 * M ))
+
+# The bases of the backing-file cases: 0x5b everywhere.
+qemu-img create -q -f raw "$tmpdir/base.raw" $S
+qemu-io -f raw -c "write -P 0x5b 0 $S" "$tmpdir/base.raw" >/dev/null
+qemu-img convert -f raw -O qcow2 "$tmpdir/base.raw" "$tmpdir/base.qcow2"
+
+# What the image's preallocation must look like: off (the file ends
+# before the disk would), meta (it reaches past the disk but holds almost
+# no blocks: nothing was written), alloc (its blocks are all there), any.
+# Also: qemu-img check exits 0 on it (no corruption, no leak).
+check_prealloc ()
+{
+    local img=$1 size=$2 kind=$3 out end actual
+    out=$(qemu-img check --output=json "$img")
+    printf '%s\n' "$out"
+    end=$(jq '."image-end-offset"' <<<"$out")
+    actual=$(( $(stat -c %b "$img") * 512 ))
+    case $kind in
+        off) test "$end" -lt "$size" ;;
+        meta) test "$end" -ge "$size" && test "$actual" -lt $(( size / 2 )) ;;
+        alloc) test "$end" -ge "$size" && test "$actual" -ge "$size" ;;
+        any) ;;
+    esac
+}
+
+# one NAME SIZE PREALLOC JQ [CREATE ARGS...]: create $tmpdir/NAME.qcow2
+# (SIZE may be "" to take the backing file's); JQ must hold on its
+# qemu-img info.  Writes 0xa5 over [off, off + len), across clusters.
+one ()
+{
+    local name=$1 size=$2 kind=$3 expect=$4
+    shift 4
+    local img=$tmpdir/$name.qcow2 info off=$(( 3 * M - 1536 )) len=$(( 2 * M + 2560 ))
+
+    "$QNBD_IMG" create "$@" "$img" $size
+    size=${size:-$S}
+    info=$(qemu-img info --output=json "$img")
+    printf '%s\n' "$info"
+    jq -e ".\"virtual-size\" == $size and .format == \"qcow2\" and ($expect)" \
+       <<<"$info" >/dev/null
+    check_prealloc "$img" "$size" "$kind"
+
+    qemu-io -f qcow2 -c "write -P 0xa5 $off $len" -c "read -P 0xa5 $off $len" \
+            "$img" >/dev/null
+    check_image "$img"
+
+    start_qnbd "$img"
+    test "$(nbdinfo --size "$uri")" = "$size"
+    qemu-io -r -f raw -c "read -P 0xa5 $off $len" "$uri" | grep -q '^read '
+    if [ -n "$(jq -r '."backing-filename" // empty' <<<"$info")" ]; then
+        qemu-io -r -f raw -c "read -P 0x5b 0 $(( 2 * M ))" \
+                -c "read -P 0x5b $(( 6 * M )) $(( 10 * M ))" "$uri" \
+            | grep -c '^read ' | grep -qx 2
+    fi
+    stop_qnbd
+}
+
+fs='."format-specific".data'
+
+# Cluster sizes and refcount widths, with and without preallocation.
+one c512 $S off ".\"cluster-size\" == 512" -o cluster_size=512
+one c4k $S off ".\"cluster-size\" == 4096" -o cluster_size=4K
+one c64k $S off ".\"cluster-size\" == 65536 and $fs.compat == \"1.1\" and $fs.\"refcount-bits\" == 16" -f qcow2
+one c2m $S any ".\"cluster-size\" == 2097152" -o cluster_size=2M
+one rb1 $S off "$fs.\"refcount-bits\" == 1" -o refcount_bits=1
+one rb64 $S off "$fs.\"refcount-bits\" == 64" -o refcount_bits=64
+one v2 $S off "$fs.compat == \"0.10\"" -o compat=0.10
+one lazy $S off "$fs.\"lazy-refcounts\" == true" -o compat=1.1,lazy_refcounts=on
+one zstd $S off "$fs.\"compression-type\" == \"zstd\"" -o compression_type=zstd
+one extl2 $S off "$fs.\"extended-l2\" == true" -o extended_l2=on
+
+one meta $S meta "true" -o preallocation=metadata
+one falloc $S alloc "true" -o preallocation=falloc
+one full $S alloc "true" -o preallocation=full
+one meta512rb1 $S meta ".\"cluster-size\" == 512 and $fs.\"refcount-bits\" == 1" \
+    -o cluster_size=512,refcount_bits=1,preallocation=metadata
+one meta4k $(( S + 512 )) meta ".\"cluster-size\" == 4096" \
+    -o cluster_size=4k,preallocation=metadata
+one meta2mrb64 $S any ".\"cluster-size\" == 2097152 and $fs.\"refcount-bits\" == 64 and $fs.\"extended-l2\" == true" \
+    -o cluster_size=2M,refcount_bits=64,extended_l2=on,preallocation=metadata
+one metav2 $S meta "$fs.compat == \"0.10\"" -o compat=0.10,preallocation=metadata
+one metaextl2 $S meta "$fs.\"extended-l2\" == true" \
+    -o extended_l2=on,cluster_size=32K,preallocation=metadata
+
+# Backing files: named relative to the image, the size taken from them.
+one bq "" off ".\"backing-filename\" == \"base.qcow2\" and .\"backing-filename-format\" == \"qcow2\"" \
+    -b base.qcow2 -F qcow2
+one braw $S off ".\"backing-filename\" == \"base.raw\" and .\"backing-filename-format\" == \"raw\"" \
+    -o backing_file=base.raw,backing_fmt=raw
+one bmeta "" meta ".\"backing-filename\" == \"base.raw\" and $fs.\"extended-l2\" == true" \
+    -b base.raw -F raw -o extended_l2=on,preallocation=metadata
+
+# External data files, named absolute: QEMU (7.2) looks for a relative
+# name in its working directory, qnbd and qnbd-img beside the image.
+one df $S off "$fs.\"data-file\" == \"$tmpdir/df.data\" and $fs.\"data-file-raw\" == false" \
+    -o data_file="$tmpdir/df.data"
+one dfmeta $S off "$fs.\"data-file\" == \"$tmpdir/dfmeta.data\"" \
+    -o data_file="$tmpdir/dfmeta.data",preallocation=metadata
+one dfraw $S off "$fs.\"data-file-raw\" == true" \
+    -o data_file="$tmpdir/dfraw.data",data_file_raw=on,preallocation=falloc
+test "$(stat -c %s "$tmpdir/dfraw.data")" = $S
+test $(( $(stat -c %b "$tmpdir/dfraw.data") * 512 )) -ge $S
+
+# What cannot be made is refused, with the reason, and leaves no file.
+refused ()
+{
+    local want=$1 out
+    shift
+    if out=$("$QNBD_IMG" create "$@" "$tmpdir/bad.qcow2" 64M 2>&1); then
+        echo "$0: create $* was accepted" >&2
+        return 1
+    fi
+    printf '%s\n' "$out"
+    grep -qF -- "$want" <<<"$out"
+    test ! -e "$tmpdir/bad.qcow2"
+}
+refused "extended_l2=on" -b base.raw -F raw -o preallocation=metadata
+refused "compat=0.10" -o compat=0.10,refcount_bits=1
+refused "power of two" -o cluster_size=3000
+refused "at least 16K" -o extended_l2=on,cluster_size=4K
+refused "needs its format" -b base.raw
+refused "unknown option 'nonsense'" -o nonsense=1
+refused "data_file_raw" -o data_file_raw=on
