@@ -66,20 +66,6 @@ is_pow2 (uint64_t v)
   return v && !(v & (v - 1));
 }
 
-/* name as the image will resolve it: relative to path's directory. */
-static char *
-sibling (const char *path, const char *name)
-{
-  const char *slash = strrchr (path, '/');
-  char *s;
-
-  if (name[0] == '/' || !slash)
-    return strdup (name);
-  if (asprintf (&s, "%.*s/%s", (int) (slash - path), path, name) < 0)
-    return NULL;
-  return s;
-}
-
 /* The virtual size of the backing file, which must exist and be of the
  * format named.
  */
@@ -87,7 +73,7 @@ static int
 backing_size (struct create *c, const char *path, uint64_t *size)
 {
   const struct qcow2_create_opts *o = c->o;
-  char *name = sibling (path, o->backing_file);
+  char *name = info_beside (path, o->backing_file);
   uint8_t hdr[QCOW2_V2_HEADER_LEN];
   struct stat st;
   int fd, r = 0;
@@ -393,7 +379,7 @@ open_locked (struct create *c, const char *path, const char *what, int *fd)
 static int
 write_data_file (struct create *c, const char *path, int *dfd)
 {
-  char *name = sibling (path, c->o->data_file);
+  char *name = info_beside (path, c->o->data_file);
   int r;
 
   if (!name)

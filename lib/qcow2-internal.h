@@ -652,6 +652,13 @@ int header_in_file (const char *what, uint64_t off, uint64_t len,
 int header_l1_in_file (const char *what, const uint64_t *l1, uint32_t n,
                        uint64_t file_size, char *err, size_t errlen);
 
+/* ---- qcow2-info.c: a header described ---- */
+
+/* name as an image at path finds it: relative to path's directory.
+ * Allocated (free it); NULL when out of memory.
+ */
+char *info_beside (const char *path, const char *name);
+
 /* ---- qcow2-lock.c: image locks shared with QEMU ---- */
 
 enum image_lock_mode {

@@ -215,4 +215,33 @@ struct qcow2_create_opts {
 int qcow2_create (const char *path, const struct qcow2_create_opts *opts,
                   char *err, size_t errlen);
 
+/* ---- What an image's header says (lib/qcow2-info.c), synchronous ---- */
+
+struct qcow2_info {
+  uint64_t size;                /* virtual size */
+  uint32_t cluster_size;
+  unsigned version;             /* 2 or 3 */
+  unsigned refcount_bits;
+  unsigned compression_type;    /* 0 zlib, 1 zstd */
+  bool lazy_refcounts;
+  bool extended_l2;
+  bool corrupt;
+  bool dirty;
+  char *data_file;              /* external data file name, or NULL */
+  bool data_file_raw;
+  char *backing_file;           /* as the header names it, or NULL */
+  char *full_backing_file;      /* ... beside the image, as opened */
+  char backing_fmt[16];         /* from the header extension, or "" */
+  uint32_t nb_snapshots;
+};
+
+/* Read and validate the header of the qcow2 image path (nothing else is
+ * opened; an image marked corrupt or dirty is described, not refused).
+ * Returns 0, or -errno with a one-line reason (without the path) in err.
+ * Free what it holds with qcow2_info_free.
+ */
+int qcow2_read_info (const char *path, struct qcow2_info *info, char *err,
+                     size_t errlen);
+void qcow2_info_free (struct qcow2_info *info);
+
 #endif /* QNBD_QCOW2_H */

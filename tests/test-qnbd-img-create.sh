@@ -8,6 +8,8 @@
 # writes and reads back a pattern across cluster boundaries (and still
 # reads the backing file where nothing was written), and qnbd serves the
 # image with its size and that data.  Bad option sets are refused.
+# "qnbd-img info" agrees with "qemu-img info" on each image, in JSON
+# (every field) and in text.
 
 source "${srcdir:-.}/functions.sh"
 set -e
@@ -44,6 +46,26 @@ check_prealloc ()
     esac
 }
 
+# same_info IMAGE: "qnbd-img info" says what "qemu-img info" says: the
+# JSON has every field of qemu-img's with the same value (but those it
+# does not describe: the children and snapshots newer QEMUs list) and no
+# other; the human output is the same text.
+same_info ()
+{
+    local img=$1 ours theirs
+    ours=$("$QNBD_IMG" info --output=json "$img")
+    theirs=$(qemu-img info --output=json "$img")
+    printf '%s\n' "$ours"
+    jq -e -n --argjson a "$ours" --argjson b "$theirs" '
+        ($b | del(.children, .snapshots)) as $b
+        | [$b | paths(scalars)] as $pb | [$a | paths(scalars)] as $pa
+        | ($pb - $pa) == [] and ($pa - $pb) == []
+          and all($pb[]; . as $p | ($a | getpath($p)) == ($b | getpath($p)))' \
+        >/dev/null
+    diff -u <(qemu-img info "$img" | sed -n '/^Child node/q;p') \
+            <("$QNBD_IMG" info "$img")
+}
+
 # one NAME SIZE PREALLOC JQ [CREATE ARGS...]: create $tmpdir/NAME.qcow2
 # (SIZE may be "" to take the backing file's); JQ must hold on its
 # qemu-img info.  Writes 0xa5 over [off, off + len), across clusters.
@@ -60,6 +82,7 @@ one ()
     jq -e ".\"virtual-size\" == $size and .format == \"qcow2\" and ($expect)" \
        <<<"$info" >/dev/null
     check_prealloc "$img" "$size" "$kind"
+    same_info "$img"
 
     qemu-io -f qcow2 -c "write -P 0xa5 $off $len" -c "read -P 0xa5 $off $len" \
             "$img" >/dev/null
@@ -121,6 +144,19 @@ one dfraw $S off "$fs.\"data-file-raw\" == true" \
     -o data_file="$tmpdir/dfraw.data",data_file_raw=on,preallocation=falloc
 test "$(stat -c %s "$tmpdir/dfraw.data")" = $S
 test $(( $(stat -c %b "$tmpdir/dfraw.data") * 512 )) -ge $S
+
+# The dirty and corrupt bits (incompatible features, byte 79 of the
+# header) are described too, and qnbd-img info refuses what is not qcow2.
+"$QNBD_IMG" create "$tmpdir/flags.qcow2" 1M
+printf '\003' | dd of="$tmpdir/flags.qcow2" bs=1 seek=79 conv=notrunc status=none
+same_info "$tmpdir/flags.qcow2"
+"$QNBD_IMG" info --output=json "$tmpdir/flags.qcow2" \
+    | jq -e '."dirty-flag" and ."format-specific".data.corrupt' >/dev/null
+if "$QNBD_IMG" info "$tmpdir/base.raw" 2>"$tmpdir/err"; then
+    echo "$0: info of a raw file succeeded" >&2
+    exit 1
+fi
+grep -qF 'not a qcow2 image' "$tmpdir/err"
 
 # What cannot be made is refused, with the reason, and leaves no file.
 refused ()
