@@ -27,16 +27,26 @@ qemu-img create -q -f raw "$tmpdir/base.raw" $S
 qemu-io -f raw -c "write -P 0x5b 0 $S" "$tmpdir/base.raw" >/dev/null
 qemu-img convert -f raw -O qcow2 "$tmpdir/base.raw" "$tmpdir/base.qcow2"
 
+# clean_end IMAGE: qemu-img check finds no corruption and no leak (exit
+# status 0); prints the image end offset.  (Called as $(clean_end ...),
+# where bash turns set -e off: hence the returns.)
+clean_end ()
+{
+    local out
+    out=$(qemu-img check --output=json "$1") || return 1
+    printf '%s\n' "$out" >&2
+    jq -e '."check-errors" == 0 and ((.corruptions // 0) + (.leaks // 0)) == 0' \
+       <<<"$out" >/dev/null || return 1
+    jq '."image-end-offset"' <<<"$out"
+}
+
 # What the image's preallocation must look like: off (the file ends
 # before the disk would), meta (it reaches past the disk but holds almost
 # no blocks: nothing was written), alloc (its blocks are all there), any.
-# Also: qemu-img check exits 0 on it (no corruption, no leak).
 check_prealloc ()
 {
-    local img=$1 size=$2 kind=$3 out end actual
-    out=$(qemu-img check --output=json "$img")
-    printf '%s\n' "$out"
-    end=$(jq '."image-end-offset"' <<<"$out")
+    local img=$1 size=$2 kind=$3 end actual
+    end=$(clean_end "$img")
     actual=$(( $(stat -c %b "$img") * 512 ))
     case $kind in
         off) test "$end" -lt "$size" ;;
@@ -73,7 +83,7 @@ one ()
 {
     local name=$1 size=$2 kind=$3 expect=$4
     shift 4
-    local img=$tmpdir/$name.qcow2 info off=$(( 3 * M - 1536 )) len=$(( 2 * M + 2560 ))
+    local img=$tmpdir/$name.qcow2 info end off=$(( 3 * M - 1536 )) len=$(( 2 * M + 2560 ))
 
     "$QNBD_IMG" create "$@" "$img" $size
     size=${size:-$S}
@@ -86,17 +96,28 @@ one ()
 
     qemu-io -f qcow2 -c "write -P 0xa5 $off $len" -c "read -P 0xa5 $off $len" \
             "$img" >/dev/null
-    check_image "$img"
+    end=$(clean_end "$img")
 
     start_qnbd "$img"
     test "$(nbdinfo --size "$uri")" = "$size"
-    qemu-io -r -f raw -c "read -P 0xa5 $off $len" "$uri" | grep -q '^read '
+    qemu-io -f raw -c "read -P 0xa5 $off $len" \
+            -c "write -P 0x3c $(( 9 * M + 4096 )) $(( M + 512 ))" \
+            -c "read -P 0x3c $(( 9 * M + 4096 )) $(( M + 512 ))" "$uri" \
+        | grep -c '^read ' | grep -qx 2
     if [ -n "$(jq -r '."backing-filename" // empty' <<<"$info")" ]; then
         qemu-io -r -f raw -c "read -P 0x5b 0 $(( 2 * M ))" \
                 -c "read -P 0x5b $(( 6 * M )) $(( 10 * M ))" "$uri" \
             | grep -c '^read ' | grep -qx 2
     fi
     stop_qnbd
+    # Preallocated, the image took nothing more for qnbd's writes.
+    if [ "$kind" = meta ] || [ "$kind" = alloc ]; then
+        test "$(clean_end "$img")" = "$end"
+    else
+        clean_end "$img" >/dev/null
+    fi
+    qemu-io -r -f qcow2 -c "read -P 0x3c $(( 9 * M + 4096 )) $(( M + 512 ))" \
+            "$img" | grep -q '^read '
 }
 
 fs='."format-specific".data'
