@@ -172,7 +172,8 @@ plan (struct create *c)
                  " entries, over the %u that can be opened", l1_size,
                  MAX_L1_BYTES / 8);
   q->l1_size = (uint32_t) l1_size;
-  c->l1_clusters = l1_size ? (l1_size * 8 + c->cs - 1) / c->cs : 1;
+  /* An empty disk's L1 table takes no cluster (one would be a leak). */
+  c->l1_clusters = (l1_size * 8 + c->cs - 1) / c->cs;
   if (c->o->prealloc != QCOW2_PREALLOC_OFF) {
     n_l2 = l1_size;
     c->n_guest = (q->size + c->cs - 1) / c->cs;
@@ -195,8 +196,9 @@ plan (struct create *c)
   q->reftable_offset = c->cs;
   q->reftable_clusters = (uint32_t) reft;
   c->rb_off = (1 + reft) * c->cs;
-  q->l1_offset = c->rb_off + nrb * c->cs;
-  c->l2_off = q->l1_offset + c->l1_clusters * c->cs;
+  /* An empty L1 table is nowhere (as QEMU writes it). */
+  q->l1_offset = l1_size ? c->rb_off + nrb * c->cs : 0;
+  c->l2_off = c->rb_off + (nrb + c->l1_clusters) * c->cs;
   c->data_off = c->l2_off + n_l2 * c->cs;
   c->end = c->data_off + c->n_data * c->cs;
   assert (c->end / c->cs <= nrb * c->rb_entries);

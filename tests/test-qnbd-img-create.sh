@@ -166,6 +166,11 @@ one dfraw $S off "$fs.\"data-file-raw\" == true" \
 test "$(stat -c %s "$tmpdir/dfraw.data")" = $S
 test $(( $(stat -c %b "$tmpdir/dfraw.data") * 512 )) -ge $S
 
+# An empty disk has an empty L1 table: no cluster for it.
+"$QNBD_IMG" create "$tmpdir/empty.qcow2" 0
+clean_end "$tmpdir/empty.qcow2" >/dev/null
+same_info "$tmpdir/empty.qcow2"
+
 # The dirty and corrupt bits (incompatible features, byte 79 of the
 # header) are described too, and qnbd-img info refuses what is not qcow2.
 "$QNBD_IMG" create "$tmpdir/flags.qcow2" 1M
