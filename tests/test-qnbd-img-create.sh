@@ -184,6 +184,20 @@ if "$QNBD_IMG" info "$tmpdir/base.raw" 2>"$tmpdir/err"; then
 fi
 grep -qF 'not a qcow2 image' "$tmpdir/err"
 
+# An image a running qnbd serves is not replaced: the lock says who has
+# it, and the image is left as it was.
+"$QNBD_IMG" create "$tmpdir/served.qcow2" 16M
+start_qnbd "$tmpdir/served.qcow2"
+if "$QNBD_IMG" create "$tmpdir/served.qcow2" 32M 2>"$tmpdir/err"; then
+    echo "$0: create replaced an image qnbd serves" >&2
+    exit 1
+fi
+cat "$tmpdir/err"
+grep -qF 'in use by another process' "$tmpdir/err"
+test "$(nbdinfo --size "$uri")" = $S
+stop_qnbd
+check_image "$tmpdir/served.qcow2"
+
 # What cannot be made is refused, with the reason, and leaves no file.
 refused ()
 {
