@@ -26,7 +26,7 @@ static const char usage_text[] =
 static int
 bad (const char *key, const char *val)
 {
-  error ("create: invalid value '%s' for option %s", val, key);
+  img_error ("create: invalid value '%s' for option %s", val, key);
   return -EINVAL;
 }
 
@@ -84,7 +84,7 @@ set_option (struct qcow2_create_opts *o, const char *key, const char *val)
   else if (!strcmp (key, "preallocation"))
     return set_prealloc (o, val);
   else {
-    error ("create: unknown option '%s' (qnbd-img create --help)", key);
+    img_error ("create: unknown option '%s' (qnbd-img create --help)", key);
     return -EINVAL;
   }
   return 0;
@@ -98,7 +98,7 @@ parse_o (struct qcow2_create_opts *o, char *arg)
        kv = strtok_r (NULL, ",", &save)) {
     char *eq = strchr (kv, '=');
     if (!eq) {
-      error ("create: option '%s' has no value (KEY=VALUE)", kv);
+      img_error ("create: option '%s' has no value (KEY=VALUE)", kv);
       return -EINVAL;
     }
     *eq = '\0';
@@ -124,7 +124,7 @@ parse_args (int argc, char **argv, struct qcow2_create_opts *o)
       exit (0);
     case 'f':
       if (strcmp (optarg, "qcow2")) {
-        error ("create: format '%s': only qcow2 is created", optarg);
+        img_error ("create: format '%s': only qcow2 is created", optarg);
         return -EINVAL;
       }
       break;
@@ -162,16 +162,16 @@ cmd_create (int argc, char **argv)
   }
   path = argv[optind];
   if (argc - optind == 2 && parse_size (argv[optind + 1], &o.size) < 0) {
-    error ("create: invalid size '%s'", argv[optind + 1]);
+    img_error ("create: invalid size '%s'", argv[optind + 1]);
     return 1;
   }
   if (o.backing_file && !o.backing_fmt) {
-    error ("create: a backing file needs its format (-F qcow2 or -F raw)");
+    img_error ("create: a backing file needs its format (-F qcow2 or -F raw)");
     return 1;
   }
   r = qcow2_create (path, &o, err, sizeof err);
   if (r < 0) {
-    error ("create: %s: %s", path, err);
+    img_error ("create: %s: %s", path, err);
     return 1;
   }
   return 0;

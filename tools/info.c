@@ -144,7 +144,7 @@ cmd_info (int argc, char **argv)
                             || !strcmp (optarg, "human")))
       json = !strcmp (optarg, "json");
     else if (c == 'O' || (c == 'f' && strcmp (optarg, "qcow2"))) {
-      error ("info: --output=human|json and -f qcow2 only");
+      img_error ("info: --output=human|json and -f qcow2 only");
       return 1;
     } else if (c != 'f') {
       fputs (usage_text, stderr);
@@ -155,7 +155,7 @@ cmd_info (int argc, char **argv)
     return 1;
   }
   if (qcow2_read_info (argv[optind], &in, err, sizeof err) < 0) {
-    error ("info: %s: %s", argv[optind], err);
+    img_error ("info: %s: %s", argv[optind], err);
     return 1;
   }
   /* Blocks the file holds, as du counts them. */

@@ -46,6 +46,6 @@ main (int argc, char **argv)
   for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
     if (!strcmp (argv[1], commands[i].name))
       return commands[i].run (argc - 1, argv + 1);
-  error ("unknown command '%s' (qnbd-img --help lists them)", argv[1]);
+  img_error ("unknown command '%s' (qnbd-img --help lists them)", argv[1]);
   return 1;
 }

@@ -59,7 +59,7 @@ parse_bool (const char *s, bool *out)
 }
 
 void
-error (const char *fmt, ...)
+img_error (const char *fmt, ...)
 {
   va_list ap;
 

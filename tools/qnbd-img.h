@@ -21,6 +21,7 @@ int parse_size (const char *s, uint64_t *out);
 /* on/off, yes/no, true/false.  0 or -EINVAL. */
 int parse_bool (const char *s, bool *out);
 /* Print "qnbd-img: " and the message to stderr. */
-void error (const char *fmt, ...) __attribute__ ((format (printf, 1, 2)));
+void img_error (const char *fmt, ...)
+  __attribute__ ((format (printf, 1, 2)));
 
 #endif /* QNBD_IMG_H */
