@@ -14,8 +14,8 @@
 #include "qnbd-img.h"
 
 static const char usage_text[] =
-  "Usage: qnbd-img create [-f qcow2] [-o OPTIONS] [-b BACKING -F FMT] FILE "
-  "[SIZE]\n"
+  "Usage: qnbd-img create [-q] [-f qcow2] [-o OPTIONS] [-b BACKING -F FMT] "
+  "FILE [SIZE]\n"
   "OPTIONS, comma separated: cluster_size=SIZE, compat=0.10|1.1,\n"
   "  refcount_bits=1..64, lazy_refcounts=on|off, extended_l2=on|off,\n"
   "  compression_type=zlib|zstd, data_file=NAME, data_file_raw=on|off,\n"
@@ -117,8 +117,11 @@ parse_args (int argc, char **argv, struct qcow2_create_opts *o)
   };
   int c;
 
-  while ((c = getopt_long (argc, argv, "hf:o:b:F:", longopts, NULL)) != -1)
+  while ((c = getopt_long (argc, argv, "hqf:o:b:F:", longopts, NULL)) != -1)
     switch (c) {
+    case 'q':
+      /* qemu-img's "quiet": qnbd-img create says nothing when it works. */
+      break;
     case 'h':
       fputs (usage_text, stdout);
       exit (0);
