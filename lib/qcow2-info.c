@@ -91,8 +91,9 @@ read_backing_name (const struct qcow2 *q, int fd, struct qcow2_info *info,
   }
   r = blocking_pread (fd, info->backing_file, q->backing_size,
                       q->backing_offset, false);
-  if (r == 0 && !(info->full_backing_file = info_beside (q->path,
-                                                         info->backing_file))) {
+  if (r == 0)
+    info->full_backing_file = info_beside (q->path, info->backing_file);
+  if (r == 0 && !info->full_backing_file) {
     snprintf (err, errlen, "out of memory");
     return -ENOMEM;
   }

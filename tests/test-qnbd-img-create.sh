@@ -125,7 +125,9 @@ fs='."format-specific".data'
 # Cluster sizes and refcount widths, with and without preallocation.
 one c512 $S off ".\"cluster-size\" == 512" -o cluster_size=512
 one c4k $S off ".\"cluster-size\" == 4096" -o cluster_size=4K
-one c64k $S off ".\"cluster-size\" == 65536 and $fs.compat == \"1.1\" and $fs.\"refcount-bits\" == 16" -f qcow2
+one c64k $S off \
+    ".\"cluster-size\" == 65536 and $fs.compat == \"1.1\"
+     and $fs.\"refcount-bits\" == 16" -f qcow2
 one c2m $S any ".\"cluster-size\" == 2097152" -o cluster_size=2M
 one rb1 $S off "$fs.\"refcount-bits\" == 1" -o refcount_bits=1
 one rb64 $S off "$fs.\"refcount-bits\" == 64" -o refcount_bits=64
@@ -141,16 +143,22 @@ one meta512rb1 $S meta ".\"cluster-size\" == 512 and $fs.\"refcount-bits\" == 1"
     -o cluster_size=512,refcount_bits=1,preallocation=metadata
 one meta4k $(( S + 512 )) meta ".\"cluster-size\" == 4096" \
     -o cluster_size=4k,preallocation=metadata
-one meta2mrb64 $S any ".\"cluster-size\" == 2097152 and $fs.\"refcount-bits\" == 64 and $fs.\"extended-l2\" == true" \
+one meta2mrb64 $S any \
+    ".\"cluster-size\" == 2097152 and $fs.\"refcount-bits\" == 64
+     and $fs.\"extended-l2\" == true" \
     -o cluster_size=2M,refcount_bits=64,extended_l2=on,preallocation=metadata
 one metav2 $S meta "$fs.compat == \"0.10\"" -o compat=0.10,preallocation=metadata
 one metaextl2 $S meta "$fs.\"extended-l2\" == true" \
     -o extended_l2=on,cluster_size=32K,preallocation=metadata
 
 # Backing files: named relative to the image, the size taken from them.
-one bq "" off ".\"backing-filename\" == \"base.qcow2\" and .\"backing-filename-format\" == \"qcow2\"" \
+one bq "" off \
+    ".\"backing-filename\" == \"base.qcow2\"
+     and .\"backing-filename-format\" == \"qcow2\"" \
     -b base.qcow2 -F qcow2
-one braw $S off ".\"backing-filename\" == \"base.raw\" and .\"backing-filename-format\" == \"raw\"" \
+one braw $S off \
+    ".\"backing-filename\" == \"base.raw\"
+     and .\"backing-filename-format\" == \"raw\"" \
     -o backing_file=base.raw,backing_fmt=raw
 one bmeta "" meta ".\"backing-filename\" == \"base.raw\" and $fs.\"extended-l2\" == true" \
     -b base.raw -F raw -o extended_l2=on,preallocation=metadata

@@ -83,7 +83,9 @@ print_json (const char *path, const struct qcow2_info *in, uint64_t actual)
 static void
 print_size (uint64_t v)
 {
-  static const char *const units[] = { "", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei" };
+  static const char *const units[] = {
+    "", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei",
+  };
   unsigned i = 0;
 
   while (i < 6 && (double) v >= 1000.0 * ldexp (1.0, 10 * (int) i))
@@ -119,7 +121,8 @@ print_human (const char *path, const struct qcow2_info *in, uint64_t actual)
             in->data_file_raw ? "true" : "false");
   if (in->version >= 3)
     printf ("    corrupt: %s\n    extended l2: %s\n",
-            in->corrupt ? "true" : "false", in->extended_l2 ? "true" : "false");
+            in->corrupt ? "true" : "false",
+            in->extended_l2 ? "true" : "false");
 }
 
 int
