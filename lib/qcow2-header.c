@@ -341,3 +341,66 @@ header_set_dirty (struct qcow2 *q, bool dirty)
   put_be64 ((uint8_t *) q->header_sector + HDR_INCOMPAT, q->incompat);
   return header_write_sync (q);
 }
+
+/* One header extension at p: type, length, the data padded to 8 bytes.
+ * Returns the offset past it, or 0 when it does not fit in len.
+ */
+static size_t
+put_extension (uint8_t *b, size_t len, size_t p, uint32_t type,
+               const void *data, size_t dlen)
+{
+  size_t end = p + 8 + round_up (dlen, 8);
+  if (end > len)
+    return 0;
+  put_be32 (b + p, type);
+  put_be32 (b + p + 4, (uint32_t) dlen);
+  if (dlen)
+    memcpy (b + p + 8, data, dlen);
+  return end;
+}
+
+int
+header_build (const struct qcow2 *q, const char *backing_name, void *vbuf,
+              size_t len, char *err, size_t errlen)
+{
+  uint8_t *b = vbuf;
+  size_t p, blen = backing_name ? strlen (backing_name) : 0;
+
+  memset (b, 0, len);
+  put_be32 (b + HDR_MAGIC, QCOW2_MAGIC);
+  put_be32 (b + HDR_VERSION, q->version);
+  put_be32 (b + HDR_CLUSTER_BITS, q->cluster_bits);
+  put_be64 (b + HDR_SIZE, q->size);
+  put_be32 (b + HDR_L1_SIZE, q->l1_size);
+  put_be64 (b + HDR_L1_OFFSET, q->l1_offset);
+  put_be64 (b + HDR_REFTABLE_OFFSET, q->reftable_offset);
+  put_be32 (b + HDR_REFTABLE_CLUSTERS, q->reftable_clusters);
+  p = QCOW2_V2_HEADER_LEN;
+  if (q->version >= 3) {
+    put_be64 (b + HDR_INCOMPAT, q->incompat);
+    put_be64 (b + HDR_COMPAT, q->compat);
+    put_be64 (b + HDR_AUTOCLEAR, q->autoclear);
+    put_be32 (b + HDR_REFCOUNT_ORDER, q->refcount_order);
+    /* With the compression type byte, padded to 8 (as QEMU writes it). */
+    p = QCOW2_V3_HEADER_LEN + 8;
+    put_be32 (b + HDR_HEADER_LENGTH, (uint32_t) p);
+    b[QCOW2_V3_HEADER_LEN] = q->compression_type;
+  }
+  if (q->backing_fmt[0])
+    p = put_extension (b, len, p, EXT_BACKING_FORMAT, q->backing_fmt,
+                       strlen (q->backing_fmt));
+  if (p && q->data_file)
+    p = put_extension (b, len, p, EXT_DATA_FILE, q->data_file,
+                       strlen (q->data_file));
+  if (p)
+    p = put_extension (b, len, p, EXT_END, NULL, 0);
+  if (!p || blen > 1023 || blen > len - p)
+    return fail (err, errlen, -EINVAL, "the header extensions and backing "
+                 "file name do not fit in one %zu-byte cluster", len);
+  if (blen) {
+    memcpy (b + p, backing_name, blen);
+    put_be64 (b + HDR_BACKING_OFFSET, p);
+    put_be32 (b + HDR_BACKING_SIZE, (uint32_t) blen);
+  }
+  return 0;
+}

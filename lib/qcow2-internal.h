@@ -688,6 +688,12 @@ int header_parse (struct qcow2 *q, const void *buf, size_t len,
  * (the flusher writes it asynchronously).  0 or -errno.
  */
 int header_write_sync (struct qcow2 *q);
+/* The header cluster (len bytes) of a new image from q's header fields,
+ * its backing format and data file names, and backing_name (or NULL).
+ * 0, or -EINVAL with a reason in err when it does not fit.
+ */
+int header_build (const struct qcow2 *q, const char *backing_name, void *buf,
+                  size_t len, char *err, size_t errlen);
 /* Set or clear the dirty bit in the header, durably (synchronous). */
 int header_set_dirty (struct qcow2 *q, bool dirty);
 /* Open-time bounds: what is read at open must lie in the file, so that a
@@ -700,6 +706,13 @@ int header_in_file (const char *what, uint64_t off, uint64_t len,
                     uint64_t file_size, char *err, size_t errlen);
 int header_l1_in_file (const char *what, const uint64_t *l1, uint32_t n,
                        uint64_t file_size, char *err, size_t errlen);
+
+/* ---- qcow2-info.c: a header described ---- */
+
+/* name as an image at path finds it: relative to path's directory.
+ * Allocated (free it); NULL when out of memory.
+ */
+char *info_beside (const char *path, const char *name);
 
 /* ---- qcow2-lock.c: image locks shared with QEMU ---- */
 

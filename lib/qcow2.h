@@ -199,4 +199,70 @@ const char *qcow2_format_name (const struct qcow2 *q);
 /* Name of the I/O backend in use ("io_uring", "threads", "fake"). */
 const char *qcow2_aio_name (const struct qcow2 *q);
 
+/* ---- Creating an image (lib/qcow2-create.c), synchronous ---- */
+
+enum qcow2_prealloc {
+  QCOW2_PREALLOC_OFF,           /* header, refcounts and L1 only */
+  QCOW2_PREALLOC_METADATA,      /* every L2 table, each entry naming its
+                                   own data cluster; the file extended
+                                   sparse (ftruncate), no data written */
+  QCOW2_PREALLOC_FALLOC,        /* metadata, and the data's blocks reserved */
+  QCOW2_PREALLOC_FULL,          /* metadata, and the data written as zeros */
+};
+
+struct qcow2_create_opts {
+  uint64_t size;                /* virtual size, a multiple of 512; 0 with
+                                   a backing file: the backing file's */
+  uint32_t cluster_size;        /* 0: 65536 */
+  unsigned version;             /* 2 (compat 0.10) or 3 (1.1); 0: 3 */
+  unsigned refcount_bits;       /* 1, 2, 4 ... 64; 0: 16 */
+  bool lazy_refcounts;
+  bool extended_l2;
+  unsigned compression_type;    /* 0 zlib, 1 zstd */
+  const char *data_file;        /* external data file, or NULL */
+  bool data_file_raw;
+  const char *backing_file;     /* or NULL */
+  const char *backing_fmt;      /* "qcow2" or "raw": needed with a backing
+                                   file (a guess would let a raw disk's
+                                   contents choose the format) */
+  enum qcow2_prealloc prealloc;
+};
+
+/* Create (or overwrite) the qcow2 image path, and its external data file.
+ * Names in the header (backing file, data file) are relative to path's
+ * directory, as when the image is opened.  Returns 0, or -errno with a
+ * one-line reason (without the path) in err.
+ */
+int qcow2_create (const char *path, const struct qcow2_create_opts *opts,
+                  char *err, size_t errlen);
+
+/* ---- What an image's header says (lib/qcow2-info.c), synchronous ---- */
+
+struct qcow2_info {
+  uint64_t size;                /* virtual size */
+  uint32_t cluster_size;
+  unsigned version;             /* 2 or 3 */
+  unsigned refcount_bits;
+  unsigned compression_type;    /* 0 zlib, 1 zstd */
+  bool lazy_refcounts;
+  bool extended_l2;
+  bool corrupt;
+  bool dirty;
+  char *data_file;              /* external data file name, or NULL */
+  bool data_file_raw;
+  char *backing_file;           /* as the header names it, or NULL */
+  char *full_backing_file;      /* ... beside the image, as opened */
+  char backing_fmt[16];         /* from the header extension, or "" */
+  uint32_t nb_snapshots;
+};
+
+/* Read and validate the header of the qcow2 image path (nothing else is
+ * opened; an image marked corrupt or dirty is described, not refused).
+ * Returns 0, or -errno with a one-line reason (without the path) in err.
+ * Free what it holds with qcow2_info_free.
+ */
+int qcow2_read_info (const char *path, struct qcow2_info *info, char *err,
+                     size_t errlen);
+void qcow2_info_free (struct qcow2_info *info);
+
 #endif /* QNBD_QCOW2_H */
