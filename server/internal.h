@@ -272,6 +272,30 @@ int privs_chown (const struct privs *p, const char *path);
 int privs_drop (const struct privs *p);
 
 /* ------------------------------------------------------------------ */
+/* sockperm.c                                                          */
+/* ------------------------------------------------------------------ */
+
+/* The mode, owner and group of the Unix sockets qnbd creates. */
+struct sockperm {
+  mode_t mode;
+  uid_t uid;
+  gid_t gid;
+  bool set_mode, set_uid, set_gid;
+};
+
+/* Read --socket-mode (octal), --socket-owner and --socket-group (names
+ * or numbers; any may be NULL) into p; an owner or group without a mode
+ * means mode 0660.  Returns 0, or -1 after saying what is wrong.
+ */
+int sockperm_init (struct sockperm *p, const char *mode, const char *owner,
+                   const char *group);
+
+/* Give the socket file path p's owner, group and mode.  Returns 0 or -1
+ * (logged).
+ */
+int sockperm_apply (const struct sockperm *p, const char *path);
+
+/* ------------------------------------------------------------------ */
 /* config.c                                                            */
 /* ------------------------------------------------------------------ */
 
@@ -455,6 +479,11 @@ void loop_set_max_per_client (unsigned n);
  * first; the file is removed again at exit).  Returns 0 or -1 (logged).
  */
 int loop_listen_unix (const char *path);
+
+/* What loop_listen_unix gives the sockets it creates, between bind and
+ * listen (p stays valid; NULL: what the umask leaves).
+ */
+void loop_set_sockperm (const struct sockperm *p);
 
 /* Listen on TCP port on addr (NULL: every address, IPv4 and IPv6).
  * Returns 0 or -1 (logged).

@@ -213,6 +213,15 @@ add_listener (int fd, bool tcp, const char *unix_path)
   return 0;
 }
 
+/* The permissions of the Unix sockets we create (--socket-mode ...). */
+static const struct sockperm *sockperm;
+
+void
+loop_set_sockperm (const struct sockperm *p)
+{
+  sockperm = p;
+}
+
 int
 loop_listen_unix (const char *path)
 {
@@ -247,6 +256,11 @@ loop_listen_unix (const char *path)
   if (bind (fd, (struct sockaddr *) &sun, sizeof sun) < 0) {
     log_error ("%s: bind: %m", path);
     close (fd);
+    return -1;
+  }
+  if (sockperm && sockperm_apply (sockperm, path) < 0) {
+    close (fd);
+    unlink (path);
     return -1;
   }
   if (listen (fd, SOMAXCONN) < 0) {

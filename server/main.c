@@ -62,6 +62,9 @@ enum {
   OPT_MAX_PER_CLIENT,
   OPT_TLS_REQUIRED,
   OPT_USER,
+  OPT_SOCKET_MODE,
+  OPT_SOCKET_OWNER,
+  OPT_SOCKET_GROUP,
 };
 
 static const char short_options[] = "b:C:D:e:f:hk:l:p:rtUvx:";
@@ -106,6 +109,9 @@ static const struct option long_options[] = {
     OPT_MAX_PER_CLIENT },
   { "tls-required",   no_argument,       NULL, OPT_TLS_REQUIRED },
   { "user",           required_argument, NULL, OPT_USER },
+  { "socket-mode",    required_argument, NULL, OPT_SOCKET_MODE },
+  { "socket-owner",   required_argument, NULL, OPT_SOCKET_OWNER },
+  { "socket-group",   required_argument, NULL, OPT_SOCKET_GROUP },
   { NULL, 0, NULL, 0 },
 };
 
@@ -148,6 +154,9 @@ usage (FILE *fp)
 "                           and send nothing for N seconds (0: never)\n"
 "      --user=USER, --group=GROUP  once listening and the images open,\n"
 "                           run as USER and GROUP (root only)\n"
+"      --socket-mode=MODE, --socket-owner=USER, --socket-group=GROUP\n"
+"                           of the Unix sockets qnbd creates (an owner or\n"
+"                           group alone: mode 0660)\n"
 "\n"
 "Who may use the export (the rules given must all pass):\n"
 "      --allow-address=LIST addresses (ADDR[/BITS], \"unix\" for Unix-\n"
@@ -440,6 +449,8 @@ struct options {
   unsigned max_per_client;              /* --max-connections-per-client */
   unsigned idle_timeout;                /* --idle-timeout */
   const char *user, *group;             /* --user, --group */
+  const char *socket_mode, *socket_owner, *socket_group;
+  struct sockperm sockperm;             /* what they are */
   struct privs privs;                   /* what they are */
   uint64_t cache_size;                  /* --cache-size */
 };
@@ -574,6 +585,9 @@ parse_access_option (int c, const char *arg, struct options *o)
     return true;
   case OPT_USER: o->user = arg; return true;
   case OPT_GROUP: o->group = arg; return true;
+  case OPT_SOCKET_MODE: o->socket_mode = arg; return true;
+  case OPT_SOCKET_OWNER: o->socket_owner = arg; return true;
+  case OPT_SOCKET_GROUP: o->socket_group = arg; return true;
   default: return false;
   }
 }
@@ -761,6 +775,9 @@ static const struct config_key {
   { "idle-timeout", OPT_IDLE_TIMEOUT, true, false },
   { "user", OPT_USER, true, false },
   { "group", OPT_GROUP, true, false },
+  { "socket-mode", OPT_SOCKET_MODE, true, false },
+  { "socket-owner", OPT_SOCKET_OWNER, true, false },
+  { "socket-group", OPT_SOCKET_GROUP, true, false },
   { "allow-address", OPT_ALLOW_ADDRESS, false, true },
   { "allow-tls-dn", OPT_ALLOW_TLS_DN, false, true },
   { "allow-psk-user", OPT_ALLOW_PSK_USER, false, true },
@@ -1250,7 +1267,9 @@ drop_privileges (const struct options *o, int activated)
     return 0;
   if (o->pid_file && privs_chown (&o->privs, o->pid_file) < 0)
     return -1;
-  for (size_t i = 0; activated == 0 && i < o->n_socks; i++)
+  /* (Unless --socket-owner/--socket-group said whose they are.) */
+  for (size_t i = 0; activated == 0 && i < o->n_socks &&
+         !o->sockperm.set_uid && !o->sockperm.set_gid; i++)
     if (privs_chown (&o->privs, o->socks[i]) < 0)
       return -1;
   if (privs_drop (&o->privs) < 0)
@@ -1293,8 +1312,11 @@ main (int argc, char *argv[])
 
   parse_options (argc, argv, &o);
   /* Before the images are opened: a mistake costs nothing yet. */
-  if (privs_init (&o.privs, o.user, o.group) < 0)
+  if (privs_init (&o.privs, o.user, o.group) < 0 ||
+      sockperm_init (&o.sockperm, o.socket_mode, o.socket_owner,
+                     o.socket_group) < 0)
     exit (EXIT_FAILURE);
+  loop_set_sockperm (&o.sockperm);
   if (o.max_memory)
     mem_set_max_memory ((size_t) o.max_memory);
 
