@@ -449,6 +449,7 @@ struct options {
   unsigned max_per_client;              /* --max-connections-per-client */
   unsigned idle_timeout;                /* --idle-timeout */
   const char *user, *group;             /* --user, --group */
+  unsigned verbose;                     /* the file's verbose key */
   const char *socket_mode, *socket_owner, *socket_group;
   struct sockperm sockperm;             /* what they are */
   struct privs privs;                   /* what they are */
@@ -740,6 +741,7 @@ check_export (const struct export_options *e)
  * the section it belongs in.  "file" is the export's image.
  */
 #define KEY_FILE (-1)
+#define KEY_VERBOSE (-2)        /* -v, -vv: 1, 2 */
 static const struct config_key {
   const char *key;
   int opt;
@@ -758,6 +760,7 @@ static const struct config_key {
   { "tls-certificates", OPT_TLS_CERTIFICATES, true, false },
   { "tls-psk", OPT_TLS_PSK, true, false },
   { "tls-verify-peer", OPT_TLS_VERIFY_PEER, true, false },
+  { "verbose", KEY_VERBOSE, true, false },
   { "file", KEY_FILE, false, false },
   { "format", 'f', false, false },
   { "readonly", 'r', false, false },
@@ -797,7 +800,7 @@ static const char *const reopen_keys[] = {
   "backing", "allow-dir", "cache", "l2-cache-size", NULL,
 };
 static const char *const live_server_keys[] = {
-  "shared", "handshake-limit", "max-memory", NULL,
+  "shared", "handshake-limit", "max-memory", "verbose", NULL,
 };
 
 static int
@@ -903,6 +906,10 @@ config_key (void *opaque, const char *where, const char *key,
   config_pos.section = st->section;
   if (k->opt == KEY_FILE)
     o->exp->image = copy;
+  else if (k->opt == KEY_VERBOSE) {
+    if (parse_uint (copy, 2, &o->verbose) < 0)
+      bad_arg ("verbose", copy, "is not 0, 1 or 2");
+  }
   else {
     bool flag = false;
     for (i = 0; i < sizeof long_options / sizeof long_options[0]; i++)
@@ -988,6 +995,9 @@ check_access (const struct options *o, const struct export_options *e)
 }
 
 /* Fill o from the command line; a usage error exits. */
+/* How many -v the command line gave: the file's verbose adds none. */
+static int cmdline_verbosity;
+
 static void
 parse_options (int argc, char *argv[], struct options *o)
 {
@@ -1000,6 +1010,7 @@ parse_options (int argc, char *argv[], struct options *o)
     if (c != 'C' && c != 'v' && c != OPT_AIO)
       other = c;
   }
+  cmdline_verbosity = log_verbosity;
 
   if (o->config) {
     /* One place says what is served: the file. */
@@ -1014,6 +1025,8 @@ parse_options (int argc, char *argv[], struct options *o)
     free (o->exp->allow_dirs);
     if (read_config (o) < 0)
       exit (EXIT_FAILURE);
+    if ((int) o->verbose > log_verbosity)
+      log_verbosity = o->verbose;
   }
   else {
     if (optind != argc - 1)
@@ -1115,6 +1128,8 @@ apply_limits (const struct options *o)
   conn_set_handshake_limit (o->handshake_limit);
   mem_set_max_memory (o->max_memory ? (size_t) o->max_memory
                       : DEFAULT_MAX_MEMORY);
+  log_verbosity = (int) o->verbose > cmdline_verbosity ? (int) o->verbose
+    : cmdline_verbosity;
 }
 
 /* The lines of sig (NULL: none) for key, in order, into buf. */

@@ -14,6 +14,7 @@ import re
 import struct
 import subprocess
 import threading
+import time
 
 import qnbdtest as qt
 
@@ -221,6 +222,8 @@ cases = [
      "bad11.conf:3: unknown key 'bad' in [export %s]" % ("n" * 60)),
     ("[export a]\nfile = %s\n" % os.path.join(tmp, "missing.qcow2"),
      "missing.qcow2: No such file or directory (export 'a')"),
+    ("[server]\nverbose = 3\n[export a]\nfile = %s\n" % img,
+     "bad13.conf:2: key 'verbose' in [server]: '3' is not 0, 1 or 2"),
 ]
 for i, (text, want) in enumerate(cases, 1):
     path = write_cfg("bad%d.conf" % i, text)
@@ -230,6 +233,22 @@ for i, (text, want) in enumerate(cases, 1):
     assert r.returncode == 1, (i, r.returncode, r.stderr)
     assert want in r.stderr, (want, r.stderr)
     assert not os.path.exists(sock), "bad%d.conf: it listened" % i
+
+# verbose = 1 in [server] is -v: the URI of each export is logged.
+vsock = os.path.join(tmp, "v.sock")
+vcfg = write_cfg("verbose.conf", "[server]\nsocket = %s\npid-file = %s\n"
+                 "verbose = 1\n[export quiet]\nfile = %s\nreadonly = yes\n"
+                 % (vsock, os.path.join(tmp, "v.pid"), img))
+vproc = subprocess.Popen([qt.QNBD, "-C", vcfg], stderr=subprocess.PIPE,
+                         text=True)
+deadline = time.monotonic() + 30
+while not os.path.exists(os.path.join(tmp, "v.pid")):
+    assert time.monotonic() < deadline and vproc.poll() is None
+    time.sleep(0.1)
+vproc.terminate()
+verr = vproc.communicate(timeout=30)[1]
+qt.log(verr)
+assert "serving " in verr and "/quiet" in verr, verr
 
 # -C serves the file's exports, not an IMAGE of the command line.
 for extra in ([img], ["-r"], ["-k", sock]):
