@@ -5,7 +5,6 @@
   server-cert.pem, server-key.pem; client-cert.pem, client-key.pem), one
   client per common name;
 - psk_file: a keys file of username:hexkey lines;
-- ConfigServer: qnbd -C FILE, ready once its pid file exists;
 - TlsClient: qnbdtest's RawClient that can switch to TLS after
   NBD_OPT_STARTTLS (Python's ssl module, with a client certificate or
   none), with the option replies the tests look at.
@@ -100,31 +99,6 @@ def psk_file(path, users):
             f.write("%s:%s\n" % (u, os.urandom(32).hex()))
     return path
 
-
-class ConfigServer(qt.Server):
-    """qnbd -C cfg [args], ready when its pid file (pidfile, as the file
-    says) and the Unix socket sock exist."""
-
-    def __init__(self, cfg, sock, pidfile, *args, port=None):
-        qt.Server.count += 1
-        d = os.path.dirname(cfg)
-        self.dir = d
-        self.image = None
-        self.sock = sock
-        self.pidfile = pidfile
-        self.errfile = os.path.join(d, "qnbd%d.err" % qt.Server.count)
-        self.port = port
-        self.status = None
-        cmd = [qt.QNBD, "-C", cfg, *args]
-        if qt.TEST_AIO:
-            cmd.append("--aio=" + qt.TEST_AIO)
-        qt.log("+ " + " ".join(cmd))
-        with open(self.errfile, "wb") as err:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
-                                         stdout=err, stderr=err)
-        self.pid = self.proc.pid
-        qt._servers.append(self)
-        self._wait_ready(False)
 
 
 class TlsClient(qt.RawClient):

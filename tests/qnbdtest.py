@@ -308,6 +308,32 @@ class Server:
 # Shadow copy: what the export must contain
 # ---------------------------------------------------------------------
 
+class ConfigServer(Server):
+    """qnbd -C cfg [args], ready when its pid file (pidfile, as the file
+    says) and the Unix socket sock exist; env: its environment."""
+
+    def __init__(self, cfg, sock, pidfile, *args, port=None, env=None):
+        Server.count += 1
+        d = os.path.dirname(cfg)
+        self.dir = d
+        self.image = None
+        self.sock = sock
+        self.pidfile = pidfile
+        self.errfile = os.path.join(d, "qnbd%d.err" % Server.count)
+        self.port = port
+        self.status = None
+        cmd = [QNBD, "-C", cfg, *args]
+        if TEST_AIO:
+            cmd.append("--aio=" + TEST_AIO)
+        log("+ " + " ".join(cmd))
+        with open(self.errfile, "wb") as err:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
+                                         stdout=err, stderr=err, env=env)
+        self.pid = self.proc.pid
+        _servers.append(self)
+        self._wait_ready(False)
+
+
 class Shadow:
     """A sparse in-memory copy of the disk: what every write put there, and
     zeros elsewhere.  Kept in 64 KiB chunks so that a large virtual disk

@@ -86,7 +86,7 @@ for name, rules in EXPORTS.items():
 cfg = os.path.join(tmp, "qnbd.conf")
 with open(cfg, "w") as f:
     f.write(text)
-srv = al.ConfigServer(cfg, sock, pidfile, "-v", port=port)
+srv = qt.ConfigServer(cfg, sock, pidfile, "-v", port=port)
 tcp = ("127.0.0.1", port)
 
 # --- Plaintext over TCP from 127.0.0.1 ------------------------------

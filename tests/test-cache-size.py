@@ -38,33 +38,11 @@ def write_cfg(name, cache_size):
     return path
 
 
-class ConfigServer(qt.Server):
-    """qnbd -C cfg, ready when its pid file and socket exist."""
-
-    def __init__(self, cfg):
-        qt.Server.count += 1
-        self.dir = tmp
-        self.image = None
-        self.sock = sock
-        self.pidfile = pidfile
-        self.errfile = os.path.join(tmp, "cs.err")
-        self.port = None
-        self.status = None
-        cmd = [qt.QNBD, "-C", cfg]
-        if qt.TEST_AIO:
-            cmd.append("--aio=" + qt.TEST_AIO)
-        qt.log("+ " + " ".join(cmd))
-        with open(self.errfile, "wb") as err:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
-                                         stdout=err, stderr=err)
-        self.pid = self.proc.pid
-        qt._servers.append(self)
-        self._wait_ready(False)
-
 
 # Each reserves about 13 KiB (two L2 tables and a refcount block of 4 KiB
 # with their bookkeeping): 40 take about half of the 1 MiB.
-srv = ConfigServer(write_cfg("ok.conf", "1M"))
+srv = qt.ConfigServer(write_cfg("ok.conf", "1M"),
+                      sock, pidfile)
 offsets = [(k * 8 + 3) * 1024 * 1024 + 4096 * k for k in range(32)]
 
 

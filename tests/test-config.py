@@ -25,29 +25,6 @@ SIZE = 16 * 1024 * 1024
 tmp = qt.tmpdir()
 
 
-class ConfigServer(qt.Server):
-    """qnbd -C cfg, ready when its pid file and first socket exist."""
-
-    def __init__(self, cfg, sock, port):
-        qt.Server.count += 1
-        self.dir = tmp
-        self.image = None
-        self.sock = sock
-        self.pidfile = os.path.join(tmp, "qnbd-config.pid")
-        self.errfile = os.path.join(tmp, "qnbd-config.err")
-        self.port = port
-        self.status = None
-        cmd = [qt.QNBD, "-C", cfg]
-        if qt.TEST_AIO:
-            cmd.append("--aio=" + qt.TEST_AIO)
-        qt.log("+ " + " ".join(cmd))
-        with open(self.errfile, "wb") as err:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
-                                         stdout=err, stderr=err)
-        self.pid = self.proc.pid
-        qt._servers.append(self)
-        self._wait_ready(False)
-
 
 def write_cfg(name, text):
     path = os.path.join(tmp, name)
@@ -91,7 +68,8 @@ discard = ignore
 description = backups, compressed
 """ % (sock, port, os.path.join(tmp, "qnbd-config.pid"), ro, raw, comp))
 
-srv = ConfigServer(cfg, sock, port)
+srv = qt.ConfigServer(cfg, sock, os.path.join(tmp, "qnbd-config.pid"),
+                      port=port)
 
 # Every export listed, with its description, on both listeners.
 for uri in ("nbd+unix:///?socket=" + sock, "nbd://127.0.0.1:%d/" % port):

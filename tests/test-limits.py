@@ -72,7 +72,7 @@ with open(cfg, "w") as f:
             "pid-file = %s\nmax-connections-per-client = 2\n"
             "idle-timeout = 2\n\n[export disk]\nfile = %s\n"
             % (sock, port, pidfile, img))
-srv = al.ConfigServer(cfg, sock, pidfile, "-v", port=port)
+srv = qt.ConfigServer(cfg, sock, pidfile, "-v", port=port)
 tcp = ("127.0.0.1", port)
 a, b = greeted(tcp), greeted(tcp)
 assert a and b, "two connections from 127.0.0.1 refused"

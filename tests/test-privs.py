@@ -90,7 +90,7 @@ with open(cfg, "w") as f:
     f.write("[server]\nsocket = %s\npid-file = %s\nuser = nobody\n"
             "group = nogroup\n\n[export disk]\nfile = %s\n"
             % (sock, pidfile, img))
-srv = al.ConfigServer(cfg, sock, pidfile)
+srv = qt.ConfigServer(cfg, sock, pidfile)
 check_dropped(srv)
 read_write(srv, 2)
 assert srv.stop() == 0

@@ -95,30 +95,6 @@ reader = threading.Thread(target=notify_reader, daemon=True)
 reader.start()
 
 
-class ConfigServer(qt.Server):
-    """qnbd -v -C cfg with NOTIFY_SOCKET, ready with its pid file."""
-
-    def __init__(self):
-        qt.Server.count += 1
-        self.dir = tmp
-        self.image = None
-        self.sock = sock
-        self.pidfile = pidfile
-        self.errfile = os.path.join(tmp, "qnbd.err")
-        self.port = None
-        self.status = None
-        cmd = [qt.QNBD, "-v", "-C", cfg]
-        if qt.TEST_AIO:
-            cmd.append("--aio=" + qt.TEST_AIO)
-        qt.log("+ NOTIFY_SOCKET=%s %s" % (notify_path, " ".join(cmd)))
-        env = dict(os.environ, NOTIFY_SOCKET=notify_path)
-        with open(self.errfile, "wb") as err:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
-                                         stdout=err, stderr=err, env=env)
-        self.pid = self.proc.pid
-        qt._servers.append(self)
-        self._wait_ready(False)
-
 
 def reload(what):
     """SIGHUP, and wait for the READY=1 that ends the reload."""
@@ -194,7 +170,9 @@ def use(h, tag, off=0):
 write_cfg([("a", file_of("a") + "\ndescription = disk a"),
            ("b", file_of("b") + "\ndescription = disk b"),
            ("c", file_of("c"))])
-srv = ConfigServer()
+qt.log("NOTIFY_SOCKET=%s" % notify_path)
+srv = qt.ConfigServer(cfg, sock, pidfile, "-v",
+                      env=dict(os.environ, NOTIFY_SOCKET=notify_path))
 wait_for("READY=1 at start", lambda: count_notes("READY=1") == 1)
 with notes_lock:
     assert "STATUS=3 exports, 0 clients" in notes[0].split("\n"), notes

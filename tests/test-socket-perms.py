@@ -75,7 +75,7 @@ cfg = os.path.join(tmp, "qnbd.conf")
 with open(cfg, "w") as f:
     f.write("[server]\nsocket = %s\npid-file = %s\nsocket-mode = 0604\n"
             "[export d]\nfile = %s\n" % (sock, pidfile, img))
-srv = al.ConfigServer(cfg, sock, pidfile)
+srv = qt.ConfigServer(cfg, sock, pidfile)
 assert mode_of(srv)[0] == 0o604
 srv.stop()
 

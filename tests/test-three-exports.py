@@ -62,7 +62,7 @@ FOURTH = "\n[export fourth]\nfile = %s\n" % fourth
 cfg = os.path.join(tmp, "qnbd.conf")
 with open(cfg, "w") as f:
     f.write(SERVER + RO + SECURE + BACKUP)
-srv = al.ConfigServer(cfg, sock, pidfile, "-v", port=port)
+srv = qt.ConfigServer(cfg, sock, pidfile, "-v", port=port)
 
 
 def listed(certs):
