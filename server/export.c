@@ -380,6 +380,7 @@ export_remove (struct export *e)
     else
       log_info ("export '%s' closed (%s)", e->name, e->path);
   }
+  access_free (e->access);
   free (e->name);
   free (e->description);
   free (e->path);
