@@ -19,6 +19,7 @@ with the numbers of exports and clients.
 
 import json
 import os
+import re
 import signal
 import socket
 import struct
@@ -319,8 +320,10 @@ write_cfg([("b", file_of("b") + "\ndescription = the new b\nreadonly = yes"),
 reload("b read-only; [server] max-memory and tls")
 assert "[server] tls changed: applies after a restart" in srv.stderr(), \
     srv.stderr()
-assert "reopened (%s) when its 1 client has left" % images["b"] \
-    in srv.stderr(), srv.stderr()
+# hb, and maybe the clients that just left if the server (slower under
+# the sanitizers) has not yet seen them go.
+assert re.search(r"reopened \(%s\) when its [1-3] clients? ha(s|ve) left"
+                 % re.escape(images["b"]), srv.stderr()), srv.stderr()
 use(hb, 8)                      # still what it negotiated: writable
 assert "b" not in listed()
 hb.shutdown()
