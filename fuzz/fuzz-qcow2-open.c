@@ -11,10 +11,12 @@
 #include <config.h>
 
 #include <errno.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include "aio-fake.h"
@@ -74,6 +76,25 @@ exercise (struct qcow2 *q)
     if (qcow2_flush (q, done_cb, &res) == 0)
       run (q, &res);
   }
+}
+
+/* The image lives in a memfd, whose blocks are memory: an image whose
+ * metadata lies far beyond its end makes the first allocating write
+ * reserve (fallocate) the whole gap, gigabytes of RAM here.  Files are
+ * bounded instead, so that such growth fails with EFBIG, which the
+ * engine must handle like any other error.
+ */
+int
+LLVMFuzzerInitialize (int *argc, char ***argv)
+{
+  struct rlimit fsize = { 256 << 20, 256 << 20 };
+
+  (void) argc;
+  (void) argv;
+  signal (SIGXFSZ, SIG_IGN);
+  if (setrlimit (RLIMIT_FSIZE, &fsize) < 0)
+    perror ("setrlimit RLIMIT_FSIZE");
+  return 0;
 }
 
 int

@@ -59,7 +59,8 @@ for harness in "$here"/fuzz-*.c; do
     fi
     if ! (cd "$work" && ASAN_OPTIONS=detect_leaks=1 \
           "./$name" "${budget[@]}" -rss_limit_mb=2048 \
-          -max_len=262144 -timeout=20 -artifact_prefix="$here/findings/" \
+          -max_len=262144 -timeout=20 -handle_xfsz=0 \
+          -artifact_prefix="$here/findings/" \
           "$corpus" 2>&1 | tail -n 15); then
         status=1
     fi
