@@ -149,7 +149,7 @@ def one(path, ticks):
 
 
 def primary_qnbd(servers):
-    for s in ("qnbd", "qnbd-none"):
+    for s in ("qnbd", "qnbd-none", "qnbd-compress"):
         if s in servers:
             return s
     return None
@@ -354,11 +354,12 @@ def main():
 
     if a.times:
         with open(a.times) as f:
-            times = [line.split() for line in f if line.strip()]
+            times = [line.rstrip("\n").split("\t") for line in f
+                     if line.strip()]
         if times:
-            p("### Time per workload")
+            p("### Time per step")
             p("")
-            p("| workload | seconds (all rounds, servers, checks) |")
+            p("| step | seconds (a workload: all rounds, servers, checks) |")
             p("|---|---:|")
             for w, t in times:
                 p(f"| {w} | {t} |")
@@ -528,24 +529,37 @@ def targets12(p, med, extra, m, ratio):
 
 def plot(a, med, m):
     rows = []
+    used = [False, False, False]    # a column gnuplot gets only if used
     for w in ORDER:
         servers = [s for s in SERVER_ORDER if (w, s) in med]
         q = primary_qnbd(servers)
         if q is None:
             continue
 
-        def r(o):
+        def r(i, o):
             x = m(w, o)
-            return f"{m(w, q) / x:.3f}" if x else "NaN"
+            if not x:
+                return "NaN"
+            used[i] = True
+            return f"{m(w, q) / x:.3f}"
         label = w + ("\\n(--cache=none)" if q == "qnbd-none" else "")
-        rows.append(f"\"{label}\" {r('qemu-nbd')} {r('qemu-nbd-wb')} "
-                    f"{r('nbdkit')}")
+        rows.append(f"\"{label}\" {r(0, 'qemu-nbd')} {r(1, 'qemu-nbd-wb')} "
+                    f"{r(2, 'nbdkit')}")
+    titles = ("/ qemu-nbd --cache=none",
+              "/ qemu-nbd --cache=writeback (compress: the compress filter)",
+              "/ nbdkit file (raw)")
+    # the labels come with the first column plotted
+    columns = [f'"{{dat}}" using {i + 2}{":xtic(1)" if n == 0 else ""} '
+               f'title "{titles[i]}"'
+               for n, i in enumerate(i for i in range(3) if used[i])]
+    if not columns:
+        return
     dat = os.path.join(a.plot_dir, "ratios.dat")
     with open(dat, "w") as f:
         f.write("\n".join(rows) + "\n")
     gp = os.path.join(a.plot_dir, "ratios.gp")
     with open(gp, "w") as f:
-        f.write(f"""set terminal pngcairo size 1100,520 noenhanced font ",10"
+        f.write(f"""set terminal pngcairo size 1400,520 noenhanced font ",10"
 set output "{a.plot}"
 set title "qnbd throughput / other server (median of rounds; >1: qnbd faster)"
 set style data histograms
@@ -558,16 +572,13 @@ set grid ytics
 set key top right
 set ylabel "ratio"
 set arrow from graph 0, first 1 to graph 1, first 1 nohead lw 2 lc rgb "black"
-plot "{dat}" using 2:xtic(1) title "/ qemu-nbd --cache=none", \\
-     "" using 3 title "/ qemu-nbd --cache=writeback", \\
-     "" using 4 title "/ nbdkit file (raw)"
-""")
+plot """ + ", \\\n     ".join(c.format(dat=dat) for c in columns) + "\n")
     rc = subprocess.run(["gnuplot", gp], capture_output=True, text=True)
     if rc.returncode != 0:
         # pngcairo may be missing (gnuplot-nox has it; older builds do not)
         with open(gp) as f:
-            script = f.read().replace("pngcairo size 1100,520 noenhanced "
-                                      "font \",10\"", "png size 1100,520")
+            script = f.read().replace("pngcairo size 1400,520 noenhanced "
+                                      "font \",10\"", "png size 1400,520")
         rc = subprocess.run(["gnuplot"], input=script, capture_output=True,
                             text=True)
         if rc.returncode != 0:
