@@ -559,7 +559,7 @@ def plot(a, med, m):
         f.write("\n".join(rows) + "\n")
     gp = os.path.join(a.plot_dir, "ratios.gp")
     with open(gp, "w") as f:
-        f.write(f"""set terminal pngcairo size 1400,520 noenhanced font ",10"
+        f.write(f"""set terminal pngcairo size 1600,520 noenhanced font ",10"
 set output "{a.plot}"
 set title "qnbd throughput / other server (median of rounds; >1: qnbd faster)"
 set style data histograms
@@ -577,8 +577,8 @@ plot """ + ", \\\n     ".join(c.format(dat=dat) for c in columns) + "\n")
     if rc.returncode != 0:
         # pngcairo may be missing (gnuplot-nox has it; older builds do not)
         with open(gp) as f:
-            script = f.read().replace("pngcairo size 1400,520 noenhanced "
-                                      "font \",10\"", "png size 1400,520")
+            script = f.read().replace("pngcairo size 1600,520 noenhanced "
+                                      "font \",10\"", "png size 1600,520")
         rc = subprocess.run(["gnuplot"], input=script, capture_output=True,
                             text=True)
         if rc.returncode != 0:
