@@ -254,6 +254,17 @@ struct qcow2_info {
   char *full_backing_file;      /* ... beside the image, as opened */
   char backing_fmt[16];         /* from the header extension, or "" */
   uint32_t nb_snapshots;
+  struct qcow2_snapshot_info *snapshots; /* nb_snapshots of them */
+};
+
+/* An internal snapshot, as qemu-img info lists it. */
+struct qcow2_snapshot_info {
+  char *id, *name;
+  uint64_t vm_state_size;
+  uint32_t date_sec, date_nsec;
+  uint64_t vm_clock_nsec;
+  bool has_icount;
+  uint64_t icount;
 };
 
 /* Read and validate the header of the qcow2 image path (nothing else is
@@ -263,6 +274,13 @@ struct qcow2_info {
  */
 int qcow2_read_info (const char *path, struct qcow2_info *info, char *err,
                      size_t errlen);
+/* The same, taking the lock a reader takes, as qemu-img does: -EBUSY
+ * ("image is in use ...") while a writer holds the image, unless
+ * force_share (which takes none: qcow2_read_info).
+ */
+int qcow2_read_info_shared (const char *path, bool force_share,
+                            struct qcow2_info *info, char *err,
+                            size_t errlen);
 void qcow2_info_free (struct qcow2_info *info);
 
 /* ---- The allocation map (lib/qcow2-map.c), synchronous ---- */
