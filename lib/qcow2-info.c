@@ -1,4 +1,5 @@
-/* lib/qcow2-info.c: what an image's header says, for qnbd-img info:
+/* lib/qcow2-info.c: what an image's header (and snapshot table) says,
+ * for qnbd-img info:
  * parsed and validated by qcow2-header.c, as at open, but read-only and
  * without opening anything else, so that images qnbd would not serve
  * (marked corrupt, left dirty) can still be described.

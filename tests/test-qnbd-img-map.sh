@@ -181,3 +181,53 @@ qemu-img create -q -f qcow2 loop1.qcow2 1M
 qemu-img create -q -f qcow2 -b loop1.qcow2 -F qcow2 loop2.qcow2 1M
 qemu-img rebase -u -b loop2.qcow2 -F qcow2 loop1.qcow2
 hostile loop2.qcow2 "loop"
+
+# info: snapshots and --backing-chain, in JSON (every field qemu-img has,
+# the same values, and no other) and in text (the same text).
+same_info ()
+{
+    local ours theirs
+    ours=$("$QNBD_IMG" info --output=json "$@")
+    theirs=$(qemu-img info --output=json "$@")
+    jq -e -n --argjson a "$ours" --argjson b "$theirs" '
+        ($b | del(.. | .children?)) as $b
+        | [$b | paths(scalars)] as $pb | [$a | paths(scalars)] as $pa
+        | ($pb - $pa) == [] and ($pa - $pb) == []
+          and all($pb[]; . as $p | ($a | getpath($p)) == ($b | getpath($p)))' \
+        >/dev/null
+    diff -u <(qemu-img info "$@" | sed '/^Child node/,/^[^ ]/{/^Child node/d;/^ /d}') \
+            <("$QNBD_IMG" info "$@")
+}
+qemu-img snapshot -c first a.qcow2
+qemu-io -c "write -P 9 0 64k" a.qcow2 >/dev/null
+qemu-img snapshot -c "the second" a.qcow2
+qemu-img snapshot -c s1 mid.qcow2
+same_info a.qcow2
+same_info --backing-chain top.qcow2
+same_info --backing-chain "$tmpdir/eb.qcow2"
+same_info --backing-chain df.qcow2
+test "$("$QNBD_IMG" info --output=json a.qcow2 | jq '.snapshots | length')" = 2
+
+# A writer holds the image: info refuses without -U, describes with it.
+qemu-nbd -k "$tmpdir/nbd2.sock" -f qcow2 top.qcow2 &
+nbd_pid=$!
+cleanup_fn sh -c "kill $nbd_pid 2>/dev/null; true"
+for i in $(seq 100); do
+    test -S "$tmpdir/nbd2.sock" && break
+    sleep 0.1
+done
+if "$QNBD_IMG" info top.qcow2 2>err; then
+    false
+fi
+grep "in use" err
+same_info -U --backing-chain top.qcow2
+kill $nbd_pid
+wait $nbd_pid || true
+
+# A loop in the chain: the images up to it, then an error.
+status=0
+timeout 20 "$QNBD_IMG" info --backing-chain loop2.qcow2 >/dev/null 2>err \
+    || status=$?
+cat err
+test $status = 1
+grep -q "loop" err

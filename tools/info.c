@@ -1,6 +1,7 @@
 /* tools/info.c: qnbd-img info, what qemu-img info prints for a qcow2
- * image, with its JSON field names; the header is read by the engine
- * (qcow2_read_info).
+ * image, with its JSON field names; the header and the snapshot table are
+ * read by the engine (qcow2_read_info_shared).  With --backing-chain each
+ * backing file follows, qcow2 or raw.
  */
 #include <config.h>
 
