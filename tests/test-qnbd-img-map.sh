@@ -177,6 +177,20 @@ with open('unaligned.qcow2', 'r+b') as f:
 EOF
 hostile l2-past-end.qcow2 "past the end of the file"
 hostile unaligned.qcow2 "unaligned"
+# A subcluster both allocated and zero.
+cp e.qcow2 bad-bitmap.qcow2
+python3 - <<'EOF'
+import struct
+with open('bad-bitmap.qcow2', 'r+b') as f:
+    f.seek(40)
+    f.seek(struct.unpack('>Q', f.read(8))[0])
+    l2 = struct.unpack('>Q', f.read(8))[0] & 0x00fffffffffffe00
+    f.seek(l2 + 8)
+    bmp = struct.unpack('>Q', f.read(8))[0]
+    f.seek(l2 + 8)
+    f.write(struct.pack('>Q', bmp | (1 << 32)))
+EOF
+hostile bad-bitmap.qcow2 "invalid subcluster bitmap"
 qemu-img create -q -f qcow2 loop1.qcow2 1M
 qemu-img create -q -f qcow2 -b loop1.qcow2 -F qcow2 loop2.qcow2 1M
 qemu-img rebase -u -b loop2.qcow2 -F qcow2 loop1.qcow2
