@@ -78,9 +78,15 @@ qcow2_map_free (struct qcow2_mapper *m)
 struct qcow2_mapper *
 qcow2_map_new (struct qcow2 *q, int *err)
 {
-  struct qcow2_mapper *m = calloc (1, sizeof *m);
+  struct qcow2_mapper *m;
   unsigned n = 0;
 
+  /* The tables are read from the file: nothing may be newer in memory. */
+  if (!q->read_only || q->in_flight) {
+    *err = -EINVAL;
+    return NULL;
+  }
+  m = calloc (1, sizeof *m);
   for (struct qcow2 *b = q; b; b = b->backing)
     n++;
   if (m)

@@ -305,7 +305,8 @@ struct qcow2_map_run {
 struct qcow2_mapper;
 
 /* A map of q, open read-only with nothing in flight: its tables are read
- * synchronously.  NULL with -errno in *err.
+ * synchronously.  NULL with -errno in *err (-EINVAL when q is writable or
+ * busy).
  */
 struct qcow2_mapper *qcow2_map_new (struct qcow2 *q, int *err);
 /* The run starting at guest offset (inside the disk) that every field of
