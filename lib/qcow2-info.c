@@ -1,4 +1,5 @@
-/* lib/qcow2-info.c: what an image's header says, for qnbd-img info:
+/* lib/qcow2-info.c: what an image's header (and snapshot table) says,
+ * for qnbd-img info:
  * parsed and validated by qcow2-header.c, as at open, but read-only and
  * without opening anything else, so that images qnbd would not serve
  * (marked corrupt, left dirty) can still be described.
@@ -103,9 +104,51 @@ read_backing_name (const struct qcow2 *q, int fd, struct qcow2_info *info,
   return r;
 }
 
+/* The snapshot table, as qemu-img info lists it. */
+static int
+read_snapshots (struct qcow2 *q, struct qcow2_info *info, char *err,
+                size_t errlen)
+{
+  struct snapshot *s;
+  unsigned n;
+  int r = snapshot_table_read (q, &s, &n, err, errlen);
+
+  if (r < 0 || n == 0)
+    return r;
+  info->snapshots = calloc (n, sizeof *info->snapshots);
+  if (!info->snapshots) {
+    snapshot_table_free (s, n);
+    snprintf (err, errlen, "out of memory");
+    return -ENOMEM;
+  }
+  for (unsigned i = 0; i < n; i++) {
+    struct qcow2_snapshot_info *d = &info->snapshots[i];
+    /* The strings change hands. */
+    d->id = s[i].id;
+    d->name = s[i].name;
+    s[i].id = s[i].name = NULL;
+    d->vm_state_size = s[i].vm_state_size;
+    d->date_sec = s[i].date_sec;
+    d->date_nsec = s[i].date_nsec;
+    d->vm_clock_nsec = s[i].vm_clock_nsec;
+    d->has_icount = s[i].icount != UINT64_MAX;
+    d->icount = s[i].icount;
+  }
+  info->nb_snapshots = n;
+  snapshot_table_free (s, n);
+  return 0;
+}
+
 int
 qcow2_read_info (const char *path, struct qcow2_info *info, char *err,
                  size_t errlen)
+{
+  return qcow2_read_info_shared (path, true, info, err, errlen);
+}
+
+int
+qcow2_read_info_shared (const char *path, bool force_share,
+                        struct qcow2_info *info, char *err, size_t errlen)
 {
   struct qcow2 *q = calloc (1, sizeof *q);
   void *buf = NULL;
@@ -124,14 +167,24 @@ qcow2_read_info (const char *path, struct qcow2_info *info, char *err,
   if (r == 0) {
     q->read_only = true;
     q->path = (char *) path;
-    r = read_header (q, fd, (uint64_t) st.st_size, &buf, &len, err, errlen);
+    q->fd = fd;
+    q->file_end = (uint64_t) st.st_size;
+    /* Before reading: a writer may be changing it (the lock goes with
+     * the descriptor).
+     */
+    if (!force_share)
+      r = lock_image (q, fd, IMAGE_LOCK_READ, "image", err, errlen);
   }
+  if (r == 0)
+    r = read_header (q, fd, (uint64_t) st.st_size, &buf, &len, err, errlen);
   if (r == 0) {
     fill_info (q, info);
     info->data_file = q->data_file;
     q->data_file = NULL;
     r = read_backing_name (q, fd, info, err, errlen);
   }
+  if (r == 0)
+    r = read_snapshots (q, info, err, errlen);
   if (r < 0)
     qcow2_info_free (info);
   if (fd >= 0)
@@ -150,4 +203,10 @@ qcow2_info_free (struct qcow2_info *info)
   free (info->backing_file);
   free (info->full_backing_file);
   info->data_file = info->backing_file = info->full_backing_file = NULL;
+  for (uint32_t i = 0; info->snapshots && i < info->nb_snapshots; i++) {
+    free (info->snapshots[i].id);
+    free (info->snapshots[i].name);
+  }
+  free (info->snapshots);
+  info->snapshots = NULL;
 }

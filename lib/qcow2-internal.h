@@ -625,6 +625,11 @@ struct snapshot {
   uint32_t l1_size;
   uint64_t disk_size;
   char *id, *name;
+  /* What qnbd-img info lists. */
+  uint32_t date_sec, date_nsec;
+  uint64_t vm_clock_nsec;
+  uint64_t vm_state_size;
+  uint64_t icount;              /* UINT64_MAX: not recorded */
 };
 
 /* Read the snapshot table (open time, synchronous).  Returns 0 or -errno

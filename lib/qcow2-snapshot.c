@@ -87,6 +87,12 @@ snapshot_table_read (struct qcow2 *q, struct snapshot **out, unsigned *nout,
     if (extra > 1024 || pos + entry > len)
       goto bad;
     s[i].disk_size = extra >= 16 ? get_be64 (e + 48) : q->size;
+    s[i].date_sec = get_be32 (e + 16);
+    s[i].date_nsec = get_be32 (e + 20);
+    s[i].vm_clock_nsec = get_be64 (e + 24);
+    /* The 64-bit VM state size in the extra data replaces the 32-bit one. */
+    s[i].vm_state_size = extra >= 8 ? get_be64 (e + 40) : get_be32 (e + 32);
+    s[i].icount = extra >= 24 ? get_be64 (e + 56) : UINT64_MAX;
     s[i].id = strndup ((const char *) e + 40 + extra, id_len);
     s[i].name = strndup ((const char *) e + 40 + extra + id_len, name_len);
     if (!s[i].id || !s[i].name) {

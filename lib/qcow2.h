@@ -254,6 +254,17 @@ struct qcow2_info {
   char *full_backing_file;      /* ... beside the image, as opened */
   char backing_fmt[16];         /* from the header extension, or "" */
   uint32_t nb_snapshots;
+  struct qcow2_snapshot_info *snapshots; /* nb_snapshots of them */
+};
+
+/* An internal snapshot, as qemu-img info lists it. */
+struct qcow2_snapshot_info {
+  char *id, *name;
+  uint64_t vm_state_size;
+  uint32_t date_sec, date_nsec;
+  uint64_t vm_clock_nsec;
+  bool has_icount;
+  uint64_t icount;
 };
 
 /* Read and validate the header of the qcow2 image path (nothing else is
@@ -263,6 +274,48 @@ struct qcow2_info {
  */
 int qcow2_read_info (const char *path, struct qcow2_info *info, char *err,
                      size_t errlen);
+/* The same, taking the lock a reader takes, as qemu-img does: -EBUSY
+ * ("image is in use ...") while a writer holds the image, unless
+ * force_share (which takes none: qcow2_read_info).
+ */
+int qcow2_read_info_shared (const char *path, bool force_share,
+                            struct qcow2_info *info, char *err,
+                            size_t errlen);
 void qcow2_info_free (struct qcow2_info *info);
+
+/* ---- The allocation map (lib/qcow2-map.c), synchronous ---- */
+
+/* A run of guest bytes, described as qemu-img map describes it. */
+struct qcow2_map_run {
+  uint64_t length;
+  unsigned depth;               /* the image of the chain that says what
+                                   the bytes are: 0 the top image, 1 its
+                                   backing file ... */
+  bool present;                 /* that image allocates them (data, zero
+                                   clusters, a raw file) */
+  bool zero;                    /* they read as zeros */
+  bool data;                    /* they are stored (compressed or not) */
+  bool has_offset;
+  uint64_t offset;              /* where they are stored, in file */
+  const char *file;             /* the host file (image, external data
+                                   file, raw backing file); NULL without
+                                   an offset */
+};
+
+struct qcow2_mapper;
+
+/* A map of q, open read-only with nothing in flight: its tables are read
+ * synchronously.  NULL with -errno in *err (-EINVAL when q is writable or
+ * busy).
+ */
+struct qcow2_mapper *qcow2_map_new (struct qcow2 *q, int *err);
+/* The run starting at guest offset (inside the disk) that every field of
+ * *run holds for, at most len bytes (the caller merges runs).  0, or
+ * -errno with a one-line reason in err (-EIO for tables that contradict
+ * themselves).
+ */
+int qcow2_map_next (struct qcow2_mapper *m, uint64_t offset, uint64_t len,
+                    struct qcow2_map_run *run, char *err, size_t errlen);
+void qcow2_map_free (struct qcow2_mapper *m);
 
 #endif /* QNBD_QCOW2_H */

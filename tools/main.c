@@ -15,7 +15,11 @@ static const struct {
 } commands[] = {
   { "create", cmd_create, "create [-q] [-f qcow2] [-o OPTIONS] "
     "[-b BACKING -F FMT] FILE [SIZE]" },
-  { "info", cmd_info, "info [--output=human|json] FILE" },
+  { "info", cmd_info, "info [--output=human|json] [--backing-chain] [-U] "
+    "FILE" },
+  /* map: allocation per range (tools/map.c). */
+  { "map", cmd_map, "map [-f qcow2|raw] [--output=human|json] "
+    "[--start-offset=N] [--max-length=N] [-U] FILE" },
 };
 
 static void

@@ -11,6 +11,7 @@
 /* A subcommand: argv[0] is its name; returns the exit status. */
 int cmd_create (int argc, char **argv);
 int cmd_info (int argc, char **argv);
+int cmd_map (int argc, char **argv);
 
 /* ---- options.c ---- */
 
