@@ -938,6 +938,7 @@ conn_run_pending (void)
       conn_step (c);
     conn_update_watchers (c);
   }
+  sender_flush ();
 }
 
 void

@@ -574,6 +574,7 @@ void mem_cancel (struct mem_waiter *w);
 
 enum send_state {
   SEND_IDLE,                    /* the loop's */
+  SEND_STAGED,                  /* submitted, not yet flushed */
   SEND_QUEUED,                  /* waiting for the reply thread */
   SEND_RUNNING,                 /* its sendmsg is being made */
   SEND_DONE,                    /* made; the done function is to run */
@@ -596,10 +597,13 @@ typedef void sender_done_fn (struct send_job *j);
 
 /* Jobs finish on loop l and are handed back to done.  Called once. */
 void sender_init (struct ev_loop *l, sender_done_fn *done);
-/* Hand j (idle) to the reply thread, started at the first call.  Returns
- * false when the thread cannot run (said once): send it yourself.
+/* Hand j (idle) to the reply thread, started at the first call, at the
+ * next sender_flush.  Returns false when the thread cannot run (said
+ * once): send it yourself.
  */
 bool sender_submit (struct send_job *j);
+/* Give the thread every job submitted since the last flush. */
+void sender_flush (void);
 /* Take j back now, made or not (waits for a sendmsg being made); its
  * done function is not called.
  */
