@@ -57,8 +57,11 @@
 
 #include "internal.h"
 
-/* iovecs per sendmsg. */
-#define IOV_BATCH 64
+/* Connections with replies to write after one run of the engine from
+ * which the reply thread takes all but one (sender.c): a single client
+ * gains nothing from the hand-over, and its latency would pay for it.
+ */
+#define HAND_OVER_MIN 2
 
 /* Handshake replies queued and unread beyond which no more options are
  * parsed (a client that sends options without reading the answers).
@@ -86,6 +89,7 @@ static void idle_timeout_cb (struct ev_loop *l, ev_timer *w, int revents);
 static void conn_step (struct conn *c);
 static void conn_update_watchers (struct conn *c);
 static void conn_mem_wake (struct mem_waiter *w);
+static void conn_sent (struct send_job *j);
 
 void
 conn_init (struct ev_loop *l, conn_start_fn *start, void (*freed) (void))
@@ -93,6 +97,7 @@ conn_init (struct ev_loop *l, conn_start_fn *start, void (*freed) (void))
   conn_loop = l;
   conn_start = start;
   conn_freed = freed;
+  sender_init (l, conn_sent);
 }
 
 int
@@ -198,6 +203,7 @@ conn_free (struct conn *c)
   assert (c->out_head == NULL);
   assert (c->rx_done == NULL);
   assert (!c->pending);
+  assert (c->tx.state == SEND_IDLE);
   assert (!c->mem_wait.waiting);
   assert (!ev_is_active (&c->io));
   assert (!ev_is_active (&c->handshake_timer));
@@ -523,40 +529,92 @@ pop_reply (struct conn *c)
   r->release (r);
 }
 
+/* Fill iov (IOV_BATCH entries) with the queued replies, skipping what of
+ * the first is already sent.  Returns the number of entries.
+ */
+static int
+gather_replies (const struct conn *c, struct iovec *iov)
+{
+  size_t skip = c->out_head->sent;
+  int i = 0, k;
+
+  for (struct reply *r = c->out_head; r && i + 2 <= IOV_BATCH; r = r->next) {
+    for (k = 0; k < 2; k++) {
+      size_t len = r->iov[k].iov_len;
+
+      if (skip >= len) {
+        skip -= len;
+        continue;
+      }
+      iov[i].iov_base = (char *) r->iov[k].iov_base + skip;
+      iov[i].iov_len = len - skip;
+      skip = 0;
+      i++;
+    }
+  }
+  return i;
+}
+
+/* n bytes of the queue were written: release the replies they complete.
+ * Returns their number.
+ */
+static unsigned
+retire_written (struct conn *c, size_t n)
+{
+  unsigned done = 0;
+
+  c->out_bytes -= n;
+  while (n > 0) {
+    struct reply *r = c->out_head;
+    size_t left = reply_length (r) - r->sent;
+
+    if (n < left) {
+      r->sent += n;
+      break;
+    }
+    n -= left;
+    pop_reply (c);
+    done++;
+  }
+  if (done)
+    c->last_active = ev_now (conn_loop);
+  return done;
+}
+
+/* A write failed with err (not EINTR, EAGAIN): the connection ends. */
+static void
+write_failed (struct conn *c, int err)
+{
+  if (c->xport) {                       /* logged by the transport */
+    conn_set_dead (c);
+    return;
+  }
+  /* A client that hangs up without reading its replies is common
+   * (NBD_OPT_ABORT, a killed client): not worth more than debug.
+   */
+  if (err == EPIPE || err == ECONNRESET)
+    log_debug ("client %u: write: %s", c->id, strerror (err));
+  else
+    log_info ("client %u: write: %s", c->id, strerror (err));
+  conn_set_dead (c);
+}
+
 /* Write as much of the output queue as the socket takes.  Returns the
- * number of replies written completely.
+ * number of replies written completely.  Nothing while the reply thread
+ * has the queue's head (c->tx out).
  */
 static unsigned
 conn_send (struct conn *c)
 {
   unsigned done = 0;
 
-  while (c->out_head && c->fd >= 0) {
+  while (c->out_head && c->fd >= 0 && c->tx.state == SEND_IDLE) {
     struct iovec iov[IOV_BATCH];
     struct msghdr msg = { .msg_iov = iov };
-    struct reply *r;
-    size_t skip, w;
     ssize_t n;
-    int i = 0, k;
+    int i = gather_replies (c, iov);
 
-    /* Gather several replies; skip what of the first is already sent. */
-    skip = c->out_head->sent;
-    for (r = c->out_head; r && i + 2 <= IOV_BATCH; r = r->next) {
-      for (k = 0; k < 2; k++) {
-        size_t len = r->iov[k].iov_len;
-
-        if (skip >= len) {
-          skip -= len;
-          continue;
-        }
-        iov[i].iov_base = (char *) r->iov[k].iov_base + skip;
-        iov[i].iov_len = len - skip;
-        skip = 0;
-        i++;
-      }
-    }
     msg.msg_iovlen = i;
-
     if (c->xport)
       n = c->xport->send (c, iov, i);
     else
@@ -566,39 +624,11 @@ conn_send (struct conn *c)
         continue;
       if (errno == EAGAIN || errno == EWOULDBLOCK)
         break;
-      if (c->xport) {                   /* logged by the transport */
-        conn_set_dead (c);
-        break;
-      }
-      /* A client that hangs up without reading its replies is common
-       * (NBD_OPT_ABORT, a killed client): not worth more than debug.
-       */
-      if (errno == EPIPE || errno == ECONNRESET)
-        log_debug ("client %u: write: %m", c->id);
-      else
-        log_info ("client %u: write: %m", c->id);
-      conn_set_dead (c);
+      write_failed (c, errno);
       break;
     }
-
-    /* Retire what was written. */
-    w = n;
-    c->out_bytes -= w;
-    while (w > 0) {
-      r = c->out_head;
-      size_t left = reply_length (r) - r->sent;
-
-      if (w < left) {
-        r->sent += w;
-        break;
-      }
-      w -= left;
-      pop_reply (c);
-      done++;
-    }
+    done += retire_written (c, n);
   }
-  if (done)
-    c->last_active = ev_now (conn_loop);
 
   /* The last plaintext reply (STARTTLS's) is out: switch. */
   if (c->xport_next && c->out_head == NULL && c->fd >= 0) {
@@ -606,6 +636,48 @@ conn_send (struct conn *c)
     c->xport_next = NULL;
   }
   return done;
+}
+
+/* Whether c's replies may go to the reply thread: plain socket,
+ * transmission (the handshake's replies switch transports and are few).
+ */
+static bool
+may_hand_over (const struct conn *c)
+{
+  return c->out_head && c->fd >= 0 && c->tx.state == SEND_IDLE &&
+    !c->xport && !c->xport_next &&
+    (c->state == CONN_TRANSMISSION || c->state == CONN_CLOSING);
+}
+
+/* Give c's queued replies to the reply thread.  Returns false when it
+ * cannot take them (then they are the loop's to write).
+ */
+static bool
+hand_over (struct conn *c)
+{
+  assert (may_hand_over (c));
+  c->tx.fd = c->fd;
+  c->tx.niov = gather_replies (c, c->tx.iov);
+  return sender_submit (&c->tx);
+}
+
+/* The reply thread made c's sendmsg (sender.c, on the loop). */
+static void
+conn_sent (struct send_job *j)
+{
+  struct conn *c = (struct conn *) ((char *) j - offsetof (struct conn, tx));
+
+  /* A dead connection took its job back (conn_set_dead). */
+  assert (c->state != CONN_DEAD);
+  assert (j->state == SEND_IDLE);
+  if (j->result >= 0)
+    retire_written (c, j->result);
+  else if (j->result != -EAGAIN && j->result != -EWOULDBLOCK)
+    write_failed (c, -j->result);
+  /* EAGAIN: the watcher waits for room, now that the queue is ours. */
+  if (c->state != CONN_DEAD)
+    conn_step (c);
+  conn_update_watchers (c);
 }
 
 int
@@ -675,6 +747,8 @@ conn_set_dead (struct conn *c)
   /* Also when inactive: it may have an event fed (pending input). */
   ev_io_stop (conn_loop, &c->io);
   c->events = 0;
+  /* The reply thread must be done with the socket and the replies. */
+  sender_cancel (&c->tx);
   if (c->xport_next || c->xport)
     (c->xport_next ? c->xport_next : c->xport)->close (c);
   c->xport = c->xport_next = NULL;
@@ -718,7 +792,7 @@ conn_update_watchers (struct conn *c)
 
   if (want_read (c))
     events |= EV_READ;
-  if (c->out_head)
+  if (c->out_head && c->tx.state == SEND_IDLE)
     events |= EV_WRITE;
   events |= c->xport_wait;
 
@@ -739,7 +813,8 @@ conn_update_watchers (struct conn *c)
   /* A live connection always waits for something: its socket, the
    * engine, or memory.  Otherwise nothing would ever wake it again.
    */
-  assert (events != 0 || c->engine_refs > 0 || c->mem_wait.waiting);
+  assert (events != 0 || c->engine_refs > 0 || c->mem_wait.waiting ||
+          c->tx.state != SEND_IDLE);
 }
 
 /* Parse and write until neither makes progress.  Writing replies can make
@@ -836,19 +911,34 @@ conn_mark_pending (struct conn *c)
   }
 }
 
+/* Write the replies of the pending connections: with several of them,
+ * all but the last go to the reply thread, so their sendmsg calls (and
+ * the wake-ups of their clients) run beside the loop rather than on it.
+ */
 void
 conn_run_pending (void)
 {
+  unsigned n = 0;
+  bool hand = false;
+
+  for (struct conn *c = pending_head; c && !hand; c = c->pending_next)
+    hand = ++n >= HAND_OVER_MIN;
   while (pending_head) {
     struct conn *c = pending_head;
 
     pending_head = c->pending_next;
     c->pending_next = NULL;
     c->pending = false;
-    if (c->state != CONN_DEAD)
+    if (c->state != CONN_DEAD && hand && pending_head) {
+      process_input (c);
+      if (!may_hand_over (c) || !hand_over (c))
+        conn_step (c);
+    }
+    else if (c->state != CONN_DEAD)
       conn_step (c);
     conn_update_watchers (c);
   }
+  sender_flush ();
 }
 
 void

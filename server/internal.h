@@ -566,6 +566,52 @@ void mem_wait (struct mem_waiter *w);
 void mem_cancel (struct mem_waiter *w);
 
 /* ------------------------------------------------------------------ */
+/* sender.c                                                            */
+/* ------------------------------------------------------------------ */
+
+/* iovecs per sendmsg (conn.c's and the reply thread's). */
+#define IOV_BATCH 64
+
+enum send_state {
+  SEND_IDLE,                    /* the loop's */
+  SEND_STAGED,                  /* submitted, not yet flushed */
+  SEND_QUEUED,                  /* waiting for the reply thread */
+  SEND_RUNNING,                 /* its sendmsg is being made */
+  SEND_DONE,                    /* made; the done function is to run */
+};
+
+/* One sendmsg made by the reply thread.  The caller keeps what iov points
+ * to, and fd open, until the job is idle again.
+ */
+struct send_job {
+  struct send_job *next;        /* sender.c's lists */
+  enum send_state state;        /* under sender.c's lock */
+  int fd;
+  int niov;
+  struct iovec iov[IOV_BATCH];
+  ssize_t result;               /* bytes written, or -errno */
+};
+
+/* Called on the loop for each job made, which is idle again. */
+typedef void sender_done_fn (struct send_job *j);
+
+/* Jobs finish on loop l and are handed back to done.  Called once. */
+void sender_init (struct ev_loop *l, sender_done_fn *done);
+/* Hand j (idle) to the reply thread, started at the first call, at the
+ * next sender_flush.  Returns false when the thread cannot run (said
+ * once): send it yourself.
+ */
+bool sender_submit (struct send_job *j);
+/* Give the thread every job submitted since the last flush. */
+void sender_flush (void);
+/* Take j back now, made or not (waits for a sendmsg being made); its
+ * done function is not called.
+ */
+void sender_cancel (struct send_job *j);
+/* End the thread, once no job is out (the loop has ended). */
+void sender_stop (void);
+
+/* ------------------------------------------------------------------ */
 /* conn.c                                                              */
 /* ------------------------------------------------------------------ */
 
@@ -701,7 +747,11 @@ struct conn {
                                    subject DN, or NULL (tls.c) */
   char *tls_psk_user;           /* the PSK username, or NULL (tls.c) */
 
-  /* Output queue. */
+  /* Output queue.  While tx is out (not SEND_IDLE) the reply thread
+   * writes the first replies of it: nothing else writes, and none of
+   * them is released, until tx comes back (conn_sent).
+   */
+  struct send_job tx;
   struct reply *out_head;
   struct reply **out_tail;
   size_t out_bytes;             /* bytes queued and not yet written */

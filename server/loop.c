@@ -543,6 +543,8 @@ int
 loop_run (void)
 {
   ev_run (loop, 0);
+  /* Every connection is gone, and with it every job of the thread. */
+  sender_stop ();
   unwatch_exports ();
   return 0;
 }

@@ -2,7 +2,10 @@
 """tests/soak.py: the soak test (make check-soak; not in the default run).
 
 64 connections to one export, each keeping 16 requests in flight: a mix of
-reads, writes, flushes and trims, for SOAK_SECONDS (default 120).  Each
+reads, writes, flushes and trims, for SOAK_SECONDS (default 120).  With
+that many connections most replies are written by the reply thread
+(server/sender.c), and the clients that never read below have theirs
+come back to the loop with EAGAIN.  Each
 connection owns its own part of the disk and keeps a shadow of it, so every
 read is checked as it completes.  At the end all data is verified, qemu-img
 check must be clean, and the daemon's peak RSS must stay under the bound
