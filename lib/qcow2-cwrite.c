@@ -446,8 +446,27 @@ cw_close (struct qcow2 *q)
       retire_ref (q, q->cw_cur);
     if (q->cw_tail)
       retire_ref (q, q->cw_tail);
+    for (int i = 0; i < 2; i++) {
+      const struct cw_buf *b = i ? q->cw_tail : q->cw_cur;
+      if (b && b->host + run_bytes (q, b) == q->alloc_end) {
+        q->cw_unused[0] = b->host + round_up (b->fill, q->cluster_size);
+        q->cw_unused[1] = q->alloc_end;
+      }
+    }
   }
   q->cw_closed = true;
+}
+
+void
+cw_close_trim (struct qcow2 *q)
+{
+  /* Their references were dropped by the final flush, and nothing was
+   * allocated after them (the flusher's own clusters come from the end).
+   */
+  if (q->cw_unused[1] && q->alloc_end == q->cw_unused[1]) {
+    assert (q->cw_unused[0] <= q->cw_unused[1]);
+    q->alloc_end = q->cw_unused[0];
+  }
 }
 
 static bool

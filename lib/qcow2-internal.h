@@ -671,6 +671,10 @@ void cw_retire (struct qcow2 *q);
  * the open buffer's own reference.
  */
 void cw_close (struct qcow2 *q);
+/* Close, after that flush: the clusters at the end of the file an open
+ * run never used are not kept (space_trim cuts them).
+ */
+void cw_close_trim (struct qcow2 *q);
 /* Whether clusters [offset, offset + count clusters) include one that a
  * packing buffer still holds (which must never be freed).
  */
@@ -824,6 +828,8 @@ struct qcow2 {
   unsigned cw_inflight;         /* sealed runs not yet written */
   struct extent_list cw_retired; /* buffers' own references to drop */
   bool cw_closed;               /* closing: nothing more is packed */
+  uint64_t cw_unused[2];        /* closing: [from, to) unused clusters of
+                                   an open run at the end of the file */
   struct waitq cw_waiters;      /* the flusher, waiting for those */
   uint64_t backing_offset;
   uint32_t backing_size;
