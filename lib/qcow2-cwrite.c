@@ -88,7 +88,11 @@ compress_cluster (const struct qcow2 *q, const void *in, void *out,
   }
 #ifdef HAVE_ZSTD
   {
-    size_t n = ZSTD_compress (out, cap, in, q->cluster_size, 1);
+    /* zstd's default level, as QEMU writes: level 1 made the file 2%
+     * larger than QEMU's for the same data (for 20% less CPU).
+     */
+    size_t n = ZSTD_compress (out, cap, in, q->cluster_size,
+                              ZSTD_CLEVEL_DEFAULT);
     return ZSTD_isError (n) ? 0 : n;
   }
 #else
