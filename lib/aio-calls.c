@@ -3,8 +3,9 @@
  * our code).
  *
  * The engine hands CPU work that would hold up the loop (decompressing a
- * cluster) to the backend as an op; here CALL_THREADS workers run it and
- * put it on the done list, and the backend's reap runs the done callbacks
+ * cluster, compressing one for --compress) to the backend as an op; here
+ * one worker per online CPU (at most CALL_THREADS_MAX) runs it and puts it
+ * on the done list, and the backend's reap runs the done callbacks
  * on the loop thread, like any I/O completion.  The pool starts at the
  * first call, so images that never need it cost no threads.
  */
@@ -16,14 +17,16 @@
 #include <pthread.h>
 #include <signal.h>
 #include <stdlib.h>
+#include <unistd.h>
 
 #include "aio.h"
 
-#define CALL_THREADS 2
+/* The work is CPU-bound: more workers than CPUs only take turns. */
+#define CALL_THREADS_MAX 16
 
 struct aio_calls {
   struct aio *a;                /* whose eventfd is kicked */
-  pthread_t tids[CALL_THREADS];
+  pthread_t tids[CALL_THREADS_MAX];
   unsigned nthreads;
   unsigned in_flight;           /* loop thread only: submitted, not reaped */
 
@@ -88,6 +91,9 @@ start (struct aio *a)
 {
   struct aio_calls *p = calloc (1, sizeof *p);
   sigset_t all, old;
+  long cpus = sysconf (_SC_NPROCESSORS_ONLN);
+  unsigned want = cpus < 1 ? 1
+    : cpus > CALL_THREADS_MAX ? CALL_THREADS_MAX : (unsigned) cpus;
   int r = 0;
 
   if (!p)
@@ -101,7 +107,7 @@ start (struct aio *a)
   /* Signals belong to the loop thread. */
   sigfillset (&all);
   pthread_sigmask (SIG_SETMASK, &all, &old);
-  for (; p->nthreads < CALL_THREADS; p->nthreads++) {
+  for (; p->nthreads < want; p->nthreads++) {
     r = -pthread_create (&p->tids[p->nthreads], NULL, worker, p);
     if (r < 0)
       break;

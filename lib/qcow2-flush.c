@@ -716,13 +716,15 @@ step_cw (struct qcow2 *q)
   /* Compressed data linked from L2 must be on disk before the sync
    * that precedes the L2 writes.
    */
-  int r = cw_flush_start (q);
+  unsigned started;
+  int r = cw_flush_start (q, &started);
 
+  /* The writes started are waited for before the run fails. */
+  fl->outstanding += started;
   if (r < 0) {
     fl->err = r;
     return true;
   }
-  fl->outstanding += (unsigned) r;
   fl->state = FL_CW_WAIT;
   return true;
 }

@@ -662,10 +662,12 @@ size_t cw_compress (const struct qcow2 *q, const void *in, void *out);
 int cw_pack (struct qcow2 *q, const void *cdata, size_t n, uint64_t *desc);
 /* Copy [start, start+len) from the cache if it is there. */
 bool cw_lookup (struct qcow2 *q, uint64_t start, uint64_t len, void *dst);
-/* Flusher: write the partly filled cluster.  1 when a write was started
- * (counted through q->flush_io_done), 0 when none is needed, -errno.
+/* Flusher: write the open runs' data not on disk yet.  *started says how
+ * many writes were started (each completes through q->flush_io_done),
+ * also when it returns -errno for one that could not be.  Returns 0 or
+ * -errno.
  */
-int cw_flush_start (struct qcow2 *q);
+int cw_flush_start (struct qcow2 *q, unsigned *started);
 /* Flusher, when a run starts: queue the decrements of the packing buffers'
  * own references that are no longer needed.
  */
@@ -674,6 +676,10 @@ void cw_retire (struct qcow2 *q);
  * the open buffer's own reference.
  */
 void cw_close (struct qcow2 *q);
+/* Close, after that flush: the clusters at the end of the file an open
+ * run never used are not kept (space_trim cuts them).
+ */
+void cw_close_trim (struct qcow2 *q);
 /* Whether clusters [offset, offset + count clusters) include one that a
  * packing buffer still holds (which must never be freed).
  */
@@ -821,11 +827,14 @@ struct qcow2 {
   uint64_t snapshots_bytes;     /* size of the snapshot table */
   bool lazy;                    /* lazy refcounts: dirty bit set while open */
   bool compress;                /* whole-cluster writes stored compressed */
-  struct cw_buf *cw_cur;        /* cluster being packed */
-  struct cw_buf *cw_sealed;     /* full clusters being written */
-  unsigned cw_inflight;         /* sealed clusters not yet written */
+  struct cw_buf *cw_cur;        /* run of clusters being packed */
+  struct cw_buf *cw_tail;       /* an older run with room left, or NULL */
+  struct cw_buf *cw_sealed;     /* full runs being written */
+  unsigned cw_inflight;         /* sealed runs not yet written */
   struct extent_list cw_retired; /* buffers' own references to drop */
   bool cw_closed;               /* closing: nothing more is packed */
+  uint64_t cw_unused[2];        /* closing: [from, to) unused clusters of
+                                   an open run at the end of the file */
   struct waitq cw_waiters;      /* the flusher, waiting for those */
   uint64_t backing_offset;
   uint32_t backing_size;

@@ -726,7 +726,9 @@ qcow2_close (struct qcow2 *q)
       ret = header_set_dirty (q, false);
     /* Give back what was reserved ahead and not used. */
     if (ret == 0) {
-      int r = space_trim (q);
+      int r;
+      cw_close_trim (q);
+      r = space_trim (q);
       if (r < 0)
         qlog (q, LOG_WARNING, "%s: trimming the file at close: %s", q->path,
               strerror (-r));
