@@ -554,7 +554,7 @@ prepare_writes (struct qcow2 *q, char *err, size_t errlen)
     return 0;
   /* Left dirty with lazy refcounts: the refcounts cannot be trusted. */
   if (q->incompat & INCOMPAT_DIRTY) {
-    r = repair_refcounts (q, err, errlen);
+    r = repair_refcounts (q, false, err, errlen);
     if (r < 0)
       return r;
     q->incompat &= ~INCOMPAT_DIRTY;

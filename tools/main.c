@@ -16,6 +16,9 @@ static const struct {
   { "create", cmd_create, "create [-q] [-f qcow2] [-o OPTIONS] "
     "[-b BACKING -F FMT] FILE [SIZE]" },
   { "info", cmd_info, "info [--output=human|json] FILE" },
+  /* check: tools/check.c */
+  { "check", cmd_check, "check [-q] [-p] [-U] [-f qcow2] [-r leaks|all] "
+    "[--output=human|json] FILE" },
 };
 
 static void
