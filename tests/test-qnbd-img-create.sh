@@ -201,7 +201,7 @@ if "$QNBD_IMG" create "$tmpdir/served.qcow2" 32M 2>"$tmpdir/err"; then
     exit 1
 fi
 cat "$tmpdir/err"
-grep -qF 'in use by another process' "$tmpdir/err"
+grep -qF "image is locked by process $qnbd_pid (qnbd)" "$tmpdir/err"
 test "$(nbdinfo --size "$uri")" = $S
 stop_qnbd
 check_image "$tmpdir/served.qcow2"
