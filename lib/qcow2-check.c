@@ -180,7 +180,6 @@ check_refblocks (struct check *c)
     uint64_t e = be64toh (q->reftable[i]), off = e & REFT_OFFSET_MASK;
     if (!e)
       continue;
-    c->rebuild = true;
     if (e & ~REFT_OFFSET_MASK)
       refs_problem (k, "ERROR refcount table entry %" PRIu64 " has reserved "
                     "bits set", i);
@@ -191,17 +190,13 @@ check_refblocks (struct check *c)
       refs_problem (k, "ERROR refcount block %" PRIu64 " is outside image",
                     i);
     else {
-      c->rebuild = false;
       r = refs_mark (k, off, cs, 1, "refcount block");
-      if (r == 0 && k->c[off / cs] != 1) {
-        refs_problem (k, "ERROR refcount block %" PRIu64 " refcount=%"
-                      PRIu32, i, k->c[off / cs]);
-        c->rebuild = true;
-      }
+      if (r < 0 || k->c[off / cs] == 1)
+        continue;
+      refs_problem (k, "ERROR refcount block %" PRIu64 " refcount=%"
+                    PRIu32, i, k->c[off / cs]);
     }
-    /* One wrong entry is enough: the flag only ever goes up. */
-    if (c->rebuild)
-      c->res->rebuilt = true;
+    c->rebuild = true;
   }
   return r;
 }
@@ -221,6 +216,9 @@ compare (struct check *c)
     }
     if (r1 == r2)
       continue;
+    /* Raising a refcount from 0 may need a refcount block: a rebuild. */
+    if (r1 == 0)
+      c->rebuild = true;
     if (r1 > r2)
       c->res->leaks++;
     else
@@ -292,7 +290,8 @@ walk_active_l2 (struct check *c, uint64_t *t, bool fix, bool *changed)
       res->fragmented_clusters++;
       continue;
     }
-    if (!off)
+    /* In an external data file, offset 0 is guest cluster 0's. */
+    if (!off && !(q->data_file && (ent & L2E_COPIED)))
       continue;
     res->allocated_clusters++;
     if (next && off != next)
@@ -376,7 +375,7 @@ run_pass (struct check *c, bool fix_copied)
   res->total_clusters = (q->size + cs - 1) / cs;
   if (fstat (q->fd, &st) < 0)
     return fail (c, -errno, "%s", strerror (errno));
-  c->file_size = (uint64_t) st.st_size;
+  c->file_size = q->file_end = (uint64_t) st.st_size;
   /* The file's clusters and one past them (a lenient count reaches
    * into it).
    */
@@ -407,8 +406,8 @@ run_pass (struct check *c, bool fix_copied)
 }
 
 /* -r leaks: each refcount above its references lowered to them, in the
- * refcount blocks where it is.  Not when the blocks themselves are wrong:
- * that needs -r all.
+ * refcount blocks where it is.  Not when the blocks themselves are wrong,
+ * or a referenced cluster has none: that needs -r all (as qemu-img).
  */
 static int
 fix_leaks (struct check *c)
@@ -418,9 +417,9 @@ fix_leaks (struct check *c)
   int r = 0;
 
   if (c->rebuild) {
-    say (c, "ERROR need to rebuild refcount structures (-r all)");
-    c->res->check_errors++;
-    return 0;
+    say (c, "ERROR need to rebuild refcount structures");
+    return fail (c, -EIO, "the refcount structure must be rebuilt: use "
+                 "-r all");
   }
   for (uint64_t i = 0; r == 0 && i * per < c->n; i++) {
     uint64_t off = refblock_at (c, i);
@@ -509,9 +508,9 @@ repair (struct check *c)
     return 0;
   if (c->o->fix == QCOW2_CHECK_FIX_ALL)
     r = fix_all (c);
-  else if (res->leaks)
+  else
     r = fix_leaks (c);
-  if (r < 0 || res->check_errors)
+  if (r < 0)
     return r;
   /* qemu-img's double check: what the result says is what is there. */
   r = run_pass (c, false);

@@ -154,7 +154,8 @@ entry_sane (struct refs *k, uint64_t ent, uint64_t bitmap)
                     (uint64_t) (ent & ~(L2E_COPIED | L2E_COMPRESSED)));
     return true;
   }
-  if (!off) {
+  /* In an external data file, offset 0 is guest cluster 0's. */
+  if (!off && !(q->data_file && (ent & L2E_COPIED))) {
     if (bitmap & SC_ALLOC_ALL)
       refs_problem (k, "ERROR: Unallocated cluster has non-zero "
                     "subcluster allocation map");
@@ -280,10 +281,10 @@ refs_count (struct refs *k)
     return -ENOMEM;
   k->walk = 0;
   k->nl2 = 0;
+  /* The header cluster holds the extensions and the backing file's name
+   * too: one reference for all of them (as QEMU counts).
+   */
   r = refs_mark (k, 0, q->cluster_size, 1, "header");
-  if (r == 0 && q->backing_offset)
-    r = refs_mark (k, q->backing_offset, q->backing_size, 1,
-                   "backing file name");
   if (r == 0)
     r = refs_mark (k, q->l1_offset, (uint64_t) q->l1_size * 8, 1,
                    "L1 table");
