@@ -226,6 +226,9 @@ struct qcow2_create_opts {
                                    file (a guess would let a raw disk's
                                    contents choose the format) */
   enum qcow2_prealloc prealloc;
+  /* falloc and full: the data's bytes done of total, as they go. */
+  void (*progress) (void *opaque, uint64_t done, uint64_t total);
+  void *progress_opaque;
 };
 
 /* Create (or overwrite) the qcow2 image path, and its external data file.

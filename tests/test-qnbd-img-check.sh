@@ -278,3 +278,17 @@ finally:
     assert p.wait(timeout=120) == 0
 EOF
 check_image "$img"
+
+# -p: progress on a terminal only (script(1) gives one), for check and
+# for create with falloc or full preallocation.
+"$QNBD_IMG" create -p -o preallocation=full "$tmpdir/full.qcow2" 32M \
+    2>"$tmpdir/err"
+"$QNBD_IMG" check -p "$tmpdir/full.qcow2" 2>>"$tmpdir/err" >/dev/null
+test ! -s "$tmpdir/err"
+if command -v script >/dev/null; then
+    for cmd in "create -p -o preallocation=falloc $tmpdir/falloc.qcow2 32M" \
+               "check -p $tmpdir/full.qcow2"; do
+        timeout 60 script -qec "$QNBD_IMG $cmd" /dev/null >"$tmpdir/tty"
+        grep -qF '(100.00/100%)' "$tmpdir/tty"
+    done
+fi

@@ -179,12 +179,6 @@ message (void *opaque, const char *msg)
   p->shown = -1;
 }
 
-static void
-on_progress (void *opaque, uint64_t done, uint64_t total)
-{
-  progress_update (opaque, done, total);
-}
-
 int
 cmd_check (int argc, char **argv)
 {
@@ -202,7 +196,7 @@ cmd_check (int argc, char **argv)
   }
   progress_start (&prog, a.progress);
   a.o.message = message;
-  a.o.progress = on_progress;
+  a.o.progress = progress_update;
   a.o.opaque = &prog;
   r = qcow2_check (a.path, &a.o, &res, err, sizeof err);
   progress_end (&prog);

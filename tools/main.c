@@ -13,7 +13,7 @@ static const struct {
   int (*run) (int argc, char **argv);
   const char *usage;
 } commands[] = {
-  { "create", cmd_create, "create [-q] [-f qcow2] [-o OPTIONS] "
+  { "create", cmd_create, "create [-q] [-p] [-f qcow2] [-o OPTIONS] "
     "[-b BACKING -F FMT] FILE [SIZE]" },
   { "info", cmd_info, "info [--output=human|json] FILE" },
   /* check: tools/check.c */
