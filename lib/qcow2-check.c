@@ -26,6 +26,9 @@
 
 #include "qcow2-internal.h"
 
+/* Refcount blocks read for clusters past the end of the file, per pass. */
+#define MAX_BLOCK_READS 4096
+
 struct check {
   struct qcow2 *q;              /* header fields, fd, L1 and refcount table */
   const struct qcow2_check_opts *o;
@@ -37,6 +40,7 @@ struct check {
   bool rebuild;                 /* the refcount structure itself is wrong */
   void *blk;                    /* one refcount block, for rc_get */
   uint64_t blk_off;
+  unsigned blk_reads;           /* rc_get's reads in this pass */
   char *err;
   size_t errlen;
 };
@@ -123,6 +127,13 @@ rc_get (struct check *c, uint64_t cluster, uint64_t *out)
   if (!off)
     return 0;
   if (off != c->blk_off) {
+    /* References past the end that flip between refcount blocks would
+     * read a block each: a small file must not make the check read
+     * terabytes.
+     */
+    if (++c->blk_reads > MAX_BLOCK_READS)
+      return fail (c, -EFBIG, "too many references past the end of the "
+                   "file, in too many refcount blocks");
     c->blk_off = 0;
     r = blocking_pread (q->fd, c->blk, q->cluster_size, off, true);
     if (r < 0)
@@ -307,23 +318,28 @@ walk_active_l2 (struct check *c, uint64_t *t, bool fix, bool *changed)
   return r;
 }
 
-/* The active L1 table again: COPIED flags of L1 and L2 entries, and the
- * allocation figures.  With fix, wrong flags are set right on disk.
+static int
+cmp_u64 (const void *a, const void *b)
+{
+  uint64_t x = *(const uint64_t *) a, y = *(const uint64_t *) b;
+  return x < y ? -1 : x > y;
+}
+
+/* The COPIED flags of the active L1 entries; with fix set right on disk.
+ * The tables they name, in the file, each once, into *tables (sorted).
  */
 static int
-check_active (struct check *c, bool fix)
+check_l1_entries (struct check *c, bool fix, uint64_t *tables, size_t *nt,
+                  bool *wrote)
 {
   struct qcow2 *q = c->q;
   uint64_t cs = q->cluster_size;
-  uint64_t *t = malloc (cs);
-  bool wrote = false;
   int r = 0;
 
-  if (!t)
-    return fail (c, -ENOMEM, "out of memory");
+  *nt = 0;
   for (uint32_t i = 0; r == 0 && i < q->l1_size; i++) {
     uint64_t ent = be64toh (q->l1[i]), l2off = ent & L1E_OFFSET_MASK, rc;
-    bool wrong, changed = false;
+    bool wrong;
     if (!l2off || (l2off & (cs - 1)))
       continue;
     r = copied_wrong (c, ent, l2off / cs, false, &wrong, &rc);
@@ -332,20 +348,53 @@ check_active (struct check *c, bool fix)
       q->l1[i] = htobe64 (ent);
       if (fix) {
         r = blocking_pwrite (q->fd, &q->l1[i], 8, q->l1_offset + 8 * i);
-        wrote = true;
+        *wrote = true;
       }
     }
     /* A table outside the file was reported by the count. */
-    if (r < 0 || c->file_size < cs || l2off > c->file_size - cs)
-      continue;
-    r = blocking_pread (q->fd, t, cs, l2off, true);
+    if (c->file_size >= cs && l2off <= c->file_size - cs)
+      tables[(*nt)++] = l2off;
+  }
+  qsort (tables, *nt, sizeof *tables, cmp_u64);
+  size_t j = 0;
+  for (size_t i = 0; i < *nt; i++)
+    if (j == 0 || tables[i] != tables[j - 1])
+      tables[j++] = tables[i];
+  *nt = j;
+  return r;
+}
+
+/* The active L1 table again: COPIED flags of L1 and L2 entries, and the
+ * allocation figures.  With fix, wrong flags are set right on disk.  A
+ * table named twice is read once: the reads are bounded by the file.
+ */
+static int
+check_active (struct check *c, bool fix)
+{
+  struct qcow2 *q = c->q;
+  uint64_t cs = q->cluster_size;
+  uint64_t *t = malloc (cs);
+  uint64_t *tables = malloc (((size_t) q->l1_size + 1) * sizeof *tables);
+  bool wrote = false;
+  size_t nt = 0;
+  int r = 0;
+
+  if (!t || !tables) {
+    free (t);
+    free (tables);
+    return fail (c, -ENOMEM, "out of memory");
+  }
+  r = check_l1_entries (c, fix, tables, &nt, &wrote);
+  for (size_t i = 0; r == 0 && i < nt; i++) {
+    bool changed = false;
+    r = blocking_pread (q->fd, t, cs, tables[i], true);
     if (r == 0)
       r = walk_active_l2 (c, t, fix, &changed);
     if (r == 0 && changed) {
-      r = blocking_pwrite (q->fd, t, cs, l2off);
+      r = blocking_pwrite (q->fd, t, cs, tables[i]);
       wrote = true;
     }
-    progress (c, i + 1, q->l1_size);
+    progress (c, i + 1, nt);
   }
   if (r == 0 && wrote && fdatasync (q->fd) < 0)
     r = -errno;
@@ -353,6 +402,7 @@ check_active (struct check *c, bool fix)
     fail (c, r, "%s the tables: %s", wrote ? "writing" : "reading",
           strerror (-r));
   free (t);
+  free (tables);
   return r;
 }
 
@@ -389,6 +439,7 @@ run_pass (struct check *c, bool fix_copied)
                          .errlen = c->errlen };
   c->k.c = calloc (c->n, sizeof *c->k.c);
   c->blk_off = 0;
+  c->blk_reads = 0;
   c->rebuild = false;
   if (!c->rc || !c->k.c)
     return fail (c, -ENOMEM, "out of memory for %" PRIu64 " clusters",

@@ -292,3 +292,26 @@ if command -v script >/dev/null; then
         grep -qF '(100.00/100%)' "$tmpdir/tty"
     done
 fi
+
+# Hostile: every L1 entry of a 4 TiB disk names one table whose entries
+# point past the end of the file, alternating between refcount block
+# ranges.  The check reads that table once and bounds its refcount
+# lookups: it ends at once (qemu-img reads the table 8192 times).
+img=$tmpdir/dup.qcow2
+qemu-img create -q -f qcow2 "$img" 4T
+qemu-io -f qcow2 -c 'write -q 0 64k' "$img"
+python3 - "$img" <<'PY'
+import struct, sys
+f = open(sys.argv[1], 'r+b')
+f.seek(36); n = struct.unpack('>I', f.read(4))[0]
+f.seek(40); l1 = struct.unpack('>Q', f.read(8))[0]
+f.seek(l1); e = f.read(8)
+f.seek(l1); f.write(e * n)
+l2 = struct.unpack('>Q', e)[0] & 0x00fffffffffffe00
+f.seek(l2)
+f.write(b''.join(struct.pack('>Q', (1 << 63) | ((i % 2) << 40) | (1 << 30)
+                             | (i << 16)) for i in range(8192)))
+PY
+st=0
+timeout 60 "$QNBD_IMG" check "$img" >/dev/null 2>&1 || st=$?
+test "$st" = 2
