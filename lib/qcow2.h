@@ -268,7 +268,7 @@ int qcow2_read_info (const char *path, struct qcow2_info *info, char *err,
                      size_t errlen);
 void qcow2_info_free (struct qcow2_info *info);
 
-/* ---- Checking and repairing an image (lib/qcow2-check.c), synchronous ---- */
+/* ---- Checking and repairing an image (lib/qcow2-check.c) ---- */
 
 enum qcow2_check_fix {
   QCOW2_CHECK_NO_FIX,           /* read-only: report */
