@@ -46,6 +46,9 @@ mk -o lazy_refcounts=on,cluster_size=4096
 f=seed-$n.qcow2 reft=$(get64 "seed-$n.qcow2" 48)
 put64 "$f" $((reft + 8 * 100)) "$(get64 "$f" "$reft")"   # counts far away
 put64 "$f" 72 1                                         # dirty
+mk -o cluster_size=4096                                  # ... and clean
+f=seed-$n.qcow2 reft=$(get64 "seed-$n.qcow2" 48)
+put64 "$f" $((reft + 8 * 100)) "$(get64 "$f" "$reft")"
 mk -o cluster_size=4096
 f=seed-$n.qcow2
 put64 "$f" "$(get64 "$f" 40)" $(( (1 << 63) | (1 << 40) ))  # L2 past the end
@@ -56,5 +59,7 @@ head -c 1M /dev/zero | tr '\0' 'a' > text.raw
 n=$((n + 1))
 qemu-img convert -q -c -O qcow2 -o cluster_size=4096 text.raw "seed-$n.qcow2"
 rm -f text.raw
+# Every cluster preallocated (as qnbd-img create makes them too).
+mk -o cluster_size=4096,preallocation=metadata
 # The base file stays: a seed naming it opens its backing file.
 ls -l "$out" | tail -n +2 | wc -l

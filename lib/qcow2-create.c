@@ -428,6 +428,12 @@ create_files (struct create *c, const char *path)
     r = write_data_file (c, path, &dfd);
   if (r == 0)
     r = write_image (c, fd);
+  /* The tables are durable before a header names them: a crash in
+   * between leaves a file that is not an image, never one whose header
+   * points at tables that were lost.
+   */
+  if (r == 0 && fdatasync (fd) < 0)
+    r = fail (c, -errno, "cannot sync: %s", strerror (errno));
   if (r == 0 && (r = blocking_pwrite (fd, hdr, c->cs, 0)) < 0)
     fail (c, r, "cannot write the header: %s", strerror (-r));
   if (r == 0 && fsync (fd) < 0)

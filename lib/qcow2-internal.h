@@ -898,6 +898,7 @@ struct qcow2 {
   uint64_t rb_missing;          /* ... and how many of them were missing */
   unsigned exact_grows;         /* grow by exactly what is needed */
   bool no_fallocate;            /* nothing can be reserved here */
+  bool refcounts_untrusted;     /* counted past the end: rebuild at open */
   struct extent_list incs;      /* refcount +1 owed at the next flush */
   struct extent_list decs;      /* refcount -1 owed after L2/L1 are durable */
   struct extent_list free_clusters;  /* refcount 0 on disk: reusable */

@@ -436,9 +436,9 @@ load_tables (struct qcow2 *q, uint64_t file_size, char *err, size_t errlen)
   return 0;
 }
 
-/* Where new clusters come from: past everything the file already holds,
- * and past every cluster with a refcount: after a crash a refcount can be
- * durable for a cluster whose data never extended the file.
+/* Where new clusters come from: past everything the file already holds.
+ * Every cluster with a refcount should lie inside the file; when one does
+ * not, the refcounts are rebuilt before the first write (prepare_writes).
  */
 static int
 find_alloc_end (struct qcow2 *q, uint64_t file_size, char *err,
@@ -454,8 +454,17 @@ find_alloc_end (struct qcow2 *q, uint64_t file_size, char *err,
     r = last_counted_cluster (q, file_size, &end, err, errlen);
     if (r < 0)
       return r;
-    if (end > q->alloc_end)
-      q->alloc_end = end;
+    /* Counts past the end of the file are leaks at best (a crash of a
+     * writer that counts before it writes), a hostile image at worst:
+     * allocating past them would make the first write reserve the whole
+     * gap.  The refcounts are rebuilt from the tables instead.
+     */
+    if (end > q->alloc_end) {
+      qlog (q, LOG_WARNING, "%s: the refcounts count clusters up to 0x%llx, "
+            "past the end of the file (%llu bytes): rebuilding them", q->path,
+            (unsigned long long) end, (unsigned long long) file_size);
+      q->refcounts_untrusted = true;
+    }
   }
   end = round_up (q->l1_offset + (uint64_t) q->l1_size * 8, q->cluster_size);
   if (end > q->alloc_end)
@@ -552,12 +561,15 @@ prepare_writes (struct qcow2 *q, char *err, size_t errlen)
 
   if (q->read_only)
     return 0;
-  /* Left dirty with lazy refcounts: the refcounts cannot be trusted. */
-  if (q->incompat & INCOMPAT_DIRTY) {
+  /* Left dirty with lazy refcounts, or counting past the end of the
+   * file: the refcounts cannot be trusted.
+   */
+  if ((q->incompat & INCOMPAT_DIRTY) || q->refcounts_untrusted) {
     r = repair_refcounts (q, false, err, errlen);
     if (r < 0)
       return r;
     q->incompat &= ~INCOMPAT_DIRTY;
+    q->refcounts_untrusted = false;
   }
   /* After the repair, which may move the refcount table and alloc_end. */
   space_open (q);

@@ -1,5 +1,6 @@
 /* lib/qcow2-repair.c: rebuilding the refcounts of an image that was not
- * closed cleanly while its refcounts were lazy (the dirty bit).
+ * closed cleanly while its refcounts were lazy (the dirty bit), or whose
+ * refcounts count clusters past the end of the file.
  *
  * Runs at open, synchronously, before anything is served.  Every cluster
  * that the header, the L1 tables (active and snapshots), the L2 tables and
@@ -67,7 +68,8 @@ write_refcounts (struct refs *k, uint64_t base, uint64_t nrt, uint64_t nrb,
 }
 
 int
-repair_refcounts (struct qcow2 *q, bool lenient, char *err, size_t errlen)
+repair_refcounts (struct qcow2 *q, bool lenient, char *err,
+                  size_t errlen)
 {
   uint64_t cs = q->cluster_size;
   uint64_t per = (uint64_t) 1 << q->rb_bits;
@@ -140,8 +142,11 @@ repair_refcounts (struct qcow2 *q, bool lenient, char *err, size_t errlen)
   q->reftable_entries = nrt * cs / 8;
   q->reftable_used = nrb;
   q->alloc_end = base + (nrt + nrb) * cs;
-  qlog (q, LOG_WARNING, "%s was not closed cleanly (lazy refcounts): "
-        "refcounts rebuilt", q->path);
+  if (q->incompat & INCOMPAT_DIRTY)
+    qlog (q, LOG_WARNING, "%s was not closed cleanly (lazy refcounts): "
+          "refcounts rebuilt", q->path);
+  else
+    qlog (q, LOG_WARNING, "%s: refcounts rebuilt", q->path);
   goto out;
 
  io_err:

@@ -492,7 +492,7 @@ status_segment (struct qcow2_req *req)
   }
   req->status_pos = pos;
   if (req->status_full) {
-    /* Cut short: make st_segment see the (new) end. */
+    /* Cut short: the segment walk (qcow2-segment.c) must see the new end. */
     req->seg_off = req->offset + req->len;
     req->seg_len = 0;
   }

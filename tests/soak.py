@@ -23,6 +23,11 @@ whose writes are mostly whole clusters that compress (to a few bytes, or
 to about 40%), mixed with partial writes, trims, write-zeroes and flushes:
 trims then often empty the host cluster being packed, which must never be
 freed while later clusters are packed into it.  The same checks apply.
+
+Last, for SOAK_PREALLOC_SECONDS (default a quarter of SOAK_SECONDS), the
+64 connections work on an image made by "qnbd-img create -o
+preallocation=metadata": writes land in place without allocating, trims
+free clusters that later writes allocate again.  The same checks apply.
 """
 
 import os
@@ -40,6 +45,10 @@ SECONDS = float(os.environ.get("SOAK_SECONDS", "120"))
 COMPRESS_SECONDS = float(os.environ.get("SOAK_COMPRESS_SECONDS",
                                         str(SECONDS / 4)))
 COMPRESS_CONNS = 16
+PREALLOC_SECONDS = float(os.environ.get("SOAK_PREALLOC_SECONDS",
+                                        str(SECONDS / 4)))
+QNBD_IMG = os.environ.get("QNBD_IMG") or os.path.join(
+    os.path.dirname(qt.QNBD), "..", "tools", "qnbd-img")
 RSS_MB = int(os.environ.get("SOAK_RSS_MB", "320"))
 MAX_MB = int(os.environ.get("SOAK_MAX_MB", "128"))
 NONREADERS = 16
@@ -208,4 +217,22 @@ for t in threads:
 assert csrv.stop() == 0
 qt.check_image(cimg)
 qt.log("--compress: %d requests" % sum(counts))
+assert not failures, "\n".join(failures[:20])
+
+# ---- a preallocated image made by qnbd-img ----
+pimg = os.path.join(tmp, "soak-prealloc.qcow2")
+qt.run(QNBD_IMG, "create", "-o", "cluster_size=65536,preallocation=metadata",
+       pimg, str(SIZE))
+psrv = qt.Server(pimg)
+counts = [0] * CONNS
+deadline = time.monotonic() + PREALLOC_SECONDS
+threads = [threading.Thread(target=client, args=(i, deadline, psrv))
+           for i in range(CONNS)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+assert psrv.stop() == 0
+qt.check_image(pimg)
+qt.log("preallocation=metadata: %d requests" % sum(counts))
 assert not failures, "\n".join(failures[:20])

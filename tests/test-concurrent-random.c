@@ -36,12 +36,11 @@ overlaps (const struct op *ops, int n, uint64_t off, uint64_t len)
 }
 
 static void
-run (const char *name, const char *opts, uint64_t size, uint64_t cache)
+run_path (char *path, const char *opts, uint64_t size, uint64_t cache)
 {
   struct qcow2_opts o = { 0 };
   struct op w[BATCH], r[BATCH];
   uint8_t *shadow = calloc (1, size);
-  char *path = make_image (name, opts, size);
   char err[256];
   struct qcow2 *q;
 
@@ -114,6 +113,30 @@ run (const char *name, const char *opts, uint64_t size, uint64_t cache)
           (unsigned long long) cache);
 }
 
+static void
+run (const char *name, const char *opts, uint64_t size, uint64_t cache)
+{
+  run_path (make_image (name, opts, size), opts, size, cache);
+}
+
+/* An image the engine made with every cluster preallocated (qnbd-img
+ * create -o preallocation=metadata): writes land in place, none allocates.
+ */
+static void
+run_prealloc (const char *name, uint32_t cluster, uint64_t size,
+              uint64_t cache)
+{
+  struct qcow2_create_opts co = {
+    .size = size, .cluster_size = cluster,
+    .prealloc = QCOW2_PREALLOC_METADATA,
+  };
+  char opts[64];
+
+  snprintf (opts, sizeof opts, "cluster_size=%u,preallocation=metadata",
+            cluster);
+  run_path (create_image (name, &co), opts, size, cache);
+}
+
 int
 main (void)
 {
@@ -123,5 +146,7 @@ main (void)
   /* 512-byte clusters: tables map 32 KiB; lots of tables and refblocks. */
   run ("conc-512.qcow2", "cluster_size=512", 8 << 20, 16 * 512);
   run ("conc-64k.qcow2", "cluster_size=65536", 128 << 20, 0);
+  run_prealloc ("conc-prealloc-4k.qcow2", 4096, 64 << 20, 16 * 4096);
+  run_prealloc ("conc-prealloc-64k.qcow2", 65536, 128 << 20, 0);
   return test_exit ();
 }

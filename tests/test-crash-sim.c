@@ -17,6 +17,7 @@
  * NO_HOLE), discards, flushes, FUA writes, reads, writes into compressed
  * clusters (an image from qemu-img convert -c), copy-on-write from a
  * backing file (v3 and v2), clusters shared with an internal snapshot,
+ * images the engine made with every cluster preallocated (prealloc*),
  * lazy refcounts, the compressed write cache (opts.compress), and writes
  * and syncs the backend refuses to queue (c4k-refused); a small L2 cache
  * makes evictions start flushes of their own.  Every 25th crash
@@ -63,6 +64,8 @@ enum base_kind {
   COMPRESSED,                   /* qemu-img convert -c of initial data */
   BACKING,                      /* an empty overlay of a raw backing file */
   SNAPSHOT,                     /* initial data, then an internal snapshot */
+  PREALLOC,                     /* qcow2_create, preallocation=metadata:
+                                   every cluster allocated, none written */
 };
 
 struct scenario {
@@ -153,6 +156,16 @@ static const struct scenario scenarios[] = {
    */
   { "c512-budget", PLAIN, "cluster_size=512", 8 << 20, 512, false, false,
     false, 0, 500, 24 << 10, 2, 0, 0, 64 << 10 },
+  /* Made by the engine (qnbd-img create -o preallocation=metadata): writes
+   * need no allocation, discards and write-zeroes free clusters that later
+   * writes allocate again.  (opts: for the reports only.)
+   */
+  { "prealloc", PREALLOC, "cluster_size=4096,preallocation=metadata",
+    8 << 20, 4096, false, false, false, 16 * 4096, 400, 64 << 10, 2, 0, 0,
+    0 },
+  { "prealloc-lazy", PREALLOC,
+    "cluster_size=16384,lazy_refcounts=on,preallocation=metadata", 8 << 20,
+    16384, true, false, false, 0, 300, 64 << 10, 1, 0, 0, 0 },
 };
 
 /* ---- the workload ---- */
@@ -499,6 +512,15 @@ make_scenario_image (const struct scenario *sc, unsigned round)
                sc->opts, raw, path) != 0)
       exit (1);
     break;
+  case PREALLOC: {
+    struct qcow2_create_opts co = {
+      .size = sc->size, .cluster_size = sc->cluster,
+      .lazy_refcounts = sc->lazy, .prealloc = QCOW2_PREALLOC_METADATA,
+    };
+    free (path);
+    snprintf (raw, sizeof raw, "%s-%u.qcow2", sc->name, round);
+    return create_image (raw, &co);
+  }
   case SNAPSHOT:
     write_initial_raw (raw, sc->size, sc->cluster);
     if (shell ("qemu-img convert -q -f raw -O qcow2 -o %s '%s' '%s'",

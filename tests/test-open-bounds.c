@@ -8,6 +8,8 @@
 
 #include <fcntl.h>
 #include <inttypes.h>
+#include <signal.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
@@ -145,6 +147,42 @@ main (void)
     CHECK (max_rss_kib () - rss0 < 64 * 1024, "far: RSS grew by %ld KiB",
            max_rss_kib () - rss0);
     CHECK (qemu_img_check_clean (path), "far: check after repair");
+    free (path);
+  }
+
+  /* The same far refcounts on a clean image: the first allocating write
+   * must not reserve the gap up to the cluster they claim (2 TiB).  The
+   * file size limit turns such a reservation into EFBIG, not a full disk.
+   */
+  {
+    struct rlimit fsize = { 1ull << 30, 1ull << 30 }, old;
+    struct qcow2 *q;
+    uint8_t *buf = malloc (CS), *back = malloc (CS);
+    CHECK (buf && back, "malloc");
+    path = make_victim ("farclean.qcow2", "cluster_size=65536", &fd);
+    reft = get64 (fd, 48);
+    put64 (fd, reft + 1024 * 8, get64 (fd, reft));
+    close (fd);
+    size = file_size (path);
+    getrlimit (RLIMIT_FSIZE, &old);
+    signal (SIGXFSZ, SIG_IGN);
+    setrlimit (RLIMIT_FSIZE, &fsize);
+    q = open_image (path, NULL, false);
+    memset (buf, 0xc3, CS);
+    CHECK (sync_write (q, 32u << 20, buf, CS, 0) == 0,
+           "far, clean: allocating write failed");
+    CHECK (sync_flush (q) == 0, "far, clean: flush");
+    CHECK (sync_read (q, 32u << 20, back, CS) == 0
+           && memcmp (buf, back, CS) == 0, "far, clean: read back");
+    CHECK (qcow2_close (q) == 0, "far, clean: close");
+    setrlimit (RLIMIT_FSIZE, &old);
+    printf ("far refcounts, clean image: file %" PRIu64 " -> %" PRIu64
+            " bytes\n", size, file_size (path));
+    CHECK (file_size (path) < size + (1u << 20), "far, clean: file grew to %"
+           PRIu64, file_size (path));
+    CHECK (qemu_img_check_clean (path), "far, clean: check after write");
+    free (buf);
+    free (back);
     free (path);
   }
 

@@ -206,6 +206,23 @@ test "$(nbdinfo --size "$uri")" = $S
 stop_qnbd
 check_image "$tmpdir/served.qcow2"
 
+# A crash during create must not leave a header that names tables not
+# yet on disk: everything else is made durable before the header is
+# written (the header is the pwrite at offset 0).
+if command -v strace >/dev/null; then
+    strace -o "$tmpdir/create.trace" -e trace=pwrite64,fsync,fdatasync \
+        "$QNBD_IMG" create -o cluster_size=64K,preallocation=metadata \
+        "$tmpdir/ordered.qcow2" 1G
+    awk '/^pwrite64\(/ { if ($NF ~ /^0\)/ || $0 ~ /, 0\) *= [0-9]+$/) hdr = NR; else last = NR }
+         /^f(data)?sync\(/ { if (!hdr) sync = NR }
+         END { if (!hdr || !last || !sync || sync < last || sync > hdr) {
+                   print "create: header written before the tables were synced"; exit 1 } }' \
+        "$tmpdir/create.trace" || { cat "$tmpdir/create.trace" >&2; exit 1; }
+    echo "ok - create syncs its tables before it writes the header"
+else
+    echo "skip - strace: the order of create's writes"
+fi
+
 # What cannot be made is refused, with the reason, and leaves no file.
 refused ()
 {

@@ -74,6 +74,22 @@ make_image (const char *name, const char *opts, uint64_t size)
   return path;
 }
 
+char *
+create_image (const char *name, const struct qcow2_create_opts *opts)
+{
+  char *path, err[256];
+  int r;
+
+  if (asprintf (&path, "%s/%s", test_dir (), name) < 0)
+    exit (1);
+  r = qcow2_create (path, opts, err, sizeof err);
+  if (r < 0) {
+    fprintf (stderr, "qcow2_create %s: %s\n", path, err);
+    exit (1);
+  }
+  return path;
+}
+
 static void
 log_hook (void *opaque, int level, const char *msg)
 {

@@ -32,6 +32,10 @@ void require_qemu_img (void);
 
 /* Create an image with qemu-img: opts as for -o, size in bytes. */
 char *make_image (const char *name, const char *opts, uint64_t size);
+/* The same with the engine's own qcow2_create (qnbd-img create), so that
+ * its layouts (preallocation=metadata...) are exercised too.
+ */
+char *create_image (const char *name, const struct qcow2_create_opts *opts);
 
 /* Open with the given backend (NULL: real I/O, the kind from $QNBD_AIO). */
 struct qcow2 *open_image (const char *path, struct aio *aio, bool ro);
