@@ -5,8 +5,8 @@
  * Each input is an image file.  It is opened read-write (so dirty images
  * are repaired and corrupt ones refused), then read, written, zeroed,
  * discarded, flushed and closed through the fake I/O backend, which runs
- * everything on this thread.  Any crash, hang, sanitizer report or leak is
- * a finding.
+ * everything on this thread; then checked and repaired (qcow2_check, -r
+ * all).  Any crash, hang, sanitizer report or leak is a finding.
  */
 #include <config.h>
 
@@ -133,6 +133,15 @@ LLVMFuzzerTestOneInput (const uint8_t *data, size_t size)
   if (qcow2_open (path, &o, &q, err, sizeof err) == 0) {
     exercise (q);
     qcow2_close (q);
+  }
+  /* qnbd-img check -r all on the input as it came: its first pass is
+   * the read-only check.
+   */
+  if (ftruncate (fd, 0) == 0
+      && pwrite (fd, data, size, 0) == (ssize_t) size) {
+    struct qcow2_check_opts co = { .fix = QCOW2_CHECK_FIX_ALL };
+    struct qcow2_check_result res;
+    qcow2_check (path, &co, &res, err, sizeof err);
   }
   aio_destroy (a);
   close (fd);

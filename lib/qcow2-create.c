@@ -28,6 +28,8 @@
 #include "qcow2-internal.h"
 
 #define CHUNK (8u << 20)
+/* fallocate of the data, a step at a time (for progress). */
+#define FALLOC_STEP ((uint64_t) 1 << 30)
 
 struct create {
   const struct qcow2_create_opts *o;
@@ -205,8 +207,11 @@ plan (struct create *c)
   return 0;
 }
 
+static void fill_zeros (struct create *c, void *buf, uint64_t first,
+                        uint64_t n);
+
 /* Write count clusters from off, fill() making them CHUNK bytes at a
- * time.
+ * time; the data's zeros (fill_zeros) report their progress.
  */
 static int
 write_clusters (struct create *c, int fd, uint64_t off, uint64_t count,
@@ -224,6 +229,8 @@ write_clusters (struct create *c, int fd, uint64_t off, uint64_t count,
     r = blocking_pwrite (fd, buf, n * c->cs, off + i * c->cs);
     if (r < 0)
       fail (c, r, "cannot write: %s", strerror (-r));
+    else if (fill == fill_zeros && c->o->progress)
+      c->o->progress (c->o->progress_opaque, i + n, count);
   }
   free (buf);
   return r;
@@ -311,10 +318,16 @@ static int
 prealloc_data (struct create *c, int fd, uint64_t off, uint64_t len,
                const char *what)
 {
-  if (c->o->prealloc == QCOW2_PREALLOC_FALLOC && len
-      && fallocate (fd, 0, (off_t) off, (off_t) len) < 0)
-    return fail (c, -errno, "cannot reserve the %s's space: %s", what,
-                 strerror (errno));
+  /* In steps, so that -p can show how far it got. */
+  for (uint64_t done = 0; c->o->prealloc == QCOW2_PREALLOC_FALLOC
+         && done < len; done += FALLOC_STEP) {
+    uint64_t n = len - done < FALLOC_STEP ? len - done : FALLOC_STEP;
+    if (fallocate (fd, 0, (off_t) (off + done), (off_t) n) < 0)
+      return fail (c, -errno, "cannot reserve the %s's space: %s", what,
+                   strerror (errno));
+    if (c->o->progress)
+      c->o->progress (c->o->progress_opaque, done + n, len);
+  }
   if (c->o->prealloc == QCOW2_PREALLOC_FULL) {
     int r = write_clusters (c, fd, off, len / c->cs, fill_zeros);
     void *tail = r == 0 && len % c->cs ? calloc (1, len % c->cs) : NULL;

@@ -642,12 +642,51 @@ void snapshot_table_free (struct snapshot *s, unsigned n);
 int snapshot_load (struct qcow2 *q, const char *which, char *err,
                    size_t errlen);
 
+/* ---- qcow2-refs.c: every reference to every cluster counted ---- */
+
+struct l2ref;
+
+/* A count in progress.  The caller sets q, c (n zeroed counters, which
+ * must cover the file and one cluster past it when lenient), file_size,
+ * err and errlen; lenient, report, progress and opaque as it needs.
+ */
+struct refs {
+  struct qcow2 *q;
+  uint32_t *c;                  /* references per cluster (saturating) */
+  uint64_t n;                   /* clusters covered by c */
+  uint64_t file_size;           /* references must lie below this */
+  bool lenient;                 /* report problems and go on (check) */
+  uint64_t corruptions;         /* lenient: problems reported */
+  void (*report) (void *opaque, const char *msg);
+  void (*progress) (void *opaque, uint64_t done, uint64_t total);
+  void *opaque;
+  char *err;
+  size_t errlen;
+  struct l2ref *l2;             /* every L1 entry in use, of every L1 table */
+  size_t nl2, capl2;
+  uint32_t walk;                /* which L1 table is being walked */
+};
+
+/* Count every reference but the refcount structures' own.  0, or -errno
+ * with a reason in k->err.
+ */
+int refs_count (struct refs *k);
+/* Count times references to every cluster of [off, off+len). */
+int refs_mark (struct refs *k, uint64_t off, uint64_t len, uint32_t times,
+               const char *what);
+/* Lenient: one problem found, counted and reported. */
+void refs_problem (struct refs *k, const char *fmt, ...)
+  __attribute__ ((format (printf, 2, 3)));
+
 /* ---- qcow2-repair.c: refcounts of an image left dirty ---- */
 
-/* Count every reference and write a new refcount structure (open time,
- * synchronous).  Returns 0 or -errno with a reason in err.
+/* Count every reference and write a new refcount structure (synchronous).
+ * Strict (at open): a reference that cannot be right fails the repair;
+ * lenient (qnbd-img check -r all): it is left out, uncounted.  Returns 0
+ * or -errno with a reason in err.
  */
-int repair_refcounts (struct qcow2 *q, char *err, size_t errlen);
+int repair_refcounts (struct qcow2 *q, bool lenient, char *err,
+                      size_t errlen);
 
 /* ---- qcow2-cwrite.c: compressed writes through a packing cache ---- */
 

@@ -16,14 +16,24 @@
  * by asking (F_OFD_GETLK for a write lock on the counterpart byte), after
  * taking our own locks: two processes starting together then both see
  * each other, and both give up.
+ *
+ * OFD locks belong to no process, so F_OFD_GETLK says nothing of who
+ * holds one (l_pid is -1).  To name the holder in the message, the open
+ * files of every process we may look at are searched for one on the same
+ * device and inode whose /proc/PID/fdinfo/FD lists a lock on the byte.
  */
 #include <config.h>
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <inttypes.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <syslog.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "qcow2-internal.h"
 
@@ -63,6 +73,110 @@ byte_taken (int fd, off_t byte)
   if (fcntl (fd, F_OFD_GETLK, &fl) < 0)
     return -errno;
   return fl.l_type != F_UNLCK;
+}
+
+/* Whether /proc/PID/fdinfo/FD lists a lock covering byte. */
+static bool
+fdinfo_locks (const char *pid, const char *fd, off_t byte)
+{
+  char path[600], line[256];
+  bool found = false;
+  FILE *f;
+
+  snprintf (path, sizeof path, "/proc/%s/fdinfo/%s", pid, fd);
+  f = fopen (path, "re");
+  if (!f)
+    return false;
+  /* "lock:\t1: OFDLCK ADVISORY  READ  -1 08:01:1234 100 100" */
+  while (!found && fgets (line, sizeof line, f)) {
+    char *end;
+    long long first, last;
+    if (strncmp (line, "lock:", 5))
+      continue;
+    end = line + strcspn (line, "\n");
+    *end = '\0';
+    while (end > line && end[-1] != ' ')
+      end--;
+    last = strcmp (end, "EOF") ? atoll (end) : INT64_MAX;
+    while (end > line && end[-1] == ' ')
+      end--;
+    while (end > line && end[-1] != ' ')
+      end--;
+    first = atoll (end);
+    found = first <= byte && byte <= last;
+  }
+  fclose (f);
+  return found;
+}
+
+/* The process (other than us) with an open file of st's device and inode
+ * holding a lock on byte: its PID, its name in comm.  0 when none can be
+ * seen (another user's process, no /proc).
+ */
+static pid_t
+find_holder (const struct stat *st, off_t byte, char *comm, size_t len)
+{
+  DIR *proc = opendir ("/proc");
+  pid_t self = getpid (), found = 0;
+  struct dirent *p;
+
+  if (!proc)
+    return 0;
+  while (!found && (p = readdir (proc))) {
+    char path[600];
+    struct dirent *d;
+    DIR *fds;
+    pid_t pid = (pid_t) atoi (p->d_name);
+    if (pid <= 0 || pid == self)
+      continue;
+    snprintf (path, sizeof path, "/proc/%s/fd", p->d_name);
+    fds = opendir (path);
+    if (!fds)
+      continue;
+    while (!found && (d = readdir (fds))) {
+      struct stat fst;
+      if (d->d_name[0] == '.')
+        continue;
+      snprintf (path, sizeof path, "/proc/%s/fd/%s", p->d_name, d->d_name);
+      if (stat (path, &fst) == 0 && fst.st_dev == st->st_dev
+          && fst.st_ino == st->st_ino
+          && fdinfo_locks (p->d_name, d->d_name, byte))
+        found = pid;
+    }
+    closedir (fds);
+  }
+  closedir (proc);
+  if (found) {
+    char path[64];
+    FILE *f;
+    snprintf (path, sizeof path, "/proc/%d/comm", (int) found);
+    comm[0] = '\0';
+    f = fopen (path, "re");
+    if (f && fgets (comm, (int) len, f))
+      comm[strcspn (comm, "\n")] = '\0';
+    if (f)
+      fclose (f);
+  }
+  return found;
+}
+
+/* "WHAT is locked by process 1234 (qnbd)" or, when the holder cannot be
+ * seen, "WHAT is in use by another process"; then why.
+ */
+static void
+say_conflict (int fd, off_t byte, const char *what, const char *why,
+              char *err, size_t errlen)
+{
+  struct stat st;
+  char comm[64];
+  pid_t pid = fstat (fd, &st) == 0 ? find_holder (&st, byte, comm,
+                                                  sizeof comm) : 0;
+
+  if (pid)
+    snprintf (err, errlen, "%s is locked by process %d (%s) %s", what,
+              (int) pid, comm, why);
+  else
+    snprintf (err, errlen, "%s is in use by another process %s", what, why);
 }
 
 static void
@@ -111,16 +225,17 @@ lock_image (struct qcow2 *q, int fd, enum image_lock_mode mode,
 
   /* Someone holds what we do not share, or does not share what we hold. */
   for (unsigned p = 0; p < NPERMS; p++) {
+    char why[64];
     if ((unshare & (1u << p)) && (r = byte_taken (fd, PERM_BASE + p)) != 0) {
+      snprintf (why, sizeof why, "(%s lock)", perm_names[p]);
       if (r > 0)
-        snprintf (err, errlen, "%s is in use by another process (%s lock)",
-                  what, perm_names[p]);
+        say_conflict (fd, PERM_BASE + p, what, why, err, errlen);
       break;
     }
     if ((hold & (1u << p)) && (r = byte_taken (fd, SHARED_BASE + p)) != 0) {
+      snprintf (why, sizeof why, "(which does not share %s)", perm_names[p]);
       if (r > 0)
-        snprintf (err, errlen, "%s is in use by another process, which "
-                  "does not share %s", what, perm_names[p]);
+        say_conflict (fd, SHARED_BASE + p, what, why, err, errlen);
       break;
     }
   }

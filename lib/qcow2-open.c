@@ -565,7 +565,7 @@ prepare_writes (struct qcow2 *q, char *err, size_t errlen)
    * file: the refcounts cannot be trusted.
    */
   if ((q->incompat & INCOMPAT_DIRTY) || q->refcounts_untrusted) {
-    r = repair_refcounts (q, err, errlen);
+    r = repair_refcounts (q, false, err, errlen);
     if (r < 0)
       return r;
     q->incompat &= ~INCOMPAT_DIRTY;

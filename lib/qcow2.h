@@ -226,6 +226,9 @@ struct qcow2_create_opts {
                                    file (a guess would let a raw disk's
                                    contents choose the format) */
   enum qcow2_prealloc prealloc;
+  /* falloc and full: the data's bytes done of total, as they go. */
+  void (*progress) (void *opaque, uint64_t done, uint64_t total);
+  void *progress_opaque;
 };
 
 /* Create (or overwrite) the qcow2 image path, and its external data file.
@@ -317,5 +320,49 @@ struct qcow2_mapper *qcow2_map_new (struct qcow2 *q, int *err);
 int qcow2_map_next (struct qcow2_mapper *m, uint64_t offset, uint64_t len,
                     struct qcow2_map_run *run, char *err, size_t errlen);
 void qcow2_map_free (struct qcow2_mapper *m);
+/* ---- Checking and repairing an image (lib/qcow2-check.c) ---- */
+
+enum qcow2_check_fix {
+  QCOW2_CHECK_NO_FIX,           /* read-only: report */
+  QCOW2_CHECK_FIX_LEAKS,        /* free clusters nothing references */
+  QCOW2_CHECK_FIX_ALL,          /* and rebuild the refcounts, set the
+                                   COPIED flags by them */
+};
+
+struct qcow2_check_opts {
+  enum qcow2_check_fix fix;
+  bool force_share;             /* without fix: check even while another
+                                   process writes the image */
+  /* Each inconsistency found or repaired, one line ("Leaked cluster 5
+   * refcount=1 reference=0"), as it is met.
+   */
+  void (*message) (void *opaque, const char *msg);
+  /* Work done of total in the current pass (progress bars). */
+  void (*progress) (void *opaque, uint64_t done, uint64_t total);
+  void *opaque;
+};
+
+/* What qemu-img check reports, with its meanings. */
+struct qcow2_check_result {
+  uint64_t corruptions;         /* refcounts below the references, and
+                                   references that cannot be right */
+  uint64_t leaks;               /* refcounts above the references */
+  uint64_t check_errors;        /* what could not be checked or fixed */
+  uint64_t corruptions_fixed, leaks_fixed;
+  uint64_t image_end_offset;    /* past the last cluster in use */
+  uint64_t total_clusters;      /* of the virtual disk */
+  uint64_t allocated_clusters, fragmented_clusters, compressed_clusters;
+  bool rebuilt;                 /* the refcount structure was rewritten */
+};
+
+/* Check the qcow2 image path: every reference counted against the
+ * refcounts; with a fix, repair, then check again (the result is that
+ * of the last check, with what was fixed).  Locks the image as QEMU
+ * does.  Returns 0 (the image's state is in res); -EMEDIUMTYPE when path
+ * is not a qcow2 image; or -errno with a one-line reason (without the
+ * path) in err: it cannot be opened, read, or is in use (-EBUSY).
+ */
+int qcow2_check (const char *path, const struct qcow2_check_opts *opts,
+                 struct qcow2_check_result *res, char *err, size_t errlen);
 
 #endif /* QNBD_QCOW2_H */

@@ -88,13 +88,13 @@ tool_refused ()
     grep -qF -e "$needle" <<<"$out"
 }
 
-in_use="is in use by another process (write lock)"
-
 # 1. qemu-nbd writes the image: qnbd refuses it, read-write or read-only;
 #    --force-share (read-only) serves beside it.
 start_qemu_nbd -f qcow2 "$img"
-qnbd_refused "$in_use" "$img"
-qnbd_refused "$in_use" -r "$img"
+# The holder is named: QEMU's OFD locks carry no PID, qnbd finds it in
+# /proc/PID/fdinfo.
+qnbd_refused "is locked by process $qemu_pid (qemu-nbd)" "$img"
+qnbd_refused "is locked by process $qemu_pid (qemu-nbd) (write lock)" -r "$img"
 qnbd_refused "--force-share" --force-share "$img"
 start_qnbd -r --force-share "$img"
 nbdinfo "$uri" | grep -q 'export-size: 16777216'
@@ -109,8 +109,8 @@ tool_refused 'Failed to get shared "write" lock' qemu-img info "$img"
 tool_refused 'lock' qemu-io -f qcow2 -c 'read 0 4k' "$img"
 tool_refused 'lock' qemu-nbd -k "$tmpdir/no.sock" -f qcow2 "$img"
 qemu-img info -U "$img"
-qnbd_refused "$in_use" "$img"
-qnbd_refused "$in_use" -r "$img"
+qnbd_refused "image is locked by process $writer_pid (qnbd)" "$img"
+qnbd_refused "image is locked by process $writer_pid (qnbd)" -r "$img"
 start_qnbd -r --force-share "$img"
 nbdinfo "$uri" | grep -q 'export-size: 16777216'
 stop_qnbd

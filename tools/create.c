@@ -14,8 +14,8 @@
 #include "qnbd-img.h"
 
 static const char usage_text[] =
-  "Usage: qnbd-img create [-q] [-f qcow2] [-o OPTIONS] [-b BACKING -F FMT] "
-  "FILE [SIZE]\n"
+  "Usage: qnbd-img create [-q] [-p] [-f qcow2] [-o OPTIONS] "
+  "[-b BACKING -F FMT] FILE [SIZE]\n"
   "OPTIONS, comma separated: cluster_size=SIZE, compat=0.10|1.1,\n"
   "  refcount_bits=1..64, lazy_refcounts=on|off, extended_l2=on|off,\n"
   "  compression_type=zlib|zstd, data_file=NAME, data_file_raw=on|off,\n"
@@ -109,7 +109,7 @@ parse_o (struct qcow2_create_opts *o, char *arg)
 }
 
 static int
-parse_args (int argc, char **argv, struct qcow2_create_opts *o)
+parse_args (int argc, char **argv, struct qcow2_create_opts *o, bool *prog)
 {
   static const struct option longopts[] = {
     { "help", no_argument, NULL, 'h' },
@@ -117,8 +117,11 @@ parse_args (int argc, char **argv, struct qcow2_create_opts *o)
   };
   int c;
 
-  while ((c = getopt_long (argc, argv, "hqf:o:b:F:", longopts, NULL)) != -1)
+  while ((c = getopt_long (argc, argv, "hqpf:o:b:F:", longopts, NULL)) != -1)
     switch (c) {
+    case 'p':
+      *prog = true;
+      break;
     case 'q':
       /* qemu-img's "quiet": qnbd-img create says nothing when it works. */
       break;
@@ -152,11 +155,13 @@ int
 cmd_create (int argc, char **argv)
 {
   struct qcow2_create_opts o = { 0 };
+  struct progress prog;
+  bool want_progress = false;
   char err[512];
   const char *path;
   int r;
 
-  if (parse_args (argc, argv, &o) < 0)
+  if (parse_args (argc, argv, &o, &want_progress) < 0)
     return 1;
   if (optind >= argc || argc - optind > 2
       || (argc - optind == 1 && !o.size && !o.backing_file)) {
@@ -172,7 +177,12 @@ cmd_create (int argc, char **argv)
     img_error ("create: a backing file needs its format (-F qcow2 or -F raw)");
     return 1;
   }
+  /* Only the data's space takes long: falloc and full. */
+  progress_start (&prog, want_progress && o.prealloc >= QCOW2_PREALLOC_FALLOC);
+  o.progress = progress_update;
+  o.progress_opaque = &prog;
   r = qcow2_create (path, &o, err, sizeof err);
+  progress_end (&prog);
   if (r < 0) {
     img_error ("create: %s: %s", path, err);
     return 1;

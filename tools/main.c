@@ -13,13 +13,16 @@ static const struct {
   int (*run) (int argc, char **argv);
   const char *usage;
 } commands[] = {
-  { "create", cmd_create, "create [-q] [-f qcow2] [-o OPTIONS] "
+  { "create", cmd_create, "create [-q] [-p] [-f qcow2] [-o OPTIONS] "
     "[-b BACKING -F FMT] FILE [SIZE]" },
   { "info", cmd_info, "info [--output=human|json] [--backing-chain] [-U] "
     "FILE" },
   /* map: allocation per range (tools/map.c). */
   { "map", cmd_map, "map [-f qcow2|raw] [--output=human|json] "
     "[--start-offset=N] [--max-length=N] [-U] FILE" },
+  /* check: tools/check.c */
+  { "check", cmd_check, "check [-q] [-p] [-U] [-f qcow2] [-r leaks|all] "
+    "[--output=human|json] FILE" },
 };
 
 static void

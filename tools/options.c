@@ -69,3 +69,17 @@ img_error (const char *fmt, ...)
   va_end (ap);
   fputc ('\n', stderr);
 }
+
+void
+img_json_string (const char *s)
+{
+  putchar ('"');
+  for (const unsigned char *p = (const unsigned char *) s; *p; p++)
+    if (*p == '"' || *p == '\\')
+      printf ("\\%c", *p);
+    else if (*p < 0x20)
+      printf ("\\u%04x", *p);
+    else
+      putchar (*p);
+  putchar ('"');
+}

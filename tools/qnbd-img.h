@@ -1,6 +1,7 @@
 /* tools/qnbd-img.h: what the files of qnbd-img share.  Each subcommand
- * is a file of its own (create.c, info.c) with one entry point called by
- * main.c; options.c parses what several of them take.
+ * is a file of its own (create.c, info.c, check.c) with one entry point
+ * called by main.c; options.c parses what several of them take,
+ * progress.c draws -p.
  */
 #ifndef QNBD_IMG_H
 #define QNBD_IMG_H
@@ -12,6 +13,7 @@
 int cmd_create (int argc, char **argv);
 int cmd_info (int argc, char **argv);
 int cmd_map (int argc, char **argv);
+int cmd_check (int argc, char **argv);
 
 /* ---- options.c ---- */
 
@@ -24,5 +26,24 @@ int parse_bool (const char *s, bool *out);
 /* Print "qnbd-img: " and the message to stderr. */
 void img_error (const char *fmt, ...)
   __attribute__ ((format (printf, 1, 2)));
+
+/* s as a JSON string on stdout: quotes, backslashes and control
+ * characters escaped.
+ */
+void img_json_string (const char *s);
+
+/* ---- progress.c: -p ---- */
+
+struct progress {
+  bool on;                      /* asked for, and stderr is a terminal */
+  int shown;                    /* hundredths of a percent on screen */
+};
+
+/* Show progress from now on if wanted and stderr is a terminal. */
+void progress_start (struct progress *p, bool wanted);
+/* done of total (the engine's progress callbacks: opaque is p). */
+void progress_update (void *opaque, uint64_t done, uint64_t total);
+/* 100%, and the line ended. */
+void progress_end (struct progress *p);
 
 #endif /* QNBD_IMG_H */
