@@ -233,7 +233,8 @@ done
 if "$QNBD_IMG" info top.qcow2 2>err; then
     false
 fi
-grep "in use" err
+cat err
+grep "locked by process $nbd_pid (qemu-nbd)" err
 same_info -U --backing-chain top.qcow2
 kill $nbd_pid
 wait $nbd_pid || true
