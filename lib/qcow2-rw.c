@@ -517,10 +517,11 @@ plan_read (struct qcow2_req *req)
   uint64_t cs = q->cluster_size;
   uint64_t pos = req->seg_off, end = req->seg_off + req->seg_len;
   /* At most one op per subcluster run (per cluster without them), and
-   * as many spare ones for holes that the images below cut finer.
+   * over a backing file about as many spare ones for holes that the
+   * images below cut finer (zeroed for every segment: no more).
    */
   size_t nruns = ((end - 1) >> q->sc_bits) - (pos >> q->sc_bits) + 1;
-  size_t cap = 2 * nruns + 4;
+  size_t cap = q->backing ? 2 * nruns + 1 : nruns;
   struct req_io *last = NULL;
   int r;
 
