@@ -420,6 +420,20 @@ cache_get (struct cache *c, uint64_t offset, struct qcow2_req *req,
   return CACHE_WAIT;
 }
 
+struct cache_entry *
+cache_peek (struct cache *c, uint64_t offset)
+{
+  struct cache_entry *e;
+
+  assert (c->q->read_only);
+  e = find (c, offset);
+  if (!e || e->loading)
+    return NULL;
+  budget_touch (&c->budget);
+  e->used = true;
+  return e;
+}
+
 int
 cache_get_empty (struct cache *c, struct qcow2_req *req,
                  struct cache_entry **out)

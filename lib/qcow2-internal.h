@@ -283,6 +283,12 @@ int cache_get_empty (struct cache *c, struct qcow2_req *req,
 /* Place e at offset (0: give the slot back unused). */
 void cache_set_offset (struct cache_entry *e, uint64_t offset);
 void cache_put (struct cache_entry *e);
+/* The loaded entry at offset, counted as a use but not pinned, or NULL
+ * (not cached, or still loading).  Only for read-only images, whose
+ * tables never change: what the caller reads from it stays true after
+ * the entry is evicted.
+ */
+struct cache_entry *cache_peek (struct cache *c, uint64_t offset);
 void cache_mark_dirty (struct cache_entry *e);
 /* Start writing back every dirty entry for the flusher; each finished
  * write calls q->flush_io_done.  Returns 0, or -errno when a write could
@@ -445,6 +451,10 @@ struct req_io {
   bool alloc;                   /* an allocating write run */
   bool reuse;                   /* ... that keeps its own host cluster */
   bool self;                    /* a read through this image (from_backing) */
+  struct qcow2 *src;            /* a read resolved down the chain: the
+                                   backing image whose file holds the data,
+                                   or that a from_backing read runs on
+                                   (NULL: req->q, or its backing file) */
   uint64_t cov_start, cov_end;  /* in-cluster extent written with the COW */
   bool started;
   uint64_t host;                /* host offset of the op */

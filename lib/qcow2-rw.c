@@ -222,7 +222,8 @@ io_done (struct aio_op *op, int64_t ret)
   struct qcow2_req *req = io->req;
 
   if (ret < 0) {
-    qlog (req->q, LOG_ERR, "%s at host offset 0x%llx: %s",
+    qlog (io->src ? io->src : req->q, LOG_ERR,
+          "%s at host offset 0x%llx: %s",
           io->is_write ? "write" : "read", (unsigned long long) io->host,
           strerror ((int) -ret));
     if (!req->err)
@@ -261,7 +262,7 @@ backing_done (void *opaque, int ret)
 static void
 backing_start (struct qcow2_req *req, struct req_io *io)
 {
-  struct qcow2 *b = io->self ? req->q : req->q->backing;
+  struct qcow2 *b = io->src ? io->src : io->self ? req->q : req->q->backing;
   int err;
   struct qcow2_req *child = req_spawn (b, REQ_READ, io->guest, io->len,
                                        io->iov[0].iov_base, backing_done,
@@ -279,6 +280,8 @@ static void
 io_start (struct qcow2_req *req, struct req_io *io, int niov)
 {
   struct qcow2 *q = req->q;
+  /* A data read resolved down the chain reads a backing image's file. */
+  struct qcow2 *f = io->src && !io->from_backing ? io->src : q;
   int r;
   if (io->from_backing) {
     backing_start (req, io);
@@ -286,8 +289,8 @@ io_start (struct qcow2_req *req, struct req_io *io, int niov)
   }
   io->op.type = io->is_write ? AIO_WRITE : AIO_READ;
   /* Compressed data always lives in the image file itself. */
-  io->op.fd = io->cbuf ? q->fd : q->dfd;
-  io->op.inline_mode = io->cbuf ? q->fd_inline : q->dfd_inline;
+  io->op.fd = io->cbuf ? q->fd : f->dfd;
+  io->op.inline_mode = io->cbuf ? q->fd_inline : f->dfd_inline;
   io->op.iov = io->iov;
   io->op.iovcnt = niov;
   io->op.offset = io->alloc ? io->host + io->cov_start : io->host;
@@ -332,7 +335,8 @@ add_backing_read (struct qcow2_req *req, struct req_io *last, uint64_t pos,
     memset (dst + (bend - pos), 0, cend - bend);
   req_map_add (req, bend - pos, false);
   req_map_add (req, cend - bend, true);
-  if (last && last->from_backing && last->guest + last->len == pos) {
+  if (last && last->from_backing && !last->src
+      && last->guest + last->len == pos) {
     last->len += bend - pos;
     last->iov[0].iov_len = last->len;
   }
@@ -347,17 +351,161 @@ add_backing_read (struct qcow2_req *req, struct req_io *last, uint64_t pos,
  * host read when it continues there.  Returns the read.
  */
 static struct req_io *
-add_data_read (struct qcow2_req *req, struct req_io *last, uint64_t host,
-               uint64_t pos, uint64_t cend, char *dst)
+add_data_read (struct qcow2_req *req, struct req_io *last, struct qcow2 *src,
+               uint64_t host, uint64_t pos, uint64_t cend, char *dst)
 {
   req_map_add (req, cend - pos, false);
-  if (last && !last->from_backing && last->host + last->len == host) {
+  if (last && !last->from_backing && last->src == src
+      && last->host + last->len == host) {
     last->len += cend - pos;
     last->iov[0].iov_len = last->len;
     return last;
   }
   last = new_read (req, pos, cend - pos, dst);
   last->host = host;
+  last->src = src;
+  return last;
+}
+
+/* Where guest bytes from pos of a hole over q's backing file come from,
+ * found by walking down the chain while each image's L2 slice is cached:
+ * a backing image is read-only, so its entries, once looked at, stay true
+ * without a pin.  A read of an 8-deep chain otherwise went through a child
+ * request per image above the one with the data.
+ */
+struct chain_piece {
+  enum { PIECE_ZERO, PIECE_DATA, PIECE_CHILD } kind;
+  struct qcow2 *img;            /* DATA: whose file; CHILD: where it runs */
+  uint64_t cluster;             /* DATA: the host cluster L2 names ... */
+  uint64_t host;                /* ... and the host offset of pos */
+  uint64_t end;                 /* the piece is [pos, end) */
+};
+
+/* Fill pc for guest bytes from pos (below end, inside q's backing file):
+ * the longest run from pos with one source, found without waiting.
+ */
+static void
+resolve_hole (const struct qcow2 *q, uint64_t pos, uint64_t end,
+              struct chain_piece *pc)
+{
+  struct qcow2 *b = q->backing;
+  uint64_t lim = q->backing_size_bytes;
+
+  pc->end = end;
+  for (;;) {
+    uint64_t l1i, l2off, cstart, run_end, ent, bmp;
+    struct cache_entry *e;
+    enum sc_kind kind;
+
+    if (pos >= lim) {
+      pc->kind = PIECE_ZERO;    /* past the end of the backing file */
+      return;
+    }
+    if (pc->end > lim)
+      pc->end = lim;
+    /* From here on [pos, pc->end) lies inside b. */
+    assert (lim == b->size);
+    pc->img = b;
+    if (b->raw) {
+      pc->kind = PIECE_DATA;
+      pc->host = pos;
+      return;
+    }
+    l1i = pos >> b->l1_shift;
+    l2off = l1i < b->l1_size ? be64toh (b->l1[l1i]) & L1E_OFFSET_MASK : 0;
+    if (l2off == 0) {
+      uint64_t l1end = (pos | (((uint64_t) 1 << b->l1_shift) - 1)) + 1;
+      if (pc->end > l1end)
+        pc->end = l1end;
+      kind = SC_HOLE;
+    }
+    else {
+      uint64_t slice = (pos & (((uint64_t) 1 << b->l1_shift) - 1))
+        >> (b->cluster_bits + b->l2_bits);
+      e = cache_peek (&b->l2c, l2off + slice * b->l2_slice_bytes);
+      if (!e) {
+        pc->kind = PIECE_CHILD; /* its request loads the slice */
+        return;
+      }
+      ent = l2_get (e, l2_index (b, pos));
+      bmp = l2_get_bitmap (e, l2_index (b, pos));
+      cstart = pos & ~((uint64_t) b->cluster_size - 1);
+      kind = entry_status (b, ent, bmp, pos - cstart, &run_end);
+      if (pc->end > cstart + run_end)
+        pc->end = cstart + run_end;
+      if (kind == SC_DATA) {
+        pc->kind = PIECE_DATA;
+        pc->cluster = ent & L2E_OFFSET_MASK;
+        pc->host = pc->cluster + (pos - cstart);
+        return;
+      }
+      if (kind == SC_COMPRESSED || kind == SC_BAD) {
+        /* Decompressed, or refused with its message, by b's own read. */
+        pc->kind = PIECE_CHILD;
+        return;
+      }
+    }
+    if (kind == SC_ZERO || !b->backing) {
+      pc->kind = PIECE_ZERO;
+      return;
+    }
+    lim = b->backing_size_bytes;
+    b = b->backing;
+  }
+}
+
+/* Read guest bytes [pos, cend), a hole over the backing file, from where
+ * the chain has them, as data reads of the images below, zeros, and child
+ * requests where a slice is not cached.  Each new op takes one of
+ * req->ios[cap]; spare ones are there only when ops of the rest of the
+ * segment leave some (rem: at most that many): otherwise what is left
+ * is one child request on the backing image.  Returns the op a following
+ * read may extend, or NULL; NULL with req->err set on failure.
+ */
+static struct req_io *
+read_through_chain (struct qcow2_req *req, struct req_io *last, uint64_t pos,
+                    uint64_t cend, size_t cap, size_t rem)
+{
+  struct qcow2 *q = req->q;
+
+  while (pos < cend) {
+    struct chain_piece pc;
+    char *d = req->buf + (pos - req->offset);
+    bool room = cap - req->nios >= rem + 2;
+
+    resolve_hole (q, pos, cend, &pc);
+    assert (pc.end > pos && pc.end <= cend);
+    if (pc.kind == PIECE_ZERO) {
+      memset (d, 0, pc.end - pos);
+      req_map_add (req, pc.end - pos, true);
+      last = NULL;
+    }
+    else if (!room && pc.end < cend) {
+      /* Keep the last slot for the rest, as before, in one child. */
+      return add_backing_read (req, last, pos, cend, d);
+    }
+    else if (pc.kind == PIECE_DATA) {
+      int r = pc.img->raw ? 0 : check_data_cluster (pc.img, pc.cluster);
+      if (r < 0) {
+        req->err = r;
+        return NULL;
+      }
+      last = add_data_read (req, last, pc.img, pc.host, pos, pc.end, d);
+    }
+    else if (last && last->from_backing && last->src == pc.img
+             && last->guest + last->len == pos) {
+      last->len += pc.end - pos;
+      last->iov[0].iov_len = last->len;
+      req_map_add (req, pc.end - pos, false);
+    }
+    else {
+      last = new_read (req, pos, pc.end - pos, d);
+      last->from_backing = true;
+      last->src = pc.img;
+      req_map_add (req, pc.end - pos, false);
+    }
+    pos = pc.end;
+  }
   return last;
 }
 
@@ -368,12 +516,16 @@ plan_read (struct qcow2_req *req)
   struct qcow2 *q = req->q;
   uint64_t cs = q->cluster_size;
   uint64_t pos = req->seg_off, end = req->seg_off + req->seg_len;
-  /* At most one op per subcluster run (per cluster without them). */
+  /* At most one op per subcluster run (per cluster without them), and
+   * over a backing file about as many spare ones for holes that the
+   * images below cut finer (zeroed for every segment: no more).
+   */
   size_t nruns = ((end - 1) >> q->sc_bits) - (pos >> q->sc_bits) + 1;
+  size_t cap = q->backing ? 2 * nruns + 1 : nruns;
   struct req_io *last = NULL;
   int r;
 
-  req->ios = calloc (nruns, sizeof *req->ios);
+  req->ios = calloc (cap, sizeof *req->ios);
   if (!req->ios) {
     req->err = -ENOMEM;
     return true;
@@ -406,9 +558,16 @@ plan_read (struct qcow2_req *req)
       req->err = -EIO;
       break;
     }
-    else if (kind == SC_HOLE && q->backing && pos < q->backing_size_bytes)
-      /* A hole: what the backing image has there shows through. */
-      last = add_backing_read (req, last, pos, cend, dst);
+    else if (kind == SC_HOLE && q->backing && pos < q->backing_size_bytes) {
+      /* A hole: what the backing chain has there shows through.  The
+       * ops the rest of the segment may need (one per subcluster).
+       */
+      size_t rem = cend < end
+        ? ((end - 1) >> q->sc_bits) - (cend >> q->sc_bits) + 1 : 0;
+      last = read_through_chain (req, last, pos, cend, cap, rem);
+      if (req->err)
+        break;
+    }
     else if (kind != SC_DATA) {
       memset (dst, 0, cend - pos);
       req_map_add (req, cend - pos, true);
@@ -420,13 +579,13 @@ plan_read (struct qcow2_req *req)
         req->err = r;
         break;
       }
-      last = add_data_read (req, last,
+      last = add_data_read (req, last, NULL,
                             (ent & L2E_OFFSET_MASK) + (pos & (cs - 1)),
                             pos, cend, dst);
     }
     pos = cend;
   }
-  assert (req->nios <= nruns);
+  assert (req->nios <= cap);
   if (!req->err)
     for (unsigned i = 0; i < req->nios; i++)
       if (!req->ios[i].started)
