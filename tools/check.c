@@ -127,7 +127,7 @@ print_json (const struct check_args *a, const struct qcow2_check_result *r)
   json_field (&first, "leaks-fixed", r->leaks_fixed, false);
   json_field (&first, "allocated-clusters", r->allocated_clusters, false);
   printf (",\n    \"filename\": ");
-  img_json_string (a->path);
+  img_json_string (stdout, a->path);
   printf (",\n    \"format\": \"qcow2\"");
   first = false;
   json_field (&first, "fragmented-clusters", r->fragmented_clusters, false);

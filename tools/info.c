@@ -27,21 +27,6 @@ static const char usage_text[] =
 
 static const char *const compression_names[] = { "zlib", "zstd" };
 
-/* A JSON string: quotes, backslashes and control characters escaped. */
-static void
-json_string (FILE *f, const char *s)
-{
-  fputc ('"', f);
-  for (const unsigned char *p = (const unsigned char *) s; *p; p++)
-    if (*p == '"' || *p == '\\')
-      fprintf (f, "\\%c", *p);
-    else if (*p < 0x20)
-      fprintf (f, "\\u%04x", *p);
-    else
-      fputc (*p, f);
-  fputc ('"', f);
-}
-
 /* The "snapshots" array, with qemu-img's field names (and order). */
 static void
 print_json_snapshots (FILE *f, const struct qcow2_info *in)
@@ -56,13 +41,13 @@ print_json_snapshots (FILE *f, const struct qcow2_info *in)
       fprintf (f, "            \"icount\": %" PRIu64 ",\n", sn->icount);
     fprintf (f, "            \"vm-clock-nsec\": %" PRIu64 ",\n"
              "            \"name\": ", sn->vm_clock_nsec % 1000000000);
-    json_string (f, sn->name);
+    img_json_string (f, sn->name);
     fprintf (f, ",\n            \"date-sec\": %" PRIu32 ",\n"
              "            \"date-nsec\": %" PRIu32 ",\n"
              "            \"vm-clock-sec\": %" PRIu64 ",\n"
              "            \"id\": ", sn->date_sec, sn->date_nsec,
              sn->vm_clock_nsec / 1000000000);
-    json_string (f, sn->id);
+    img_json_string (f, sn->id);
     fprintf (f, ",\n            \"vm-state-size\": %" PRIu64 "\n        }%s\n",
              sn->vm_state_size, i + 1 < in->nb_snapshots ? "," : "");
   }
@@ -82,7 +67,7 @@ print_json (FILE *f, const char *path, const struct qcow2_info *in,
   print_json_snapshots (f, in);
   fprintf (f, "    \"virtual-size\": %" PRIu64 ",\n    \"filename\": ",
            in->size);
-  json_string (f, path);
+  img_json_string (f, path);
   fprintf (f, ",\n    \"cluster-size\": %" PRIu32 ",\n"
            "    \"format\": \"qcow2\",\n"
            "    \"actual-size\": %" PRIu64 ",\n", in->cluster_size, actual);
@@ -97,7 +82,7 @@ print_json (FILE *f, const char *path, const struct qcow2_info *in,
   fprintf (f, "            \"refcount-bits\": %u", in->refcount_bits);
   if (in->data_file) {
     fprintf (f, ",\n            \"data-file\": ");
-    json_string (f, in->data_file);
+    img_json_string (f, in->data_file);
     fprintf (f, ",\n            \"data-file-raw\": %s",
              in->data_file_raw ? "true" : "false");
   }
@@ -109,9 +94,9 @@ print_json (FILE *f, const char *path, const struct qcow2_info *in,
   fprintf (f, "\n        }\n    },\n");
   if (b) {
     fprintf (f, "    \"full-backing-filename\": ");
-    json_string (f, in->full_backing_file);
+    img_json_string (f, in->full_backing_file);
     fprintf (f, ",\n    \"backing-filename\": ");
-    json_string (f, b);
+    img_json_string (f, b);
     fprintf (f, ",\n");
   }
   fprintf (f, "    \"dirty-flag\": %s\n}\n", in->dirty ? "true" : "false");
@@ -123,7 +108,7 @@ print_json_raw (FILE *f, const char *path, uint64_t size, uint64_t actual)
 {
   fprintf (f, "{\n    \"virtual-size\": %" PRIu64 ",\n    \"filename\": ",
            size);
-  json_string (f, path);
+  img_json_string (f, path);
   fprintf (f, ",\n    \"format\": \"raw\",\n    \"actual-size\": %" PRIu64
            ",\n    \"dirty-flag\": false\n}\n", actual);
 }

@@ -71,15 +71,15 @@ img_error (const char *fmt, ...)
 }
 
 void
-img_json_string (const char *s)
+img_json_string (FILE *f, const char *s)
 {
-  putchar ('"');
+  fputc ('"', f);
   for (const unsigned char *p = (const unsigned char *) s; *p; p++)
     if (*p == '"' || *p == '\\')
-      printf ("\\%c", *p);
+      fprintf (f, "\\%c", *p);
     else if (*p < 0x20)
-      printf ("\\u%04x", *p);
+      fprintf (f, "\\u%04x", *p);
     else
-      putchar (*p);
-  putchar ('"');
+      fputc (*p, f);
+  fputc ('"', f);
 }

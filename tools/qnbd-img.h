@@ -8,6 +8,7 @@
 
 #include <stdbool.h>
 #include <stdint.h>
+#include <stdio.h>
 
 /* A subcommand: argv[0] is its name; returns the exit status. */
 int cmd_create (int argc, char **argv);
@@ -27,10 +28,10 @@ int parse_bool (const char *s, bool *out);
 void img_error (const char *fmt, ...)
   __attribute__ ((format (printf, 1, 2)));
 
-/* s as a JSON string on stdout: quotes, backslashes and control
- * characters escaped.
+/* s as a JSON string on f: quotes, backslashes and control characters
+ * escaped.
  */
-void img_json_string (const char *s);
+void img_json_string (FILE *f, const char *s);
 
 /* ---- progress.c: -p ---- */
 
