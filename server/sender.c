@@ -39,14 +39,14 @@ static pthread_t thread;
 static bool started, failed;
 static ev_async done_async;
 
-/* Both lists are FIFO, under lock.  A job is on todo from submit until
+/* Both lists are FIFO, under lock.  A job is on pending from submit until
  * the thread takes it, on done from its sendmsg until the loop (or a
  * cancel) takes it back.
  */
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t todo_cv = PTHREAD_COND_INITIALIZER;  /* todo, stop */
+static pthread_cond_t pending_cv = PTHREAD_COND_INITIALIZER;  /* pending, stop */
 static pthread_cond_t done_cv = PTHREAD_COND_INITIALIZER;  /* a job done */
-static struct send_job *todo_head, **todo_tail = &todo_head;
+static struct send_job *pending_head, **pending_tail = &pending_head;
 static struct send_job *done_head, **done_tail = &done_head;
 static bool stopping;
 
@@ -86,14 +86,14 @@ sender_main (void *arg)
   for (;;) {
     struct send_job *batch;
 
-    while (todo_head == NULL && !stopping)
-      pthread_cond_wait (&todo_cv, &lock);
-    if (todo_head == NULL)
+    while (pending_head == NULL && !stopping)
+      pthread_cond_wait (&pending_cv, &lock);
+    if (pending_head == NULL)
       break;
     /* Take every job waiting: one wake-up of the loop for all. */
-    batch = todo_head;
-    todo_head = NULL;
-    todo_tail = &todo_head;
+    batch = pending_head;
+    pending_head = NULL;
+    pending_tail = &pending_head;
     for (struct send_job *j = batch; j; j = j->next)
       j->state = SEND_RUNNING;
     pthread_mutex_unlock (&lock);
@@ -207,12 +207,12 @@ sender_flush (void)
     return;
   pthread_mutex_lock (&lock);
   /* The thread waits only for an empty list: one wake-up per batch. */
-  if (todo_head == NULL)
-    pthread_cond_signal (&todo_cv);
+  if (pending_head == NULL)
+    pthread_cond_signal (&pending_cv);
   for (struct send_job *j = staged_head; j; j = j->next)
     j->state = SEND_QUEUED;
-  *todo_tail = staged_head;
-  todo_tail = staged_tail;
+  *pending_tail = staged_head;
+  pending_tail = staged_tail;
   pthread_mutex_unlock (&lock);
   staged_head = NULL;
   staged_tail = &staged_head;
@@ -232,7 +232,7 @@ sender_cancel (struct send_job *j)
   case SEND_STAGED:             /* not under the lock: handled above */
     break;
   case SEND_QUEUED:
-    unlink_job (&todo_head, &todo_tail, j);
+    unlink_job (&pending_head, &pending_tail, j);
     break;
   case SEND_RUNNING:
     /* One non-blocking sendmsg: the wait is short. */
@@ -254,11 +254,11 @@ sender_stop (void)
     return;
   pthread_mutex_lock (&lock);
   stopping = true;
-  pthread_cond_signal (&todo_cv);
+  pthread_cond_signal (&pending_cv);
   pthread_mutex_unlock (&lock);
   pthread_join (thread, NULL);
   ev_ref (sender_loop);
   ev_async_stop (sender_loop, &done_async);
   started = false;
-  assert (staged_head == NULL && todo_head == NULL && done_head == NULL);
+  assert (staged_head == NULL && pending_head == NULL && done_head == NULL);
 }
