@@ -301,12 +301,18 @@ fake_reap (struct aio *a)
 }
 
 /* Held ops finish only when the test releases them, so waiting for them
- * would hang the test: run what is staged and return at once.
+ * would hang the test: run what is staged and return at once.  Once hold
+ * is off, an op left held finishes when somebody waits, the oldest first,
+ * as a slow one would on a real backend (qcow2_close waits).
  */
 static void
 fake_wait (struct aio *a)
 {
+  struct fake *f = to_fake (a);
+
   fake_commit (a);
+  if (!f->hold && f->held.len > 0 && !f->ready_head)
+    aio_fake_release (a, 0);
 }
 
 static void

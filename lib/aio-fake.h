@@ -24,7 +24,8 @@ int aio_fake_create (struct aio **out);
 
 /* With hold on, ops wait until released; with hold off (the default) each op
  * runs at commit time and completes at the next reap.  Turning hold off does
- * not release ops already held.
+ * not release ops already held, but aio_wait then runs the oldest held op
+ * when nothing else has finished (so that qcow2_close can end).
  */
 void aio_fake_set_hold (struct aio *a, bool hold);
 

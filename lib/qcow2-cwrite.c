@@ -438,6 +438,12 @@ cw_retire (struct qcow2 *q)
   l->n -= moved;
 }
 
+bool
+cw_retired_owed (const struct qcow2 *q)
+{
+  return q->cw_retired.n > 0;
+}
+
 void
 cw_close (struct qcow2 *q)
 {

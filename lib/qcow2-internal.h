@@ -721,6 +721,8 @@ int cw_flush_start (struct qcow2 *q, unsigned *started);
  * own references that are no longer needed.
  */
 void cw_retire (struct qcow2 *q);
+/* Whether references cw_retire has still to hand to a flush are left. */
+bool cw_retired_owed (const struct qcow2 *q);
 /* Close, before the final flush: nothing more is packed; that flush drops
  * the open buffer's own reference.
  */

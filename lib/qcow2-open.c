@@ -718,9 +718,19 @@ qcow2_close (struct qcow2 *q)
     if (q->lazy)
       flush_set_full (q);
     cw_close (q);
-    if (qcow2_flush (q, close_flush_done, &res) == 0) {
-      drain (q, &res);
-      ret = res == 1 ? -EIO : res;
+    /* A packing run whose write was still in flight drops its own
+     * references when the write ends, inside the flush, after the flush
+     * took the ones owed: a second flush writes those (or the run's
+     * clusters leak, a refcount one too high each).
+     */
+    for (int pass = 0; pass < 2 && ret == 0; pass++) {
+      res = 1;
+      if (qcow2_flush (q, close_flush_done, &res) == 0) {
+        drain (q, &res);
+        ret = res == 1 ? -EIO : res;
+      }
+      if (!cw_retired_owed (q))
+        break;
     }
     if (ret == 0 && q->lazy)
       ret = header_set_dirty (q, false);

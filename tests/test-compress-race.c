@@ -14,10 +14,17 @@
  * data, from the packing cache before any of it reached the file; a
  * partial write of that cluster waits for the compressed write and lands
  * over it.
+ *
+ * close: the last write seals a packing run, whose write is still in
+ * flight when the image is closed.  The run's own references are dropped
+ * when that write ends, inside the final flush: they must still reach the
+ * refcounts (the run's clusters leaked, refcount one too high, found by
+ * test-nbd-compress.sh now and then under the sanitizers).
  */
 #include <config.h>
 
 #include <string.h>
+#include <unistd.h>
 
 #include "aio-fake.h"
 #include "testlib.h"
@@ -227,10 +234,78 @@ test_read (void)
   free (path);
 }
 
+/* Whether a write is held. */
+static bool
+write_held (struct aio *a)
+{
+  for (unsigned i = 0; i < aio_fake_held (a); i++) {
+    struct aio_fake_record r;
+    if (aio_fake_held_info (a, i, &r) == 0 && r.type == AIO_WRITE)
+      return true;
+  }
+  return false;
+}
+
+static void
+test_close (void)
+{
+  uint8_t *buf, *shadow = calloc (1, SIZE);
+  bool sealed = false;
+
+  if (!shadow || posix_memalign ((void **) &buf, 4096, CS))
+    exit (1);
+  /* Clusters of about half a cluster fill 1 MiB runs, the tail run
+   * taking the small remainders: the first count from 32 on whose last
+   * write seals a run is the case (63 today).
+   */
+  for (int n = 32; n <= 96 && !sealed; n++) {
+    char *path = make_image ("crace-close.qcow2", "cluster_size=65536", SIZE);
+    struct aio *a;
+    struct qcow2 *q;
+    int wres = 1;
+
+    if (aio_fake_create (&a) < 0)
+      exit (1);
+    q = open_compress (path, a);
+    for (int i = 0; i < n - 1; i++) {
+      half_fill (buf, CS, 100 + (uint64_t) i);
+      CHECK (sync_write (q, (uint64_t) i * CS, buf, CS, 0) == 0, "write");
+      memcpy (shadow + (uint64_t) i * CS, buf, CS);
+    }
+    /* The last write with its compression let through, writes held. */
+    aio_fake_set_hold (a, true);
+    half_fill (buf, CS, 100 + (uint64_t) n - 1);
+    CHECK (qcow2_write (q, (uint64_t) (n - 1) * CS, buf, CS, 0, done_cb,
+                        &wres) == 0, "last write");
+    memcpy (shadow + (uint64_t) (n - 1) * CS, buf, CS);
+    release_type (q, a, AIO_CALL);
+    CHECK (wres == 0, "last write: %d", wres);
+    sealed = write_held (a);
+    /* Close with the sealing write still in flight: it ends inside the
+     * final flush.
+     */
+    aio_fake_set_hold (a, false);
+    CHECK (qcow2_close (q) == 0, "close");
+    aio_destroy (a);
+    if (sealed) {
+      CHECK (qemu_img_check_clean (path), "%d clusters, the last sealing "
+             "a run: check", n);
+      CHECK (qemu_img_compare (path, shadow, SIZE), "compare");
+    }
+    unlink (path);
+    free (path);
+  }
+  CHECK (sealed, "no write sealed a run");
+  free (shadow);
+  free (buf);
+}
+
 int
 main (void)
 {
   require_qemu_img ();
+  test_close ();
+  printf ("ok - close\n");
   test_overlap ();
   printf ("ok - overlap\n");
   test_read ();
