@@ -284,7 +284,6 @@ fake_reap (struct aio *a)
   struct aio_op *op, *next;
   int count = 0;
 
-  aio_clear_kick (a);
   /* Take the whole list first: ops that done submits again must wait for
    * their own commit and reap, as they would with a real backend.
    */

@@ -144,7 +144,6 @@ threads_reap (struct aio *a)
   struct aio_op *op, *next;
   int count = 0;
 
-  aio_clear_kick (a);
   pthread_mutex_lock (&t->lock);
   op = t->done_head;
   t->done_head = NULL;

@@ -230,10 +230,10 @@ uring_reap (struct aio *a)
   struct io_uring_cqe *cqe;
   int count = 0;
 
-  /* Clear first: a CQE posted after this point signals the eventfd again,
-   * so the loop cannot miss it even if the drain below stops just before.
+  /* aio_reap cleared the eventfd first: a CQE posted after that signals
+   * it again, so the loop cannot miss it even if the drain below stops
+   * just before.
    */
-  aio_clear_kick (a);
   count += aio_calls_reap (a);
   while (io_uring_peek_cqe (&u->ring, &cqe) == 0 && cqe) {
     struct aio_op *op = io_uring_cqe_get_data (cqe);

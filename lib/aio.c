@@ -7,6 +7,7 @@
 #include <config.h>
 #endif
 
+#include <assert.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -152,8 +153,22 @@ try_inline (struct aio *a, struct aio_op *op)
   else
     a->inline_head = op;
   a->inline_tail = op;
-  aio_kick_once (a);
+  a->inline_count++;
+  if (a->inline_ready)
+    a->inline_ready (a->inline_ready_arg);
+  else
+    aio_kick_once (a);
   return true;
+}
+
+void
+aio_set_inline_ready (struct aio *a, void (*fn) (void *arg), void *arg)
+{
+  a->inline_ready = fn;
+  a->inline_ready_arg = arg;
+  /* Ops done inline before now were announced by nobody. */
+  if (!fn && a->inline_head)
+    aio_kick_once (a);
 }
 
 /* Call done for the ops done inline, including any their callbacks
@@ -169,6 +184,8 @@ reap_inline (struct aio *a)
     a->inline_head = op->next;
     if (!a->inline_head)
       a->inline_tail = NULL;
+    assert (a->inline_count > 0);
+    a->inline_count--;
     a->pending--;
     count++;
     op->done (op, op->result);
@@ -191,8 +208,10 @@ aio_submit (struct aio *a, struct aio_op *op)
   /* Counted only once queued: done is never called for a refused op, and
    * no backend calls done from inside submit, so counting after is safe.
    */
-  if (r == 0)
+  if (r == 0) {
     a->pending++;
+    a->backend_since_clear = true;
+  }
   return r;
 }
 
@@ -205,10 +224,20 @@ aio_commit (struct aio *a)
 int
 aio_reap (struct aio *a)
 {
-  /* The backend first: its reap clears the kick, which must not lose
-   * the one an inline op queued meanwhile made.
+  int n;
+
+  /* Clear before reaping, so that a completion posted meanwhile leaves
+   * the descriptor readable.  When no op went to the backend and nobody
+   * kicked since the last clear, it cannot be readable: skip the read (a
+   * loop serving reads from memory makes no syscall here).
    */
-  int n = a->ops->reap (a);
+  if (__atomic_exchange_n (&a->raw_kicked, false, __ATOMIC_ACQUIRE)
+      || a->backend_since_clear)
+    aio_clear_kick (a);
+  n = a->ops->reap (a);
+  /* The inline ops last: one a backend callback submits joins them, and
+   * the kick it made stays for the next reap.
+   */
   return n + reap_inline (a);
 }
 

@@ -92,7 +92,19 @@ struct aio {
   unsigned pending;             /* submitted, done not yet called */
   bool inline_ok;               /* real I/O backends: inline ops allowed */
   bool owner_kicked;            /* aio_kick_once since the last clear */
+  /* An op went to the backend since the last clear (or was still in
+   * flight then): its completion may have written event_fd.
+   */
+  bool backend_since_clear;
+  bool raw_kicked;              /* aio_kick since the last reap (atomic:
+                                   workers set it) */
   struct aio_op *inline_head, *inline_tail;  /* done inline, not reaped */
+  unsigned inline_count;        /* ops on that list */
+  /* Owner-thread notice that an op was done inline (aio_set_inline_ready),
+   * or NULL: aio_kick_once.
+   */
+  void (*inline_ready) (void *arg);
+  void *inline_ready_arg;
   struct aio_calls *calls;      /* io_uring: workers for AIO_CALL, or NULL
                                    until the first one (aio-calls.c) */
 };
@@ -139,7 +151,15 @@ void aio_kick_once (struct aio *a);
  */
 enum aio_inline aio_inline_mode (int fd, bool direct);
 
-/* Drain the eventfd counter (backends call this at the start of reap). */
+/* Instead of making aio_fd() readable when an op is done inline (so on
+ * the owner's thread, inside aio_submit), call fn(arg) there; the owner
+ * must then call aio_reap before it next sleeps.  fn NULL: the eventfd
+ * again.  Saves the loop a write, a wake-up and a read per request
+ * served from memory.
+ */
+void aio_set_inline_ready (struct aio *a, void (*fn) (void *arg), void *arg);
+
+/* Drain the eventfd counter (aio_reap does, when it may be set). */
 void aio_clear_kick (struct aio *a);
 
 /* For backends (threads, fake): perform op now, on the calling thread, with

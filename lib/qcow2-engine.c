@@ -184,6 +184,46 @@ chain_step (struct qcow2 *top, bool deliver)
   return moved;
 }
 
+/* Tell the caller that qcow2_process has work without a syscall: through
+ * its notice when it gave one, else through the eventfd.  Inside
+ * qcow2_process always the eventfd, so that work left over when the run
+ * budget ran out waits for the loop to have polled its other descriptors.
+ */
+static void
+engine_kick (struct qcow2 *top)
+{
+  if (!top->ready_fn || top->in_process) {
+    aio_kick_once (top->aio);
+    return;
+  }
+  if (top->ready_notified)
+    return;
+  top->ready_notified = true;
+  top->ready_fn (top->ready_arg);
+}
+
+static void
+inline_ready (void *arg)
+{
+  engine_kick (arg);
+}
+
+void
+qcow2_set_ready_notify (struct qcow2 *q, void (*fn) (void *arg), void *arg)
+{
+  struct qcow2 *top = q->top;
+
+  assert (top == q);
+  top->ready_fn = fn;
+  top->ready_arg = arg;
+  aio_set_inline_ready (top->aio, fn ? inline_ready : NULL, top);
+  /* A notice given to the previous owner may not have been acted on. */
+  if (top->ready_notified) {
+    top->ready_notified = false;
+    aio_kick_once (top->aio);
+  }
+}
+
 bool
 engine_has_work (const struct qcow2 *q)
 {
@@ -224,7 +264,7 @@ run_pending (struct qcow2 *q)
     ;
   aio_commit (top->aio);
   if (engine_has_work (top))
-    aio_kick_once (top->aio);
+    engine_kick (top);
 }
 
 static void
@@ -302,7 +342,7 @@ qcow2_flush (struct qcow2 *q, qcow2_done_fn *done, void *opaque)
     req->opaque = opaque;
     q->in_flight++;
     waitq_push (&q->completed, req);
-    aio_kick (q->aio);
+    engine_kick (q->top);
     return 0;
   }
   return submit (q, REQ_FLUSH, 0, NULL, 0, 0, done, opaque);
@@ -321,6 +361,7 @@ qcow2_process (struct qcow2 *q)
 
   assert (!top->in_process);
   top->in_process = true;
+  top->ready_notified = false;
   aio_reap (q->aio);
   run_all (q);
   aio_commit (q->aio);

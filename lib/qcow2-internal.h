@@ -949,6 +949,13 @@ struct qcow2 {
    */
   unsigned run_budget;
   bool in_process;
+  /* Top image only: the caller's notice for work ready on its own thread
+   * (qcow2_set_ready_notify), and whether it was given since the last
+   * qcow2_process.
+   */
+  void (*ready_fn) (void *arg);
+  void *ready_arg;
+  bool ready_notified;
   size_t mem_held;              /* top image only: qcow2_mem_held */
 };
 

@@ -140,6 +140,19 @@ int qcow2_fd (const struct qcow2 *q);
 /* Reap I/O completions, advance waiting requests, call completion callbacks. */
 void qcow2_process (struct qcow2 *q);
 
+/* For a caller whose loop can run something before it next sleeps: work
+ * that becomes ready on the caller's own thread (a read copied from the
+ * page cache or tmpfs, a request needing no I/O) calls fn(arg) instead of
+ * making qcow2_fd() readable, at most once per qcow2_process call, and
+ * never from inside qcow2_process.  fn must not call the engine; it must
+ * see to it that qcow2_process runs before the loop sleeps.  qcow2_fd()
+ * still becomes readable for I/O the kernel or a worker thread finishes.
+ * fn NULL (the default) goes back to the descriptor alone.  q must be the
+ * image the caller opened (the top of its chain).
+ */
+void qcow2_set_ready_notify (struct qcow2 *q, void (*fn) (void *arg),
+                             void *arg);
+
 /* Number of requests submitted whose callback has not run yet. */
 unsigned qcow2_in_flight (const struct qcow2 *q);
 

@@ -365,6 +365,9 @@ loop_listen_fd (int fd)
 /* Engine completions.                                                 */
 /* ------------------------------------------------------------------ */
 
+/* Called for the descriptor, and for the engine's notice (export_ready)
+ * with EV_CUSTOM.
+ */
 static void
 export_cb (struct ev_loop *lp, ev_io *w, int revents)
 {
@@ -376,20 +379,37 @@ export_cb (struct ev_loop *lp, ev_io *w, int revents)
   conn_run_pending ();
 }
 
+/* The engine has work ready on this thread (a read served from memory):
+ * run export_cb in this loop iteration, after the callback that submitted
+ * it, instead of through an eventfd write, a poll and a read.
+ */
+static void
+export_ready (void *arg)
+{
+  struct export *e = arg;
+
+  ev_feed_event (loop, &e->io, EV_CUSTOM);
+}
+
 void
 loop_watch_export (struct export *e)
 {
   ev_io_init (&e->io, export_cb, qcow2_fd (e->q), EV_READ);
   e->io.data = e;
   ev_io_start (loop, &e->io);
+  qcow2_set_ready_notify (e->q, export_ready, e);
 }
 
-/* Stop watching the engines: before their images are closed. */
+/* Stop watching an engine: before its image is closed. */
 void
 loop_unwatch_export (struct export *e)
 {
-  if (ev_is_active (&e->io))
+  if (ev_is_active (&e->io)) {
+    qcow2_set_ready_notify (e->q, NULL, NULL);
+    /* A notice fed but not yet run must not run on a closed image. */
+    ev_clear_pending (loop, &e->io);
     ev_io_stop (loop, &e->io);
+  }
 }
 
 static void
@@ -398,8 +418,7 @@ unwatch_exports (void)
   struct export *e;
 
   for (e = export_first (); e; e = e->next)
-    if (ev_is_active (&e->io))
-      ev_io_stop (loop, &e->io);
+    loop_unwatch_export (e);
 }
 
 /* ------------------------------------------------------------------ */
