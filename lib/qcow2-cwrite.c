@@ -36,10 +36,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <syslog.h>
-#include <zlib.h>
-#ifdef HAVE_ZSTD
-#include <zstd.h>
-#endif
 
 #include "qcow2-internal.h"
 
@@ -62,43 +58,6 @@ struct cw_buf {
   struct cw_buf *next;          /* sealed list */
   struct qcow2 *q;
 };
-
-/* Compress one cluster into out (cap bytes).  Returns the size, or 0 when
- * it does not shrink enough to be worth it.
- */
-static size_t
-compress_cluster (const struct qcow2 *q, const void *in, void *out,
-                  size_t cap)
-{
-  if (q->compression_type == 0) {
-    z_stream z;
-    size_t n = 0;
-    memset (&z, 0, sizeof z);
-    if (deflateInit2 (&z, Z_DEFAULT_COMPRESSION, Z_DEFLATED, -12, 9,
-                      Z_DEFAULT_STRATEGY) != Z_OK)
-      return 0;
-    z.next_in = (Bytef *) in;
-    z.avail_in = q->cluster_size;
-    z.next_out = out;
-    z.avail_out = (uInt) cap;
-    if (deflate (&z, Z_FINISH) == Z_STREAM_END)
-      n = cap - z.avail_out;
-    deflateEnd (&z);
-    return n;
-  }
-#ifdef HAVE_ZSTD
-  {
-    /* zstd's default level, as QEMU writes: level 1 made the file 2%
-     * larger than QEMU's for the same data (for 20% less CPU).
-     */
-    size_t n = ZSTD_compress (out, cap, in, q->cluster_size,
-                              ZSTD_CLEVEL_DEFAULT);
-    return ZSTD_isError (n) ? 0 : n;
-  }
-#else
-  return 0;
-#endif
-}
 
 static uint64_t
 run_bytes (const struct qcow2 *q, const struct cw_buf *b)
@@ -260,7 +219,7 @@ size_t
 cw_compress (const struct qcow2 *q, const void *in, void *out)
 {
   /* Worth it only if at least a sector is saved. */
-  return compress_cluster (q, in, out, q->cluster_size - SECTOR);
+  return compressed_encode (q, in, out, q->cluster_size - SECTOR);
 }
 
 /* A new run of host clusters to pack into, as q->cw_cur.  Returns 0 or

@@ -66,11 +66,14 @@ bool qemu_img_compare (const char *path, const uint8_t *shadow,
 uint64_t rnd (void);
 void fill_pattern (uint8_t *buf, size_t len, uint64_t seed);
 
+/* The same as the engine's, which a test of its internals also sees. */
+#ifndef QNBD_QCOW2_INTERNAL_H
 static inline uint64_t
 round_up (uint64_t v, uint64_t a)
 {
   return (v + a - 1) / a * a;
 }
+#endif
 
 /* What an op recorded by the fake backend touched, for the tests of write
  * ordering and of faults in the flusher.
