@@ -38,19 +38,6 @@ codec (unsigned type, uint32_t cluster_bits)
   return q;
 }
 
-static void
-random_fill (uint8_t *buf, size_t len, uint64_t seed)
-{
-  uint64_t x = seed * 0x9e3779b97f4a7c15ull + 1;
-
-  for (size_t i = 0; i < len; i++) {
-    x ^= x << 13;
-    x ^= x >> 7;
-    x ^= x << 17;
-    buf[i] = (uint8_t) (x >> 24);
-  }
-}
-
 /* Words with some variation: compressible, different per seed. */
 static void
 text_fill (uint8_t *buf, size_t len, uint64_t seed)
@@ -176,7 +163,7 @@ mix (unsigned type, uint32_t cluster_bits, int clusters, uint64_t seed)
         bad++;
       break;
     case 1:
-      random_fill (b.in, cs, seed + (uint64_t) i);
+      fill_noise (b.in, cs, seed + (uint64_t) i);
       if (compressed_encode (q, b.in, b.out, cs - SECTOR) != 0)
         bad++;
       break;
@@ -187,7 +174,7 @@ mix (unsigned type, uint32_t cluster_bits, int clusters, uint64_t seed)
        * 64, which the sample would see as the same few bytes.
        */
       unit = cs * 3 / 8 - 5 < 3000 ? cs * 3 / 8 - 5 : 3000;
-      random_fill (b.in, unit, seed + (uint64_t) i);
+      fill_noise (b.in, unit, seed + (uint64_t) i);
       for (size_t k = unit; k < cs; k++)
         b.in[k] = b.in[k % unit];
       if (!round_trip (q, b.in, b.out, b.back, &n) || n > cs / 2)

@@ -42,13 +42,10 @@ done_cb (void *opaque, int ret)
 static void
 half_fill (uint8_t *buf, size_t len, uint64_t seed)
 {
-  uint64_t x = seed * 0x9e3779b97f4a7c15ull + 1;
-  for (size_t i = 0; i < len; i++) {
-    x ^= x << 13;
-    x ^= x >> 7;
-    x ^= x << 17;
-    buf[i] = (i & 512) ? (uint8_t) (seed + i / 1024) : (uint8_t) x;
-  }
+  fill_noise (buf, len, seed);
+  for (size_t i = 512; i < len; i += 1024)
+    memset (buf + i, (uint8_t) (seed + i / 1024),
+            len - i < 512 ? len - i : 512);
 }
 
 static struct qcow2 *

@@ -259,6 +259,19 @@ fill_pattern (uint8_t *buf, size_t len, uint64_t seed)
     buf[i] = (uint8_t) ((seed * 31 + i * 7 + (i >> 9)) ^ (seed >> 3));
 }
 
+void
+fill_noise (uint8_t *buf, size_t len, uint64_t seed)
+{
+  uint64_t x = seed * 0x9e3779b97f4a7c15ull + 1;
+
+  for (size_t i = 0; i < len; i++) {
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    buf[i] = (uint8_t) x;
+  }
+}
+
 int
 test_exit (void)
 {

@@ -65,6 +65,8 @@ bool qemu_img_compare (const char *path, const uint8_t *shadow,
 /* Deterministic pseudo-random numbers. */
 uint64_t rnd (void);
 void fill_pattern (uint8_t *buf, size_t len, uint64_t seed);
+/* Bytes that do not compress (xorshift), the same for the same seed. */
+void fill_noise (uint8_t *buf, size_t len, uint64_t seed);
 
 /* The same as the engine's, which a test of its internals also sees. */
 #ifndef QNBD_QCOW2_INTERNAL_H
