@@ -66,6 +66,7 @@ SERVERS = {
     "qemu-nbd": "qemu-nbd --cache=none",
     "qemu-nbd-wb": "qemu-nbd --cache=writeback",
     "nbdkit": "nbdkit file (raw copy)",
+    "nbdkit-null": "nbdkit null (no work: the client's ceiling)",
     "qnbd-flat": "qnbd on the flat image (the chain converted)",
     "qnbd-compress": "qnbd --compress",
     "qemu-nbd-compress": "qemu-nbd, compress filter (writeback)",
@@ -513,6 +514,19 @@ def targets12(p, med, extra, m, ratio):
         met = sum(1 for t in rows if t[3] == "met")
         p("")
         p(f"{met} of {len(rows)} targets met in this run.")
+        p("")
+    ceil = []
+    for w, name in (("qd1read", "read"), ("qd1write", "write")):
+        servers = [s for s in SERVER_ORDER if (w, s) in med]
+        ref = reference_qemu(servers)
+        r = ratio(m(w, "nbdkit-null"), m(w, ref)) if ref else None
+        if r is not None:
+            ceil.append(f"{name} {r:.2f}×")
+    if ceil:
+        p("QD1: a server that does no work at all (nbdkit null) against "
+          "the same qemu-nbd: " + ", ".join(ceil) + ". Whatever is below "
+          "2× there is the client's and the kernel's round trip, which "
+          "no server can take away.")
         p("")
     gains = []
     for s in ("qnbd-none", "qemu-nbd"):
