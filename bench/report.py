@@ -524,9 +524,11 @@ def targets12(p, med, extra, m, ratio):
             ceil.append(f"{name} {r:.2f}×")
     if ceil:
         p("QD1: a server that does no work at all (nbdkit null) against "
-          "the same qemu-nbd: " + ", ".join(ceil) + ". Whatever is below "
-          "2× there is the client's and the kernel's round trip, which "
-          "no server can take away.")
+          "the same qemu-nbd: " + ", ".join(ceil) + ". What is missing "
+          "to 2× there is the client's and the kernel's round trip (a "
+          "wake-up on each side), which a server can only shorten by "
+          "polling instead of sleeping; qemu-nbd polls, with most of a "
+          "core.")
         p("")
     gains = []
     for s in ("qnbd-none", "qemu-nbd"):
