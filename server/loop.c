@@ -404,12 +404,24 @@ loop_watch_export (struct export *e)
 void
 loop_unwatch_export (struct export *e)
 {
-  if (ev_is_active (&e->io)) {
+  struct export *x;
+
+  if (!ev_is_active (&e->io))
+    return;
+  /* A reload that changed only settings made a new export over the same
+   * open image: the notice goes to it (setting it also kicks the eventfd
+   * for a notice given to e and not yet run).
+   */
+  for (x = export_first (); x; x = x->next)
+    if (x != e && x->q == e->q && ev_is_active (&x->io))
+      break;
+  if (x)
+    qcow2_set_ready_notify (x->q, export_ready, x);
+  else
     qcow2_set_ready_notify (e->q, NULL, NULL);
-    /* A notice fed but not yet run must not run on a closed image. */
-    ev_clear_pending (loop, &e->io);
-    ev_io_stop (loop, &e->io);
-  }
+  /* A notice fed but not yet run must not run on a closed image. */
+  ev_clear_pending (loop, &e->io);
+  ev_io_stop (loop, &e->io);
 }
 
 static void
