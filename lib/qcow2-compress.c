@@ -241,9 +241,10 @@ deflate_cluster (struct compressor *c, const void *in, size_t inlen,
 }
 
 #ifdef HAVE_ZSTD
+/* zstd into out at level; 0 when it does not fit in cap (or no memory). */
 static size_t
 zstd_compress_cluster (struct compressor *c, const void *in, size_t inlen,
-                       void *out, size_t cap)
+                       void *out, size_t cap, int level)
 {
   size_t n;
 
@@ -252,10 +253,7 @@ zstd_compress_cluster (struct compressor *c, const void *in, size_t inlen,
     if (!c->zc)
       return 0;
   }
-  /* zstd's default level, as QEMU writes: level 1 made the file 2%
-   * larger than QEMU's for the same data (for 20% less CPU).
-   */
-  n = ZSTD_compressCCtx (c->zc, out, cap, in, inlen, ZSTD_CLEVEL_DEFAULT);
+  n = ZSTD_compressCCtx (c->zc, out, cap, in, inlen, level);
   return ZSTD_isError (n) ? 0 : n;
 }
 #endif
@@ -273,25 +271,23 @@ compressed_encode (const struct qcow2 *q, const void *in, void *out,
 #ifdef HAVE_ZSTD
     /* Deflate spends as long failing on random bytes as compressing
      * text (1.1 ms for 64 KiB), and a mixed disk is often a quarter
-     * random.  zstd at level 1 says no in 20 us, and never said no to a
-     * cluster deflate shrinks by a sector in a 1 GiB mix of binaries,
-     * text and random data but for 1 in 16384 (bench/mixed-data.py).
+     * random.  zstd at level 1 says no in 20 us; of the 16384 clusters
+     * of a 1 GiB mix of binaries, text and random data
+     * (bench/mixed-data.py) it refused one that deflate shrinks by a
+     * sector.  Without memory for it, the cluster is stored as it is.
      */
-    if (looks_incompressible (in, q->cluster_size)) {
-      if (!c->zc)
-        c->zc = ZSTD_createCCtx ();
-      if (c->zc) {
-        size_t n = ZSTD_compressCCtx (c->zc, out, cap, in, q->cluster_size,
-                                      1);
-        if (ZSTD_isError (n) || n == 0)
-          return 0;
-      }
-    }
+    if (looks_incompressible (in, q->cluster_size)
+        && zstd_compress_cluster (c, in, q->cluster_size, out, cap, 1) == 0)
+      return 0;
 #endif
     return deflate_cluster (c, in, q->cluster_size, out, cap);
 #ifdef HAVE_ZSTD
   case 1:
-    return zstd_compress_cluster (c, in, q->cluster_size, out, cap);
+    /* zstd's default level, as QEMU writes: level 1 made the file 2%
+     * larger than QEMU's for the same data (for 20% less CPU).
+     */
+    return zstd_compress_cluster (c, in, q->cluster_size, out, cap,
+                                  ZSTD_CLEVEL_DEFAULT);
 #endif
   default:
     return 0;

@@ -60,6 +60,13 @@ requires_python_nbd ()
     fi
 }
 
+# kill_if_running PID: SIGTERM to PID if it still runs (a cleanup for a
+# process the test may already have stopped).
+kill_if_running ()
+{
+    kill "$1" 2>/dev/null || true
+}
+
 # cleanup_fn CMD [ARGS...]: run CMD ARGS when the test exits, whatever the
 # reason.  Cleanups run newest first.  A failing cleanup turns a passing test
 # into a failing one.

@@ -15,11 +15,6 @@ img=$tmpdir/img.qcow2
 qemu-img create -f qcow2 "$img" 16M
 qemu-io -f qcow2 -c 'write -P 0x5a 0 1M' "$img"
 
-kill_if_running ()
-{
-    kill "$1" 2>/dev/null || true
-}
-
 # start_qemu_nbd ARGS... IMAGE: qemu-nbd on a socket in $tmpdir, stopped
 # by pid at exit; sets qemu_pid and qemu_uri.
 n_qemu=0

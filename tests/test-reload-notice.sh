@@ -30,11 +30,7 @@ aio=()
 [ -n "$QNBD_TEST_AIO" ] && aio=("--aio=$QNBD_TEST_AIO")
 "$QNBD" -C "$conf" "${aio[@]}" </dev/null 2>"$tmpdir/qnbd.err" &
 qnbd_pid=$!
-stop_quietly ()
-{
-    kill "$1" 2>/dev/null || true
-}
-cleanup_fn stop_quietly "$qnbd_pid"
+cleanup_fn kill_if_running "$qnbd_pid"
 for (( i = 0; i < 100; i++ )); do
     [ -S "$sock" ] && break
     sleep 0.1

@@ -43,8 +43,7 @@ print("writer ran out of time after %d writes" % n)
 sys.exit(1)
 PY
 writer=$!
-quiet_kill () { kill "$1" 2>/dev/null || true; }
-cleanup_fn quiet_kill "$writer"
+cleanup_fn kill_if_running "$writer"
 sleep 2
 
 # The writer must still be running: otherwise there was no load.

@@ -50,10 +50,6 @@ serve ()
     cat "$tmpdir/srv.err" >&2
     return 1
 }
-kill_if_running ()
-{
-    kill "$1" 2>/dev/null || true
-}
 unserve ()
 {
     kill "$srv_pid"

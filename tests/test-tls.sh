@@ -76,12 +76,7 @@ print(s.getsockname()[1])')
         --tls=require --tls-certificates="$pki/server" "$img" \
         2> "$tmpdir/tcp.err" &
 tcp_pid=$!
-# stop_pid PID: SIGTERM to PID if it still runs.
-stop_pid ()
-{
-    kill "$1" 2>/dev/null || true
-}
-cleanup_fn stop_pid "$tcp_pid"
+cleanup_fn kill_if_running "$tcp_pid"
 for (( i = 0; i < 100; i++ )); do
     [ -s "$tmpdir/tcp.pid" ] && break
     sleep 0.1
@@ -224,7 +219,7 @@ file = $img2
 EOF
 "$QNBD" -C "$tmpdir/qnbd.conf" 2> "$tmpdir/conf.err" &
 conf_pid=$!
-cleanup_fn stop_pid "$conf_pid"
+cleanup_fn kill_if_running "$conf_pid"
 for (( i = 0; i < 100; i++ )); do
     [ -s "$tmpdir/conf.pid" ] && break
     sleep 0.1
