@@ -224,15 +224,25 @@ gen_sector (unsigned id, uint64_t sector, uint8_t *out)
 
   /* A header saying whose sector this is, then a repeated word: unique
    * per (write, sector), and compressible, so that writes of whole
-   * clusters can be stored compressed.
+   * clusters can be stored compressed.  One write in four fills with
+   * noise instead, so that with compression on some whole clusters do
+   * not shrink and are stored as normal clusters beside the packed ones.
    */
   uint64_t le = htole64 (h);
 
-  /* Byte i of the filler is byte i % 8 of h (little-endian), written a
-   * word at a time (this runs for every sector of every state).
-   */
-  for (unsigned i = 16; i < SEC; i += 8)
-    memcpy (out + i, &le, 8);
+  if (id % 4 == 3) {
+    for (unsigned i = 16; i < SEC; i += 8) {
+      h = mix64 (h);
+      le = htole64 (h);
+      memcpy (out + i, &le, 8);
+    }
+  }
+  else
+    /* Byte i of the filler is byte i % 8 of h (little-endian), written a
+     * word at a time (this runs for every sector of every state).
+     */
+    for (unsigned i = 16; i < SEC; i += 8)
+      memcpy (out + i, &le, 8);
   memcpy (out, MAGIC, 8);
   for (int i = 0; i < 4; i++)
     out[8 + i] = (uint8_t) (id >> (8 * i));

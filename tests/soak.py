@@ -109,9 +109,14 @@ def client(i, deadline, srv=srv, compress=False):
                     counts[i] += 1
                     return 1
                 if compress and kind < 0.35:
-                    # A whole cluster: stored compressed.
+                    # A whole cluster: stored compressed, or, one in five
+                    # random, refused by the compressor's fast trial and
+                    # stored as a normal cluster.
                     start = blk * 65536
-                    data = compressible(65536, counts[i] + i * 7919)
+                    if kind < 0.28:
+                        data = compressible(65536, counts[i] + i * 7919)
+                    else:
+                        data = os.urandom(65536)
                     shadow[start:start + 65536] = data
                     h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(data)),
                                  base + start, completion=done)
