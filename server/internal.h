@@ -100,6 +100,16 @@
  */
 #define DEFAULT_HANDSHAKE_LIMIT 10
 
+/* Microseconds the loop may poll without sleeping after work (--busy-poll):
+ * QEMU's default for its adaptive polling too.
+ */
+#define DEFAULT_BUSY_POLL 32
+
+/* The most --busy-poll takes: a longer spin only burns the core (the
+ * message refusing more says 10000).
+ */
+#define MAX_BUSY_POLL 10000
+
 /* ------------------------------------------------------------------ */
 /* activation.c                                                        */
 /* ------------------------------------------------------------------ */
@@ -437,6 +447,47 @@ int export_close_all (void);
 int export_set_cache_size (uint64_t bytes);
 /* Free that budget, once every export is closed. */
 void export_free_cache_budget (void);
+
+/* ------------------------------------------------------------------ */
+/* poll-window.c                                                       */
+/* ------------------------------------------------------------------ */
+
+/* The shortest window worth spinning, in seconds. */
+#define POLL_WINDOW_MIN 4e-6
+
+/* When to poll without sleeping.  Times are seconds of CLOCK_MONOTONIC.
+ * window is 0, or between POLL_WINDOW_MIN and max.
+ */
+struct poll_window {
+  double max;                   /* --busy-poll; below the minimum: off */
+  double window;                /* spin this long after quiet_since */
+  double quiet_since;           /* first poll after work; 0: work since */
+  unsigned long hits;           /* events that came while spinning */
+  unsigned long short_sleeps;   /* ... after a sleep of at most max */
+  unsigned long long_sleeps;    /* ... after a longer one */
+};
+
+/* Set the longest window (the window shrinks to it). */
+void poll_window_set_max (struct poll_window *w, unsigned max_us);
+/* Before a poll at now: whether it should not block. */
+bool poll_window_should_spin (struct poll_window *w, double now);
+/* Something came at now, from a poll that did (while_spinning: did not)
+ * block.
+ */
+void poll_window_event (struct poll_window *w, double now,
+                        bool while_spinning);
+
+/* ------------------------------------------------------------------ */
+/* busy-poll.c                                                         */
+/* ------------------------------------------------------------------ */
+
+/* The loop's busy polling: set up on loop l (loop_init), started or
+ * stopped by busy_poll_configure (max_us 0: never spin; at start and on
+ * reload), its counts logged (-vv) by busy_poll_report at exit.
+ */
+void busy_poll_init (struct ev_loop *l);
+void busy_poll_configure (unsigned max_us);
+void busy_poll_report (void);
 
 /* ------------------------------------------------------------------ */
 /* notify.c                                                            */

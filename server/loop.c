@@ -555,6 +555,7 @@ loop_init (void)
   mem_init (loop);
   notify_init (loop);
   conn_init (loop, handshake_start, conn_freed);
+  busy_poll_init (loop);
   return 0;
 }
 
@@ -574,6 +575,7 @@ int
 loop_run (void)
 {
   ev_run (loop, 0);
+  busy_poll_report ();
   /* Every connection is gone, and with it every job of the thread. */
   sender_stop ();
   unwatch_exports ();

@@ -41,6 +41,7 @@ enum {
   OPT_AIO,
   OPT_ALLOW_DIR,
   OPT_BACKING,
+  OPT_BUSY_POLL,
   OPT_COMPRESS,
   OPT_DISCARD,
   OPT_HANDSHAKE_LIMIT,
@@ -77,6 +78,7 @@ static const struct option long_options[] = {
   { "cache-size",     required_argument, NULL, OPT_CACHE_SIZE },
   { "compress",       no_argument,       NULL, OPT_COMPRESS },
   { "config",         required_argument, NULL, 'C' },
+  { "busy-poll",      required_argument, NULL, OPT_BUSY_POLL },
   { "description",    required_argument, NULL, 'D' },
   { "discard",        required_argument, NULL, OPT_DISCARD },
   { "export-name",    required_argument, NULL, 'x' },
@@ -138,6 +140,9 @@ usage (FILE *fp)
 "  -t, --persistent         keep serving after a client disconnects\n"
 "                           (always the case; accepted for qemu-nbd users)\n"
 "      --pid-file=PATH      write the process id to PATH once listening\n"
+"      --busy-poll=USEC     after answering, poll without sleeping for up\n"
+"                           to USEC microseconds while clients' next\n"
+"                           requests come that soon (default: %d; 0: never)\n"
 "      --max-memory=SIZE    stop taking requests while they hold SIZE\n"
 "                           bytes (suffixes K, M, G; default: 512M)\n"
 "      --cache-size=SIZE    the metadata caches of all exports together\n"
@@ -201,7 +206,7 @@ usage (FILE *fp)
 "Started by systemd with socket activation (LISTEN_FDS), qnbd serves the\n"
 "sockets it is given, and creates only those of --socket, --port and\n"
 "--bind that systemd did not pass (see qnbd(8), SOCKET ACTIVATION).\n",
-           DEFAULT_PORT, DEFAULT_HANDSHAKE_LIMIT);
+           DEFAULT_PORT, DEFAULT_HANDSHAKE_LIMIT, DEFAULT_BUSY_POLL);
 }
 
 /* Where the configuration file key being parsed is, for bad_arg:
@@ -439,6 +444,7 @@ struct options {
   struct export_options *exp;           /* the one options apply to */
   unsigned shared;                      /* --shared, 0: no limit */
   unsigned handshake_limit;             /* --handshake-limit */
+  unsigned busy_poll;                   /* --busy-poll, microseconds */
   enum qcow2_aio_mode aio_mode;         /* --aio, for every export */
   char **strings;                       /* copies of the file's values */
   size_t n_strings;
@@ -642,6 +648,11 @@ parse_option (int c, const char *arg, struct options *o)
     if (parse_uint (arg, UINT_MAX, &o->handshake_limit) < 0)
       bad_arg ("--handshake-limit", arg, "is not a number of seconds");
     break;
+  case OPT_BUSY_POLL:
+    if (parse_uint (arg, MAX_BUSY_POLL, &o->busy_poll) < 0)
+      bad_arg ("--busy-poll", arg,
+               "is not a number of microseconds up to 10000");
+    break;
   case 'f':
     e->opts.format = keyword ("--format", arg, formats,
                               "qcow2, raw or auto");
@@ -753,6 +764,7 @@ static const struct config_key {
   { "bind", 'b', true, false },
   { "shared", 'e', true, false },
   { "handshake-limit", OPT_HANDSHAKE_LIMIT, true, false },
+  { "busy-poll", OPT_BUSY_POLL, true, false },
   { "max-memory", OPT_MAX_MEMORY, true, false },
   { "cache-size", OPT_CACHE_SIZE, true, false },
   { "pid-file", OPT_PID_FILE, true, false },
@@ -800,7 +812,7 @@ static const char *const reopen_keys[] = {
   "backing", "allow-dir", "cache", "l2-cache-size", NULL,
 };
 static const char *const live_server_keys[] = {
-  "shared", "handshake-limit", "max-memory", "verbose", NULL,
+  "shared", "handshake-limit", "max-memory", "verbose", "busy-poll", NULL,
 };
 
 static int
@@ -1126,6 +1138,7 @@ apply_limits (const struct options *o)
 {
   loop_set_max_connections (o->shared);
   conn_set_handshake_limit (o->handshake_limit);
+  busy_poll_configure (o->busy_poll);
   mem_set_max_memory (o->max_memory ? (size_t) o->max_memory
                       : DEFAULT_MAX_MEMORY);
   log_verbosity = (int) o->verbose > cmdline_verbosity ? (int) o->verbose
@@ -1196,6 +1209,7 @@ reload_config (void)
   o->config = running->config;
   o->aio_mode = running->aio_mode;
   o->handshake_limit = DEFAULT_HANDSHAKE_LIMIT;
+  o->busy_poll = DEFAULT_BUSY_POLL;
   if (read_config (o) < 0) {
     log_error ("reload: %s refused: the running configuration stays",
                o->config);
@@ -1228,6 +1242,7 @@ start_listening (const struct options *o, int activated)
   loop_set_max_per_client (o->max_per_client);
   conn_set_handshake_limit (o->handshake_limit);
   conn_set_idle_timeout (o->idle_timeout);
+  busy_poll_configure (o->busy_poll);
   /* systemd's sockets, matched to the entries (activation.c). */
   if (activated > 0)
     return activation_listen (o->socks, o->n_socks, o->addr,
@@ -1304,6 +1319,7 @@ main (int argc, char *argv[])
   /* Static: what it holds lives as long as the process. */
   static struct options o = {
     .handshake_limit = DEFAULT_HANDSHAKE_LIMIT,
+    .busy_poll = DEFAULT_BUSY_POLL,
     .aio_mode = QCOW2_AIO_AUTO,
     .cache_size = DEFAULT_CACHE_SIZE,
   };
