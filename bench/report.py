@@ -66,7 +66,8 @@ SERVERS = {
     "qemu-nbd": "qemu-nbd --cache=none",
     "qemu-nbd-wb": "qemu-nbd --cache=writeback",
     "nbdkit": "nbdkit file (raw copy)",
-    "nbdkit-null": "nbdkit null (no work: the client's ceiling)",
+    "nbdkit-null": "nbdkit null (no work, sleeps between requests)",
+    "floor": "bench/nbd-floor (no work, never sleeps: the ceiling)",
     "qnbd-flat": "qnbd on the flat image (the chain converted)",
     "qnbd-compress": "qnbd --compress",
     "qemu-nbd-compress": "qemu-nbd, compress filter (writeback)",
@@ -519,16 +520,26 @@ def targets12(p, med, extra, m, ratio):
     for w, name in (("qd1read", "read"), ("qd1write", "write")):
         servers = [s for s in SERVER_ORDER if (w, s) in med]
         ref = reference_qemu(servers)
-        r = ratio(m(w, "nbdkit-null"), m(w, ref)) if ref else None
-        if r is not None:
-            ceil.append(f"{name} {r:.2f}×")
+        if not ref:
+            continue
+        null = ratio(m(w, "nbdkit-null"), m(w, ref))
+        floor = ratio(m(w, "floor"), m(w, ref))
+        of_floor = ratio(m(w, "qnbd"), m(w, "floor"))
+        parts = []
+        if null is not None:
+            parts.append(f"nbdkit null {null:.2f}×")
+        if floor is not None:
+            parts.append(f"bench/nbd-floor {floor:.2f}×")
+        if of_floor is not None:
+            parts.append(f"qnbd at {of_floor:.2f} of the floor")
+        if parts:
+            ceil.append(f"{name}: " + ", ".join(parts))
     if ceil:
-        p("QD1: a server that does no work at all (nbdkit null) against "
-          "the same qemu-nbd: " + ", ".join(ceil) + ". What is missing "
-          "to 2× there is the client's and the kernel's round trip (a "
-          "wake-up on each side), which a server can only shorten by "
-          "polling instead of sleeping; qemu-nbd polls, with most of a "
-          "core.")
+        p("QD1, servers that do no work against the same qemu-nbd "
+          "(nbdkit null sleeps between requests; bench/nbd-floor never "
+          "sleeps, so only the client's wake-up is left: no server can "
+          "pass it with this client on this machine): " +
+          "; ".join(ceil) + ".")
         p("")
     gains = []
     for s in ("qnbd-none", "qemu-nbd"):
