@@ -2,11 +2,12 @@
  * decompressing zlib (raw deflate) or zstd data into a whole cluster, and
  * compressing a cluster.
  *
- * Compression runs on the I/O backend's worker threads, each with a
- * compressor of its own that lives as long as the thread: setting up a
- * deflate stream for every cluster (deflateInit2 allocates and clears
- * 256 KiB of tables) took 30% of the CPU of compressing it, and QEMU's
- * compress filter pays that too.
+ * Compression and decompression run on the I/O backend's worker
+ * threads, each with a compressor of its own that lives as long as the
+ * thread (its deflate and inflate streams, its zstd contexts): setting
+ * up a deflate stream for every cluster (deflateInit2 allocates and
+ * clears 256 KiB of tables) took 30% of the CPU of compressing it, and
+ * QEMU's compress filter pays that too.
  */
 #include <config.h>
 
@@ -49,92 +50,15 @@ compressed_release (struct qcow2 *q, uint64_t ent)
   return extent_add (&q->decs, first << q->cluster_bits, last - first + 1);
 }
 
-static int
-inflate_cluster (const void *in, size_t inlen, void *out, size_t outlen)
-{
-  z_stream z;
-  int r;
-
-  memset (&z, 0, sizeof z);
-  if (inflateInit2 (&z, -15) != Z_OK)
-    return -ENOMEM;
-  z.next_in = (Bytef *) in;
-  z.avail_in = (uInt) inlen;
-  z.next_out = out;
-  z.avail_out = (uInt) outlen;
-  r = inflate (&z, Z_FINISH);
-  /* The stored data is padded to a sector: a full output buffer is
-   * success even if the stream end was not seen.
-   */
-  if (r != Z_STREAM_END && !(r == Z_BUF_ERROR && z.avail_out == 0)
-      && !(r == Z_OK && z.avail_out == 0))
-    r = -EIO;
-  else
-    r = z.avail_out == 0 ? 0 : -EIO;
-  inflateEnd (&z);
-  return r;
-}
-
-#ifdef HAVE_ZSTD
-static int
-zstd_cluster (const void *in, size_t inlen, void *out, size_t outlen)
-{
-  ZSTD_DCtx *d = ZSTD_createDCtx ();
-  ZSTD_inBuffer ib = { in, inlen, 0 };
-  ZSTD_outBuffer ob = { out, outlen, 0 };
-  int r = 0;
-
-  if (!d)
-    return -ENOMEM;
-  /* Decompress as a stream: the compressed size is only known to the
-   * sector, so stop when the cluster is full.
-   */
-  while (ob.pos < ob.size) {
-    size_t ret = ZSTD_decompressStream (d, &ob, &ib);
-    if (ZSTD_isError (ret)) {
-      r = -EIO;
-      break;
-    }
-    if (ret == 0 && ob.pos < ob.size) {
-      r = -EIO;                 /* frame ended early */
-      break;
-    }
-    if (ib.pos == ib.size && ob.pos < ob.size) {
-      r = -EIO;
-      break;
-    }
-  }
-  ZSTD_freeDCtx (d);
-  return r;
-}
-#endif
-
-int
-compressed_decode (const struct qcow2 *q, const void *in, size_t inlen,
-                   void *out)
-{
-  switch (q->compression_type) {
-  case 0:
-    return inflate_cluster (in, inlen, out, q->cluster_size);
-#ifdef HAVE_ZSTD
-  case 1:
-    return zstd_cluster (in, inlen, out, q->cluster_size);
-#endif
-  default:
-    return -ENOTSUP;
-  }
-}
-
-/* ------------------------------------------------------------------ */
-/* Compression.                                                        */
-/* ------------------------------------------------------------------ */
-
 /* What one thread keeps from one cluster to the next. */
 struct compressor {
   z_stream z;
   bool z_ready;                 /* z initialised (deflateInit2) */
+  z_stream zi;
+  bool zi_ready;                /* zi initialised (inflateInit2) */
 #ifdef HAVE_ZSTD
   ZSTD_CCtx *zc;
+  ZSTD_DCtx *zd;
 #endif
 };
 
@@ -149,8 +73,11 @@ compressor_free (void *arg)
 
   if (c->z_ready)
     deflateEnd (&c->z);
+  if (c->zi_ready)
+    inflateEnd (&c->zi);
 #ifdef HAVE_ZSTD
   ZSTD_freeCCtx (c->zc);
+  ZSTD_freeDCtx (c->zd);
 #endif
   free (c);
 }
@@ -164,7 +91,7 @@ compressor_key_create (void)
 
 /* This thread's compressor, made at its first cluster and freed when the
  * thread exits; NULL when out of memory (then a cluster is stored
- * uncompressed).
+ * uncompressed, or decompressed with a stream of its own).
  */
 static struct compressor *
 thread_compressor (void)
@@ -184,6 +111,111 @@ thread_compressor (void)
   }
   return c;
 }
+
+/* Inflate into out, with this thread's stream (c) or, without one, a
+ * stream of its own.
+ */
+static int
+inflate_cluster (struct compressor *c, const void *in, size_t inlen,
+                 void *out, size_t outlen)
+{
+  z_stream own, *z = c ? &c->zi : &own;
+  int r;
+
+  if (c && c->zi_ready) {
+    if (inflateReset (z) != Z_OK)
+      return -EIO;
+  }
+  else {
+    memset (z, 0, sizeof *z);
+    if (inflateInit2 (z, -15) != Z_OK)
+      return -ENOMEM;
+    if (c)
+      c->zi_ready = true;
+  }
+  z->next_in = (Bytef *) in;
+  z->avail_in = (uInt) inlen;
+  z->next_out = out;
+  z->avail_out = (uInt) outlen;
+  r = inflate (z, Z_FINISH);
+  /* The stored data is padded to a sector: a full output buffer is
+   * success even if the stream end was not seen.
+   */
+  if (r != Z_STREAM_END && !(r == Z_BUF_ERROR && z->avail_out == 0)
+      && !(r == Z_OK && z->avail_out == 0))
+    r = -EIO;
+  else
+    r = z->avail_out == 0 ? 0 : -EIO;
+  if (!c)
+    inflateEnd (z);
+  return r;
+}
+
+#ifdef HAVE_ZSTD
+/* The same for zstd: this thread's context, reset, or one of its own. */
+static int
+zstd_cluster (struct compressor *c, const void *in, size_t inlen,
+              void *out, size_t outlen)
+{
+  ZSTD_DCtx *d = c ? c->zd : NULL;
+  ZSTD_inBuffer ib = { in, inlen, 0 };
+  ZSTD_outBuffer ob = { out, outlen, 0 };
+  int r = 0;
+
+  if (d)
+    ZSTD_DCtx_reset (d, ZSTD_reset_session_only);
+  else {
+    d = ZSTD_createDCtx ();
+    if (!d)
+      return -ENOMEM;
+    if (c)
+      c->zd = d;
+  }
+  /* Decompress as a stream: the compressed size is only known to the
+   * sector, so stop when the cluster is full.
+   */
+  while (ob.pos < ob.size) {
+    size_t ret = ZSTD_decompressStream (d, &ob, &ib);
+    if (ZSTD_isError (ret)) {
+      r = -EIO;
+      break;
+    }
+    if (ret == 0 && ob.pos < ob.size) {
+      r = -EIO;                 /* frame ended early */
+      break;
+    }
+    if (ib.pos == ib.size && ob.pos < ob.size) {
+      r = -EIO;
+      break;
+    }
+  }
+  if (!c)
+    ZSTD_freeDCtx (d);
+  return r;
+}
+#endif
+
+int
+compressed_decode (const struct qcow2 *q, const void *in, size_t inlen,
+                   void *out)
+{
+  struct compressor *c = thread_compressor ();
+
+  switch (q->compression_type) {
+  case 0:
+    return inflate_cluster (c, in, inlen, out, q->cluster_size);
+#ifdef HAVE_ZSTD
+  case 1:
+    return zstd_cluster (c, in, inlen, out, q->cluster_size);
+#endif
+  default:
+    return -ENOTSUP;
+  }
+}
+
+/* ------------------------------------------------------------------ */
+/* Compression.                                                        */
+/* ------------------------------------------------------------------ */
 
 /* Whether the bytes of a cluster are spread nearly evenly over all 256
  * values, as in encrypted or already compressed data, judged from a

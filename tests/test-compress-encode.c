@@ -1,5 +1,5 @@
 /* tests/test-compress-encode.c: compressed_encode, the cluster compressor
- * of --compress, on its own.
+ * of --compress, and compressed_decode, on their own.
  *
  * - Its deflate output is byte for byte what a fresh raw deflate stream
  *   with the same parameters gives, cluster after cluster on one thread
@@ -13,9 +13,14 @@
  *   results; their compressors are freed when they exit (LeakSanitizer).
  * - Clusters of 512 bytes (never compressed: a sector cannot be saved),
  *   4 KiB (the smallest the random trial looks at) and 2 MiB.
+ * - Decoding reuses the thread's inflate stream or zstd context too: a
+ *   cluster that fails (garbage, a stream cut short, one that ends before
+ *   the cluster is full) is -EIO and leaves nothing behind for the next
+ *   one, which decodes exactly.
  */
 #include <config.h>
 
+#include <errno.h>
 #include <pthread.h>
 #include <string.h>
 #include <zlib.h>
@@ -221,6 +226,69 @@ case_sizes (const void *arg)
 #endif
 }
 
+/* Failures in between good clusters, on one thread. */
+static int
+decode_errors (unsigned type)
+{
+  struct qcow2 *q = codec (type, 16), *half_q = codec (type, 15);
+  size_t cs = q->cluster_size, n, shorter;
+  struct bufs b;
+  uint8_t *half = malloc (cs);
+  int bad = 0;
+
+  bufs_alloc (&b);
+  if (!half)
+    exit (1);
+  /* A valid stream of half a cluster: it ends before the cluster does. */
+  text_fill (half, cs / 2, 9);
+  shorter = compressed_encode (half_q, half, b.ref, cs / 2);
+  for (int i = 0; i < 12; i++) {
+    text_fill (b.in, cs, 40 + (uint64_t) i);
+    if (!round_trip (q, b.in, b.out, b.back, &n)) {
+      bad++;
+      continue;
+    }
+    switch (i % 4) {
+    case 0:
+      fill_noise (half, cs / 4, (uint64_t) i);
+      if (compressed_decode (q, half, cs / 4, b.back) != -EIO)
+        bad++;
+      break;
+    case 1:
+      if (compressed_decode (q, b.out, n / 2, b.back) != -EIO)
+        bad++;
+      break;
+    case 2:
+      if (shorter == 0 || compressed_decode (q, b.ref, shorter, b.back)
+          != -EIO)
+        bad++;
+      break;
+    case 3:
+      break;
+    }
+    /* The same cluster again, right after the failure. */
+    memset (b.back, 0, cs);
+    if (compressed_decode (q, b.out, n, b.back) != 0
+        || memcmp (b.back, b.in, cs) != 0)
+      bad++;
+  }
+  bufs_free (&b);
+  free (half);
+  free (half_q);
+  free (q);
+  return bad;
+}
+
+static void
+case_decode_errors (const void *arg)
+{
+  (void) arg;
+  CHECK (decode_errors (0) == 0, "zlib");
+#ifdef HAVE_ZSTD
+  CHECK (decode_errors (1) == 0, "zstd");
+#endif
+}
+
 struct worker {
   pthread_t tid;
   unsigned type;
@@ -265,6 +333,7 @@ static const struct test_case cases[] = {
   { "zstd", case_zstd, NULL },
   { "sizes", case_sizes, NULL },
   { "threads", case_threads, NULL },
+  { "decode-errors", case_decode_errors, NULL },
 };
 
 int
