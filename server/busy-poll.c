@@ -11,14 +11,10 @@
  * queue depth 1 the round trip itself is the wake-ups on both sides.
  *
  * How: while the loop "spins" an ev_idle watcher is active, so libev
- * polls with a zero timeout.  The window it spins for adapts to the gap
- * between the end of a busy iteration and the next event (QEMU's adaptive
- * polling, poll-max-ns, works the same way): a gap that needed a sleep
- * but was no longer than the maximum doubles the window (from
- * POLL_WINDOW_MIN, up to the maximum); a gap longer than the maximum
- * halves it (to 0 below POLL_WINDOW_MIN).  An idle daemon, or one
- * whose clients pause for longer than the maximum, never spins; one
- * whose clients keep it busy spins at most the window after each
+ * polls with a zero timeout.  How long it spins after work adapts to the
+ * gaps between work and the next event (poll-window.c): an idle daemon,
+ * or one whose clients pause for longer than the maximum, never spins;
+ * one whose clients keep it busy spins at most the window after each
  * iteration.
  *
  * This file is the libev side: an ev_prepare that decides before each
