@@ -67,6 +67,25 @@ kill_if_running ()
     kill "$1" 2>/dev/null || true
 }
 
+# wait_for_path OP PATH [PID]: wait up to 10 s until "test OP PATH" holds
+# (-S: a socket is there, -s: a file is not empty); returns 1 if it never
+# does, or as soon as process PID (the one that makes PATH) has exited.
+wait_for_path ()
+{
+    local i
+    for (( i = 0; i < 100; i++ )); do
+        [ "$1" "$2" ] && return 0
+        if [ -n "${3:-}" ] && ! kill -0 "$3" 2>/dev/null; then
+            echo "$0: process $3 exited before $2 appeared" >&2
+            return 1
+        fi
+        sleep 0.1
+    done
+    [ "$1" "$2" ] && return 0
+    echo "$0: $2 did not appear in 10 s" >&2
+    return 1
+}
+
 # cleanup_fn CMD [ARGS...]: run CMD ARGS when the test exits, whatever the
 # reason.  Cleanups run newest first.  A failing cleanup turns a passing test
 # into a failing one.

@@ -28,12 +28,7 @@ start_qemu_nbd ()
     qemu-nbd -t -k "$s" "$@" </dev/null &
     qemu_pid=$!
     cleanup_fn kill_if_running "$qemu_pid"
-    for (( i = 0; i < 100; i++ )); do
-        [ -S "$s" ] && break
-        kill -0 "$qemu_pid"
-        sleep 0.1
-    done
-    test -S "$s"
+    wait_for_path -S "$s" "$qemu_pid"
     qemu_uri="nbd+unix:///?socket=$s"
 }
 

@@ -31,11 +31,7 @@ aio=()
 "$QNBD" -C "$conf" "${aio[@]}" </dev/null 2>"$tmpdir/qnbd.err" &
 qnbd_pid=$!
 cleanup_fn kill_if_running "$qnbd_pid"
-for (( i = 0; i < 100; i++ )); do
-    [ -S "$sock" ] && break
-    sleep 0.1
-done
-test -S "$sock"
+wait_for_path -S "$sock" "$qnbd_pid"
 
 sed -i 's/description = first/description = second/' "$conf"
 kill -HUP "$qnbd_pid"

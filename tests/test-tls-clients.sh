@@ -42,11 +42,7 @@ serve ()
             2>> "$tmpdir/srv.err" &
     srv_pid=$!
     cleanup_fn kill_if_running "$srv_pid"
-    for (( i = 0; i < 100; i++ )); do
-        [ -s "$tmpdir/srv.pid" ] && return 0
-        sleep 0.1
-    done
-    echo "$0: qnbd did not start" >&2
+    wait_for_path -s "$tmpdir/srv.pid" "$srv_pid" && return 0
     cat "$tmpdir/srv.err" >&2
     return 1
 }

@@ -77,11 +77,7 @@ print(s.getsockname()[1])')
         2> "$tmpdir/tcp.err" &
 tcp_pid=$!
 cleanup_fn kill_if_running "$tcp_pid"
-for (( i = 0; i < 100; i++ )); do
-    [ -s "$tmpdir/tcp.pid" ] && break
-    sleep 0.1
-done
-test -s "$tmpdir/tcp.pid"
+wait_for_path -s "$tmpdir/tcp.pid" "$tcp_pid"
 obj="tls-creds-x509,id=tls0,endpoint=client,dir=$pki/client"
 opts="driver=nbd,host=127.0.0.1,port=$port,tls-creds=tls0"
 qemu-img info --object "$obj" --image-opts "$opts"
@@ -220,11 +216,7 @@ EOF
 "$QNBD" -C "$tmpdir/qnbd.conf" 2> "$tmpdir/conf.err" &
 conf_pid=$!
 cleanup_fn kill_if_running "$conf_pid"
-for (( i = 0; i < 100; i++ )); do
-    [ -s "$tmpdir/conf.pid" ] && break
-    sleep 0.1
-done
-test -s "$tmpdir/conf.pid"
+wait_for_path -s "$tmpdir/conf.pid" "$conf_pid"
 nbdinfo --list --json \
         "nbds+unix:///?socket=$csock&tls-certificates=$pki/client" \
         > "$tmpdir/conf.list"
