@@ -239,7 +239,13 @@ send_reply (struct request *req)
     request_release (r);
     return;
   }
-  if (!c->structured) {
+  /* With structured replies a success without payload may still be a
+   * simple reply, and is: the client reads its 16 bytes in one go, where
+   * a chunk costs it a second read (QD1 writes, docs/architecture.md).
+   * READ must be structured; an error is, for its message.
+   */
+  if (!c->structured || (req->err == 0 && req->type != NBD_CMD_READ &&
+                          req->type != NBD_CMD_BLOCK_STATUS)) {
     reply_simple (r, req->cookie, req->type, req->flags, req->err,
                   req->type == NBD_CMD_READ ? req->data : NULL,
                   req->type == NBD_CMD_READ ? req->count : 0);

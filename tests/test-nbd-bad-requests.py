@@ -15,7 +15,11 @@ Transmission (each an error reply, the connection goes on):
 - TRIM, WRITE_ZEROES, CACHE, BLOCK_STATUS past the end: EINVAL (ENOSPC for
   WRITE_ZEROES); of length 0: success (EINVAL for BLOCK_STATUS);
 - a structured sparse READ on the wire: hole and data chunks, in order,
-  NBD_REPLY_FLAG_DONE on the last one only.
+  NBD_REPLY_FLAG_DONE on the last one only;
+- with structured replies, a command other than READ and BLOCK_STATUS
+  that succeeds gets a simple reply (the protocol allows either; a client
+  reads it in one go, where a chunk costs it a second read), and one that
+  fails a structured error (which carries a message).
 """
 
 import socket
@@ -40,8 +44,8 @@ REP_ACK, REP_INFO, REP_META_CONTEXT = 1, 3, 4
 REP_ERR_INVALID = (1 << 31) | 3
 REP_ERR_UNKNOWN = (1 << 31) | 6
 
-CMD_READ, CMD_TRIM, CMD_CACHE, CMD_WRITE_ZEROES, CMD_BLOCK_STATUS = \
-    0, 4, 5, 6, 7
+CMD_READ, CMD_WRITE, CMD_FLUSH = 0, 1, 3
+CMD_TRIM, CMD_CACHE, CMD_WRITE_ZEROES, CMD_BLOCK_STATUS = 4, 5, 6, 7
 FLAG_NO_HOLE, FLAG_DF, FLAG_REQ_ONE = 2, 4, 8
 TYPE_NONE, TYPE_DATA, TYPE_HOLE, TYPE_BLOCK_STATUS, TYPE_ERROR = \
     0, 1, 2, 5, (1 << 15) | 1
@@ -117,11 +121,18 @@ class Raw:
 
     def chunks(self):
         """Every chunk of the reply to the last request: [(flags, type,
-        payload)], the last with NBD_REPLY_FLAG_DONE."""
+        payload)], the last with NBD_REPLY_FLAG_DONE; a simple reply
+        (which must be a success) as [(1, None, b"")]."""
         out = []
         while True:
+            head = recv_exactly(self.s, 4)
+            if not out and struct.unpack(">I", head)[0] == SIMPLE_MAGIC:
+                err, cookie = struct.unpack(">IQ", recv_exactly(self.s, 12))
+                assert cookie == self.cookie
+                assert err == 0, "an error (%d) in a simple reply" % err
+                return [(1, None, b"")]
             magic, flags, rtype, cookie, n = struct.unpack(
-                ">IHHQI", recv_exactly(self.s, 20))
+                ">IHHQI", head + recv_exactly(self.s, 16))
             assert magic == STRUCTURED_MAGIC, "not a chunk: 0x%x" % magic
             assert cookie == self.cookie
             out.append((flags, rtype, recv_exactly(self.s, n)))
@@ -194,8 +205,26 @@ for cmd, flags, offset, length, want, what in (
         (CMD_CACHE, 0, 0, SIZE, 0, "CACHE of everything"),
         (CMD_READ, FLAG_DF, 0, 512, 0, "DF READ")):
     c.request(cmd, offset, length, flags)
-    err = c.error_of(c.chunks())
+    ch = c.chunks()
+    err = c.error_of(ch)
     assert err == want, "%s: error %d, want %d" % (what, err, want)
+    if cmd != CMD_READ:
+        assert (ch[0][1] is None) == (err == 0), \
+            "%s: %s reply" % (what, "a structured" if ch[0][1] is not None
+                              else "a simple")
+
+# Successful writes, zeroes, trims and flushes: simple replies.
+for cmd, length in ((CMD_WRITE, 4096), (CMD_WRITE_ZEROES, 4096),
+                    (CMD_TRIM, 65536), (CMD_FLUSH, 0)):
+    c.request(cmd, 1024 * 1024 if length else 0, length)
+    if cmd == CMD_WRITE:
+        c.s.sendall(b"\x5a" * length)
+    assert c.chunks() == [(1, None, b"")], "command %d: not simple" % cmd
+c.request(CMD_READ, 1024 * 1024, 4096)
+ch = c.chunks()
+assert ch in ([(1, TYPE_DATA, struct.pack(">Q", 1024 * 1024) + bytes(4096))],
+              [(1, TYPE_HOLE, struct.pack(">QI", 1024 * 1024, 4096))]), \
+    "WRITE, WRITE_ZEROES, TRIM: the range does not read as zeroes: %r" % ch
 
 # A sparse READ on the wire: data, hole, data, hole; DONE on the last.
 c.request(CMD_READ, 0, 512 * 1024)
