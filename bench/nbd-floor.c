@@ -6,12 +6,20 @@
  * socket, so the only wake-up left is the client's.  Its IOPS is the
  * ceiling for any server with this client on this machine (bench/run's
  * qd1read and qd1write, server "floor").  Not a real server: one client
- * at a time, reads return zeros, writes are dropped, simple replies only.
+ * at a time, reads return zeros and writes are dropped, unless FILE is
+ * given: then they are a pread or a pwrite of FILE, the least a server
+ * that keeps data does.
  *
- *   nbd-floor SOCKET SIZE
+ * It answers as the real servers do, for the client's work depends on it:
+ * structured replies when the client asks for them (a READ then gets one
+ * OFFSET_DATA chunk, which libnbd reads in four recv calls against two
+ * for a simple reply), simple replies to everything else.
+ *
+ *   nbd-floor SOCKET SIZE [FILE]
  */
 #include <endian.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -25,12 +33,15 @@
 #define NBD_OPT_ABORT 2
 #define NBD_OPT_INFO 6
 #define NBD_OPT_GO 7
+#define NBD_OPT_STRUCTURED_REPLY 8
 #define NBD_REP_ACK 1
 #define NBD_REP_INFO 3
 #define NBD_REP_ERR_UNSUP 0x80000001u
 #define NBD_CMD_READ 0
 #define NBD_CMD_WRITE 1
 #define NBD_CMD_DISC 2
+#define NBD_REPLY_FLAG_DONE 1
+#define NBD_REPLY_TYPE_OFFSET_DATA 1
 #define NBD_FLAG_HAS_FLAGS 1
 #define NBD_FLAG_SEND_FLUSH 4
 #define NBD_FLAG_FIXED_NEWSTYLE 1
@@ -40,6 +51,8 @@
 static uint64_t size;
 static char *buf;               /* options, write payloads */
 static char *zeros;             /* what reads return */
+static int data_fd = -1;        /* FILE, or -1 */
+static int structured;          /* the client asked for structured replies */
 
 /* Read exactly len bytes, spinning while there are none. */
 static int
@@ -122,6 +135,12 @@ handshake (int fd)
     }
     if (opt == NBD_OPT_ABORT)
       return -1;
+    if (opt == NBD_OPT_STRUCTURED_REPLY && len == 0) {
+      structured = 1;
+      if (option_reply (fd, opt, NBD_REP_ACK, NULL, 0) < 0)
+        return -1;
+      continue;
+    }
     if (opt == NBD_OPT_GO || opt == NBD_OPT_INFO) {
       struct __attribute__ ((packed)) {
         uint16_t type; uint64_t size; uint16_t flags;
@@ -149,6 +168,12 @@ transmit (int fd)
     struct __attribute__ ((packed)) {
       uint32_t magic, error; uint64_t cookie;
     } rp = { htobe32 (0x67446698), 0, 0 };
+    struct __attribute__ ((packed)) {
+      uint32_t magic; uint16_t flags, type; uint64_t cookie;
+      uint32_t len; uint64_t offset;
+    } chunk;
+    void *head = &rp;
+    size_t head_len = sizeof rp;
     uint32_t len;
     uint16_t type;
 
@@ -163,10 +188,26 @@ transmit (int fd)
       return;
     if (type == NBD_CMD_WRITE && get (fd, buf, len) < 0)
       return;
+    if (data_fd >= 0 && type == NBD_CMD_WRITE &&
+        pwrite (data_fd, buf, len, be64toh (rq.offset)) != (ssize_t) len)
+      return;
+    if (data_fd >= 0 && type == NBD_CMD_READ &&
+        pread (data_fd, zeros, len, be64toh (rq.offset)) != (ssize_t) len)
+      return;
+    if (structured && type == NBD_CMD_READ) {
+      chunk.magic = htobe32 (0x668e33ef);
+      chunk.flags = htobe16 (NBD_REPLY_FLAG_DONE);
+      chunk.type = htobe16 (NBD_REPLY_TYPE_OFFSET_DATA);
+      chunk.cookie = rq.cookie;
+      chunk.len = htobe32 (8 + len);
+      chunk.offset = rq.offset;
+      head = &chunk;
+      head_len = sizeof chunk;
+    }
     /* One sendmsg for header and data, as a real server's. */
     {
       struct iovec iov[2] = {
-        { &rp, sizeof rp },
+        { head, head_len },
         { zeros, type == NBD_CMD_READ ? len : 0 },
       };
       struct msghdr msg = { .msg_iov = iov, .msg_iovlen = 2 };
@@ -177,12 +218,12 @@ transmit (int fd)
         return;
       /* The rest, if the socket took only part (large reads). */
       if ((size_t) n < want) {
-        if ((size_t) n < sizeof rp) {
-          if (put (fd, (char *) &rp + n, sizeof rp - n) < 0)
+        if ((size_t) n < head_len) {
+          if (put (fd, (char *) head + n, head_len - n) < 0)
             return;
-          n = sizeof rp;
+          n = head_len;
         }
-        if (put (fd, zeros + (n - sizeof rp), want - n) < 0)
+        if (put (fd, zeros + (n - head_len), want - n) < 0)
           return;
       }
     }
@@ -195,9 +236,13 @@ main (int argc, char **argv)
   struct sockaddr_un sun = { .sun_family = AF_UNIX };
   int lfd;
 
-  if (argc != 3 || strlen (argv[1]) >= sizeof sun.sun_path) {
-    fprintf (stderr, "usage: nbd-floor SOCKET SIZE\n");
+  if (argc < 3 || argc > 4 || strlen (argv[1]) >= sizeof sun.sun_path) {
+    fprintf (stderr, "usage: nbd-floor SOCKET SIZE [FILE]\n");
     return 2;
+  }
+  if (argc == 4 && (data_fd = open (argv[3], O_RDWR)) < 0) {
+    perror (argv[3]);
+    return 1;
   }
   size = strtoull (argv[2], NULL, 10);
   buf = malloc (MAX_PAYLOAD);
@@ -215,6 +260,7 @@ main (int argc, char **argv)
 
     if (fd < 0)
       continue;
+    structured = 0;
     if (handshake (fd) == 0)
       transmit (fd);
     close (fd);

@@ -68,6 +68,7 @@ SERVERS = {
     "nbdkit": "nbdkit file (raw copy)",
     "nbdkit-null": "nbdkit null (no work, sleeps between requests)",
     "floor": "bench/nbd-floor (no work, never sleeps: the ceiling)",
+    "floor-file": "bench/nbd-floor on the raw file (pread/pwrite only)",
     "qnbd-flat": "qnbd on the flat image (the chain converted)",
     "qnbd-compress": "qnbd --compress",
     "qemu-nbd-compress": "qemu-nbd, compress filter (writeback)",
@@ -524,21 +525,29 @@ def targets12(p, med, extra, m, ratio):
             continue
         null = ratio(m(w, "nbdkit-null"), m(w, ref))
         floor = ratio(m(w, "floor"), m(w, ref))
+        floor_file = ratio(m(w, "floor-file"), m(w, ref))
         of_floor = ratio(m(w, "qnbd"), m(w, "floor"))
+        of_floor_file = ratio(m(w, "qnbd"), m(w, "floor-file"))
         parts = []
         if null is not None:
             parts.append(f"nbdkit null {null:.2f}×")
         if floor is not None:
             parts.append(f"bench/nbd-floor {floor:.2f}×")
+        if floor_file is not None:
+            parts.append(f"on the raw file {floor_file:.2f}×")
         if of_floor is not None:
             parts.append(f"qnbd at {of_floor:.2f} of the floor")
+        if of_floor_file is not None:
+            parts.append(f"at {of_floor_file:.2f} of the floor on the file")
         if parts:
             ceil.append(f"{name}: " + ", ".join(parts))
     if ceil:
         p("QD1, servers that do no work against the same qemu-nbd "
           "(nbdkit null sleeps between requests; bench/nbd-floor never "
           "sleeps, so only the client's wake-up is left: no server can "
-          "pass it with this client on this machine): " +
+          "pass it with this client on this machine; on the raw file it "
+          "also reads or writes the data, the least a server keeping data "
+          "does; both answer with structured replies as the others do): " +
           "; ".join(ceil) + ".")
         p("")
     gains = []
