@@ -4,12 +4,20 @@ very end of the disk, checked against a shadow copy; then, with the server
 stopped, qemu-img check must find a clean image and qemu-img compare the
 same data as the shadow.
 
-Three images: 4 KiB clusters (an L2 table then covers 2 MiB, so a small disk
+Besides writes and reads, WRITE_ZEROES (the range must read as zeros) and
+TRIM (each byte must read as what it held or as zero, and keep reading the
+same) at the same kind of offsets.
+
+Five images: 4 KiB clusters (an L2 table then covers 2 MiB, so a small disk
 crosses several), 64 KiB clusters (an L2 table covers 512 MiB: the disk
-is a little larger than that, sparse), and 32 KiB clusters with extended L2
-entries (1 KiB subclusters).  All sizes end in a partial cluster.
+is a little larger than that, sparse), 32 KiB clusters with extended L2
+entries (1 KiB subclusters), and two served with --compress (zlib and
+zstd), where a third of the writes are whole clusters of data that
+compresses, so that compressed clusters are read, partly overwritten,
+zeroed and trimmed.  All sizes end in a partial cluster.
 """
 
+import json
 import random
 
 import qnbdtest as qt
@@ -55,11 +63,39 @@ def random_request(size, spots):
     return offset, length
 
 
-def run(tmp, name, size, cluster, extended_l2=False):
-    qt.log("=== %s: size %d, cluster %d%s ===" %
-           (name, size, cluster, ", extended L2" if extended_l2 else ""))
+def compressible(offset, length, tag):
+    """Bytes that compress (a block repeated, then zeros) and still depend
+    on their offset and on tag."""
+    block = qt.pattern(offset, 256, tag)
+    data = block * (length // 2 // 256 + 1)
+    return data[:length // 2] + bytes(length - length // 2)
+
+
+def trim(h, shadow, offset, length):
+    """TRIM, then each byte must be what it was or zero; the shadow takes
+    what the disk now holds (later reads must keep seeing it)."""
+    old = shadow.read(offset, length)
+    h.trim(length, offset)
+    got = h.pread(length, offset)
+    if got != old and got != bytes(length):
+        for i in range(length):
+            assert got[i] == old[i] or got[i] == 0, \
+                "TRIM at %d+%d: byte %d is 0x%02x, was 0x%02x" % \
+                (offset, length, offset + i, got[i], old[i])
+    shadow.write(offset, got)
+
+
+def run(tmp, name, size, cluster, extended_l2=False, compress=None):
+    qt.log("=== %s: size %d, cluster %d%s%s ===" %
+           (name, size, cluster, ", extended L2" if extended_l2 else "",
+            ", --compress (%s)" % compress if compress else ""))
+    opts = []
+    if extended_l2:
+        opts.append("extended_l2=on")
+    if compress:
+        opts.append("compression_type=%s" % compress)
     img = qt.create_image(tmp, name, size, cluster_size=cluster,
-                          extra_opts="extended_l2=on" if extended_l2 else None)
+                          extra_opts=",".join(opts) or None)
     l2_span = cluster // (16 if extended_l2 else 8) * cluster
     spots = hot_spots(size, cluster, l2_span)
     if extended_l2:
@@ -67,7 +103,7 @@ def run(tmp, name, size, cluster, extended_l2=False):
         spots += [k * cluster // 32 for k in range(1, 64)]
     shadow = qt.Shadow(size)
 
-    srv = qt.Server(img)
+    srv = qt.Server(img, *(["--compress"] if compress else []))
     h = srv.connect()
     assert h.get_size() == size, "size %d, want %d" % (h.get_size(), size)
 
@@ -80,11 +116,23 @@ def run(tmp, name, size, cluster, extended_l2=False):
     for i in range(OPS):
         offset, length = random_request(size, spots)
         kind = random.random()
-        if kind < 0.55:
+        if compress and kind < 0.2:
+            # Whole clusters (the only writes stored compressed).
+            n = random.randint(1, 4)
+            offset = random.randrange(size // cluster - n + 1) * cluster
+            data = compressible(offset, n * cluster, i)
+            h.pwrite(data, offset)
+            shadow.write(offset, data)
+        elif kind < 0.55:
             data = qt.pattern(offset, length, i)
             flags = nbd.CMD_FLAG_FUA if random.random() < 0.1 else 0
             h.pwrite(data, offset, flags)
             shadow.write(offset, data)
+        elif kind < 0.59:
+            h.zero(length, offset)
+            shadow.write(offset, bytes(length))
+        elif kind < 0.63:
+            trim(h, shadow, offset, length)
         elif kind < 0.97:
             qt.assert_same(h.pread(length, offset), shadow.read(offset, length),
                            offset)
@@ -99,6 +147,11 @@ def run(tmp, name, size, cluster, extended_l2=False):
     h.shutdown()
 
     qt.stop_and_compare(srv, img, shadow)
+    if compress:
+        _, out = qt.run("qemu-img", "check", "--output=json", img)
+        n = json.loads(out).get("compressed-clusters", 0)
+        qt.log("%d compressed clusters at the end" % n)
+        assert n > 0, "no cluster was left compressed: the run tested little"
 
 
 tmp = qt.tmpdir()
@@ -107,4 +160,8 @@ run(tmp, "c64k.qcow2", 512 * 1024 * 1024 + 3 * 65536 + 2560, 65536)
 # 1 KiB subclusters; the disk ends half-way into one.
 run(tmp, "c32k-extl2.qcow2", 16 * 1024 * 1024 + 5 * 32768 + 1536, 32768,
     extended_l2=True)
+run(tmp, "c64k-zlib.qcow2", 32 * 1024 * 1024 + 7 * 65536 + 2560, 65536,
+    compress="zlib")
+run(tmp, "c16k-zstd.qcow2", 8 * 1024 * 1024 + 5 * 16384 + 1536, 16384,
+    compress="zstd")
 qt.log("PASS")
