@@ -472,6 +472,8 @@ make_reusable (struct qcow2 *q)
       return;
     }
   }
+  /* The decompressed copies of what is freed would outlive its bytes. */
+  dcache_clear (q);
   for (size_t i = 0; i < r->n; i++) {
     /* A packing buffer holds a reference until it is retired. */
     assert (!cw_holds (q, r->v[i].offset, r->v[i].count));

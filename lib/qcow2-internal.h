@@ -476,6 +476,8 @@ struct req_io {
   size_t csize;
   char *dst;                    /* where the cluster's bytes go */
   size_t dst_off, dst_len;      /* part of the cluster wanted */
+  char *decoded;                /* the whole cluster (worker), for dcache */
+  uint64_t dcache_gen;          /* dcache_generation when planned */
 };
 
 
@@ -757,6 +759,37 @@ void cw_close_trim (struct qcow2 *q);
 bool cw_holds (const struct qcow2 *q, uint64_t offset, uint64_t count);
 void cw_free (struct qcow2 *q);
 
+/* ---- qcow2-dcache.c: the last compressed clusters read, decompressed ---- */
+
+struct dcache_entry {
+  uint64_t coff, csize;         /* the compressed bytes: offset, size */
+  char *data;                   /* the cluster, decompressed */
+  uint64_t used;                /* tick of the last use (LRU) */
+};
+
+struct dcache {
+  struct dcache_entry *v;       /* allocated at the first fill */
+  unsigned n;
+  uint64_t tick;
+  uint64_t gen;                 /* bumped by each dcache_clear */
+  uint64_t hits, misses;        /* for the tests */
+};
+
+/* The cluster whose compressed bytes are [coff, coff + csize), if kept;
+ * valid until the loop runs anything else.
+ */
+const char *dcache_lookup (struct qcow2 *q, uint64_t coff, uint64_t csize);
+/* Taken when a decompression is planned, given back to dcache_fill. */
+uint64_t dcache_generation (const struct qcow2 *q);
+/* Keep data (one cluster, malloc'd; the cache owns it now) unless a clear
+ * came after gen.
+ */
+void dcache_fill (struct qcow2 *q, uint64_t coff, uint64_t csize,
+                  uint64_t gen, char *data);
+/* Before freed clusters may be allocated again: forget everything. */
+void dcache_clear (struct qcow2 *q);
+void dcache_free (struct qcow2 *q);
+
 /* ---- qcow2-header.c: header parse/validate and header field writes ---- */
 
 /* Fill q's header fields from buf (the header cluster, len bytes) and
@@ -952,6 +985,7 @@ struct qcow2 {
 
   struct cache l2c;             /* L2 tables */
   struct cache rbc;             /* refcount blocks */
+  struct dcache dcache;         /* compressed clusters, decompressed */
   void *zero_cluster;           /* one cluster of zeros, never written */
 
   /* Requests. */

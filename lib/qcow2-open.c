@@ -148,6 +148,7 @@ free_image (struct qcow2 *q)
     free_image (q->backing);
   hostfile_free (q);
   cw_free (q);
+  dcache_free (q);
   cache_free (&q->l2c);
   cache_free (&q->rbc);
   flush_free (q);

@@ -39,3 +39,11 @@ qcow2_testing_cache_bytes (const struct qcow2 *q)
 {
   return q->l2c.budget.bytes + q->rbc.budget.bytes;
 }
+
+void
+qcow2_testing_dcache_counts (const struct qcow2 *q, uint64_t *hits,
+                             uint64_t *misses)
+{
+  *hits = q->dcache.hits;
+  *misses = q->dcache.misses;
+}

@@ -58,4 +58,10 @@ uint64_t qcow2_testing_budget_peak (const struct qcow2_cache_budget *b);
  */
 uint64_t qcow2_testing_cache_bytes (const struct qcow2 *q);
 
+/* Reads of compressed clusters q's decompressed-cluster cache answered
+ * (hits) and did not (misses) since q was opened.
+ */
+void qcow2_testing_dcache_counts (const struct qcow2 *q, uint64_t *hits,
+                                  uint64_t *misses);
+
 #endif /* QNBD_QCOW2_TESTING_H */
