@@ -41,6 +41,9 @@ WORKLOADS = {
                "real disk, O_DIRECT, empty qcow2"),
     "compress": ("1G of mixed data, nbdcopy into an empty image, compressed",
                  "MiB/s", "tmpfs, empty qcow2"),
+    "cread": ("4k sequential read QD1 of a compressed image", "IOPS",
+              "tmpfs, the compress workload's mixed data converted with "
+              "qemu-img convert -c"),
     "conn16": ("4k random read, 16 conns QD4 each", "IOPS",
                "tmpfs, fully allocated qcow2"),
     "chain8": ("4k random read QD32, 8-deep backing chain", "IOPS",
