@@ -37,6 +37,14 @@ static ev_check after_poll;
 static ev_idle spinning;        /* active: the next poll does not block */
 static bool spun;               /* the poll about to run, or just run, did
                                    not block */
+static bool (*probe) (void);    /* reads a lone client's socket */
+static unsigned long probe_hits;
+
+/* Probes per poll while spinning: an event only the poll reports (another
+ * socket, the engine's eventfd, a signal) waits for at most this many
+ * system calls more.
+ */
+#define PROBES_PER_POLL 4
 
 /* libev's time is the wall clock, which can jump. */
 static double
@@ -48,10 +56,25 @@ monotonic_now (void)
   return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
+/* Nothing came from the zero-timeout poll: ask the probe. */
 static void
 spinning_cb (struct ev_loop *l, ev_idle *w, int revents)
 {
   (void) l; (void) w; (void) revents;
+  if (!probe)
+    return;
+  for (int i = 0; i < PROBES_PER_POLL; i++)
+    if (probe ()) {
+      probe_hits++;
+      poll_window_event (&policy, monotonic_now (), true);
+      return;
+    }
+}
+
+void
+busy_poll_set_probe (bool (*fn) (void))
+{
+  probe = fn;
 }
 
 static void
@@ -117,8 +140,8 @@ void
 busy_poll_report (void)
 {
   if (policy.hits + policy.short_sleeps + policy.long_sleeps)
-    log_debug ("busy polling: %lu events while spinning, %lu after a "
-               "short sleep, %lu after a long one; window %.0f us",
-               policy.hits, policy.short_sleeps, policy.long_sleeps,
-               policy.window * 1e6);
+    log_debug ("busy polling: %lu events while spinning (%lu read by the "
+               "probe), %lu after a short sleep, %lu after a long one; "
+               "window %.0f us", policy.hits, probe_hits, policy.short_sleeps,
+               policy.long_sleeps, policy.window * 1e6);
 }

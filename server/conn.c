@@ -901,6 +901,39 @@ idle_timeout_cb (struct ev_loop *l, ev_timer *w, int revents)
     conn_update_watchers (c);
 }
 
+/* busy-poll.c's probe, while the loop spins with nothing from its poll:
+ * with one client, waiting for its next request or for the rest of a
+ * write's payload, its socket is read without the epoll_wait that would
+ * report it first (one system call less on a QD1 round trip).  Returns
+ * true when it read something (or the client went).  TLS, and a client
+ * whose requests are with the engine, take the watcher's way.
+ */
+bool
+conn_probe_lone (void)
+{
+  struct conn *c = conns;
+  size_t unparsed;
+  uint32_t want;
+  enum conn_state state;
+
+  if (nr_conns != 1 || c->state != CONN_TRANSMISSION || c->xport ||
+      c->xport_next || (c->in_flight > 0 && c->rx_want == 0) ||
+      c->pending || c->out_head || c->tx.state != SEND_IDLE ||
+      !want_read (c))
+    return false;
+  unparsed = c->rend - c->rstart;
+  want = c->rx_want;
+  state = c->state;
+  conn_recv (c);
+  if (c->state == state && c->rend - c->rstart == unparsed &&
+      c->rx_want == want)
+    return false;                       /* EAGAIN */
+  if (c->state != CONN_DEAD)
+    conn_step (c);
+  conn_update_watchers (c);
+  return true;
+}
+
 void
 conn_mark_pending (struct conn *c)
 {

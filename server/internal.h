@@ -488,6 +488,10 @@ void poll_window_event (struct poll_window *w, double now,
 void busy_poll_init (struct ev_loop *l);
 void busy_poll_configure (unsigned max_us);
 void busy_poll_report (void);
+/* While spinning, when the poll brought nothing, fn is called up to a few
+ * times; it returns true when it found (and handled) input itself.
+ */
+void busy_poll_set_probe (bool (*fn) (void));
 
 /* ------------------------------------------------------------------ */
 /* notify.c                                                            */
@@ -884,6 +888,12 @@ void conn_set_dead (struct conn *c);
  */
 int conn_start_transport (struct conn *c, const struct conn_transport *t,
                           void *data);
+
+/* busy-poll.c's probe (loop_init sets it): with one client, in
+ * transmission and waiting for a request, read its socket now.  True
+ * when there was something (then handled, as its watcher would).
+ */
+bool conn_probe_lone (void);
 
 /* Note that c needs attention after the engine's completions: its replies
  * are written and its watchers updated by conn_run_pending.

@@ -556,6 +556,7 @@ loop_init (void)
   notify_init (loop);
   conn_init (loop, handshake_start, conn_freed);
   busy_poll_init (loop);
+  busy_poll_set_probe (conn_probe_lone);
   return 0;
 }
 

@@ -13,6 +13,10 @@ clients keep it busy (--busy-poll, the busy-poll key of -C files).
     (the next burst spins), 20000 is refused with the file, the key and the
     value named, and the running value stays.
 (d) --busy-poll=20000 on the command line is a usage error.
+(e) The probe: while the loop spins, the socket of a lone client waiting
+    for its next request (or for a write's payload) is read directly;
+    QD1 reads and writes through it are served right.  With a second
+    client connected, never.
 """
 
 import os
@@ -80,12 +84,14 @@ def assert_idle(pid, what):
     assert used <= 0.05, "%s: %.2f s of CPU in 1 s of idling" % (what, used)
 
 
-REPORT = re.compile(r"busy polling: (\d+) events while spinning, (\d+) after "
-                    r"a short sleep, (\d+) after a long one")
+REPORT = re.compile(r"busy polling: (\d+) events while spinning \((\d+) read "
+                    r"by the probe\), (\d+) after a short sleep, (\d+) after "
+                    r"a long one")
 
 
 def report(srv):
-    """The counts of the -vv report at exit, or None without one."""
+    """The counts of the -vv report at exit (while spinning, of which read
+    by the probe, after a short sleep, after a long one), or None."""
     m = REPORT.search(srv.stderr())
     return tuple(int(x) for x in m.groups()) if m else None
 
@@ -188,5 +194,34 @@ out = subprocess.run([qt.QNBD, "--busy-poll=20000", "-k", sock, img],
 assert out.returncode == 1, (out.returncode, out.stderr)
 assert "--busy-poll: '20000' is not a number of microseconds up to 10000" \
     in out.stderr, out.stderr
+
+# (e) the probe
+def qd1(h, n=300):
+    """n requests one at a time: a third writes (DISK's own bytes), the
+    rest checked reads."""
+    for i in range(n):
+        off = (i * 7919 % (SIZE // BLOCK)) * BLOCK
+        if i % 3 == 0:
+            h.pwrite(DISK[off:off + BLOCK], off)
+        else:
+            qt.assert_same(h.pread(BLOCK, off), DISK[off:off + BLOCK], off)
+
+
+srv = qt.Server(img, "-vv", "--busy-poll=10000")
+h = srv.connect()
+qd1(h)
+counts = idle_then_stop(srv, h, "one client at QD1")
+assert counts is not None and counts[1] > 0, \
+    "the probe read nothing from a lone client: %s" % (counts,)
+
+srv = qt.Server(img, "-vv", "--busy-poll=10000")
+other = srv.connect()
+h = srv.connect()               # the newer: first in the daemon's list
+qd1(h)
+other.shutdown()
+counts = idle_then_stop(srv, h, "two clients at QD1")
+assert counts is not None and counts[1] == 0, \
+    "the probe read with two clients connected: %s" % (counts,)
+qt.check_image(img)
 
 qt.log("ok")
